@@ -1,0 +1,53 @@
+"""The `extractor` command group. Subcommands live one per module; none imports torch at import time."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from extractor import __version__
+from extractor.errors import ExtractorError
+
+# name -> "module:attribute"; modules are imported only when their command runs or help is shown.
+COMMANDS = {
+    "tasks": "extractor.cli.tasks_cmd:tasks",
+    "data": "extractor.cli.data_cmd:data",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(__import__(module, fromlist=[attr]), attr)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ExtractorError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="extractor")
+def cli():
+    """Batch LLM information extraction and evaluation.
+
+    \b
+    Example:
+      extractor tasks
+      extractor data synth-jd --n 1000 --out corpus.jsonl --gold gold.jsonl
+    """
+
+
+def main():
+    cli(prog_name="extractor")

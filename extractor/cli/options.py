@@ -1,0 +1,29 @@
+"""Option decorators shared by several commands."""
+from __future__ import annotations
+
+import click
+
+from extractor.tasks import TASKS_DIR_ENV
+
+
+def tasks_dir_option(fn):
+    return click.option("--tasks-dir", "tasks_dirs", multiple=True, type=click.Path(file_okay=False),
+                        help=f"Extra folder of task files (prompts/*.yaml + schemas/*.json); "
+                             f"also ${TASKS_DIR_ENV}.")(fn)
+
+
+def corpus_options(fn):
+    fn = click.option("--id-field", default="id", show_default=True,
+                      help="Record id column; when absent, ids are line numbers.")(fn)
+    fn = click.option("--text-field", default=None,
+                      help="Column feeding the task's text input (default: the task's input field name).")(fn)
+    return fn
+
+
+def bad_record_options(fn):
+    fn = click.option("--on-bad-record", type=click.Choice(["fail", "skip"]), default="fail",
+                      show_default=True, help="fail: stop at the first bad record; skip: write it to "
+                                              "the rejects file and go on.")(fn)
+    fn = click.option("--rejects", type=click.Path(dir_okay=False), default=None,
+                      help="Rejects file for --on-bad-record skip (default: <output>.rejects.jsonl).")(fn)
+    return fn

@@ -1,0 +1,269 @@
+"""Stream corpora of any size (JSONL, JSONL.gz, Parquet, CSV) as batches of records, memory flat.
+
+A record is a dict: `id` (str), `line` (1-based line or row number, for error messages), `values` (the
+task's input fields) and `row` (the whole source object, for --keep-field). Bad records fail fast with
+file:line, or with on_bad="skip" go to a rejects file with the reason; they are never silently dropped.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extractor import jsonutil
+from extractor.errors import InputError
+
+SEED_CONTEXT_FIELD = "context"  # the seed's {context, target} lines
+SEED_TARGET_FIELD = "target"
+DEFAULT_BATCH = 4096
+_SKIP_HINT = "; fix the record or pass --on-bad-record skip to write bad records to a rejects file"
+
+
+def corpus_format(path: Path) -> str:
+    name = path.name.lower()
+    for suffix, fmt in ((".jsonl.gz", "jsonl"), (".ndjson.gz", "jsonl"), (".jsonl", "jsonl"),
+                        (".ndjson", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".csv", "csv")):
+        if name.endswith(suffix):
+            return fmt
+    raise InputError(f"{path}: unknown corpus format; use .jsonl, .jsonl.gz, .parquet or .csv")
+
+
+@dataclass
+class BadRecord(Exception):
+    """One bad input record: where it is and what is wrong."""
+
+    source: str
+    line: int
+    reason: str
+    raw: str = ""
+    record_id: str | None = None
+
+    def message(self) -> str:
+        rid = f" (id {self.record_id})" if self.record_id is not None else ""
+        return f"{self.source}:{self.line}{rid}: {self.reason}{_SKIP_HINT}"
+
+
+@dataclass
+class ReadStats:
+    records: int = 0
+    rejected: int = 0
+    fields: dict = field(default_factory=dict)  # field name -> count of records having it
+
+
+class RejectsWriter:
+    """Appends one JSON line per rejected record: source, line, id, reason and the raw text."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = None
+        self.count = 0
+
+    def write(self, bad: BadRecord) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+        row = {"source": bad.source, "line": bad.line, "id": bad.record_id, "reason": bad.reason,
+               "raw": bad.raw[:10_000]}
+        self._fh.write(jsonutil.dumps(row) + "\n")
+        self._fh.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def id_key(record_id: str) -> int:
+    """A 64-bit digest of an id: sets of these keep memory small for millions of ids."""
+    return int.from_bytes(hashlib.blake2b(record_id.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def seed_passage(context: str) -> str:
+    """The passage inside a seed context `Instruction: …\\nInput: <question>\\n\\n<passage>\\nAnswer: `."""
+    body = context.split("\nInput: ", 1)[-1]
+    body = body.rsplit("\nAnswer:", 1)[0]
+    return body.split("\n\n", 1)[1] if "\n\n" in body else body
+
+
+class CorpusReader:
+    """Iterates batches of records from one corpus file, checking every record."""
+
+    def __init__(self, path: str | Path, input_fields=("text",), id_field: str = "id",
+                 text_field: str | None = None, on_bad: str = "fail", rejects: RejectsWriter | None = None,
+                 batch_size: int = DEFAULT_BATCH, check_duplicates: bool = True):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file; check the corpus path")
+        self.format = corpus_format(self.path)
+        self.input_fields = list(input_fields)
+        # --text-field renames the corpus column feeding the task's first input field.
+        self.field_map = {f: f for f in self.input_fields}
+        if text_field:
+            self.field_map[self.input_fields[0]] = text_field
+        self.id_field = id_field
+        self.on_bad = on_bad
+        self.rejects = rejects
+        self.batch_size = batch_size
+        self.check_duplicates = check_duplicates
+        self.stats = ReadStats()
+        self._seen: set[int] = set()
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        batch = []
+        for item in self._rows():
+            record = self._to_record(item)
+            if record is None:
+                continue
+            batch.append(record)
+            if len(batch) >= self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _to_record(self, item) -> dict | None:
+        try:
+            if isinstance(item, BadRecord):
+                raise item
+            line, row = item
+            return self._check(line, row)
+        except BadRecord as bad:
+            self._reject(bad)
+            return None
+
+    def _reject(self, bad: BadRecord) -> None:
+        if self.on_bad != "skip":
+            raise InputError(bad.message())
+        self.stats.rejected += 1
+        if self.rejects is not None:
+            self.rejects.write(bad)
+
+    def _check(self, line: int, row) -> dict:
+        src = str(self.path)
+        if not isinstance(row, dict):
+            raise BadRecord(src, line, f"expected a JSON object, got {type(row).__name__}", _raw(row))
+        fields = self.stats.fields
+        for key in row:
+            fields[key] = fields.get(key, 0) + 1
+        record_id = self._record_id(line, row)
+        values = {}
+        for task_field, column in self.field_map.items():
+            value = row.get(column)
+            if value is None and column == "text" and SEED_CONTEXT_FIELD in row:
+                value = _seed_text(row, src, line, record_id)
+            if value is None:
+                raise BadRecord(src, line, f"missing field '{column}' (fields present: "
+                                f"{', '.join(map(str, row)) or 'none'}); choose one with --text-field",
+                                _raw(row), record_id)
+            if not isinstance(value, str):
+                raise BadRecord(src, line, f"field '{column}' must be a string, got {type(value).__name__}",
+                                _raw(row), record_id)
+            values[task_field] = value
+        if self.check_duplicates:
+            key = id_key(record_id)
+            if key in self._seen:
+                raise BadRecord(src, line, f"duplicate id '{record_id}'; ids must be unique "
+                                "(or drop the id field to number records by line)", _raw(row), record_id)
+            self._seen.add(key)
+        self.stats.records += 1
+        return {"id": record_id, "line": line, "values": values, "row": row}
+
+    def _record_id(self, line: int, row: dict) -> str:
+        value = row.get(self.id_field)
+        if value is None:
+            return str(line)  # deterministic: the 1-based line (or row) number
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise BadRecord(str(self.path), line, f"id field '{self.id_field}' must be a string or integer, "
+                            f"got {type(value).__name__}", _raw(row))
+        return str(value)
+
+    def _rows(self):
+        if self.format == "jsonl":
+            yield from iter_jsonl(self.path)
+        elif self.format == "parquet":
+            yield from _iter_table(self.path, "parquet", first_line=1)
+        else:
+            yield from _iter_table(self.path, "csv", first_line=2)  # line 1 is the header
+
+
+def _seed_text(row: dict, src: str, line: int, record_id: str) -> str:
+    context = row[SEED_CONTEXT_FIELD]
+    if not isinstance(context, str):
+        raise BadRecord(src, line, f"field '{SEED_CONTEXT_FIELD}' must be a string", _raw(row), record_id)
+    return seed_passage(context)
+
+
+def _raw(row) -> str:
+    try:
+        return jsonutil.dumps(row)
+    except (TypeError, ValueError):
+        return repr(row)
+
+
+def open_binary(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def iter_jsonl(path: Path):
+    """Yields (line, object) or a BadRecord per non-blank line; a broken file raises InputError."""
+    src = str(path)
+    line = 0
+    try:
+        with open_binary(path) as fh:
+            for line, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                yield _parse_line(src, line, raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{src}:{line + 1}: compressed file is truncated or corrupt ({exc}); "
+                         "re-download or re-compress it") from None
+
+
+def _parse_line(src: str, line: int, raw: bytes):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRecord(src, line, f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8",
+                         raw[:200].decode("utf-8", "replace"))
+    try:
+        return line, jsonutil.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return BadRecord(src, line, f"malformed JSON ({str(exc).splitlines()[0][:120]})", text.strip()[:10_000])
+
+
+def _iter_table(path: Path, fmt: str, first_line: int):
+    import polars as pl
+    try:
+        if fmt == "parquet":
+            frame = pl.scan_parquet(path)
+        else:
+            frame = pl.scan_csv(path, infer_schema=False)
+        line = first_line
+        for chunk in frame.collect_batches(chunk_size=DEFAULT_BATCH):
+            for row in chunk.iter_rows(named=True):
+                yield line, row
+                line += 1
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot read {fmt} ({first[:200]}); check the file is a valid {fmt} file") \
+            from None
+
+
+def count_records(path: Path) -> int | None:
+    """Total records when cheap to know (Parquet metadata, uncompressed JSONL line count)."""
+    fmt = corpus_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception:  # noqa: BLE001 - a broken file is reported by the reader itself
+            return None
+    if fmt == "jsonl" and not path.name.endswith(".gz"):
+        with open(path, "rb") as fh:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+    return None

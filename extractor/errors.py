@@ -1,0 +1,27 @@
+"""Typed errors. Library code raises these; the CLI prints one line and exits 2."""
+
+
+class ExtractorError(Exception):
+    """An error the user can fix: the message says what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class TaskError(ExtractorError):
+    """A task file (prompt spec or schema) is invalid, or a task name is unknown."""
+
+
+class InputError(ExtractorError):
+    """A corpus, gold or prediction file has a bad record."""
+
+
+class ManifestError(ExtractorError):
+    """An output's manifest is missing, corrupt, or does not match this run."""
+
+
+class ModelError(ExtractorError):
+    """A model or adapter directory cannot be used."""
+
+
+class LongInputError(ExtractorError):
+    """A prompt is longer than the model accepts and --on-long is fail."""

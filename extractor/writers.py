@@ -1,0 +1,153 @@
+"""Append-safe output: JSONL appended per batch (flushed and fsynced), Parquet built from that journal.
+
+A killed writer can leave at most one half-written last line; `drop_partial_tail` removes it before a
+resume. Parquet cannot be appended to, so a `.parquet` output is journaled as JSONL while the run goes
+and converted (to a temporary file, then renamed) when it completes.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from extractor import jsonutil
+from extractor.errors import InputError
+
+JSON_COLUMNS = ("prediction", "gold", "kept")  # nested values stored as JSON text in Parquet
+
+
+def journal_path(out: Path) -> Path:
+    """Where records are appended while a run goes: the output itself, or a JSONL beside a Parquet."""
+    return out.with_name(out.name + ".partial.jsonl") if is_parquet(out) else out
+
+
+def is_parquet(path: Path) -> bool:
+    return path.suffix.lower() == ".parquet"
+
+
+class JsonlAppender:
+    def __init__(self, path: Path, fsync: bool = True):
+        self.path = path
+        self.fsync = fsync
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "ab")
+
+    def write_batch(self, rows: Iterable[dict]) -> None:
+        data = "".join(jsonutil.dumps(r) + "\n" for r in rows).encode("utf-8")
+        if not data:
+            return
+        self._fh.write(data)
+        self._fh.flush()
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def drop_partial_tail(path: Path) -> int:
+    """Truncate a last line that lacks its newline (a write cut by a kill). Returns bytes dropped."""
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        # Walk back to the previous newline in blocks.
+        pos, block = size, 1 << 16
+        while pos > 0:
+            start = max(0, pos - block)
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            idx = chunk.rfind(b"\n")
+            if idx >= 0:
+                keep = start + idx + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return size - keep
+
+
+def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line, object) for each line of a JSONL file the project wrote; a bad line is an InputError."""
+    from extractor.corpus import BadRecord, iter_jsonl
+    for item in iter_jsonl(path):
+        if isinstance(item, BadRecord):
+            raise InputError(f"{item.source}:{item.line}: {item.reason}")
+        yield item
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """Rows of a JSONL or Parquet results file (Parquet JSON columns decoded back)."""
+    if not is_parquet(path):
+        yield from iter_jsonl_rows(path)
+        return
+    import pyarrow.parquet as pq
+    try:
+        pfile = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for broken files
+        raise InputError(f"{path}: cannot read Parquet ({exc})") from None
+    line = 1
+    for batch in pfile.iter_batches(batch_size=8192):
+        for row in batch.to_pylist():
+            for col in JSON_COLUMNS:
+                if isinstance(row.get(col), str):
+                    row[col] = jsonutil.loads(row[col])
+            yield line, row
+            line += 1
+
+
+def jsonl_to_parquet(src: Path, dest: Path, batch_size: int = 8192) -> int:
+    """Convert a results journal to Parquet atomically; nested columns become JSON text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    tmp = dest.with_name(dest.name + ".tmp")
+    writer = None
+    count = 0
+    try:
+        batch: list[dict] = []
+        for _, row in iter_jsonl_rows(src):
+            batch.append(_flatten(row))
+            if len(batch) >= batch_size:
+                writer = _write(batch, tmp, writer, pa, pq)
+                count += len(batch)
+                batch = []
+        if batch or writer is None:
+            writer = _write(batch, tmp, writer, pa, pq)
+            count += len(batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(tmp, dest)
+    return count
+
+
+def _flatten(row: dict) -> dict:
+    out = dict(row)
+    for col in JSON_COLUMNS:
+        if col in out and out[col] is not None:
+            out[col] = jsonutil.dumps(out[col])
+    return out
+
+
+def _write(batch, tmp, writer, pa, pq):
+    table = pa.Table.from_pylist(batch)
+    if writer is None:
+        writer = pq.ParquetWriter(tmp, table.schema)
+    elif table.schema != writer.schema:
+        table = table.cast(writer.schema)
+    writer.write_table(table)
+    return writer
