@@ -12,6 +12,9 @@ from extractor.errors import ExtractorError
 COMMANDS = {
     "tasks": "extractor.cli.tasks_cmd:tasks",
     "data": "extractor.cli.data_cmd:data",
+    "eval": "extractor.cli.eval_cmd:eval_",
+    "compare": "extractor.cli.compare_cmd:compare",
+    "validate": "extractor.cli.validate_cmd:validate",
 }
 
 

@@ -1,0 +1,68 @@
+"""`extractor eval`: score predictions against gold; metrics.json, tables and an HTML report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from extractor.cli.options import tasks_dir_option
+from extractor.cli.tables import metrics_table, status_table
+from extractor.provenance import write_json_atomic
+from extractor.scoring.document import metrics_document
+from extractor.scoring.evaluate import evaluate
+from extractor.tasks import load_task
+
+
+@click.command("eval")
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False))
+@click.option("--gold", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Gold JSONL/Parquet: {id, gold} lines, predictions lines, or the seed's {context, target}.")
+@click.option("--task", "task_name", required=True, help="Task whose scoring spec to use.")
+@click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write metrics.json (default: DIR/metrics.json with --report, else "
+                   "<predictions>.metrics.json).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Write report.html, summary.md and PNG charts to this folder.")
+@click.option("--reparse", is_flag=True, help="Recompute statuses from the raw outputs with the current parser.")
+@click.option("--examples", type=click.IntRange(0, 100), default=5, show_default=True,
+              help="False positives/negatives listed per class.")
+@click.option("--quiet", is_flag=True, help="Print only the micro F1 line.")
+@tasks_dir_option
+def eval_(predictions, gold, task_name, metrics_path, report_dir, reparse, examples, quiet, tasks_dirs):
+    """Score PREDICTIONS against GOLD: P/R/F1 per class, micro/macro/weighted, status counts.
+
+    \b
+    Example:
+      extractor eval preds.jsonl --gold gold.jsonl --task jd_requirements --report report/
+    """
+    task = load_task(task_name, tasks_dirs)
+    pred_path, gold_path = Path(predictions), Path(gold)
+    ev = evaluate(task, pred_path, gold_path, reparse=reparse, examples=examples)
+    doc = metrics_document(task, ev.result(), pred_path, gold_path)
+    out = Path(metrics_path) if metrics_path else (
+        Path(report_dir) / "metrics.json" if report_dir else pred_path.with_name(pred_path.name + ".metrics.json"))
+    write_json_atomic(out, doc)
+    console = Console()
+    if not quiet:
+        console.print(metrics_table(doc, title=f"{task.name} v{task.version}: {pred_path.name} vs {gold_path.name}"))
+        console.print(status_table(doc["status_counts"]))
+        _print_records(console, doc)
+    console.print(f"micro F1 {doc['micro']['f1']:.4f} (lenient {doc['lenient']['micro']['f1']:.4f}); "
+                  f"metrics: {out}", highlight=False)
+    if report_dir:
+        from extractor.report import write_report
+        html_path, md_path = write_report(doc, Path(report_dir), f"{task.name}: {pred_path.name}")
+        console.print(f"report: {html_path} (summary {md_path})", highlight=False)
+
+
+def _print_records(console, doc):
+    rec = doc["records"]
+    console.print(f"records scored: {rec['scored']}; gold without prediction: {rec['missing']}; "
+                  f"predictions not in gold: {rec['extra_predictions']}", highlight=False)
+    if doc["missing_ids"]:
+        console.print("missing ids: " + ", ".join(doc["missing_ids"][:20])
+                      + (" …" if rec["missing"] > 20 else ""), highlight=False)
+    if doc["extra_ids"]:
+        console.print("ids not in gold: " + ", ".join(doc["extra_ids"][:20])
+                      + (" …" if rec["extra_predictions"] > 20 else ""), highlight=False)

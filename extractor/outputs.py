@@ -1,0 +1,165 @@
+"""Model output -> (prediction, status, error): first JSON value, bounded repair, schema validation.
+
+Statuses: ok | repaired | invalid_json | schema_violation | truncated | error. The raw text is always
+kept by the caller; this module never executes anything from the output.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+OK, REPAIRED, INVALID_JSON, SCHEMA_VIOLATION, TRUNCATED, ERROR = (
+    "ok", "repaired", "invalid_json", "schema_violation", "truncated", "error")
+STATUSES = (OK, REPAIRED, INVALID_JSON, SCHEMA_VIOLATION, TRUNCATED, ERROR)
+SCORED_STATUSES = (OK, REPAIRED)  # others score as an empty prediction
+
+MAX_REPAIR_CHARS = 100_000  # repair is linear, but bounded so a huge output cannot stall a run
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)(?:```|$)", re.S)
+_DECODER = json.JSONDecoder(strict=False)  # strict=False: raw control characters inside strings
+
+
+@dataclass
+class Parsed:
+    prediction: object
+    status: str
+    error: str | None = None
+
+
+def _candidates(text: str):
+    """Where a JSON value may start: inside a ```json fence first, then the first { or [ of the text."""
+    for match in _FENCE.finditer(text):
+        body = match.group(1)
+        start = _first_open(body)
+        if start is not None:
+            yield body[start:]
+    start = _first_open(text)
+    if start is not None:
+        yield text[start:]
+
+
+def _first_open(text: str) -> int | None:
+    positions = [p for p in (text.find("{"), text.find("[")) if p >= 0]
+    return min(positions) if positions else None
+
+
+def _decode(text: str):
+    try:
+        value, _ = _DECODER.raw_decode(text)
+        return value, True
+    except (ValueError, RecursionError):
+        return None, False
+
+
+def parse_json(text: str) -> tuple[object, bool, bool]:
+    """(value, found, repaired). found=False when no JSON value could be read, even after repair."""
+    candidates = list(_candidates(text))
+    for cand in candidates:
+        value, ok = _decode(cand)
+        if ok:
+            return value, True, False
+    for cand in candidates:
+        fixed = repair(cand[:MAX_REPAIR_CHARS])
+        if fixed is not None:
+            value, ok = _decode(fixed)
+            if ok:
+                return value, True, True
+    return None, False, False
+
+
+def repair(text: str) -> str | None:
+    """Fix single quotes, trailing commas and unclosed strings/brackets in one left-to-right pass."""
+    out: list[str] = []
+    stack: list[str] = []
+    quote = None  # the quote char of the string we are in
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if quote:
+            if ch == "\\" and i + 1 < n:
+                out.append(text[i:i + 2])
+                i += 2
+                continue
+            if ch == quote:
+                quote = None
+                out.append('"')
+            elif ch == '"':  # a double quote inside a single-quoted string
+                out.append('\\"')
+            else:
+                out.append(ch)
+        elif ch in "\"'":
+            quote = ch
+            out.append('"')
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+            out.append(ch)
+        elif ch in "}]":
+            _drop_trailing_comma(out)
+            if not stack or stack[-1] != ch:
+                return None  # mismatched bracket: not a truncation, do not guess
+            stack.pop()
+            out.append(ch)
+            if not stack:
+                break
+        else:
+            out.append(ch)
+        i += 1
+    if quote:
+        out.append('"')
+    _drop_dangling(out, bool(stack) and stack[-1] == "}")
+    while stack:
+        _drop_trailing_comma(out)
+        out.append(stack.pop())
+    return "".join(out)
+
+
+def _drop_trailing_comma(out: list[str]) -> None:
+    j = len(out) - 1
+    while j >= 0 and out[j].isspace():
+        j -= 1
+    if j >= 0 and out[j] == ",":
+        del out[j:]
+
+
+_DANGLING_KEY = re.compile(r'([,{])\s*"(?:[^"\\]|\\.)*"\s*:?\s*$')
+
+
+def _drop_dangling(out: list[str], in_object: bool) -> None:
+    """A truncated `"key"` or `"key":` with no value cannot be closed sensibly: drop it."""
+    text = "".join(out).rstrip()
+    if in_object:
+        m = _DANGLING_KEY.search(text)
+        if m:
+            text = text[: m.start()] + ("{" if m.group(1) == "{" else "")
+    out[:] = list(text)
+
+
+class Validator:
+    """Validates predictions against one task's schema (compiled once)."""
+
+    def __init__(self, schema: dict):
+        from jsonschema import Draft202012Validator
+        self._validator = Draft202012Validator(schema)
+
+    def first_error(self, value) -> str | None:
+        from jsonschema.exceptions import best_match
+        error = best_match(self._validator.iter_errors(value))
+        if error is None:
+            return None
+        path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+        return f"{path}: {error.message[:300]}"
+
+
+def judge(text: str, finish_reason: str, validator: Validator) -> Parsed:
+    """Turn one model output into a prediction and a status."""
+    value, found, repaired = parse_json(text)
+    if not found:
+        if finish_reason == "length":
+            return Parsed(None, TRUNCATED, "output hit max-new-tokens before a complete JSON value")
+        return Parsed(None, INVALID_JSON, "no JSON value found in the output")
+    if repaired and finish_reason == "length":
+        return Parsed(value, TRUNCATED, "output hit max-new-tokens; JSON was closed by repair")
+    error = validator.first_error(value)
+    if error is not None:
+        return Parsed(value, SCHEMA_VIOLATION, error)
+    return Parsed(value, REPAIRED if repaired else OK, None)

@@ -1,0 +1,47 @@
+"""Provenance for every result file: package version, git commit, time, host."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from extractor import __version__
+
+
+def git_commit() -> str | None:
+    """The commit of the source checkout this package runs from, when it is one."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def stamp() -> dict:
+    return {"package_version": __version__, "git_commit": git_commit(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "python": platform.python_version()}
+
+
+def manifest_path(output: Path) -> Path:
+    return output.with_name(output.name + ".manifest.json")
+
+
+def read_manifest(output: Path) -> dict | None:
+    """The manifest beside a predictions file, or None when there is none or it is unreadable."""
+    path = manifest_path(output)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,166 @@
+"""Self-contained HTML report and Markdown summary of a metrics result.
+
+Charts are PNG (matplotlib, Agg), embedded in the HTML as data URIs and written beside the Markdown.
+All record text goes through html.escape: corpus or model output can never inject markup or script.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "SimHei")
+
+
+def _pyplot():
+    import logging
+
+    import matplotlib
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    # Class names are often Chinese: put a CJK font in the fallback chain when one is installed.
+    plt.rcParams["font.sans-serif"] = [n for n in CJK_FONTS if n in names] + ["DejaVu Sans"]
+    plt.rcParams["font.family"] = "sans-serif"
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def f1_chart(result: dict) -> bytes:
+    plt = _pyplot()
+    classes = list(result["classes"])
+    f1s = [result["classes"][c]["f1"] for c in classes]
+    fig, ax = plt.subplots(figsize=(7, max(2.0, 0.32 * len(classes) + 1)))
+    ax.barh(classes[::-1], f1s[::-1], color="#3b7dd8")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1")
+    ax.axvline(result["micro"]["f1"], color="#d8553b", linestyle="--", label=f"micro F1 {result['micro']['f1']:.3f}")
+    ax.legend(loc="lower right")
+    ax.set_title("F1 per class")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def confusion_chart(result: dict) -> bytes | None:
+    cells = result.get("confusion")
+    if not cells:
+        return None
+    plt = _pyplot()
+    labels = sorted({c["gold"] for c in cells} | {c["pred"] for c in cells})
+    index = {lab: i for i, lab in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for c in cells:
+        matrix[index[c["gold"]]][index[c["pred"]]] = c["count"]
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(labels), 1 + 0.55 * len(labels)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    ax.set_title("Confusion matrix")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _b64(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _rows(result: dict) -> list[tuple[str, dict]]:
+    rows = list(result["classes"].items())
+    rows.append(("micro", result["micro"]))
+    rows.append(("macro", result["macro"]))
+    rows.append(("weighted", result["weighted"]))
+    return rows
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_report(result: dict, out_dir: Path, title: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f1_png = f1_chart(result)
+    conf_png = confusion_chart(result)
+    (out_dir / "f1_per_class.png").write_bytes(f1_png)
+    if conf_png:
+        (out_dir / "confusion.png").write_bytes(conf_png)
+    html_path = out_dir / "report.html"
+    html_path.write_text(_html(result, title, f1_png, conf_png), encoding="utf-8")
+    md_path = out_dir / "summary.md"
+    md_path.write_text(_markdown(result, title, conf_png is not None), encoding="utf-8")
+    return html_path, md_path
+
+
+def _html(result: dict, title: str, f1_png: bytes, conf_png: bytes | None) -> str:
+    e = html.escape
+    head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th><th>TP</th><th>FP</th><th>FN</th></tr>"
+    body = "".join(
+        f"<tr class='{'avg' if name in ('micro', 'macro', 'weighted') else 'cls'}'><td>{e(name)}</td>"
+        + "".join(f"<td>{_fmt(m.get(k, ''))}</td>" for k in ("precision", "recall", "f1", "support", "tp", "fp", "fn"))
+        + "</tr>" for name, m in _rows(result))
+    statuses = "".join(f"<tr><td>{e(s)}</td><td>{n}</td></tr>" for s, n in result["status_counts"].items())
+    lenient = result["lenient"]["micro"]
+    examples = []
+    for cls, ex in result["examples"].items():
+        for kind, label in (("false_positives", "false positives"), ("false_negatives", "false negatives")):
+            items = "".join(f"<li><code>{e(x['key'])}</code> ×{x['count']} — record <b>{e(x['id'])}</b>: "
+                            f"<span class='snippet'>{e(x['snippet'])}</span></li>" for x in ex[kind])
+            if items:
+                examples.append(f"<h3>{e(cls)}: top {label}</h3><ul>{items}</ul>")
+    rec = result["records"]
+    prov = result.get("provenance", {})
+    conf = f"<h2>Confusion matrix</h2><img id='confusion' alt='confusion matrix' src='{_b64(conf_png)}'>" if conf_png else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}
+tr.avg{{font-weight:bold;background:#f3f3f3}}.snippet{{color:#555}}img{{max-width:100%}}</style></head>
+<body><h1>{e(title)}</h1>
+<p>task <b>{e(str(prov.get('task', '')))}</b> v{e(str(prov.get('task_version', '')))} ·
+records scored {rec['scored']} · missing predictions {rec['missing']} · predictions not in gold {rec['extra_predictions']}
+· micro F1 <b id="micro-f1">{result['micro']['f1']:.4f}</b> · lenient (token overlap) micro F1 {lenient['f1']:.4f}</p>
+<h2>Per class</h2><table id="per-class"><thead>{head}</thead><tbody>{body}</tbody></table>
+<h2>F1 per class</h2><img id="f1-chart" alt="F1 per class" src="{_b64(f1_png)}">
+{conf}
+<h2>Statuses</h2><table id="statuses"><tr><th>status</th><th>records</th></tr>{statuses}</table>
+<h2>Errors by class</h2>{''.join(examples) or '<p>none</p>'}
+<h2>Provenance</h2><pre>{e(_prov_text(prov))}</pre>
+</body></html>
+"""
+
+
+def _prov_text(prov: dict) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in prov.items() if not isinstance(v, dict))
+
+
+def _markdown(result: dict, title: str, has_conf: bool) -> str:
+    lines = [f"# {title}", "", "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
+    for name, m in _rows(result):
+        lines.append(f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m.get('support', '')} |")
+    lines += ["", "![F1 per class](f1_per_class.png)", ""]
+    if has_conf:
+        lines += ["![confusion matrix](confusion.png)", ""]
+    lines += ["| status | records |", "| --- | --- |"]
+    lines += [f"| {s} | {n} |" for s, n in result["status_counts"].items()]
+    lines += ["", f"lenient token-overlap micro F1: {result['lenient']['micro']['f1']:.4f}", ""]
+    for cls, ex in result["examples"].items():
+        for kind in ("false_positives", "false_negatives"):
+            for x in ex[kind][:3]:
+                snippet = x["snippet"].replace("|", "\\|").replace("\n", " ")
+                lines.append(f"- {cls} {kind.replace('_', ' ')[:-1]}: `{x['key']}` ×{x['count']} (record {x['id']}: {snippet})")
+    return "\n".join(lines) + "\n"

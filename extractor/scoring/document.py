@@ -1,0 +1,19 @@
+"""The versioned metrics.json document: a result plus its provenance."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from extractor.provenance import read_manifest, stamp
+
+METRICS_FORMAT = "extractor.metrics/1"
+
+
+def metrics_document(task, result: dict, pred_path: Path, gold_path: Path) -> dict:
+    manifest = read_manifest(pred_path)
+    return {
+        "format": METRICS_FORMAT,
+        "provenance": {**task.provenance(), **stamp(), "predictions": str(pred_path), "gold": str(gold_path),
+                       "match": task.spec.scoring.match, "scoring_kind": task.spec.scoring.kind,
+                       "zero_division": 0, "prediction_manifest": manifest},
+        **result,
+    }

@@ -1,0 +1,284 @@
+"""Join predictions with gold by id and count TP/FP/FN per class, streaming.
+
+Predictions and gold are read in lockstep: when both files list ids in the same order (the usual case,
+e.g. `run` output against the generator's gold) nothing is buffered and memory stays flat; ids out of
+order are matched through small pending maps. Gold records without a prediction are all false negatives
+(status `missing`); predictions whose id is not in gold are counted and listed, not scored.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extractor.corpus import id_key, seed_passage
+from extractor.errors import InputError
+from extractor.outputs import SCORED_STATUSES, STATUSES, Validator, judge, parse_json
+from extractor.scoring.facts import FactExtractor, key_text
+from extractor.scoring.metrics import Counts, averages, prf_f1
+from extractor.scoring.normalize import tokens
+from extractor.writers import iter_rows
+
+MISSING = "missing"
+MAX_LISTED_IDS = 100
+SNIPPET_CHARS = 160
+
+
+@dataclass
+class GoldRecord:
+    id: str
+    obj: object
+    text: str | None = None
+
+
+@dataclass
+class PredRecord:
+    id: str
+    obj: object
+    status: str
+    text: str | None = None
+
+
+def iter_gold(path: Path) -> Iterator[GoldRecord]:
+    """Gold lines: {id, gold}, predictions-format lines, or the seed's {context, target} lines."""
+    for line, row in iter_rows(path):
+        rid = str(row["id"]) if row.get("id") is not None else str(line)
+        if "gold" in row:
+            obj = row["gold"]
+        elif "prediction" in row:
+            obj = row["prediction"]
+        elif isinstance(row.get("target"), str):
+            obj, found, _ = parse_json(row["target"])
+            if not found:
+                raise InputError(f"{path}:{line}: target holds no JSON value; fix the gold line")
+        else:
+            raise InputError(f"{path}:{line}: unknown gold line; expected {{id, gold}}, a predictions line "
+                             f"or {{context, target}} (keys here: {', '.join(row)})")
+        text = row.get("text") if isinstance(row.get("text"), str) else None
+        if text is None and isinstance(row.get("context"), str):
+            text = seed_passage(row["context"])
+        yield GoldRecord(rid, obj, text)
+
+
+def iter_predictions(path: Path, validator: Validator | None = None) -> Iterator[PredRecord]:
+    """Prediction lines as `run` writes them. With a validator, statuses are recomputed from `raw`."""
+    for line, row in iter_rows(path):
+        rid = str(row["id"]) if row.get("id") is not None else str(line)
+        if validator is not None and isinstance(row.get("raw"), str):
+            parsed = judge(row["raw"], row.get("finish_reason") or "stop", validator)
+            obj, status = parsed.prediction, parsed.status
+        else:
+            obj = row.get("prediction")
+            status = row.get("status") or ("ok" if obj is not None else "invalid_json")
+            if status not in STATUSES:
+                raise InputError(f"{path}:{line}: unknown status '{status}'; expected one of {', '.join(STATUSES)}")
+        text = row.get("text") if isinstance(row.get("text"), str) else None
+        kept = row.get("kept")
+        if text is None and isinstance(kept, dict) and isinstance(kept.get("text"), str):
+            text = kept["text"]
+        yield PredRecord(rid, obj, status, text)
+
+
+def join(preds: Iterator[PredRecord], golds: Iterator[GoldRecord], pred_path: Path, gold_path: Path):
+    """Yield (id, PredRecord | None, GoldRecord | None) for every id in either file, each once."""
+    pending_pred: dict[str, PredRecord] = {}
+    pending_gold: dict[str, GoldRecord] = {}
+    seen_pred: set[int] = set()
+    seen_gold: set[int] = set()
+    p_iter, g_iter = iter(preds), iter(golds)
+    p_done = g_done = False
+    while not (p_done and g_done):
+        p = None if p_done else next(p_iter, None)
+        g = None if g_done else next(g_iter, None)
+        p_done, g_done = p_done or p is None, g_done or g is None
+        if p is not None:
+            _check_unique(p.id, seen_pred, pred_path)
+        if g is not None:
+            _check_unique(g.id, seen_gold, gold_path)
+        if p is not None and g is not None and p.id == g.id:
+            yield p.id, p, g
+            continue
+        if p is not None:
+            if p.id in pending_gold:
+                yield p.id, p, pending_gold.pop(p.id)
+            else:
+                pending_pred[p.id] = p
+        if g is not None:
+            if g.id in pending_pred:
+                yield g.id, pending_pred.pop(g.id), g
+            else:
+                pending_gold[g.id] = g
+    for rid, g in pending_gold.items():
+        yield rid, None, g
+    for rid, p in pending_pred.items():
+        yield rid, p, None
+
+
+def _check_unique(rid: str, seen: set[int], path: Path) -> None:
+    key = id_key(rid)
+    if key in seen:
+        raise InputError(f"{path}: duplicate id '{rid}'; each id must appear once")
+    seen.add(key)
+
+
+def overlap_f1(a: str, b: str) -> float:
+    """Token-overlap F1 between two strings (bag of tokens)."""
+    ta, tb = Counter(tokens(a)), Counter(tokens(b))
+    common = sum((ta & tb).values())
+    if not common:
+        return 0.0
+    return prf_f1(common / sum(ta.values()), common / sum(tb.values()))
+
+
+@dataclass
+class Lenient:
+    """Soft precision/recall: each fact earns its best token-overlap F1 against the other side."""
+
+    soft_p: float = 0.0
+    soft_r: float = 0.0
+    n_pred: int = 0
+    n_gold: int = 0
+
+    def as_dict(self) -> dict:
+        p = self.soft_p / self.n_pred if self.n_pred else 0.0
+        r = self.soft_r / self.n_gold if self.n_gold else 0.0
+        return {"precision": p, "recall": r, "f1": prf_f1(p, r)}
+
+
+@dataclass
+class Examples:
+    """Most frequent false positives / negatives of one class, with one record id and snippet each."""
+
+    counts: Counter = field(default_factory=Counter)
+    where: dict = field(default_factory=dict)
+    limit: int = 20_000  # distinct keys tracked per class, so memory stays bounded
+
+    def add(self, key: str, rid: str, text: str | None) -> None:
+        if key in self.counts or len(self.counts) < self.limit:
+            self.counts[key] += 1
+            self.where.setdefault(key, (rid, (text or "")[:SNIPPET_CHARS]))
+
+    def top(self, k: int) -> list[dict]:
+        return [{"key": key, "count": n, "id": self.where[key][0], "snippet": self.where[key][1]}
+                for key, n in self.counts.most_common(k)]
+
+
+class Evaluator:
+    """Accumulates counts for one task over joined records."""
+
+    def __init__(self, task, keep_records: bool = False, examples: int = 5):
+        self.task = task
+        self.facts = FactExtractor(task)
+        self.per_class: dict[str, Counts] = {}
+        self.lenient: dict[str, Lenient] = {}
+        self.status_counts: Counter = Counter()
+        self.fp_examples: dict[str, Examples] = {}
+        self.fn_examples: dict[str, Examples] = {}
+        self.n_examples = examples
+        self.missing_ids: list[str] = []
+        self.extra_ids: list[str] = []
+        self.n_missing = self.n_extra = self.n_scored = 0
+        self.keep_records = keep_records
+        self.records: list[tuple[str, dict[str, tuple[int, int, int]]]] = []
+        self.single_label = task.spec.scoring.kind == "labels"
+        self.confusion: Counter = Counter()
+
+    def add(self, rid: str, pred: PredRecord | None, gold: GoldRecord | None) -> None:
+        if gold is None:
+            self.n_extra += 1
+            if len(self.extra_ids) < MAX_LISTED_IDS:
+                self.extra_ids.append(rid)
+            return
+        self.n_scored += 1
+        if pred is None:
+            status = MISSING
+            self.n_missing += 1
+            if len(self.missing_ids) < MAX_LISTED_IDS:
+                self.missing_ids.append(rid)
+        else:
+            status = pred.status
+        self.status_counts[status] += 1
+        pred_facts = self.facts(pred.obj) if status in SCORED_STATUSES else set()
+        gold_facts = self.facts(gold.obj)
+        text = gold.text or (pred.text if pred else None)
+        self._count(rid, pred_facts, gold_facts, text)
+
+    def _count(self, rid: str, pred: set, gold: set, text: str | None) -> None:
+        per_record: dict[str, list[int]] = {}
+        for cls, _ in pred & gold:
+            per_record.setdefault(cls, [0, 0, 0])[0] += 1
+        fps, fns = pred - gold, gold - pred
+        for cls, key in fps:
+            per_record.setdefault(cls, [0, 0, 0])[1] += 1
+            self.fp_examples.setdefault(cls, Examples()).add(key_text(key), rid, text)
+        for cls, key in fns:
+            per_record.setdefault(cls, [0, 0, 0])[2] += 1
+            self.fn_examples.setdefault(cls, Examples()).add(key_text(key), rid, text)
+        for cls, (tp, fp, fn) in per_record.items():
+            c = self.per_class.setdefault(cls, Counts())
+            c.tp += tp
+            c.fp += fp
+            c.fn += fn
+        self._lenient(pred, gold, fps, fns)
+        if self.single_label:
+            self._confuse(pred, gold)
+        if self.keep_records:
+            self.records.append((rid, {c: tuple(v) for c, v in per_record.items()}))
+
+    def _lenient(self, pred: set, gold: set, fps: set, fns: set) -> None:
+        for cls, _ in pred & gold:
+            entry = self.lenient.setdefault(cls, Lenient())
+            entry.soft_p += 1
+            entry.soft_r += 1
+        for cls, key in fps:
+            entry = self.lenient.setdefault(cls, Lenient())
+            entry.soft_p += max((overlap_f1(key_text(key), key_text(g)) for c, g in fns if c == cls), default=0.0)
+        for cls, key in fns:
+            entry = self.lenient.setdefault(cls, Lenient())
+            entry.soft_r += max((overlap_f1(key_text(key), key_text(p)) for c, p in fps if c == cls), default=0.0)
+        for cls, _ in pred:
+            self.lenient.setdefault(cls, Lenient()).n_pred += 1
+        for cls, _ in gold:
+            self.lenient.setdefault(cls, Lenient()).n_gold += 1
+
+    def _confuse(self, pred: set, gold: set) -> None:
+        if len(pred) <= 1 and len(gold) <= 1:
+            p = next(iter(pred))[0] if pred else "(none)"
+            g = next(iter(gold))[0] if gold else "(none)"
+            self.confusion[(g, p)] += 1
+        else:
+            self.single_label = False  # a multi-label record: no confusion matrix
+
+    def result(self) -> dict:
+        classes = {cls: c.as_dict() for cls, c in sorted(self.per_class.items())}
+        lenient_total = Lenient()
+        for entry in self.lenient.values():
+            lenient_total.soft_p += entry.soft_p
+            lenient_total.soft_r += entry.soft_r
+            lenient_total.n_pred += entry.n_pred
+            lenient_total.n_gold += entry.n_gold
+        out = {
+            "records": {"gold": self.n_scored, "scored": self.n_scored, "missing": self.n_missing,
+                        "extra_predictions": self.n_extra},
+            "status_counts": dict(sorted(self.status_counts.items())),
+            "missing_ids": self.missing_ids, "extra_ids": self.extra_ids,
+            "classes": classes, **averages(self.per_class),
+            "lenient": {"micro": lenient_total.as_dict(),
+                        "classes": {c: e.as_dict() for c, e in sorted(self.lenient.items())}},
+            "examples": {cls: {"false_positives": self.fp_examples.get(cls, Examples()).top(self.n_examples),
+                               "false_negatives": self.fn_examples.get(cls, Examples()).top(self.n_examples)}
+                         for cls in classes},
+        }
+        if self.single_label and self.confusion:
+            out["confusion"] = [{"gold": g, "pred": p, "count": n} for (g, p), n in sorted(self.confusion.items())]
+        return out
+
+
+def evaluate(task, pred_path: Path, gold_path: Path, reparse: bool = False, keep_records: bool = False,
+             examples: int = 5) -> Evaluator:
+    validator = Validator(task.schema) if reparse else None
+    ev = Evaluator(task, keep_records=keep_records, examples=examples)
+    for rid, pred, gold in join(iter_predictions(pred_path, validator), iter_gold(gold_path), pred_path, gold_path):
+        ev.add(rid, pred, gold)
+    return ev
