@@ -216,31 +216,40 @@ class Evaluator:
             per_record.setdefault(cls, [0, 0, 0])[2] += 1
             self.fn_examples.setdefault(cls, Examples()).add(key_text(key), rid, text)
         for cls, (tp, fp, fn) in per_record.items():
-            c = self.per_class.setdefault(cls, Counts())
+            c = self.per_class.get(cls)
+            if c is None:
+                c = self.per_class[cls] = Counts()
             c.tp += tp
             c.fp += fp
             c.fn += fn
-        self._lenient(pred, gold, fps, fns)
+        if fps and fns:
+            self._soft_overlap(fps, fns)
         if self.single_label:
             self._confuse(pred, gold)
         if self.keep_records:
             self.records.append((rid, {c: tuple(v) for c, v in per_record.items()}))
 
-    def _lenient(self, pred: set, gold: set, fps: set, fns: set) -> None:
-        for cls, _ in pred & gold:
-            entry = self.lenient.setdefault(cls, Lenient())
-            entry.soft_p += 1
-            entry.soft_r += 1
+    def _soft_overlap(self, fps: set, fns: set) -> None:
+        """Partial credit of unmatched facts: best token overlap with an unmatched fact of the same class."""
         for cls, key in fps:
-            entry = self.lenient.setdefault(cls, Lenient())
-            entry.soft_p += max((overlap_f1(key_text(key), key_text(g)) for c, g in fns if c == cls), default=0.0)
+            best = max((overlap_f1(key_text(key), key_text(g)) for c, g in fns if c == cls), default=0.0)
+            self.lenient.setdefault(cls, Lenient()).soft_p += best
         for cls, key in fns:
-            entry = self.lenient.setdefault(cls, Lenient())
-            entry.soft_r += max((overlap_f1(key_text(key), key_text(p)) for c, p in fps if c == cls), default=0.0)
-        for cls, _ in pred:
-            self.lenient.setdefault(cls, Lenient()).n_pred += 1
-        for cls, _ in gold:
-            self.lenient.setdefault(cls, Lenient()).n_gold += 1
+            best = max((overlap_f1(key_text(key), key_text(p)) for c, p in fps if c == cls), default=0.0)
+            self.lenient.setdefault(cls, Lenient()).soft_r += best
+
+    def _lenient_result(self) -> dict:
+        """Exact matches count 1; unmatched facts add their soft overlap credit."""
+        total, classes = Lenient(), {}
+        for cls, c in sorted(self.per_class.items()):
+            extra = self.lenient.get(cls, Lenient())
+            entry = Lenient(c.tp + extra.soft_p, c.tp + extra.soft_r, c.tp + c.fp, c.tp + c.fn)
+            classes[cls] = entry.as_dict()
+            total.soft_p += entry.soft_p
+            total.soft_r += entry.soft_r
+            total.n_pred += entry.n_pred
+            total.n_gold += entry.n_gold
+        return {"micro": total.as_dict(), "classes": classes}
 
     def _confuse(self, pred: set, gold: set) -> None:
         if len(pred) <= 1 and len(gold) <= 1:
@@ -252,20 +261,13 @@ class Evaluator:
 
     def result(self) -> dict:
         classes = {cls: c.as_dict() for cls, c in sorted(self.per_class.items())}
-        lenient_total = Lenient()
-        for entry in self.lenient.values():
-            lenient_total.soft_p += entry.soft_p
-            lenient_total.soft_r += entry.soft_r
-            lenient_total.n_pred += entry.n_pred
-            lenient_total.n_gold += entry.n_gold
         out = {
             "records": {"gold": self.n_scored, "scored": self.n_scored, "missing": self.n_missing,
                         "extra_predictions": self.n_extra},
             "status_counts": dict(sorted(self.status_counts.items())),
             "missing_ids": self.missing_ids, "extra_ids": self.extra_ids,
             "classes": classes, **averages(self.per_class),
-            "lenient": {"micro": lenient_total.as_dict(),
-                        "classes": {c: e.as_dict() for c, e in sorted(self.lenient.items())}},
+            "lenient": self._lenient_result(),
             "examples": {cls: {"false_positives": self.fp_examples.get(cls, Examples()).top(self.n_examples),
                                "false_negatives": self.fn_examples.get(cls, Examples()).top(self.n_examples)}
                          for cls in classes},

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 from collections.abc import Callable
 
 _SPACES = re.compile(r"\s+")
@@ -16,6 +17,7 @@ def make_normalizer(match: str, strip_punctuation: str = "", strip_book_title: b
         return lambda s: s
     table = str.maketrans("", "", unicodedata.normalize("NFKC", strip_punctuation)) if strip_punctuation else None
 
+    @lru_cache(maxsize=1 << 16)  # extracted values repeat a lot across records
     def normalize(s: str) -> str:
         s = unicodedata.normalize("NFKC", s).casefold()
         if table is not None:
