@@ -12,6 +12,7 @@ from extractor.errors import ExtractorError
 COMMANDS = {
     "tasks": "extractor.cli.tasks_cmd:tasks",
     "data": "extractor.cli.data_cmd:data",
+    "run": "extractor.cli.run_cmd:run",
     "eval": "extractor.cli.eval_cmd:eval_",
     "compare": "extractor.cli.compare_cmd:compare",
     "validate": "extractor.cli.validate_cmd:validate",

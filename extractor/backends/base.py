@@ -1,0 +1,70 @@
+"""The backend contract: a batch of prompts in, the same number of generations out, in the same order."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+STOP, LENGTH = "stop", "length"
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    constrained: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Request:
+    prompt: str
+    record_id: str = ""  # lets a backend such as `echo` look a record up; others ignore it
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str  # stop | length
+    error: str | None = None  # set when this one request failed (e.g. out of memory) but the batch went on
+
+
+class Backend:
+    """Subclasses implement `generate`; everything else (batching policy, caches, adapters) stays inside."""
+
+    name = "base"
+    tokenizer = None  # a transformers tokenizer when the backend has one (chat template, token counts)
+    supports_constrained = False
+
+    def identity(self) -> dict:
+        """What identifies the weights and settings that produced outputs (goes into the manifest)."""
+        raise NotImplementedError
+
+    def adapters(self) -> list[str | None]:
+        """Adapter names to run, in order; [None] for base weights only."""
+        return [None]
+
+    def use_adapter(self, name: str | None) -> None:
+        if name is not None:
+            raise NotImplementedError(f"backend {self.name} has no adapters")
+
+    def max_input_tokens(self, params: GenParams) -> int | None:
+        return None
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [len(p) for p in prompts]
+
+    def truncate_tokens(self, text: str, n_tokens: int) -> str:
+        """`text` cut to its first n_tokens tokens (for --on-long truncate)."""
+        return text[:n_tokens]
+
+    def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

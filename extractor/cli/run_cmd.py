@@ -1,0 +1,101 @@
+"""`extractor run`: stream a corpus through a model and write one validated prediction per record."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from extractor.backends import backend_class
+from extractor.backends.base import GenParams
+from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_option
+from extractor.cli.tables import status_table
+from extractor.errors import InputError
+from extractor.pipeline import RESERVED, Predictor, Run, RunOptions, output_for_adapter, run_key
+from extractor.tasks import load_task
+
+
+@click.command()
+@click.argument("corpus", type=click.Path(dir_okay=False))
+@click.option("--task", "task_name", required=True, help="Task name (see `extractor tasks`).")
+@click.option("--model", required=True, help="Local model folder (hf), or a gold file (echo).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions: .jsonl or .parquet.")
+@click.option("--backend", default="hf", show_default=True, help="hf | echo")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False),
+              help="peft adapter folder (LoRA, P-tuning, prefix, prompt tuning); repeat to score several, "
+                   "one output file each (preds.<adapter>.jsonl).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code (off by default).")
+@click.option("--constrained", is_flag=True, help="Constrain decoding to the task's JSON Schema (xgrammar).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the task's.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="0 = greedy (the task's default).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
+              help="Token budget per batch: (longest prompt + max new tokens) x batch size.")
+@click.option("--window", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Records per write: the most work a kill can lose.")
+@click.option("--max-input-tokens", type=click.IntRange(min=1), default=None,
+              help="Prompt token limit (default: the model's context minus max new tokens).")
+@click.option("--on-long", type=click.Choice(["fail", "truncate", "skip"]), default="fail", show_default=True,
+              help="A prompt over the limit: stop, cut the record's text, or write it with status error.")
+@click.option("--keep-field", "keep_fields", multiple=True, help="Copy this input field into each output record.")
+@click.option("--resume", is_flag=True, help="Continue an existing output (same settings), skipping ids written.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after this many new records.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
+@corpus_options
+@bad_record_options
+@tasks_dir_option
+def run(corpus, task_name, model, out, backend, adapters, dtype, device, trust_remote_code, constrained,
+        max_new_tokens, temperature, top_p, seed, batch_size, batch_tokens, window, max_input_tokens, on_long,
+        keep_fields, resume, overwrite, limit, quiet, id_field, text_field, on_bad_record, rejects, tasks_dirs):
+    """Extract from CORPUS with a model; one validated prediction per record in --out.
+
+    \b
+    Examples:
+      extractor run corpus.jsonl --task jd_requirements --model ./model --out preds.jsonl
+      extractor run corpus.jsonl --task jd_requirements --model ./model --adapter ./lora --constrained \\
+          --out preds.jsonl --resume
+    """
+    task = load_task(task_name, tasks_dirs)
+    clash = RESERVED.intersection(keep_fields)
+    if clash:
+        raise InputError(f"--keep-field {', '.join(sorted(clash))} would overwrite an output field; keep others")
+    gen = task.spec.generation
+    params = GenParams(max_new_tokens=max_new_tokens or gen.max_new_tokens,
+                       temperature=gen.temperature if temperature is None else temperature,
+                       top_p=gen.top_p if top_p is None else top_p, seed=seed, constrained=constrained)
+    opts = RunOptions(corpus=Path(corpus), out=Path(out), params=params, id_field=id_field, text_field=text_field,
+                      keep_fields=tuple(keep_fields), on_bad=on_bad_record, rejects=Path(rejects) if rejects else None,
+                      resume=resume, overwrite=overwrite, on_long=on_long, max_input_tokens=max_input_tokens,
+                      window=window, quiet=quiet, limit=limit)
+    if not opts.corpus.is_file():
+        raise InputError(f"{corpus}: no such file; check the corpus path")
+    console = Console(stderr=True, quiet=quiet)
+    engine = backend_class(backend)(model=model, adapters=adapters, dtype=dtype, device=device,
+                                    trust_remote_code=trust_remote_code, batch_size=batch_size,
+                                    batch_tokens=batch_tokens)
+    names = engine.adapters()
+    for name in names:
+        engine.use_adapter(name)
+        predictor = Predictor(task, engine, params, on_long, max_input_tokens, tuple(keep_fields))
+        predictor.adapter = name
+        target = output_for_adapter(opts.out, name, len(names))
+        job = Run(predictor, opts, target, console)
+        done = job.prepare(run_key(task, engine, predictor, opts))
+        summary = job.execute(done)
+        _report(console, target, summary)
+        if summary.interrupted:
+            console.print("stopped early; rerun the same command with --resume to continue")
+            raise SystemExit(130)
+
+
+def _report(console, target: Path, summary) -> None:
+    d = summary.as_dict()
+    console.print(status_table(d["statuses"]))
+    rate = f"{d['records_per_s']:.2f} rec/s, {d['output_tokens_per_s']:.1f} output tok/s" if d["records_per_s"] else "-"
+    console.print(f"{target}: {d['records']} records ({d['new_this_run']} new, {d['already_done']} already done, "
+                  f"{d['rejected_input']} rejected input) in {d['elapsed_s']:.1f}s — {rate}", highlight=False)

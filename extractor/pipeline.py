@@ -1,0 +1,300 @@
+"""read -> render -> generate -> parse/validate -> write, with a manifest and exactly-once resume.
+
+Records are taken in windows (input order). Each window's prompts go to the backend in one call (the
+backend sorts them by length into batches); its rows are written in input order, appended, flushed and
+fsynced. A killed run leaves at most a half-written last line, dropped on resume; ids already written
+under the same manifest are skipped, so every input id ends up in the output exactly once.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extractor.backends.base import Backend, GenParams, Generation, Request
+from extractor.corpus import CorpusReader, RejectsWriter, count_records, id_key
+from extractor.errors import InputError, LongInputError, ManifestError
+from extractor.outputs import ERROR, SCORED_STATUSES, Validator, judge
+from extractor.prompting import PromptBuilder
+from extractor.provenance import manifest_path, stamp, write_json_atomic
+from extractor.writers import JsonlAppender, drop_partial_tail, is_parquet, iter_rows, journal_path, jsonl_to_parquet
+
+MANIFEST_FORMAT = "extractor.manifest/1"
+RESERVED = {"id", "task", "prediction", "status", "error", "raw", "prompt_tokens", "output_tokens",
+            "finish_reason", "adapter"}
+
+
+@dataclass
+class RunOptions:
+    corpus: Path
+    out: Path
+    params: GenParams
+    id_field: str = "id"
+    text_field: str | None = None
+    keep_fields: tuple = ()
+    on_bad: str = "fail"
+    rejects: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    on_long: str = "fail"
+    max_input_tokens: int | None = None
+    window: int = 256
+    quiet: bool = False
+    limit: int | None = None
+
+
+@dataclass
+class Summary:
+    statuses: Counter = field(default_factory=Counter)
+    new: int = 0
+    already_done: int = 0
+    rejected: int = 0
+    output_tokens: int = 0
+    elapsed: float = 0.0
+    interrupted: bool = False
+
+    def as_dict(self) -> dict:
+        return {"records": sum(self.statuses.values()), "new_this_run": self.new,
+                "already_done": self.already_done, "rejected_input": self.rejected,
+                "statuses": dict(sorted(self.statuses.items())), "output_tokens_this_run": self.output_tokens,
+                "elapsed_s": round(self.elapsed, 3),
+                "records_per_s": round(self.new / self.elapsed, 3) if self.elapsed else None,
+                "output_tokens_per_s": round(self.output_tokens / self.elapsed, 3) if self.elapsed else None,
+                "interrupted": self.interrupted, "complete": not self.interrupted}
+
+
+class Predictor:
+    """Records -> output rows for one task and backend. Shared by `run` and by training's F1 evaluation."""
+
+    def __init__(self, task, backend: Backend, params: GenParams, on_long: str = "fail",
+                 max_input_tokens: int | None = None, keep_fields: tuple = ()):
+        self.task = task
+        self.backend = backend
+        self.params = params
+        self.builder = PromptBuilder(task, backend.tokenizer)
+        self.validator = Validator(task.schema)
+        self.on_long = on_long
+        self.limit = max_input_tokens or backend.max_input_tokens(params)
+        self.keep_fields = keep_fields
+        self.adapter: str | None = None
+        if params.constrained:
+            if not backend.supports_constrained:
+                raise InputError(f"backend '{backend.name}' does not support --constrained")
+            from extractor.constrain import check_expressible
+            check_expressible(task.schema)
+
+    def predict(self, records: list[dict]) -> list[dict]:
+        prompts, skipped = self._prompts(records)
+        todo = [i for i in range(len(records)) if i not in skipped]
+        requests = [Request(prompts[i], records[i]["id"]) for i in todo]
+        gens = self.backend.generate(requests, self.params, self.task.schema) if requests else []
+        by_index: dict[int, Generation] = dict(zip(todo, gens))
+        rows = []
+        for i, rec in enumerate(records):
+            rows.append(self._row(rec, by_index.get(i), skipped.get(i)))
+        return rows
+
+    def _prompts(self, records: list[dict]) -> tuple[list[str], dict[int, str]]:
+        prompts = [self.builder.build(r["values"], where=f"record {r['id']}") for r in records]
+        skipped: dict[int, str] = {}
+        if self.limit is None:
+            return prompts, skipped
+        lengths = self.backend.count_tokens(prompts)
+        for i, n in enumerate(lengths):
+            if n <= self.limit:
+                continue
+            message = f"record {records[i]['id']}: prompt has {n} tokens, more than the limit {self.limit}"
+            if self.on_long == "fail":
+                raise LongInputError(f"{message}; pass --on-long truncate or --on-long skip, or raise "
+                                     "--max-input-tokens")
+            if self.on_long == "skip":
+                skipped[i] = f"{message}; skipped (--on-long skip)"
+            else:
+                prompts[i] = self._truncate(records[i], n)
+        return prompts, skipped
+
+    def _truncate(self, record: dict, n_tokens: int) -> str:
+        """Cut the record's first input field until the whole prompt fits the limit."""
+        field0 = self.task.spec.input_fields[0]
+        values = dict(record["values"])
+        over = n_tokens - self.limit
+        for _ in range(4):
+            text_tokens = self.backend.count_tokens([values[field0]])[0]
+            values[field0] = self.backend.truncate_tokens(values[field0], text_tokens - over - 2)
+            prompt = self.builder.build(values)
+            over = self.backend.count_tokens([prompt])[0] - self.limit
+            if over <= 0:
+                return prompt
+        raise LongInputError(f"record {record['id']}: the prompt without its text is already longer than "
+                             f"{self.limit} tokens; raise --max-input-tokens or shorten the task's prompt")
+
+    def _row(self, rec: dict, gen: Generation | None, skip_reason: str | None) -> dict:
+        row = {"id": rec["id"], "task": self.task.name}
+        if gen is None or gen.error:
+            row.update(prediction=None, status=ERROR, error=skip_reason or gen.error, raw="",
+                       prompt_tokens=gen.prompt_tokens if gen else None, output_tokens=0, finish_reason=None)
+        else:
+            parsed = judge(gen.text, gen.finish_reason, self.validator)
+            row.update(prediction=parsed.prediction, status=parsed.status, error=parsed.error, raw=gen.text,
+                       prompt_tokens=gen.prompt_tokens, output_tokens=gen.output_tokens,
+                       finish_reason=gen.finish_reason)
+        row["adapter"] = self.adapter
+        for f in self.keep_fields:
+            row[f] = rec["row"].get(f)
+        return row
+
+
+def output_for_adapter(out: Path, adapter: str | None, n_adapters: int) -> Path:
+    """One output per adapter: preds.jsonl -> preds.<adapter>.jsonl when several adapters run."""
+    if adapter is None or n_adapters == 1:
+        return out
+    suffixes = "".join(out.suffixes)
+    return out.with_name(out.name[: -len(suffixes)] + f".{adapter}" + suffixes)
+
+
+def run_key(task, backend: Backend, predictor: Predictor, opts: RunOptions) -> dict:
+    """What must match for --resume to continue an output."""
+    return {**task.provenance(), "backend": backend.identity(), "params": opts.params.as_dict(),
+            "prompt_format": "chat" if predictor.builder.chat else "raw", "id_field": opts.id_field,
+            "text_field": opts.text_field, "on_long": opts.on_long, "max_input_tokens": predictor.limit,
+            "keep_fields": list(opts.keep_fields)}
+
+
+class Run:
+    """One output file: manifest, resume state, windows, progress and summary."""
+
+    def __init__(self, predictor: Predictor, opts: RunOptions, out: Path, console=None):
+        self.p = predictor
+        self.opts = opts
+        self.out = out
+        self.journal = journal_path(out)
+        self.console = console
+        self.summary = Summary()
+        self._stop = False
+        self.complete = False  # a Parquet output already converted: nothing left to do
+
+    def prepare(self, key: dict) -> set[int]:
+        """Check or write the manifest; return the id keys already written."""
+        mpath = manifest_path(self.out)
+        exists = self.journal.exists() or self.out.exists()
+        if exists and not (self.opts.resume or self.opts.overwrite):
+            raise ManifestError(f"{self.out} already exists; pass --resume to continue it or --overwrite to start over")
+        if self.opts.overwrite and not self.opts.resume:
+            for path in (self.out, self.journal, mpath):
+                path.unlink(missing_ok=True)
+            exists = False
+        if exists:
+            self._check_manifest(mpath, key)
+            self.complete = is_parquet(self.out) and self.out.exists() and not self.journal.exists()
+            return self._done_ids()
+        self.manifest = {"format": MANIFEST_FORMAT, "run_key": key, "corpus": str(self.opts.corpus),
+                         "output": str(self.out), **stamp(), "summary": None}
+        write_json_atomic(mpath, self.manifest)
+        return set()
+
+    def _check_manifest(self, mpath: Path, key: dict) -> None:
+        import json
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ManifestError(f"{self.out} exists but has no manifest ({mpath.name}); it was not written by "
+                                "extractor run — use another --out or --overwrite") from None
+        except (OSError, ValueError):
+            raise ManifestError(f"{mpath}: manifest is corrupt; use another --out or --overwrite") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{mpath}: not an extractor run manifest; use another --out or --overwrite")
+        old = manifest.get("run_key", {})
+        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        if diff:
+            raise ManifestError(f"{self.out}: --resume refused, this run differs from the one that wrote it in: "
+                                f"{', '.join(diff)}; rerun with the same settings or use another --out")
+        self.manifest = manifest
+
+    def _done_ids(self) -> set[int]:
+        dropped = drop_partial_tail(self.journal) if self.journal.exists() else 0
+        if dropped and self.console:
+            self.console.print(f"dropped a half-written last line ({dropped} bytes) from {self.journal}")
+        source = self.journal if self.journal.exists() else self.out
+        done: set[int] = set()
+        for _, row in iter_rows(source):
+            done.add(id_key(str(row["id"])))
+            self.summary.statuses[row["status"]] += 1
+        self.summary.already_done = len(done)
+        return done
+
+    def execute(self, done: set[int]) -> Summary:
+        if self.complete:
+            return self.summary
+        start = time.perf_counter()
+        rejects = RejectsWriter(self._rejects_path()) if self.opts.on_bad == "skip" else None
+        if rejects is not None:
+            rejects.path.unlink(missing_ok=True)  # derived from the input: rebuilt on every pass
+        reader = CorpusReader(self.opts.corpus, self.p.task.spec.input_fields, self.opts.id_field,
+                              self.opts.text_field, self.opts.on_bad, rejects, batch_size=self.opts.window)
+        bar = self._progress()
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        writer = JsonlAppender(self.journal)
+        try:
+            for window in reader:
+                todo = [r for r in window if id_key(r["id"]) not in done]
+                if self.opts.limit is not None:
+                    todo = todo[: max(0, self.opts.limit - self.summary.new)]
+                if todo:
+                    rows = self.p.predict(todo)
+                    writer.write_batch(rows)
+                    self._count(rows)
+                if bar is not None:
+                    bar.update(len(window))
+                    self._postfix(bar, start)
+                if self._stop or (self.opts.limit is not None and self.summary.new >= self.opts.limit):
+                    self.summary.interrupted = self._stop
+                    break
+        finally:
+            writer.close()
+            signal.signal(signal.SIGINT, previous)
+            if bar is not None:
+                bar.close()
+            if rejects is not None:
+                rejects.close()
+            self.summary.rejected = reader.stats.rejected
+            self.summary.elapsed = time.perf_counter() - start
+        self._finish()
+        return self.summary
+
+    def _rejects_path(self) -> Path:
+        return self.opts.rejects or self.out.with_name(self.out.name + ".rejects.jsonl")
+
+    def _on_sigint(self, *_):
+        if self._stop:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop = True
+        if self.console:
+            self.console.print("Ctrl-C: stopping after the current batch (again to stop now)")
+
+    def _count(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.summary.statuses[row["status"]] += 1
+            self.summary.output_tokens += row["output_tokens"] or 0
+        self.summary.new += len(rows)
+
+    def _progress(self):
+        if self.opts.quiet:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=count_records(self.opts.corpus), unit="rec", desc=self.out.name, dynamic_ncols=True)
+
+    def _postfix(self, bar, start: float) -> None:
+        secs = max(time.perf_counter() - start, 1e-9)
+        invalid = sum(n for s, n in self.summary.statuses.items() if s not in SCORED_STATUSES)
+        bar.set_postfix_str(f"{self.summary.new / secs:.1f} rec/s, {self.summary.output_tokens / secs:.0f} tok/s, "
+                            f"invalid {invalid}", refresh=False)
+
+    def _finish(self) -> None:
+        if is_parquet(self.out) and not self.summary.interrupted:
+            jsonl_to_parquet(self.journal, self.out)
+            self.journal.unlink()
+        self.manifest["summary"] = self.summary.as_dict()
+        self.manifest["finished"] = stamp()["created"]
+        write_json_atomic(manifest_path(self.out), self.manifest)
