@@ -48,3 +48,48 @@ def user_tasks(tmp_path):
     spec.write_text(spec.read_text(encoding="utf-8").replace("name: jd_requirements", "name: mytask")
                     .replace("schema: jd_requirements.json", "schema: mytask.json"), encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random Qwen2 model with a locally trained tokenizer and chat template."""
+    from extractor.testing import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_model(tmp_path_factory):
+    """The same kind of model without a chat template: prompts use the seed's raw format."""
+    from extractor.testing import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny_raw", chat_template=False, seed=1)
+
+
+def make_adapter(model_dir, kind: str, out, seed: int = 0):
+    """Train a peft adapter of `kind` for one step (large lr, so outputs change) and save it."""
+    import torch
+    from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = {
+        "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        "ptuning": lambda: PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=32, task_type="CAUSAL_LM"),
+        "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+        "prompt": lambda: PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    }[kind]()
+    peft_model = get_peft_model(model, config)
+    batch = tok(["本科，java" + '{"学历要求": ["本科"]}'], return_tensors="pt")
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=5.0)
+    loss = peft_model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    opt.step()
+    peft_model.save_pretrained(out)
+    return out
+
+
+def synth_corpus(tmp_path, n=24, seed=0, lang="zh"):
+    from extractor.synth import write_corpus
+    corpus, gold = tmp_path / f"corpus{seed}.jsonl", tmp_path / f"gold{seed}.jsonl"
+    write_corpus(corpus, gold, n, seed=seed, lang=lang)
+    return corpus, gold

@@ -18,7 +18,7 @@ def check_model_dir(path: Path) -> None:
         raise ModelError(f"model directory '{path}' does not exist; pass a local Hugging Face model folder")
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json; is this a Hugging Face model folder?")
-    if not any(path.glob(p) for p in WEIGHT_PATTERNS):
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise ModelError(f"{path}: no weight files (*.safetensors or *.bin); the download or save is incomplete")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ModelError(f"{path}: no tokenizer files; save the tokenizer beside the model")
