@@ -68,6 +68,26 @@ class HFBackend(Backend):
                 use_safetensors=any(self.model_path.glob("*.safetensors")) or None).to(self.device)
         except (OSError, ValueError) as exc:
             raise ModelError(f"{self.model_path}: cannot load ({str(exc).splitlines()[0][:200]})") from None
+        self._attach(self.base, self.tokenizer)
+
+    @classmethod
+    def from_loaded(cls, model, tokenizer, model_path: str | Path, batch_size: int = 32,
+                    batch_tokens: int = 32768) -> "HFBackend":
+        """Wrap a model already in memory (training's F1 evaluation) in the same generation code."""
+        import torch
+        self = cls.__new__(cls)
+        self.torch = torch
+        self.model_path = Path(model_path)
+        self.adapter_paths = {}
+        self.device = str(next(model.parameters()).device)
+        self.dtype = next(model.parameters()).dtype
+        self.trust_remote_code = False
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self._attach(model, tokenizer)
+        return self
+
+    def _attach(self, model, tokenizer) -> None:
+        self.base, self.tokenizer = model, tokenizer
         self.base.eval()
         self._check_tokenizer()
         self.tokenizer.padding_side = "left"

@@ -13,6 +13,7 @@ COMMANDS = {
     "tasks": "extractor.cli.tasks_cmd:tasks",
     "data": "extractor.cli.data_cmd:data",
     "run": "extractor.cli.run_cmd:run",
+    "train": "extractor.cli.train_cmd:train",
     "eval": "extractor.cli.eval_cmd:eval_",
     "compare": "extractor.cli.compare_cmd:compare",
     "validate": "extractor.cli.validate_cmd:validate",
