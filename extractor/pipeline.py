@@ -69,11 +69,11 @@ class Predictor:
     """Records -> output rows for one task and backend. Shared by `run` and by training's F1 evaluation."""
 
     def __init__(self, task, backend: Backend, params: GenParams, on_long: str = "fail",
-                 max_input_tokens: int | None = None, keep_fields: tuple = ()):
+                 max_input_tokens: int | None = None, keep_fields: tuple = (), few_shot: int | None = None):
         self.task = task
         self.backend = backend
         self.params = params
-        self.builder = PromptBuilder(task, backend.tokenizer)
+        self.builder = PromptBuilder(task, backend.tokenizer, few_shot)
         self.validator = Validator(task.schema)
         self.on_long = on_long
         self.limit = max_input_tokens or backend.max_input_tokens(params)
@@ -157,7 +157,8 @@ def output_for_adapter(out: Path, adapter: str | None, n_adapters: int) -> Path:
 def run_key(task, backend: Backend, predictor: Predictor, opts: RunOptions) -> dict:
     """What must match for --resume to continue an output."""
     return {**task.provenance(), "backend": backend.identity(), "params": opts.params.as_dict(),
-            "prompt_format": "chat" if predictor.builder.chat else "raw", "id_field": opts.id_field,
+            "prompt_format": "chat" if predictor.builder.chat else "raw", "few_shot": predictor.builder.few_shot,
+            "id_field": opts.id_field,
             "text_field": opts.text_field, "on_long": opts.on_long, "max_input_tokens": predictor.limit,
             "keep_fields": list(opts.keep_fields)}
 

@@ -47,10 +47,10 @@ def _render_turns(task: "Task", values: dict, where: str) -> list[dict]:
     return out
 
 
-def few_shot_turns(task: "Task") -> list[dict]:
-    """The user/assistant exchanges of the few-shot examples (the same for every record)."""
+def few_shot_turns(task: "Task", limit: int | None = None) -> list[dict]:
+    """The user/assistant exchanges of the first `limit` few-shot examples (all when None)."""
     turns = []
-    for shot in task.spec.few_shot:
+    for shot in task.spec.few_shot[:limit]:
         shot_turns = _render_turns(task, shot.input, where=f"{task.prompt_path}: few_shot")
         turns += [t for t in shot_turns if t["role"] != "system"]
         turns.append({"role": "assistant", "content": task.format_output(shot.output)})
@@ -89,14 +89,18 @@ def uses_chat_template(task: "Task", tokenizer) -> bool:
 class PromptBuilder:
     """Turns records into prompt strings for one task and one tokenizer (or none: raw format)."""
 
-    def __init__(self, task: "Task", tokenizer=None):
+    def __init__(self, task: "Task", tokenizer=None, few_shot: int | None = None):
         self.task = task
         self.tokenizer = tokenizer
         self.chat = uses_chat_template(task, tokenizer)
-        self._shots = few_shot_turns(task)
+        self.few_shot = len(task.spec.few_shot) if few_shot is None else min(few_shot, len(task.spec.few_shot))
+        self._shots = few_shot_turns(task, self.few_shot)
+
+    def messages(self, values: dict, where: str = "record") -> list[dict]:
+        return render_messages(self.task, values, where, self._shots)
 
     def build(self, values: dict, where: str = "record") -> str:
-        messages = render_messages(self.task, values, where, self._shots)
+        messages = self.messages(values, where)
         if self.chat:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return messages_to_raw(messages)

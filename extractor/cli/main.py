@@ -16,6 +16,7 @@ COMMANDS = {
     "train": "extractor.cli.train_cmd:train",
     "eval": "extractor.cli.eval_cmd:eval_",
     "compare": "extractor.cli.compare_cmd:compare",
+    "demo": "extractor.cli.demo_cmd:demo",
     "validate": "extractor.cli.validate_cmd:validate",
 }
 

@@ -41,6 +41,8 @@ from extractor.tasks import load_task
               help="Prompt token limit (default: the model's context minus max new tokens).")
 @click.option("--on-long", type=click.Choice(["fail", "truncate", "skip"]), default="fail", show_default=True,
               help="A prompt over the limit: stop, cut the record's text, or write it with status error.")
+@click.option("--few-shot", type=click.IntRange(min=0), default=None,
+              help="Use only the first N of the task's few-shot examples (default: all).")
 @click.option("--keep-field", "keep_fields", multiple=True, help="Copy this input field into each output record.")
 @click.option("--resume", is_flag=True, help="Continue an existing output (same settings), skipping ids written.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
@@ -51,7 +53,7 @@ from extractor.tasks import load_task
 @tasks_dir_option
 def run(corpus, task_name, model, out, backend, adapters, dtype, device, trust_remote_code, constrained,
         max_new_tokens, temperature, top_p, seed, batch_size, batch_tokens, window, max_input_tokens, on_long,
-        keep_fields, resume, overwrite, limit, quiet, id_field, text_field, on_bad_record, rejects, tasks_dirs):
+        few_shot, keep_fields, resume, overwrite, limit, quiet, id_field, text_field, on_bad_record, rejects, tasks_dirs):
     """Extract from CORPUS with a model; one validated prediction per record in --out.
 
     \b
@@ -81,7 +83,7 @@ def run(corpus, task_name, model, out, backend, adapters, dtype, device, trust_r
     names = engine.adapters()
     for name in names:
         engine.use_adapter(name)
-        predictor = Predictor(task, engine, params, on_long, max_input_tokens, tuple(keep_fields))
+        predictor = Predictor(task, engine, params, on_long, max_input_tokens, tuple(keep_fields), few_shot)
         predictor.adapter = name
         target = output_for_adapter(opts.out, name, len(names))
         job = Run(predictor, opts, target, console)

@@ -46,6 +46,8 @@ from extractor.cli.options import tasks_dir_option
 @click.option("--eval-limit", type=int, default=200, show_default=True, help="Dev records scored for F1.")
 @click.option("--eval-max-new-tokens", type=int, default=None)
 @click.option("--constrained-eval", is_flag=True, help="Score dev F1 with schema-constrained decoding.")
+@click.option("--few-shot", type=click.IntRange(min=0), default=None,
+              help="Use only the first N of the task's few-shot examples in prompts (default: all, as run).")
 @click.option("--best-by", type=click.Choice(["f1", "loss"]), default="f1", show_default=True)
 @click.option("--merge-lora", is_flag=True, help="Save `best` with LoRA merged into the base weights.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
@@ -56,7 +58,7 @@ from extractor.cli.options import tasks_dir_option
 def train(model, method, train_path, gold, dev, dev_gold, task_name, out, max_source_len, max_target_len, lora_r,
           lora_alpha, lora_dropout, lora_targets, virtual_tokens, encoder_hidden, prefix_len, batch_size, grad_accum,
           lr, weight_decay, warmup, epochs, max_steps, max_seconds, target_f1, precision, gradient_checkpointing,
-          seed, logging_steps, save_steps, eval_limit, eval_max_new_tokens, constrained_eval, best_by, merge_lora,
+          seed, logging_steps, save_steps, eval_limit, eval_max_new_tokens, constrained_eval, few_shot, best_by, merge_lora,
           resume, processes, quiet, tasks_dirs):
     """Fine-tune MODEL; every --save-steps, score dev loss and the task's F1 and keep the best checkpoint.
 
@@ -78,7 +80,7 @@ def train(model, method, train_path, gold, dev, dev_gold, task_name, out, max_so
                       epochs=epochs, max_steps=max_steps, max_seconds=max_seconds, target_f1=target_f1,
                       precision=precision, grad_checkpointing=gradient_checkpointing, seed=seed,
                       logging_steps=logging_steps, save_steps=save_steps, eval_limit=eval_limit,
-                      eval_max_new_tokens=eval_max_new_tokens, constrained_eval=constrained_eval, best_by=best_by,
+                      eval_max_new_tokens=eval_max_new_tokens, constrained_eval=constrained_eval, few_shot=few_shot, best_by=best_by,
                       merge_lora=merge_lora, resume=resume, quiet=quiet, extra={"tasks_dirs": tasks_dirs})
     summary = Trainer(cfg, log=lambda m: click.echo(m, err=True)).train()
     best = summary.get("best") or {}

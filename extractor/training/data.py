@@ -31,9 +31,10 @@ def seed_examples(path: Path) -> list[Example]:
     return out
 
 
-def task_examples(corpus: Path, gold: Path, task, tokenizer) -> tuple[list[Example], list[dict], dict]:
+def task_examples(corpus: Path, gold: Path, task, tokenizer, few_shot: int | None = None
+                  ) -> tuple[list[Example], list[dict], dict]:
     """Examples plus the corpus records and gold objects (the F1 evaluation needs them)."""
-    builder = PromptBuilder(task, tokenizer)
+    builder = PromptBuilder(task, tokenizer, few_shot)
     golds = {g.id: g.obj for g in iter_gold(gold)}
     records, examples = [], []
     for batch in CorpusReader(corpus, task.spec.input_fields):

@@ -59,6 +59,7 @@ class TrainConfig:
     eval_max_new_tokens: int | None = None
     constrained_eval: bool = False
     best_by: str = "f1"
+    few_shot: int | None = None  # the task's few-shot examples used in prompts (None: all, as `run`)
     merge_lora: bool = False
     resume: bool = False
     quiet: bool = False
@@ -130,13 +131,14 @@ class Trainer:
         if not cfg.train:
             raise InputError("--train is required: {context, target} JSONL, or a corpus with --gold and --task")
         if cfg.gold:
-            train, _, _ = task_examples(Path(cfg.train), Path(cfg.gold), self.task, self.tokenizer)
+            train, _, _ = task_examples(Path(cfg.train), Path(cfg.gold), self.task, self.tokenizer, cfg.few_shot)
         else:
             train = seed_examples(Path(cfg.train))
         dev, records, golds = [], [], {}
         if cfg.dev:
             if cfg.dev_gold:
-                dev, records, golds = task_examples(Path(cfg.dev), Path(cfg.dev_gold), self.task, self.tokenizer)
+                dev, records, golds = task_examples(Path(cfg.dev), Path(cfg.dev_gold), self.task, self.tokenizer,
+                                                    cfg.few_shot)
             else:
                 dev = seed_examples(Path(cfg.dev))
                 records, golds = self._seed_dev_records(dev)
@@ -192,7 +194,7 @@ class Trainer:
             for batch in loader:
                 position += 1
                 with self.acc.accumulate(self.model):
-                    loss = self.model(**batch).loss
+                    loss = self._loss(self.model, batch)
                     self.acc.backward(loss)
                     self.optim.step()
                     self.sched.step()
@@ -218,6 +220,22 @@ class Trainer:
                 epoch, position = epoch + 1, 0
         self.acc.wait_for_everyone()
         return self._final(step, time.perf_counter() - start, tokens)
+
+    def _loss(self, model, batch: dict):
+        """Causal LM loss on target tokens. For full and LoRA training the vocabulary projection runs only
+        from the first target position on (prompts are most of each sequence, and the loss ignores them)."""
+        if self.cfg.method not in ("full", "lora"):  # prompt learning prepends virtual tokens: plain path
+            return model(**batch).loss
+        import torch.nn.functional as F
+        from extractor.training.data import IGNORE
+        labels = batch["labels"]
+        first = int((labels != IGNORE).float().argmax(dim=1).min())  # earliest target position in the batch
+        keep = max(first - 1, 0)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=labels.shape[1] - keep).logits  # positions keep .. end
+        targets = labels[:, keep + 1:]
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=IGNORE)
 
     def _out_of_budget(self, step: int, start: float) -> bool:
         if self.cfg.max_seconds is None:
@@ -288,7 +306,7 @@ class Trainer:
             for i in range(0, len(self.dev_encoded), self.cfg.batch_size):
                 chunk = self.dev_encoded[i:i + self.cfg.batch_size]
                 batch = {k: v.to(self.acc.device) for k, v in collate(chunk, self.tokenizer.pad_token_id).items()}
-                total += model(**batch).loss.item() * len(chunk)
+                total += self._loss(model, batch).item() * len(chunk)
                 n += len(chunk)
         return total / max(n, 1)
 
@@ -303,7 +321,7 @@ class Trainer:
         gen = self.task.spec.generation
         params = GenParams(max_new_tokens=self.cfg.eval_max_new_tokens or gen.max_new_tokens,
                            constrained=self.cfg.constrained_eval)
-        predictor = Predictor(self.task, backend, params, on_long="truncate")
+        predictor = Predictor(self.task, backend, params, on_long="truncate", few_shot=self.cfg.few_shot)
         ev = Evaluator(self.task)
         for i in range(0, len(records), 64):
             chunk = records[i:i + 64]

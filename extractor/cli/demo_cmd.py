@@ -1,0 +1,28 @@
+"""`extractor demo`: the end-to-end demo on an embedded synthetic corpus (no GPU, no network)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the data, model, checkpoints, predictions and reports.")
+@click.option("--train-n", type=int, default=5000, show_default=True, help="Training postings.")
+@click.option("--max-steps", type=int, default=4000, show_default=True)
+@click.option("--max-seconds", type=float, default=210.0, show_default=True, help="Training time cap.")
+@click.option("--target-f1", type=float, default=0.98, show_default=True,
+              help="Stop training once dev micro F1 reaches this.")
+@click.option("--test-n", type=int, default=300, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(out, train_n, max_steps, max_seconds, target_f1, test_n, seed):
+    """Generate postings, train a small model, run it on the test split and score it with an HTML report.
+
+    \b
+    Example:
+      extractor demo --out demo-output
+    """
+    from extractor.demo import DemoConfig, run_demo
+    run_demo(DemoConfig(out=Path(out), train_n=train_n, max_steps=max_steps, max_seconds=max_seconds,
+                        target_f1=target_f1, test_n=test_n, seed=seed))
