@@ -100,6 +100,25 @@ def invoke(args: list[str]) -> None:
             raise
 
 
+BASELINE = Path(__file__).resolve().parent.parent / "eval" / "demo"
+
+
+def nightly_check(cfg: DemoConfig, preds: Path, gold: Path) -> str:
+    """The nightly-regression workflow for real: compare this run with the committed baseline
+    (eval/demo, same seed and test split) and report the gate's verdict; the demo itself does not fail."""
+    baseline = BASELINE / "baseline.preds.jsonl"
+    if not baseline.is_file() or cfg.seed != 0 or cfg.test_n != 300:
+        return "skipped (no baseline for these settings)"
+    _say(f"nightly gate: extractor compare {baseline} {preds} --fail-if-drop 0.02")
+    try:
+        invoke(["compare", baseline, preds, "--gold", gold, "--task", TASK, "--fail-if-drop", "0.02"])
+    except SystemExit as exc:
+        if exc.code == 1:
+            return "regression"
+        raise
+    return "pass"
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     start = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -124,11 +143,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         invoke(["eval", preds, "--gold", paths[split][1], "--task", TASK, "--report", report,
                 *(["--quiet"] if split != "test" else [])])
         results[split] = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
+    results["regression"] = nightly_check(cfg, cfg.out / "test.preds.jsonl", paths["test"][1])
     elapsed = time.perf_counter() - start
     outcome = {"elapsed_s": round(elapsed, 1), "train_steps": summary["steps"],
                "train_seconds": round(summary["seconds"], 1),
                "test_micro_f1": results["test"]["micro"]["f1"],
                "heldout_micro_f1": results["test_heldout"]["micro"]["f1"],
+               "regression_gate": results["regression"],
                "report": str(cfg.out / "report-test" / "report.html")}
     (cfg.out / "demo_summary.json").write_text(json.dumps(outcome, indent=2) + "\n", encoding="utf-8")
     _say(f"test micro F1 {outcome['test_micro_f1']:.4f} (held-out phrasing and values: "

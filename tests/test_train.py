@@ -1,0 +1,132 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from extractor.demo import DemoConfig, run_demo
+from tests.conftest import read_jsonl, synth_corpus
+
+EXTRACTOR = [sys.executable, "-m", "extractor"]
+
+
+def train_args(model, data, out, *extra):
+    corpus, gold = data["train"]
+    dev, dev_gold = data["dev"]
+    return ["train", "--model", model, "--train", corpus, "--gold", gold, "--dev", dev, "--dev-gold", dev_gold,
+            "--task", "jd_requirements", "--out", out, "--eval-limit", "4", "--eval-max-new-tokens", "16",
+            "--logging-steps", "5", "--batch-size", "4", "--max-source-len", "300", "--max-target-len", "64", *extra]
+
+
+@pytest.fixture
+def data(tmp_path):
+    return {"train": synth_corpus(tmp_path, n=48, seed=1), "dev": synth_corpus(tmp_path, n=8, seed=2)}
+
+
+def test_lora_training_loss_decreases_and_adapter_runs(tmp_path, tiny_model, data, run_cli):
+    out = tmp_path / "lora"
+    result = run_cli(*train_args(tiny_model, data, out, "--method", "lora", "--max-steps", "30", "--save-steps", "15",
+                                 "--lr", "3e-3", "--quiet"))
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out / "metrics.jsonl")
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert losses[-1] < losses[0]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [15, 30] and all("micro_f1" in r and "dev_loss" in r for r in evals)
+    assert (out / "loss.png").exists() and (out / "f1.png").exists()
+    assert (out / "checkpoint-15" / "adapter_model.safetensors").exists()
+    preds = tmp_path / "p.jsonl"
+    run = run_cli("run", data["dev"][0], "--task", "jd_requirements", "--model", tiny_model, "--adapter", out / "best",
+                  "--out", preds, "--max-new-tokens", "8", "--quiet")
+    assert run.exit_code == 0, run.output
+    assert {r["adapter"] for r in read_jsonl(preds)} == {"best"}
+
+
+@pytest.mark.parametrize("method", ["ptuning", "prefix"])
+def test_prompt_learning_methods_train(tmp_path, tiny_model, data, run_cli, method):
+    out = tmp_path / method
+    result = run_cli(*train_args(tiny_model, data, out, "--method", method, "--max-steps", "6", "--save-steps", "6",
+                                 "--virtual-tokens", "4", "--prefix-len", "4", "--quiet"))
+    assert result.exit_code == 0, result.output
+    assert (out / "best" / "adapter_config.json").exists()
+
+
+def test_seed_format_training(tmp_path, tiny_model, run_cli):
+    from tests.conftest import shared_path
+    dev = shared_path("data", "seed_mixed", "mixed_dev_dataset.jsonl")
+    out = tmp_path / "seed"
+    result = run_cli("train", "--model", tiny_model, "--method", "lora", "--train", dev, "--dev", dev, "--task", "spo",
+                     "--out", out, "--max-steps", "4", "--save-steps", "4", "--eval-limit", "3",
+                     "--eval-max-new-tokens", "8", "--batch-size", "4", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "micro_f1" in read_jsonl(out / "metrics.jsonl")[-1]
+
+
+def test_sigkill_then_resume_continues_at_saved_step(tmp_path, tiny_model, data):
+    out = tmp_path / "full"
+    args = EXTRACTOR + train_args(tiny_model, data, out, "--method", "full", "--max-steps", "60", "--save-steps", "10")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint-20" / "trainer_state.pt").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.pt").exists())
+    assert 20 <= saved < 60
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from checkpoint-{saved} (step {saved})" in resumed.stderr
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert steps[-1] == 60 and f"step {saved + 5}/60" in resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 60
+
+
+def test_two_process_training(tmp_path, tiny_model, data):
+    out = tmp_path / "ddp"
+    args = EXTRACTOR + train_args(tiny_model, data, out, "--method", "lora", "--max-steps", "6", "--save-steps", "6",
+                                  "--processes", "2")
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stderr
+    assert json.loads((out / "train_args.json").read_text())["processes"] == 2
+    assert (out / "best" / "adapter_model.safetensors").exists()
+
+
+def test_short_demo_end_to_end(tmp_path):
+    """The demo, shortened: every stage runs; `best` is the checkpoint with the highest dev F1."""
+    out = tmp_path / "demo"
+    outcome = run_demo(DemoConfig(out=out, train_n=400, dev_n=20, test_n=20, max_steps=120, save_steps=40,
+                                  max_seconds=120, hidden=64, vocab=600))
+    assert (out / "report-test" / "report.html").exists() and (out / "report-test" / "metrics.json").exists()
+    assert 0.0 <= outcome["test_micro_f1"] <= 1.0 and outcome["regression_gate"].startswith("skipped")
+    evals = [r for r in read_jsonl(out / "train" / "metrics.jsonl") if r["kind"] == "eval"]
+    best = json.loads((out / "train" / "best.json").read_text())
+    top = max(evals, key=lambda r: r["micro_f1"])
+    assert best["step"] == top["step"] and best["score"] == top["micro_f1"]
+    assert (out / "train" / "best" / "model.safetensors").exists()
+
+
+def test_nightly_gate_against_committed_baseline(tmp_path, run_cli):
+    """The regression workflow for real: the committed demo checkpoint, rerun, against its baseline."""
+    base = Path(__file__).resolve().parent.parent / "eval" / "demo"
+    fresh = tmp_path / "fresh.jsonl"
+    run = run_cli("run", base / "test.jsonl", "--task", "jd_requirements", "--model", base / "model", "--constrained",
+                  "--few-shot", "0", "--out", fresh, "--quiet")
+    assert run.exit_code == 0, run.output
+    gate = ["--gold", base / "test.gold.jsonl", "--task", "jd_requirements", "--fail-if-drop", "0.01"]
+    ok = run_cli("compare", base / "baseline.preds.jsonl", fresh, *gate)
+    assert ok.exit_code == 0 and "no significant drop" in ok.output
+    doc = json.loads((base / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["micro"]["f1"] >= 0.9
+    # A planted regression: a fifth of the fresh predictions lose their programming languages.
+    rows = read_jsonl(fresh)
+    for r in rows[::5]:
+        r["prediction"]["编程语言"] = ["该JD未要求"]
+    worse = tmp_path / "worse.jsonl"
+    worse.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    bad = run_cli("compare", base / "baseline.preds.jsonl", worse, *gate)
+    assert bad.exit_code == 1 and "编程语言" in bad.output
