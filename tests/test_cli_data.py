@@ -76,3 +76,22 @@ def test_check_clean_corpus(tmp_path, run_cli):
 def test_missing_file_one_line_error(run_cli, tmp_path):
     result = run_cli("data", "check", tmp_path / "nope.jsonl")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
+
+
+def test_skillspan_converter(tmp_path, run_cli):
+    from tests.conftest import shared_path
+    src = shared_path("data", "skillspan", "dev.json")
+    result = run_cli("data", "skillspan", src, "--out", tmp_path / "c.jsonl", "--gold", tmp_path / "g.jsonl")
+    assert result.exit_code == 0
+    texts = {r["id"]: r["text"] for r in read_jsonl(tmp_path / "c.jsonl")}
+    golds = read_jsonl(tmp_path / "g.jsonl")
+    assert len(golds) == 3174
+    n_skill = sum(len(g["gold"]["skills"]) for g in golds)
+    n_know = sum(len(g["gold"]["knowledge"]) for g in golds)
+    assert (n_skill, n_know) == (1070, 1093)  # the spans SkillSpan's dev split documents
+    assert all(span in texts[g["id"]] for g in golds for span in g["gold"]["skills"] + g["gold"]["knowledge"])
+
+
+def test_bio_spans():
+    from extractor.skillspan import bio_spans
+    assert bio_spans(list("abcde"), ["B", "I", "O", "B", "B"]) == ["a b", "d", "e"]

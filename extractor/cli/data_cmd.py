@@ -51,6 +51,22 @@ def synth_jd(n, out, gold, seed, lang, split, prefix):
                + f" in {secs:.1f}s")
 
 
+@data.command("skillspan")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Corpus JSONL ({id, text}).")
+@click.option("--gold", type=click.Path(dir_okay=False), required=True, help="Gold JSONL for the skills task.")
+def skillspan(source, out, gold):
+    """Convert SkillSpan BIO lines into a corpus and gold records for the `skills` task.
+
+    \b
+    Example:
+      extractor data skillspan ../shared/data/skillspan/dev.json --out skills.jsonl --gold skills.gold.jsonl
+    """
+    from extractor.skillspan import convert
+    count = convert(Path(source), Path(out), Path(gold))
+    click.echo(f"wrote {count} sentences to {out} and gold spans to {gold}")
+
+
 class _Collect:
     """A rejects sink for `check`: counts everything, keeps the first few for display."""
 
