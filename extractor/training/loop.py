@@ -171,7 +171,8 @@ class Trainer:
         steps_per_epoch = math.ceil(len(self.loader) / max(1, self.acc.num_processes) / cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
         self.sched = get_cosine_schedule_with_warmup(self.optim, int(cfg.warmup * self.total_steps), self.total_steps)
-        self.model, self.optim, self.loader, self.sched = self.acc.prepare(self.model, self.optim, self.loader, self.sched)
+        # The scheduler is not handed to accelerate, which would step it once per process per step.
+        self.model, self.optim, self.loader = self.acc.prepare(self.model, self.optim, self.loader)
         self.dev_encoded = [encode(e, self.tokenizer, cfg.max_source_len, cfg.max_target_len) for e in self.dev_examples]
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -197,7 +198,8 @@ class Trainer:
                     loss = self._loss(self.model, batch)
                     self.acc.backward(loss)
                     self.optim.step()
-                    self.sched.step()
+                    if self.acc.sync_gradients:
+                        self.sched.step()
                     self.optim.zero_grad()
                 window["loss"] += loss.item()
                 window["n"] += 1
