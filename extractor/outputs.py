@@ -134,14 +134,51 @@ def _drop_dangling(out: list[str], in_object: bool) -> None:
     out[:] = list(text)
 
 
+# Keywords whose meaning is the same in draft-07 and 2020-12: schemas using only these are also checked
+# by fastjsonschema's generated code (many times faster); jsonschema still writes every error message.
+_FAST_KEYWORDS = {"$schema", "$id", "$comment", "title", "description", "default", "examples", "type", "properties",
+                  "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const", "minLength",
+                  "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf",
+                  "oneOf", "allOf", "not", "uniqueItems", "format"}
+
+
+def _fast_compatible(schema) -> bool:
+    if isinstance(schema, bool):
+        return True
+    if not isinstance(schema, dict) or not set(schema) <= _FAST_KEYWORDS:
+        return False
+    subs = list(schema.get("properties", {}).values())
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), (dict, bool)):
+            subs.append(schema[key])
+    for key in ("anyOf", "oneOf", "allOf"):
+        subs.extend(schema.get(key, []))
+    return all(_fast_compatible(sub) for sub in subs)
+
+
 class Validator:
-    """Validates predictions against one task's schema (compiled once)."""
+    """Validates predictions against one task's schema (compiled once). A fast compiled check runs first
+    where the schema allows it; the reference validator (jsonschema, 2020-12) explains any failure."""
 
     def __init__(self, schema: dict):
         from jsonschema import Draft202012Validator
         self._validator = Draft202012Validator(schema)
+        self._fast = None
+        if _fast_compatible(schema):
+            try:
+                import fastjsonschema
+                body = {k: v for k, v in schema.items() if k not in ("$schema", "$id")}
+                self._fast = fastjsonschema.compile(body, formats={})
+            except ImportError:  # optional speed-up (absent on some machines)
+                self._fast = None
 
     def first_error(self, value) -> str | None:
+        if self._fast is not None:
+            try:
+                self._fast(value)
+                return None
+            except Exception:  # noqa: BLE001 - fastjsonschema raises JsonSchemaValueException; explain below
+                pass
         from jsonschema.exceptions import best_match
         error = best_match(self._validator.iter_errors(value))
         if error is None:

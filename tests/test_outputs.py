@@ -72,3 +72,17 @@ def test_truncation_is_repaired_or_reported(value, cut):
     text = json.dumps({"v": value, "w": [1, 2, 3]}, ensure_ascii=False)
     parsed = judge(text[: max(1, len(text) - cut)], "length", V)
     assert parsed.status in (TRUNCATED, SCHEMA_VIOLATION, OK)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_fast_validation_agrees_with_jsonschema(value):
+    """The compiled fast path and the reference validator agree on every bundled schema."""
+    from jsonschema import Draft202012Validator
+    for name in ("jd_requirements", "spo", "review_topic", "skills"):
+        schema = load_task(name).schema
+        validator = Validator(schema)
+        assert validator._fast is not None
+        for candidate in (value, {"学历要求": value}, [value], [{"predicate": "主演", "subject": value}]):
+            expected = Draft202012Validator(schema).is_valid(candidate)
+            assert (validator.first_error(candidate) is None) == expected

@@ -87,13 +87,15 @@ def test_sigkill_then_resume_continues_at_saved_step(tmp_path, tiny_model, data)
 
 def test_two_process_training(tmp_path, tiny_model, data):
     out = tmp_path / "ddp"
-    args = EXTRACTOR + train_args(tiny_model, data, out, "--method", "lora", "--max-steps", "6", "--save-steps", "6",
-                                  "--processes", "2")
+    args = EXTRACTOR + train_args(tiny_model, data, out, "--method", "lora", "--max-steps", "10", "--save-steps", "10",
+                                  "--processes", "2", "--warmup", "0")
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr
     assert json.loads((out / "train_args.json").read_text())["processes"] == 2
     assert (out / "best" / "adapter_model.safetensors").exists()
+    lrs = [r["lr"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(lrs) == 2 and lrs[1] < lrs[0] and lrs[1] == pytest.approx(0.0, abs=1e-9)  # one schedule step per step
 
 
 def test_short_demo_end_to_end(tmp_path):

@@ -258,6 +258,7 @@ class Trainer:
                      f"lr {self.sched.get_last_lr()[0]:.2e}")
             self._append_metrics({"kind": "train", "step": step, "loss": window["loss"] / max(window["n"], 1),
                                   "steps_per_s": rate, "tokens_per_s": window["tokens"] / secs,
+                                  "lr": self.sched.get_last_lr()[0],
                                   "elapsed_s": now - start})
         window.update(loss=0.0, n=0, t=now, tokens=0)
 
