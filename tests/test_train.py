@@ -46,6 +46,17 @@ def test_lora_training_loss_decreases_and_adapter_runs(tmp_path, tiny_model, dat
     assert {r["adapter"] for r in read_jsonl(preds)} == {"best"}
 
 
+def test_merged_lora_best_runs_as_a_model(tmp_path, tiny_model, data, run_cli):
+    out = tmp_path / "merged"
+    result = run_cli(*train_args(tiny_model, data, out, "--method", "lora", "--max-steps", "4", "--save-steps", "4",
+                                 "--merge-lora", "--gradient-checkpointing", "--quiet"))
+    assert result.exit_code == 0, result.output
+    assert (out / "best" / "model.safetensors").exists() and not (out / "best" / "adapter_config.json").exists()
+    run = run_cli("run", data["dev"][0], "--task", "jd_requirements", "--model", out / "best", "--out",
+                  tmp_path / "p.jsonl", "--max-new-tokens", "4", "--quiet")
+    assert run.exit_code == 0, run.output
+
+
 @pytest.mark.parametrize("method", ["ptuning", "prefix"])
 def test_prompt_learning_methods_train(tmp_path, tiny_model, data, run_cli, method):
     out = tmp_path / method
