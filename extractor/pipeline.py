@@ -43,6 +43,7 @@ class RunOptions:
     window: int = 256
     quiet: bool = False
     limit: int | None = None
+    shard: tuple[int, int] | None = None  # (k, n): only records whose index mod n is k
 
 
 @dataclass
@@ -160,7 +161,7 @@ def run_key(task, backend: Backend, predictor: Predictor, opts: RunOptions) -> d
             "prompt_format": "chat" if predictor.builder.chat else "raw", "few_shot": predictor.builder.few_shot,
             "id_field": opts.id_field,
             "text_field": opts.text_field, "on_long": opts.on_long, "max_input_tokens": predictor.limit,
-            "keep_fields": list(opts.keep_fields)}
+            "keep_fields": list(opts.keep_fields), "shard": list(opts.shard) if opts.shard else None}
 
 
 class Run:
@@ -238,7 +239,11 @@ class Run:
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         writer = JsonlAppender(self.journal)
         try:
+            index = 0
             for window in reader:
+                if self.opts.shard:
+                    k, n = self.opts.shard
+                    window, index = [r for i, r in enumerate(window, index) if i % n == k], index + len(window)
                 todo = [r for r in window if id_key(r["id"]) not in done]
                 if self.opts.limit is not None:
                     todo = todo[: max(0, self.opts.limit - self.summary.new)]

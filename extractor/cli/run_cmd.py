@@ -48,12 +48,15 @@ from extractor.tasks import load_task
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after this many new records.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
+@click.option("--gpus", type=click.IntRange(min=1), default=None,
+              help="Worker processes, one per GPU (with --device cpu: CPU workers); shards merged in input order.")
+@click.option("--shard", default=None, hidden=True, help="K/N: this worker's share (set by --gpus).")
 @corpus_options
 @bad_record_options
 @tasks_dir_option
 def run(corpus, task_name, model, out, backend, adapters, dtype, device, trust_remote_code, constrained,
         max_new_tokens, temperature, top_p, seed, batch_size, batch_tokens, window, max_input_tokens, on_long,
-        few_shot, keep_fields, resume, overwrite, limit, quiet, id_field, text_field, on_bad_record, rejects, tasks_dirs):
+        few_shot, keep_fields, resume, overwrite, limit, quiet, gpus, shard, id_field, text_field, on_bad_record, rejects, tasks_dirs):
     """Extract from CORPUS with a model; one validated prediction per record in --out.
 
     \b
@@ -63,6 +66,12 @@ def run(corpus, task_name, model, out, backend, adapters, dtype, device, trust_r
           --out preds.jsonl --resume
     """
     task = load_task(task_name, tasks_dirs)
+    console = Console(stderr=True, quiet=quiet)
+    if gpus:
+        from extractor.runners.shards import run_sharded
+        ctx = click.get_current_context()
+        run_sharded(ctx.command, ctx.params, Path(out), gpus, device, console)
+        return
     clash = RESERVED.intersection(keep_fields)
     if clash:
         raise InputError(f"--keep-field {', '.join(sorted(clash))} would overwrite an output field; keep others")
@@ -73,10 +82,9 @@ def run(corpus, task_name, model, out, backend, adapters, dtype, device, trust_r
     opts = RunOptions(corpus=Path(corpus), out=Path(out), params=params, id_field=id_field, text_field=text_field,
                       keep_fields=tuple(keep_fields), on_bad=on_bad_record, rejects=Path(rejects) if rejects else None,
                       resume=resume, overwrite=overwrite, on_long=on_long, max_input_tokens=max_input_tokens,
-                      window=window, quiet=quiet, limit=limit)
+                      window=window, quiet=quiet, limit=limit, shard=_parse_shard(shard))
     if not opts.corpus.is_file():
         raise InputError(f"{corpus}: no such file; check the corpus path")
-    console = Console(stderr=True, quiet=quiet)
     engine = backend_class(backend)(model=model, adapters=adapters, dtype=dtype, device=device,
                                     trust_remote_code=trust_remote_code, batch_size=batch_size,
                                     batch_tokens=batch_tokens)
@@ -93,6 +101,18 @@ def run(corpus, task_name, model, out, backend, adapters, dtype, device, trust_r
         if summary.interrupted:
             console.print("stopped early; rerun the same command with --resume to continue")
             raise SystemExit(130)
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard must look like K/N, got '{text}'") from None
+    if not 0 <= k < n:
+        raise InputError(f"--shard {text}: K must be in 0..N-1")
+    return k, n
 
 
 def _report(console, target: Path, summary) -> None:

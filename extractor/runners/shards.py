@@ -1,0 +1,129 @@
+"""`extractor run --gpus N`: one worker process per GPU, each on every N-th record, then a merge.
+
+Record i (counting good records in input order, so rejected lines never shift the split) goes to shard
+i mod N. Each worker is a plain `extractor run --shard K/N` with its own output journal and manifest, so
+each shard resumes on its own. When all workers finish, row i of the merged output is row i div N of shard
+i mod N: the merge restores input order and checks that every record is there exactly once. A worker that
+dies is reported with its shard; rerunning the same command with --resume continues every shard.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from extractor import jsonutil
+from extractor.errors import ExtractorError
+from extractor.provenance import manifest_path, read_manifest, stamp, write_json_atomic
+from extractor.writers import drop_partial_tail, is_parquet, iter_jsonl_rows, jsonl_to_parquet
+
+MERGED_FORMAT = "extractor.merged/1"
+
+
+def shard_path(out: Path, k: int, n: int) -> Path:
+    stem = out.name[: -len("".join(out.suffixes))] if out.suffixes else out.name
+    return out.with_name(f"{stem}.shard{k}of{n}.jsonl")
+
+
+def argv_from_params(command: click.Command, params: dict, skip: set[str]) -> list[str]:
+    """Rebuild a command line from click's parsed parameters (for the worker processes)."""
+    args: list[str] = []
+    for param in command.params:
+        name, value = param.name, params.get(param.name)
+        if name in skip or value is None:
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            if value:
+                args.append(flag)
+        elif param.multiple:
+            for v in value:
+                args += [flag, str(v)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def run_sharded(command: click.Command, params: dict, out: Path, gpus: int, device: str, console) -> None:
+    complete = read_manifest(out)
+    if out.exists() and complete and complete.get("format") == MERGED_FORMAT:
+        if not params.get("resume"):
+            raise ExtractorError(f"{out} already exists; pass --resume to continue it or --overwrite to start over")
+        console.print(f"{out} is already complete ({complete['summary']['records']} records)")
+        return
+    base = argv_from_params(command, params, skip={"gpus", "out", "device"})
+    procs = []
+    for k in range(gpus):
+        env = dict(os.environ)
+        worker_device = device
+        if device in ("auto", "cuda") and _cuda_count() > 0:
+            env["CUDA_VISIBLE_DEVICES"] = str(k)  # one GPU per worker
+            worker_device = "cuda"
+        cmd = [sys.executable, "-m", "extractor", "run", *base, "--out", str(shard_path(out, k, gpus)),
+               "--shard", f"{k}/{gpus}", "--device", worker_device]
+        procs.append((k, subprocess.Popen(cmd, env=env)))
+    failed = [(k, p.wait()) for k, p in procs]
+    failed = [(k, code) for k, code in failed if code != 0]
+    if failed:
+        what = ", ".join(f"worker {k} (shard {shard_path(out, k, gpus).name}) exited with {code}" for k, code in failed)
+        raise ExtractorError(f"{what}; the other shards are kept — rerun the same command with --resume to "
+                             "continue the unfinished shards and merge")
+    summary = merge(out, gpus)
+    console.print(f"merged {summary['records']} records from {gpus} shards into {out}")
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def merge(out: Path, n: int) -> dict:
+    """Interleave the shards back into input order, checking every shard is complete and ids are unique."""
+    shards = [shard_path(out, k, n) for k in range(n)]
+    manifests = [read_manifest(s) for s in shards]
+    for s, m in zip(shards, manifests):
+        if not m or not (m.get("summary") or {}).get("complete"):
+            raise ExtractorError(f"{s} is not complete; rerun with --resume before merging")
+        drop_partial_tail(s)
+    iters = [iter_jsonl_rows(s) for s in shards]
+    journal = out.with_name(out.name + ".merge.jsonl") if is_parquet(out) else out.with_name(out.name + ".tmp")
+    count, statuses, seen = 0, {}, set()
+    with open(journal, "w", encoding="utf-8") as fh:
+        while True:
+            item = next(iters[count % n], None)
+            if item is None:
+                break
+            row = item[1]
+            if row["id"] in seen:
+                raise ExtractorError(f"id {row['id']} appears twice across shards; the shards are inconsistent")
+            seen.add(row["id"])
+            fh.write(jsonutil.dumps(row) + "\n")
+            statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+            count += 1
+    leftovers = [shards[k].name for k in range(n) if next(iters[k], None) is not None]
+    if leftovers:
+        journal.unlink()
+        raise ExtractorError(f"shards {', '.join(leftovers)} hold more rows than the interleave allows; they do not "
+                             "come from the same corpus and settings")
+    if is_parquet(out):
+        jsonl_to_parquet(journal, out)
+        journal.unlink()
+    else:
+        journal.replace(out)
+    summary = {"records": count, "statuses": dict(sorted(statuses.items())), "complete": True}
+    write_json_atomic(manifest_path(out), {"format": MERGED_FORMAT, "shards": [str(s) for s in shards],
+                                           "run_key": {k: v for k, v in manifests[0]["run_key"].items() if k != "shard"},
+                                           "shard_manifests": manifests, **stamp(), "summary": summary})
+    for s in shards:
+        s.unlink()
+        manifest_path(s).unlink()
+    return summary

@@ -1,0 +1,61 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import read_jsonl, synth_corpus
+
+EXTRACTOR = [sys.executable, "-m", "extractor"]
+
+
+def args(corpus, model, out, *extra):
+    return ["run", corpus, "--task", "jd_requirements", "--model", model, "--out", out, "--max-new-tokens", "12",
+            "--quiet", "--window", "4", "--batch-size", "4", *extra]
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_two_workers_equal_single_process(tmp_path, tiny_model, run_cli):
+    corpus, _ = synth_corpus(tmp_path, n=21)
+    single, sharded = tmp_path / "single.jsonl", tmp_path / "sharded.jsonl"
+    assert run_cli(*args(corpus, tiny_model, single)).exit_code == 0
+    result = subprocess.run(EXTRACTOR + args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = read_jsonl(single), read_jsonl(sharded)
+    assert [r["id"] for r in b] == [r["id"] for r in a]  # input order, each id once
+    assert [r["raw"] for r in b] == [r["raw"] for r in a]
+    assert not list(tmp_path.glob("sharded.shard*"))  # shards merged and removed
+    again = subprocess.run(EXTRACTOR + args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu", "--resume"),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and read_jsonl(sharded) == b and not list(tmp_path.glob("sharded.shard*"))
+
+
+def test_dead_worker_is_reported_and_resumable(tmp_path, tiny_model, run_cli):
+    corpus, _ = synth_corpus(tmp_path, n=40, seed=5)
+    ref = tmp_path / "ref.jsonl"
+    assert run_cli(*args(corpus, tiny_model, ref)).exit_code == 0
+    out = tmp_path / "o.jsonl"
+    parent = subprocess.Popen(EXTRACTOR + args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shard1 = tmp_path / "o.shard1of2.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (shard1.exists() and shard1.stat().st_size > 0):
+        time.sleep(0.05)
+    victims = [pid for pid in children(parent.pid) if "1/2" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert victims, "worker 1 not found"
+    os.kill(victims[0], signal.SIGKILL)
+    _, err = parent.communicate(timeout=300)
+    assert parent.returncode == 2 and "worker 1" in err and "--resume" in err
+    assert len(read_jsonl(shard1)) < 20  # killed part-way
+    resumed = subprocess.run(EXTRACTOR + args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu", "--resume"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got, want = read_jsonl(out), read_jsonl(ref)
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    assert [r["raw"] for r in got] == [r["raw"] for r in want]
