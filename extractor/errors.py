@@ -23,5 +23,15 @@ class ModelError(ExtractorError):
     """A model or adapter directory cannot be used."""
 
 
+class OutputError(ExtractorError):
+    """An output cannot be written (disk full, permission denied, read-only file system)."""
+
+
+def output_error(path, exc: OSError, resumable: bool = True) -> OutputError:
+    hint = ("; everything written before is kept — fix it and rerun with --resume" if resumable
+            else "; choose another --out or fix the folder")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}{hint}")
+
+
 class LongInputError(ExtractorError):
     """A prompt is longer than the model accepts and --on-long is fail."""

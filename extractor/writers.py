@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from extractor import jsonutil
-from extractor.errors import InputError
+from extractor.errors import InputError, output_error
 
 JSON_COLUMNS = ("prediction", "gold", "kept")  # nested values stored as JSON text in Parquet
 
@@ -29,20 +29,29 @@ class JsonlAppender:
     def __init__(self, path: Path, fsync: bool = True):
         self.path = path
         self.fsync = fsync
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "ab")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "ab")
+        except OSError as exc:
+            raise output_error(path, exc, resumable=False) from None
 
     def write_batch(self, rows: Iterable[dict]) -> None:
         data = "".join(jsonutil.dumps(r) + "\n" for r in rows).encode("utf-8")
         if not data:
             return
-        self._fh.write(data)
-        self._fh.flush()
-        if self.fsync:
-            os.fsync(self._fh.fileno())
+        try:
+            self._fh.write(data)
+            self._fh.flush()
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+        except OSError as exc:  # e.g. disk full: at most a partial last line, dropped on resume
+            raise output_error(self.path, exc) from None
 
     def close(self) -> None:
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:  # the write that failed already raised a clear error
+            pass
 
     def __enter__(self):
         return self
@@ -87,6 +96,8 @@ def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     for item in iter_jsonl(path):
         if isinstance(item, BadRecord):
             raise InputError(f"{item.source}:{item.line}: {item.reason}")
+        if not isinstance(item[1], dict):
+            raise InputError(f"{path}:{item[0]}: expected a JSON object, got {type(item[1]).__name__}")
         yield item
 
 

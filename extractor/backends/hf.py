@@ -66,8 +66,9 @@ class HFBackend(Backend):
             self.base = AutoModelForCausalLM.from_pretrained(
                 self.model_path, dtype=self.dtype, trust_remote_code=trust_remote_code,
                 use_safetensors=any(self.model_path.glob("*.safetensors")) or None).to(self.device)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{self.model_path}: cannot load ({str(exc).splitlines()[0][:200]})") from None
+        except (OSError, ValueError, AttributeError, ImportError, KeyError, RuntimeError) as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ModelError(f"{self.model_path}: cannot load ({first})") from None
         self._attach(self.base, self.tokenizer)
 
     @classmethod

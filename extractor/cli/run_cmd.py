@@ -12,6 +12,7 @@ from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_
 from extractor.cli.tables import status_table
 from extractor.errors import InputError
 from extractor.pipeline import RESERVED, Predictor, Run, RunOptions, output_for_adapter, run_key
+from extractor.provenance import check_writable
 from extractor.tasks import load_task
 
 
@@ -85,6 +86,7 @@ def run(corpus, task_name, model, out, backend, adapters, dtype, device, trust_r
                       window=window, quiet=quiet, limit=limit, shard=_parse_shard(shard))
     if not opts.corpus.is_file():
         raise InputError(f"{corpus}: no such file; check the corpus path")
+    check_writable(opts.out)
     engine = backend_class(backend)(model=model, adapters=adapters, dtype=dtype, device=device,
                                     trust_remote_code=trust_remote_code, batch_size=batch_size,
                                     batch_tokens=batch_tokens)

@@ -1,0 +1,148 @@
+"""Kill suites: SIGKILL real `extractor` processes at random moments, resume, and check nothing is lost.
+
+- run:   `extractor run` (hf, tiny model) killed K times, resumed each time → every input id exactly once,
+         outputs identical to an uninterrupted run (greedy).
+- train: `extractor train --method full` killed after a checkpoint, resumed → final weights equal to an
+         uninterrupted run's within a tolerance.
+- shard: `extractor run --gpus 2 --device cpu` killed K times (parent and workers), resumed → merged
+         output identical to the single-process run.
+
+    python bench/reliability.py --kills 20 --out bench/out/reliability.json
+The test suite runs the same functions (tests/test_reliability.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXTRACTOR = [sys.executable, "-m", "extractor"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def grows(path: Path):
+    """A readiness test: the file has grown since the process started (work is under way)."""
+    start = _size(path)
+    return lambda: _size(path) > start
+
+
+def _kill_at_random(cmd: list[str], ready, rng: random.Random, max_delay: float, timeout: float = 120) -> bool:
+    """Start cmd, wait until ready() (work has begun), SIGKILL the whole process group after a random delay.
+    Returns True when the kill landed before the process finished by itself."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, max_delay))
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
+def _check_exactly_once(out: Path, corpus: Path, ref: Path) -> dict:
+    got = _rows(out)
+    ids = [r["id"] for r in got]
+    expected = [json.loads(line)["id"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    ref_raw = {r["id"]: r["raw"] for r in _rows(ref)}
+    return {"records": len(expected), "lost": len(set(expected) - set(ids)), "duplicated": len(ids) - len(set(ids)),
+            "identical_to_uninterrupted": {r["id"]: r["raw"] for r in got} == ref_raw}
+
+
+def make_fixture(root: Path, n: int = 400) -> tuple[Path, Path, Path]:
+    from extractor.synth import write_corpus
+    from extractor.testing import build_tiny_model
+    model = root / "model"
+    if not model.exists():
+        build_tiny_model(model)
+    corpus, gold = root / "corpus.jsonl", root / "gold.jsonl"
+    write_corpus(corpus, gold, n, seed=11)
+    return model, corpus, gold
+
+
+def run_args(corpus: Path, model: Path, out: Path, *extra) -> list[str]:
+    return EXTRACTOR + ["run", str(corpus), "--task", "jd_requirements", "--model", str(model), "--out", str(out),
+                        "--max-new-tokens", "24", "--quiet", "--window", "2", "--batch-size", "2", *extra]
+
+
+def run_kills(root: Path, kills: int, seed: int = 0, extra: tuple = (), label: str = "run") -> dict:
+    model, corpus, _ = make_fixture(root)
+    ref = root / f"{label}-ref.jsonl"
+    subprocess.run(run_args(corpus, model, ref, *extra), check=True, capture_output=True)
+    out = root / f"{label}-killed.jsonl"
+    rng = random.Random(seed)
+    landed = attempts = 0
+    while landed < kills and attempts < 2 * kills:  # a run that finished before its kill does not count
+        attempts += 1
+        # Once output (or, with --gpus, a shard) starts growing, kill within the next moments of work.
+        watched = out if "--gpus" not in extra else out.with_name(out.stem + ".shard0of2.jsonl")
+        landed += _kill_at_random(run_args(corpus, model, out, "--resume", *extra), grows(watched), rng,
+                                  max_delay=0.5)
+    final = subprocess.run(run_args(corpus, model, out, "--resume", *extra), capture_output=True, text=True)
+    if final.returncode != 0:
+        raise RuntimeError(final.stderr[-2000:])
+    return {"suite": label, "kills_attempted": attempts, "kills_landed": landed,
+            **_check_exactly_once(out, corpus, ref)}
+
+
+def train_kill(root: Path, seed: int = 0) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    model, corpus, gold = make_fixture(root)
+    base = EXTRACTOR + ["train", "--model", str(model), "--method", "full", "--train", str(corpus), "--gold", str(gold),
+                        "--dev", str(corpus), "--dev-gold", str(gold), "--task", "jd_requirements", "--max-steps", "40",
+                        "--save-steps", "10", "--batch-size", "4", "--eval-limit", "2", "--eval-max-new-tokens", "4",
+                        "--max-source-len", "300", "--max-target-len", "64", "--quiet", "--seed", str(seed)]
+    ref, killed = root / "train-ref", root / "train-killed"
+    subprocess.run(base + ["--out", str(ref)], check=True, capture_output=True)
+    rng = random.Random(seed)
+    kills = 0
+    for target in (10, 20):  # kill twice, each time somewhere after a checkpoint was saved
+        cmd = base + ["--out", str(killed)] + (["--resume"] if kills else [])
+        state = killed / f"checkpoint-{target}" / "trainer_state.pt"
+        kills += _kill_at_random(cmd, state.exists, rng, max_delay=0.4)
+    resumed = subprocess.run(base + ["--out", str(killed), "--resume"], capture_output=True, text=True)
+    if resumed.returncode != 0:
+        raise RuntimeError(resumed.stderr[-2000:])
+    a = load_file(ref / "checkpoint-40" / "model.safetensors")
+    b = load_file(killed / "checkpoint-40" / "model.safetensors")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    scale = max(float(v.abs().max()) for v in a.values())
+    return {"suite": "train", "kills_landed": kills, "max_abs_weight_diff": diff, "max_abs_weight": scale,
+            "within_tolerance": diff <= 1e-4 * max(scale, 1.0), "torch": torch.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--shard-kills", type=int, default=6)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        results = [run_kills(root, args.kills), train_kill(root),
+                   run_kills(root, args.shard_kills, extra=("--gpus", "2", "--device", "cpu"), label="shard")]
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
