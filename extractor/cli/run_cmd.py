@@ -21,7 +21,9 @@ from extractor.tasks import load_task
 @click.option("--task", "task_name", required=True, help="Task name (see `extractor tasks`).")
 @click.option("--model", required=True, help="Local model folder (hf), or a gold file (echo).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions: .jsonl or .parquet.")
-@click.option("--backend", default="hf", show_default=True, help="hf | echo")
+@click.option("--backend", default="hf", show_default=True, help="hf | vllm | echo")
+@click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vllm: GPUs per model replica.")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False),
               help="peft adapter folder (LoRA, P-tuning, prefix, prompt tuning); repeat to score several, "
                    "one output file each (preds.<adapter>.jsonl).")
@@ -55,7 +57,7 @@ from extractor.tasks import load_task
 @corpus_options
 @bad_record_options
 @tasks_dir_option
-def run(corpus, task_name, model, out, backend, adapters, dtype, device, trust_remote_code, constrained,
+def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype, device, trust_remote_code, constrained,
         max_new_tokens, temperature, top_p, seed, batch_size, batch_tokens, window, max_input_tokens, on_long,
         few_shot, keep_fields, resume, overwrite, limit, quiet, gpus, shard, id_field, text_field, on_bad_record, rejects, tasks_dirs):
     """Extract from CORPUS with a model; one validated prediction per record in --out.
@@ -89,7 +91,7 @@ def run(corpus, task_name, model, out, backend, adapters, dtype, device, trust_r
     check_writable(opts.out)
     engine = backend_class(backend)(model=model, adapters=adapters, dtype=dtype, device=device,
                                     trust_remote_code=trust_remote_code, batch_size=batch_size,
-                                    batch_tokens=batch_tokens)
+                                    batch_tokens=batch_tokens, tensor_parallel=tensor_parallel, seed=seed)
     names = engine.adapters()
     for name in names:
         engine.use_adapter(name)

