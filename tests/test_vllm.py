@@ -44,17 +44,38 @@ def test_greedy_equals_transformers(engines):
         assert [g.prompt_tokens for g in ours] == [g.prompt_tokens for g in theirs]
 
 
-def test_structured_outputs_always_valid(engines):
+def test_structured_outputs(engines):
     from extractor.outputs import Validator, judge
     from extractor.tasks import load_task
     engines["vllm"].use_adapter(None)
     for task_name in ("jd_requirements", "review_topic"):
         schema = load_task(task_name).schema
-        gens = engines["vllm"].generate([Request(p) for p in PROMPTS], GenParams(max_new_tokens=200, constrained=True),
+        gens = engines["vllm"].generate([Request(p) for p in PROMPTS], GenParams(max_new_tokens=64, constrained=True),
                                         schema)
         statuses = [judge(g.text, g.finish_reason, Validator(schema)).status for g in gens]
-        # vLLM has no closing mode: an output cut by max-new-tokens is reported as truncated, never invalid.
-        assert set(statuses) <= {"ok", "truncated"} and "ok" in statuses, statuses
+        # A random model wanders inside the grammar; vLLM has no closing mode, so an output cut by
+        # max-new-tokens is `truncated` — but never invalid JSON or a schema violation.
+        assert set(statuses) <= {"ok", "truncated"}, statuses
+
+
+def test_constrained_run_with_trained_demo_model(tmp_path):
+    """The committed demo checkpoint (head dim 32) under vLLM with structured outputs: every output valid,
+    and the same score as the baseline made with the hf backend."""
+    from tests.conftest import REPO
+    base = REPO / "eval" / "demo"
+    out = tmp_path / "vllm.jsonl"
+    cmd = [sys.executable, "-m", "extractor", "run", str(base / "test.jsonl"), "--task", "jd_requirements", "--model",
+           str(base / "model"), "--backend", "vllm", "--constrained", "--few-shot", "0", "--out", str(out), "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_jsonl(out)
+    assert len(rows) == 300 and {r["status"] for r in rows} == {"ok"}
+    metrics = tmp_path / "m.json"
+    subprocess.run([sys.executable, "-m", "extractor", "eval", str(out), "--gold", str(base / "test.gold.jsonl"),
+                    "--task", "jd_requirements", "--metrics", str(metrics), "--quiet"], check=True, capture_output=True)
+    ours = json.loads(metrics.read_text())["micro"]["f1"]
+    baseline = json.loads((base / "metrics.json").read_text())["micro"]["f1"]
+    assert ours >= baseline - 0.01, (ours, baseline)
 
 
 def test_prompt_learning_adapters_refused(tiny_model, tmp_path):

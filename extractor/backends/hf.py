@@ -244,7 +244,10 @@ class HFBackend(Backend):
             if tok in self.eos_ids:
                 text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
                 return Generation(text, len(prompt), n + 1, STOP)
-        return Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(prompt), len(tokens), LENGTH)
+        # A cut-off output can end inside a multi-byte character; drop its replacement character, as vLLM's
+        # incremental detokenizer does, so both backends return the same text.
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
+        return Generation(text, len(prompt), len(tokens), LENGTH)
 
     def grammar(self, schema: dict):
         key = json.dumps(schema, sort_keys=True)

@@ -53,6 +53,8 @@ class VLLMBackend(Backend):
         kwargs = dict(model=str(self.model_path), dtype=self.dtype, trust_remote_code=trust_remote_code,
                       enable_prefix_caching=True, tensor_parallel_size=tensor_parallel, seed=seed,
                       structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+        # disable_any_whitespace keeps a random model from looping on whitespace in vLLM's own JSON mode; the
+        # grammar this backend passes (see _grammar) fixes whitespace itself.
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if self.adapter_paths:
@@ -96,11 +98,20 @@ class VLLMBackend(Backend):
     def max_input_tokens(self, params: GenParams) -> int | None:
         return self.llm.llm_engine.model_config.max_model_len - params.max_new_tokens
 
+    def _grammar(self, schema: dict) -> str:
+        """The schema as the same xgrammar grammar the hf backend uses: no free whitespace, but the
+        `", "` and `": "` separators of the task's output format. (vLLM's own disable_any_whitespace
+        switches to compact separators, which a model trained on the task's format does not produce.)"""
+        import xgrammar as xgr
+        from extractor.constrain import check_expressible
+        check_expressible(schema)
+        return str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
+
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
         from vllm.sampling_params import StructuredOutputsParams
-        structured = StructuredOutputsParams(json=schema) if params.constrained and schema else None
+        structured = StructuredOutputsParams(grammar=self._grammar(schema)) if params.constrained and schema else None
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
                                   structured_outputs=structured)
