@@ -54,12 +54,16 @@ from extractor.tasks import load_task
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
               help="Worker processes, one per GPU (with --device cpu: CPU workers); shards merged in input order.")
 @click.option("--shard", default=None, hidden=True, help="K/N: this worker's share (set by --gpus).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              help="Run on Ray Data: alone for a local instance, or a cluster address (HOST:6379, auto).")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Actors in the Ray pool (one backend each; one GPU each with --device cuda).")
 @corpus_options
 @bad_record_options
 @tasks_dir_option
 def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype, device, trust_remote_code, constrained,
         max_new_tokens, temperature, top_p, seed, batch_size, batch_tokens, window, max_input_tokens, on_long,
-        few_shot, keep_fields, resume, overwrite, limit, quiet, gpus, shard, id_field, text_field, on_bad_record, rejects, tasks_dirs):
+        few_shot, keep_fields, resume, overwrite, limit, quiet, gpus, shard, ray_address, ray_workers, id_field, text_field, on_bad_record, rejects, tasks_dirs):
     """Extract from CORPUS with a model; one validated prediction per record in --out.
 
     \b
@@ -89,6 +93,10 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
     if not opts.corpus.is_file():
         raise InputError(f"{corpus}: no such file; check the corpus path")
     check_writable(opts.out)
+    if ray_address:
+        _run_on_ray(task, opts, backend, model, adapters, dtype, device, trust_remote_code, batch_size, batch_tokens,
+                    few_shot, keep_fields, ray_address, ray_workers, tasks_dirs, console)
+        return
     engine = backend_class(backend)(model=model, adapters=adapters, dtype=dtype, device=device,
                                     trust_remote_code=trust_remote_code, batch_size=batch_size,
                                     batch_tokens=batch_tokens, tensor_parallel=tensor_parallel, seed=seed)
@@ -105,6 +113,25 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
         if summary.interrupted:
             console.print("stopped early; rerun the same command with --resume to continue")
             raise SystemExit(130)
+
+
+def _run_on_ray(task, opts, backend, model, adapters, dtype, device, trust_remote_code, batch_size, batch_tokens,
+                few_shot, keep_fields, ray_address, ray_workers, tasks_dirs, console) -> None:
+    from extractor.runners.ray_runner import DriverView, RayRun, check_ray_installed, ray_settings, ray_temp_dir
+    check_ray_installed()
+    if len(adapters) > 1:
+        raise InputError("--ray runs one adapter at a time; start one run per adapter")
+    adapter = adapters[0] if adapters else None
+    view = DriverView(backend, model, adapter, dtype, trust_remote_code)
+    predictor = Predictor(task, view, opts.params, opts.on_long, opts.max_input_tokens, tuple(keep_fields), few_shot)
+    predictor.adapter = Path(adapter).name if adapter else None
+    kwargs = dict(model=model, adapters=tuple(adapters), dtype=dtype, device=device,
+                  trust_remote_code=trust_remote_code, batch_size=batch_size, batch_tokens=batch_tokens)
+    job = RayRun(predictor, opts, opts.out, console, ray_settings(ray_address), ray_workers, backend, kwargs,
+                 tasks_dirs, ray_tmp=ray_temp_dir(opts.out), num_cpus=max(2, ray_workers))
+    done = job.prepare(run_key(task, view, predictor, opts))
+    summary = job.execute(done)
+    _report(console, opts.out, summary)
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
