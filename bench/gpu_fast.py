@@ -62,6 +62,25 @@ def static_generate(model, prompts, batch):
     return outs
 
 
+def fp32_check(model, prefix, suffixes) -> dict:
+    """Greedy token-for-token agreement with `generate` (batch 1) in fp32, graph mode, 32 new tokens."""
+    from extractor.backends.fast import FastDecoder
+    model = model.float()
+    fd = FastDecoder(model, slots=4, max_len=PREFIX + 448 + 40, eos_ids=[])
+    fd.set_prefix(prefix)
+    fd.capture()
+    got = fd.generate(suffixes, max_new=32, refill=4)
+    equal = 0
+    with torch.inference_mode():
+        for s, (toks, _) in zip(suffixes, got):
+            ids = torch.tensor([prefix + s], device="cuda")
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:].tolist()
+            equal += toks == ref
+    model.to(torch.bfloat16)
+    return {"records": len(suffixes), "equal": equal}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=1024)
@@ -111,6 +130,8 @@ def main() -> None:
         print(mode, res[f"fast_{mode}"], flush=True)
         del fd
         torch.cuda.empty_cache()
+    res["fp32_check"] = fp32_check(model, prefix, suffixes[:8])
+    print("fp32", res["fp32_check"], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_fast.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

@@ -159,6 +159,10 @@ class FastDecoder:
         """Capture the decode step as a CUDA graph (CUDA only): one launch per token for all slots."""
         if self.device.type != "cuda":
             return
+        # Warm-up and capture run the step for real: point every slot at the scratch position, so they
+        # cannot overwrite the shared prefix.
+        self._ids_buf.zero_()
+        self._pos_buf.fill_(self.max_len - 1)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
