@@ -82,11 +82,22 @@ class FastDecoder:
                 kc_rows = kc[rows].scatter(2, idx, k)
                 vc_rows = vc[rows].scatter(2, idx, v)
                 kc[rows], vc[rows] = kc_rows, vc_rows
-            out = F.scaled_dot_product_attention(q, kc_rows, vc_rows, attn_mask=mask,
-                                                 enable_gqa=self.heads != self.kv_heads)
+            out = self._attend(q, kc_rows, vc_rows, mask)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.core.norm(x)
+
+    def _attend(self, q, k, v, mask):
+        """Grouped-query attention without expanding K/V to every query head: the query heads that share a
+        K/V head are stacked as extra query rows (HF's layout: KV head j serves query heads j*g .. j*g+g-1),
+        so the kernel reads each K/V head once."""
+        b, _, t, d = q.shape
+        group = self.heads // self.kv_heads
+        if group == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        q = q.reshape(b, self.kv_heads, group * t, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, group, 1))
+        return out.reshape(b, self.heads, t, d)
 
     def _mask(self, positions, lengths_before):
         """Causal mask over the cache: a query at position p sees cache positions <= p."""
