@@ -116,17 +116,19 @@ def main() -> None:
             fd.capture()
         fd.generate(suffixes[:8], max_new=4, refill=args.refill)  # warm-up
         torch.cuda.synchronize()
+        fd.stats = {k: 0 for k in fd.stats}
         t = time.perf_counter()
         got = fd.generate(suffixes, max_new=NEW, refill=args.refill)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
+        stats = dict(fd.stats)
         produced = sum(len(toks) for toks, _ in got)
         same = sum(toks == ref for (toks, _), ref in zip(got, base))
         first16 = sum(toks[:16] == ref[:16] for (toks, _), ref in zip(got, base))
         res[f"fast_{mode}"] = {"tok_s": produced / dt, "records_s": args.n / dt, "seconds": dt,
                                "ratio_to_static_bs128": produced / dt / res["static_bs128_tok_s"],
                                "fraction_of_floor": produced / dt / res["compute_floor_tok_s"],
-                               "equal_to_generate": same, "first16_equal": first16}
+                               "equal_to_generate": same, "first16_equal": first16, "time_split": stats}
         print(mode, res[f"fast_{mode}"], flush=True)
         del fd
         torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ CUDA-graph capture of the decode step is the next step.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,7 @@ class FastDecoder:
         self._pos_buf = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self._graph = None
         self._out_buf = None
+        self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "steps": 0}  # where the time goes
 
     # -- model pieces --------------------------------------------------------------------------------
     def _rope(self, x, positions):
@@ -197,14 +199,20 @@ class FastDecoder:
                 take = free[: min(len(free), max(refill, 1))]
                 batch = [queue.pop(0) for _ in take[: len(queue)]]
                 take = take[: len(batch)]
+                t0 = time.perf_counter()
                 firsts = self._prefill(take, [suffixes[j] for j in batch])
+                self.stats["prefill_s"] += time.perf_counter() - t0
+                self.stats["prefills"] += 1
                 for slot_id, j, tok in zip(take, batch, firsts):
                     slots[slot_id] = Slot(j, self.prefix_len + len(suffixes[j]), [tok])
                     self._finish_if_done(slots, slot_id, results, max_new)
             live = [i for i, s in enumerate(slots) if s.index >= 0]
             if not live:
                 continue
+            t0 = time.perf_counter()
             nxt = self._decode(live, [slots[i].tokens[-1] for i in live], [slots[i].length for i in live])
+            self.stats["decode_s"] += time.perf_counter() - t0
+            self.stats["steps"] += 1
             for slot_id, tok in zip(live, nxt):
                 slot = slots[slot_id]
                 slot.length += 1
