@@ -191,7 +191,8 @@ class FastDecoder:
     def generate(self, suffixes: list[list[int]], max_new: int, refill: int = 8):
         """Greedy outputs for each suffix (after the shared prefix), in order: (tokens, finish_reason)."""
         results: list = [None] * len(suffixes)
-        queue = list(range(len(suffixes)))
+        # Records enter in length order, so each batched prefill pads little; results keep input order.
+        queue = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
         slots = [Slot() for _ in range(self.slots)]
         while queue or any(s.index >= 0 for s in slots):
             free = [i for i, s in enumerate(slots) if s.index < 0]
