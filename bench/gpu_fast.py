@@ -112,6 +112,7 @@ def main() -> None:
     for mode in ("eager", "graph"):
         fd = FastDecoder(model, slots=args.slots, max_len=max_len, eos_ids=[])
         fd.set_prefix(prefix)
+        fd.set_spans(range(PREFIX + 128, max_len, 128))
         if mode == "graph":
             fd.capture()
         fd.generate(suffixes[:8], max_new=4, refill=args.refill)  # warm-up

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 from extractor.backends.fast import FastDecoder
 
 
-@pytest.mark.parametrize("slots,refill", [(3, 2), (8, 8), (1, 1)])
-def test_fast_decoder_equals_generate(tiny_model, slots, refill):
+@pytest.mark.parametrize("slots,refill,spans", [(3, 2, ()), (8, 8, (40, 56, 72)), (1, 1, (48,))])
+def test_fast_decoder_equals_generate(tiny_model, slots, refill, spans):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     rng = random.Random(slots)
     prefix = [rng.randrange(5, 1000) for _ in range(25)]
@@ -18,6 +18,7 @@ def test_fast_decoder_equals_generate(tiny_model, slots, refill):
     eos = [model.config.eos_token_id]
     decoder = FastDecoder(model, slots=slots, max_len=128, eos_ids=eos)
     decoder.set_prefix(prefix)
+    decoder.set_spans(spans)  # attention over the smallest span that holds the live positions
     got = decoder.generate(suffixes, max_new=14, refill=refill)
     for suffix, (tokens, finish) in zip(suffixes, got):
         ids = torch.tensor([prefix + suffix])

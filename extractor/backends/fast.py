@@ -45,8 +45,8 @@ class FastDecoder:
         self._pos = torch.zeros(slots, 1, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._ids_buf = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self._pos_buf = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
-        self._graph = None
-        self._out_buf = None
+        self._graphs: dict[int, tuple] = {}
+        self.spans = [max_len]
         self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "steps": 0}  # where the time goes
 
     # -- model pieces --------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ class FastDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _forward(self, ids, positions, rows, mask):
+    def _forward(self, ids, positions, rows, mask, span=None):
         """ids/positions [B, T]; rows: cache rows of the batch; mask [B, 1, T, max_len] (True = attend).
         Writes K/V at `positions` of `rows` and returns the last hidden state per row."""
         x = self.core.embed_tokens(ids)
@@ -78,7 +78,7 @@ class FastDecoder:
                 idx = positions.view(b, 1, t, 1).expand(b, self.kv_heads, t, self.head_dim)
                 kc.scatter_(2, idx, k)
                 vc.scatter_(2, idx, v)
-                kc_rows, vc_rows = kc, vc
+                kc_rows, vc_rows = kc[:, :, :span], vc[:, :, :span]  # only the first `span` positions
             else:
                 idx = positions.unsqueeze(1).unsqueeze(-1).expand(b, self.kv_heads, t, self.head_dim)
                 kc_rows = kc[rows].scatter(2, idx, k)
@@ -101,9 +101,9 @@ class FastDecoder:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, group, 1))
         return out.reshape(b, self.heads, t, d)
 
-    def _mask(self, positions, lengths_before):
+    def _mask(self, positions, span=None):
         """Causal mask over the cache: a query at position p sees cache positions <= p."""
-        cols = torch.arange(self.max_len, device=self.device)
+        cols = torch.arange(span or self.max_len, device=self.device)
         return (cols.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
 
     def _logits_last(self, hidden):
@@ -138,53 +138,67 @@ class FastDecoder:
     def _decode(self, slot_ids: list[int], tokens: list[int], positions: list[int]) -> list[int]:
         """One token for every slot (free slots compute a dummy token in the scratch position, discarded):
         static shapes, so the step can be captured as a CUDA graph."""
+        # Attend over the smallest span that holds every live position; its last position is the scratch
+        # that free slots write their dummy K/V into (beyond the prefix, never attended by a live slot).
+        span = next(s for s in self.spans if s > max(positions) + 1)
         self._ids.zero_()
-        self._pos.fill_(self.max_len - 1)  # free slots write their dummy K/V into the reserved last position
+        self._pos.fill_(span - 1)
         sel = torch.tensor(slot_ids)
         self._ids[sel, 0] = torch.tensor(tokens)
         self._pos[sel, 0] = torch.tensor(positions)
-        if self._graph is not None:
-            out = self._step_graph()
+        if self._graphs:
+            out = self._step_graph(span)
         else:
             if self.device.type == "cuda":
                 self._ids_buf.copy_(self._ids)
                 self._pos_buf.copy_(self._pos)
-            out = self._step().cpu()
+            out = self._step(span).cpu()
         return out[sel].tolist()
 
-    def _step(self):
-        hidden = self._forward(self._ids_dev(), self._pos_dev(), None, self._mask(self._pos_dev(), None))
+    def _step(self, span):
+        pos = self._pos_dev()
+        hidden = self._forward(self._ids_dev(), pos, None, self._mask(pos, span), span)
         return self._logits_last(hidden[:, -1]).argmax(-1)
 
     def _ids_dev(self):
-        return self._ids_buf if self._graph is not None or self.device.type == "cuda" else self._ids
+        return self._ids_buf if self.device.type == "cuda" else self._ids
 
     def _pos_dev(self):
-        return self._pos_buf if self._graph is not None or self.device.type == "cuda" else self._pos
+        return self._pos_buf if self.device.type == "cuda" else self._pos
 
-    def _step_graph(self):
+    def _step_graph(self, span):
         self._ids_buf.copy_(self._ids, non_blocking=True)
         self._pos_buf.copy_(self._pos, non_blocking=True)
-        self._graph.replay()
-        return self._out_buf.cpu()
+        graph, out = self._graphs[span]
+        graph.replay()
+        return out.cpu()
+
+    def set_spans(self, spans) -> None:
+        """Attention spans (cache lengths) to choose from per step; each must exceed the prefix + 1."""
+        spans = sorted({s for s in spans if self.prefix_len + 1 < s < self.max_len} | {self.max_len})
+        self.spans = spans
 
     def capture(self) -> None:
-        """Capture the decode step as a CUDA graph (CUDA only): one launch per token for all slots."""
+        """Capture the decode step as one CUDA graph per span (CUDA only): one launch per token."""
         if self.device.type != "cuda":
             return
-        # Warm-up and capture run the step for real: point every slot at the scratch position, so they
-        # cannot overwrite the shared prefix.
-        self._ids_buf.zero_()
-        self._pos_buf.fill_(self.max_len - 1)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):  # warm up kernels and allocator outside the graph
-                self._out_buf = self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph), torch.inference_mode():
-            self._out_buf = self._step()
+        pool = None
+        for span in self.spans:
+            # Warm-up and capture run the step for real: every slot points at the span's scratch
+            # position, so nothing overwrites the shared prefix or live positions.
+            self._ids_buf.zero_()
+            self._pos_buf.fill_(span - 1)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):  # warm up kernels and allocator outside the graph
+                    self._step(span)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+                out = self._step(span)
+            pool = graph.pool()
+            self._graphs[span] = (graph, out)
 
     # -- the scheduler -------------------------------------------------------------------------------------
     @torch.inference_mode()
