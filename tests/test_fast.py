@@ -28,3 +28,25 @@ def test_fast_decoder_equals_generate(tiny_model, slots, refill, spans):
             ref = ref[: ref.index(eos[0]) + 1]
         assert tokens == ref
         assert finish == ("stop" if tokens[-1] == eos[0] else "length")
+
+
+def test_hf_backend_fast_path_equals_plain_path(tmp_path, tiny_model, run_cli):
+    """`extractor run --fast on` (shared prompt prefix found, FastDecoder) gives the plain path's outputs."""
+    from tests.conftest import read_jsonl, synth_corpus
+    corpus, _ = synth_corpus(tmp_path, n=10)
+    outs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / f"{mode}.jsonl"
+        result = run_cli("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", out,
+                         "--max-new-tokens", "20", "--quiet", "--fast", mode, "--batch-size", "4", "--window", "6")
+        assert result.exit_code == 0, result.output
+        outs[mode] = read_jsonl(out)
+    for a, b in zip(outs["off"], outs["on"]):
+        assert (a["id"], a["raw"], a["status"], a["prompt_tokens"], a["output_tokens"], a["finish_reason"]) == \
+               (b["id"], b["raw"], b["status"], b["prompt_tokens"], b["output_tokens"], b["finish_reason"])
+
+
+def test_common_prefix_leaves_each_sequence_a_token():
+    from extractor.backends.fast import common_prefix
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 3]]) == [1, 2]
+    assert common_prefix([[5, 6], [7]]) == []

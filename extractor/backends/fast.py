@@ -15,6 +15,40 @@ import torch
 import torch.nn.functional as F
 
 
+def supports(model) -> bool:
+    """Llama/Qwen2-style decoder layers (q/k/v/o projections, shared rotary embedding), no peft wrapper."""
+    core = getattr(model, "model", None)
+    layers = getattr(core, "layers", None)
+    if layers is None or not hasattr(core, "rotary_emb") or hasattr(model, "peft_config"):
+        return False
+    attn = getattr(layers[0], "self_attn", None)
+    if attn is None or getattr(model.config, "use_sliding_window", False):
+        return False
+    return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def common_prefix(seqs: list[list[int]]) -> list[int]:
+    """The longest common prefix, leaving every sequence at least one token of its own."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return first[:max(n, 0)]
+
+
+def slots_for_memory(model, max_len: int, device, fraction: float = 0.6, cap: int = 1024) -> int:
+    """Slots whose K/V cache fits in `fraction` of the free GPU memory (the batch size from free memory)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * max_len * head_dim * \
+        next(model.parameters()).element_size()
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return max(1, min(cap, int(free * fraction // per_slot)))
+
+
 @dataclass
 class Slot:
     index: int = -1  # which request occupies the slot (-1: free)
@@ -40,6 +74,7 @@ class FastDecoder:
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.prefix_len = 0
+        self.prefix: list[int] = []
         # Host staging and device buffers of the decode step (static: the captured graph reads them).
         self._ids = torch.zeros(slots, 1, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._pos = torch.zeros(slots, 1, dtype=torch.long, pin_memory=self.device.type == "cuda")
@@ -114,6 +149,7 @@ class FastDecoder:
     def set_prefix(self, prefix: list[int]) -> None:
         """Prefill the shared prefix once (in slot 0) and copy its K/V into every slot."""
         self.prefix_len = len(prefix)
+        self.prefix = list(prefix)
         if not prefix:
             return
         ids = torch.tensor([prefix], device=self.device)

@@ -43,7 +43,8 @@ class HFBackend(TokenizerBackend):
     supports_constrained = True
 
     def __init__(self, model: str, adapters=(), dtype: str = "auto", device: str = "auto",
-                 trust_remote_code: bool = False, batch_size: int = 32, batch_tokens: int = 32768, **_):
+                 trust_remote_code: bool = False, batch_size: int = 32, batch_tokens: int = 32768,
+                 fast: str = "off", **_):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -56,6 +57,7 @@ class HFBackend(TokenizerBackend):
         self.dtype = self._dtype(dtype)
         self.trust_remote_code = trust_remote_code
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.fast_mode = fast
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
             self.base = AutoModelForCausalLM.from_pretrained(
@@ -93,6 +95,8 @@ class HFBackend(TokenizerBackend):
         self.model = self.base
         self.adapter = None
         self._grammars: dict[str, object] = {}
+        self._fast_decoder = None
+        self.fast_mode = getattr(self, "fast_mode", "off")
 
     # -- setup ---------------------------------------------------------------------------------------
     def _device(self, device: str) -> str:
@@ -131,7 +135,8 @@ class HFBackend(TokenizerBackend):
     # -- identity and adapters ----------------------------------------------------------------------------
     def identity(self) -> dict:
         ident = {"backend": self.name, "model": file_fingerprint(self.model_path),
-                 "dtype": str(self.dtype).replace("torch.", ""), "trust_remote_code": self.trust_remote_code}
+                 "dtype": str(self.dtype).replace("torch.", ""), "trust_remote_code": self.trust_remote_code,
+                 "fast": self.fast_mode}
         if self.adapter is not None:
             ident["adapter"] = {"name": self.adapter, **file_fingerprint(self.adapter_paths[self.adapter])}
         return ident
@@ -171,12 +176,57 @@ class HFBackend(TokenizerBackend):
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
         encoded = [self._encode(r.prompt) for r in requests]
+        if encoded and self._use_fast(params):
+            return self._generate_fast(encoded, params)
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         results: list[Generation | None] = [None] * len(requests)
         for batch in self._batches(order, encoded, params.max_new_tokens):
             for i, gen in zip(batch, self._generate_safe([encoded[i] for i in batch], params, schema)):
                 results[i] = gen
         return results
+
+    # -- the fast path (issue 6, opt-in: --fast on) ---------------------------------------------------------
+    def _use_fast(self, params: GenParams) -> bool:
+        """Greedy, unconstrained, base weights, a Llama/Qwen2-style model: FastDecoder can serve it."""
+        if self.fast_mode == "off" or params.temperature > 0 or params.constrained or self.adapter is not None:
+            return False
+        from extractor.backends.fast import supports
+        if self.fast_mode == "auto":
+            return self.device.startswith("cuda") and supports(self.base)
+        return supports(self.base)
+
+    def _generate_fast(self, encoded: list[list[int]], params: GenParams) -> list[Generation]:
+        from extractor.backends.fast import common_prefix
+        prefix = common_prefix(encoded)
+        need = max(len(e) for e in encoded) + params.max_new_tokens + 2
+        decoder = self._decoder(prefix, need)
+        outs = decoder.generate([e[len(prefix):] for e in encoded], params.max_new_tokens,
+                                refill=max(1, decoder.slots // 4))
+        results = []
+        for ids, (tokens, finish) in zip(encoded, outs):
+            text_tokens = tokens[:-1] if finish == STOP else tokens
+            text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
+            results.append(Generation(text if finish == STOP else text.rstrip("\ufffd"), len(ids), len(tokens), finish))
+        return results
+
+    def _decoder(self, prefix: list[int], need: int):
+        """One decoder per shared prefix, kept across calls (its cache, prefix KV and CUDA graphs are the
+        expensive part); rebuilt when a call needs a longer cache."""
+        from extractor.backends.fast import FastDecoder, slots_for_memory
+        dec = self._fast_decoder
+        if dec is not None and dec.prefix == prefix and dec.max_len >= need:
+            return dec
+        self._fast_decoder = None
+        if self.device.startswith("cuda"):
+            self.torch.cuda.empty_cache()
+        max_len = -(-need // 256) * 256
+        slots = slots_for_memory(self.base, max_len, self.device) if self.device.startswith("cuda") else self.batch_size
+        dec = FastDecoder(self.base, slots=slots, max_len=max_len, eos_ids=self.eos_ids)
+        dec.set_prefix(prefix)
+        dec.set_spans(range(len(prefix) + 128, max_len, 128))
+        dec.capture()
+        self._fast_decoder = dec
+        return dec
 
     def _batches(self, order: list[int], encoded: list[list[int]], max_new: int):
         """Consecutive runs of the length-sorted order, each under the batch size and the token budget."""

@@ -30,6 +30,9 @@ from extractor.tasks import load_task
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code (off by default).")
+@click.option("--fast", type=click.Choice(["off", "auto", "on"]), default="off", show_default=True,
+              help="hf: FastDecoder (static KV cache, shared prefix, continuous batching, CUDA graphs) for greedy, "
+                   "unconstrained, base-weight runs; auto = on CUDA. Work in progress (issue 6).")
 @click.option("--constrained", is_flag=True, help="Constrain decoding to the task's JSON Schema (xgrammar).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the task's.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="0 = greedy (the task's default).")
@@ -61,7 +64,8 @@ from extractor.tasks import load_task
 @corpus_options
 @bad_record_options
 @tasks_dir_option
-def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype, device, trust_remote_code, constrained,
+def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype, device, trust_remote_code, fast,
+        constrained,
         max_new_tokens, temperature, top_p, seed, batch_size, batch_tokens, window, max_input_tokens, on_long,
         few_shot, keep_fields, resume, overwrite, limit, quiet, gpus, shard, ray_address, ray_workers, id_field, text_field, on_bad_record, rejects, tasks_dirs):
     """Extract from CORPUS with a model; one validated prediction per record in --out.
@@ -99,7 +103,8 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
         return
     engine = backend_class(backend)(model=model, adapters=adapters, dtype=dtype, device=device,
                                     trust_remote_code=trust_remote_code, batch_size=batch_size,
-                                    batch_tokens=batch_tokens, tensor_parallel=tensor_parallel, seed=seed)
+                                    batch_tokens=batch_tokens, tensor_parallel=tensor_parallel, seed=seed,
+                                    fast=fast)
     names = engine.adapters()
     for name in names:
         engine.use_adapter(name)
