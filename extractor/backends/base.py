@@ -72,7 +72,12 @@ class Backend:
 
 class TokenizerBackend(Backend):
     """Token handling shared by backends that hold a transformers tokenizer (hf, vllm): both must encode a
-    prompt the same way, so that the same inputs reach either engine."""
+    prompt the same way, so that the same inputs reach either engine. Both keep `adapter_paths` by name."""
+
+    adapter_paths: dict = {}
+
+    def adapters(self) -> list[str | None]:
+        return list(self.adapter_paths) or [None]
 
     def _encode(self, prompt: str) -> list[int]:
         bos = self.tokenizer.bos_token

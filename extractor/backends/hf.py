@@ -81,6 +81,7 @@ class HFBackend(TokenizerBackend):
         self.dtype = next(model.parameters()).dtype
         self.trust_remote_code = False
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.fast_mode = "off"
         self._attach(model, tokenizer)
         return self
 
@@ -96,7 +97,6 @@ class HFBackend(TokenizerBackend):
         self.adapter = None
         self._grammars: dict[str, object] = {}
         self._fast_decoder = None
-        self.fast_mode = getattr(self, "fast_mode", "off")
 
     # -- setup ---------------------------------------------------------------------------------------
     def _device(self, device: str) -> str:
@@ -140,9 +140,6 @@ class HFBackend(TokenizerBackend):
         if self.adapter is not None:
             ident["adapter"] = {"name": self.adapter, **file_fingerprint(self.adapter_paths[self.adapter])}
         return ident
-
-    def adapters(self) -> list[str | None]:
-        return list(self.adapter_paths) or [None]
 
     def use_adapter(self, name: str | None) -> None:
         """Swap adapters on the one base model: LoRA layers are unloaded, prompt-learning wrappers dropped."""

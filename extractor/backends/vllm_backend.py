@@ -77,9 +77,6 @@ class VLLMBackend(TokenizerBackend):
             ident["adapter"] = {"name": self.adapter, **file_fingerprint(self.adapter_paths[self.adapter])}
         return ident
 
-    def adapters(self) -> list[str | None]:
-        return list(self.adapter_paths) or [None]
-
     def use_adapter(self, name: str | None) -> None:
         self.adapter = name
 

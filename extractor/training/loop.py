@@ -290,7 +290,6 @@ class Trainer:
         return box[0]
 
     def _evaluate(self) -> dict:
-        import torch
         model = self.acc.unwrap_model(self.model)
         model.eval()
         out = {}
@@ -298,7 +297,6 @@ class Trainer:
             out["dev_loss"] = self._dev_loss(model)
         if self.task is not None and self.dev_records:
             out.update(self._dev_f1(model))
-        torch.set_grad_enabled(True)
         return out
 
     def _dev_loss(self, model) -> float:
