@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from extractor.errors import TaskError
 
 ANNOTATIONS = {"$schema", "$id", "$comment", "title", "description", "default", "examples", "deprecated",
@@ -96,7 +98,7 @@ class Grammar:
             if token is None:
                 token = self.closing_token(sim, allowed, scan)
             if token is None:  # the grammar needs content (e.g. an enum value): take any allowed token
-                token = int(allowed.nonzero()[0, 0])
+                token = int(np.flatnonzero(allowed)[0])
             sim.accept_token(token)
             scan.feed(self.token_texts[token])
         return cap
@@ -192,12 +194,10 @@ def _token_texts(tokenizer, vocab_size: int) -> list[str]:
     return tokenizer.batch_decode([[i] for i in range(n)]) + [""] * (vocab_size - n)
 
 
-def unpack_bitmask_row(bitmask, row: int, vocab_size: int):
-    """A bool tensor over the vocab from xgrammar's packed int32 bitmask."""
-    import torch
-    words = bitmask[row].to(torch.int64) & 0xFFFFFFFF
-    bits = (words.unsqueeze(1) >> torch.arange(32, dtype=torch.int64)) & 1
-    return bits.flatten()[:vocab_size].bool()
+def unpack_bitmask_row(bitmask, row: int, vocab_size: int) -> np.ndarray:
+    """A bool array over the vocab from xgrammar's packed int32 bitmask (bit i of word w: token 32w+i)."""
+    words = bitmask[row].numpy().astype("<i4", copy=False)
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab_size].astype(bool)
 
 
 class SchemaLogitsProcessor:
@@ -251,3 +251,98 @@ class SchemaLogitsProcessor:
                 if token is not None:
                     work[i] = torch.finfo(work.dtype).min
                     work[i, token] = 0
+
+
+class _Row:
+    """One record's grammar state inside a BatchConstraint."""
+    __slots__ = ("matcher", "budget", "used", "tokens", "scanner", "closing", "next_check")
+
+    def __init__(self, matcher, budget: int):
+        self.matcher, self.budget, self.used = matcher, int(budget), 0
+        self.tokens: list[int] = []
+        self.scanner: JsonScanner | None = None  # built once the row nears its budget
+        self.closing = False
+        self.next_check = 0
+
+
+class BatchConstraint:
+    """Grammar masks for FastDecoder's packed rows: one matcher per record, masks filled in one batched
+    xgrammar call (native threads) while the GPU runs the decode step, then closing mode as in
+    SchemaLogitsProcessor. Closing costs are simulated only when a row could have to close soon: a token
+    raises the cost by at most `item_cost`, so after a check the next one waits for the slack to run out."""
+
+    def __init__(self, grammar: Grammar, threads="auto"):
+        self.g = grammar
+        self.batch = grammar.xgr.BatchGrammarMatcher(threads)
+        self.rows: dict[int, _Row] = {}
+        self.bitmask = None
+        self.stats = {"cpu_s": 0.0, "cost_checks": 0}
+
+    def start(self, requests, budgets) -> None:
+        for r, b in zip(requests, budgets):
+            self.rows[r] = _Row(self.g.matcher(), b)
+
+    def release(self, request) -> None:
+        self.rows.pop(request, None)
+
+    def mask_first(self, requests, logits) -> None:
+        self._mask([self.rows[r] for r in requests], logits)
+
+    def hook(self, requests, last_tokens):
+        """A callable for the decode step: accept each row's previous token, then mask the new logits."""
+        rows = [self.rows[r] for r in requests]
+        tokens = [int(t) for t in last_tokens]
+
+        def apply(logits):
+            import time
+            t0 = time.perf_counter()
+            self.batch.batch_accept_token([row.matcher for row in rows], tokens)
+            for row, t in zip(rows, tokens):
+                row.tokens.append(t)
+                row.used += 1
+                if row.scanner is not None:
+                    row.scanner.feed(self.g.token_texts[t])
+            self._mask(rows, logits, t0)
+        return apply
+
+    def _mask(self, rows: list[_Row], logits, t0: float | None = None) -> None:
+        import time
+
+        import torch
+        t0 = t0 or time.perf_counter()
+        if self.bitmask is None or self.bitmask.shape[0] < len(rows):
+            self.bitmask = self.g.allocate_bitmask(max(len(rows), 64))
+            if logits.device.type == "cuda":
+                self.bitmask = self.bitmask.pin_memory()
+        bitmask = self.bitmask[: len(rows)]
+        self.batch.batch_fill_next_token_bitmask([row.matcher for row in rows], bitmask)
+        forced = self._closing_tokens(rows, bitmask)
+        self.stats["cpu_s"] += time.perf_counter() - t0
+        self.g.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                               vocab_size=self.g.vocab_size)
+        if forced:
+            index = torch.tensor(list(forced), device=logits.device)
+            logits[index] = torch.finfo(logits.dtype).min
+            logits[index, torch.tensor(list(forced.values()), device=logits.device)] = 0
+
+    def _closing_tokens(self, rows: list[_Row], bitmask) -> dict[int, int]:
+        """Rows in closing mode and the token each must take."""
+        forced: dict[int, int] = {}
+        for i, row in enumerate(rows):
+            remaining = row.budget - row.used
+            if remaining > self.g.watch_window:
+                continue
+            if row.scanner is None:
+                row.scanner = JsonScanner()
+                row.scanner.feed("".join(self.g.token_texts[t] for t in row.tokens))
+            if not row.closing and row.used >= row.next_check:
+                self.stats["cost_checks"] += 1
+                slack = remaining - self.g.closing_cost(row.matcher, row.scanner) - self.g.item_cost
+                row.closing = slack <= 0
+                row.next_check = row.used + max(1, slack // (self.g.item_cost + 1))
+            if row.closing:
+                allowed = unpack_bitmask_row(bitmask, i, self.g.vocab_size)
+                token = self.g.closing_token(row.matcher, allowed, row.scanner)
+                if token is not None:
+                    forced[i] = token
+        return forced

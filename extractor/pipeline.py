@@ -97,6 +97,51 @@ class Predictor:
             rows.append(self._row(rec, by_index.get(i), skipped.get(i)))
         return rows
 
+    def stream(self, windows):
+        """Windows of records in; lists of (record, generation, skip_reason) out, in input order, as the
+        backend finishes them (rows are built from these by `rows`, off the generating thread). The backend
+        may work on several windows at once (hf's fast path keeps its slots full across windows)."""
+        waiting: dict[int, tuple] = {}
+        in_flight: dict[int, dict] = {}  # records sent and not yet released, by sequence number
+        seq_counter = iter(range(1 << 62))
+        next_out = 0
+
+        def requests():
+            for records in windows:
+                prompts, skipped = self._prompts(records)
+                batch = []
+                for i, rec in enumerate(records):
+                    seq = next(seq_counter)
+                    in_flight[seq] = rec
+                    if i in skipped:
+                        waiting[seq] = (rec, None, skipped[i])
+                    else:
+                        batch.append(Request(prompts[i], rec["id"], {"seq": seq}))
+                yield batch
+
+        for pairs in self.backend.generate_stream(requests(), self.params, self.task.schema, self.probes()):
+            for request, gen in pairs:
+                seq = request.options["seq"]
+                waiting[seq] = (in_flight[seq], gen, None)
+            released = []
+            while next_out in waiting:
+                released.append(waiting.pop(next_out))
+                del in_flight[next_out]
+                next_out += 1
+            if released:
+                yield released
+        tail = [waiting.pop(k) for k in sorted(waiting)]  # skipped records after the last generation
+        if tail:
+            yield tail
+
+    def rows(self, triples) -> list[dict]:
+        return [self._row(rec, gen, skip) for rec, gen, skip in triples]
+
+    def probes(self) -> list[str]:
+        """The prompt rendered with placeholder values: where they differ, the task's shared prefix ends."""
+        fields = self.task.spec.input_fields
+        return [self.builder.build({f: probe for f in fields}) for probe in ("0", "A", "中", "{", " x")]
+
     def _prompts(self, records: list[dict]) -> tuple[list[str], dict[int, str]]:
         prompts = [self.builder.build(r["values"], where=f"record {r['id']}") for r in records]
         skipped: dict[int, str] = {}
@@ -227,6 +272,9 @@ class Run:
         return done
 
     def execute(self, done: set[int]) -> Summary:
+        """Windows are read and rendered on a thread ahead of the backend; rows are parsed, validated and
+        written on another thread behind it, in input order, `window` rows per append (what a kill can
+        lose); the backend keeps the GPU busy in between."""
         if self.complete:
             return self.summary
         start = time.perf_counter()
@@ -238,26 +286,14 @@ class Run:
         bar = self._progress()
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         writer = JsonlAppender(self.journal)
+        sink = RowSink(self, writer, bar, start)
         try:
-            index = 0
-            for window in reader:
-                if self.opts.shard:
-                    k, n = self.opts.shard
-                    window, index = [r for i, r in enumerate(window, index) if i % n == k], index + len(window)
-                todo = [r for r in window if id_key(r["id"]) not in done]
-                if self.opts.limit is not None:
-                    todo = todo[: max(0, self.opts.limit - self.summary.new)]
-                if todo:
-                    rows = self.p.predict(todo)
-                    writer.write_batch(rows)
-                    self._count(rows)
-                if bar is not None:
-                    bar.update(len(window))
-                    self._postfix(bar, start)
-                if self._stop or (self.opts.limit is not None and self.summary.new >= self.opts.limit):
-                    self.summary.interrupted = self._stop
-                    break
+            with prefetch(self._windows(reader, done, sink)) as windows:
+                for triples in self.p.stream(windows):
+                    sink.put(triples)
+            sink.close()
         finally:
+            sink.close(raise_errors=False)
             writer.close()
             signal.signal(signal.SIGINT, previous)
             if bar is not None:
@@ -266,8 +302,27 @@ class Run:
                 rejects.close()
             self.summary.rejected = reader.stats.rejected
             self.summary.elapsed = time.perf_counter() - start
+        self.summary.interrupted = self._stop
         self._finish()
         return self.summary
+
+    def _windows(self, reader, done: set[int], sink: "RowSink"):
+        """Windows of records still to do (this shard's, not yet written, within --limit), until Ctrl-C."""
+        index = 0
+        sent = 0
+        for window in reader:
+            if self.opts.shard:
+                k, n = self.opts.shard
+                window, index = [r for i, r in enumerate(window, index) if i % n == k], index + len(window)
+            todo = [r for r in window if id_key(r["id"]) not in done]
+            if self.opts.limit is not None:
+                todo = todo[: max(0, self.opts.limit - sent)]
+            sent += len(todo)
+            sink.skipped(len(window) - len(todo))
+            if todo:
+                yield todo
+            if self._stop or (self.opts.limit is not None and sent >= self.opts.limit):
+                return
 
     def _rejects_path(self) -> Path:
         return self.opts.rejects or self.out.with_name(self.out.name + ".rejects.jsonl")
@@ -304,3 +359,111 @@ class Run:
         self.manifest["summary"] = self.summary.as_dict()
         self.manifest["finished"] = stamp()["created"]
         write_json_atomic(manifest_path(self.out), self.manifest)
+
+
+class RowSink:
+    """Parses, validates and writes released rows on a thread of its own, `window` rows per append."""
+
+    def __init__(self, run: Run, writer: JsonlAppender, bar, start: float):
+        import queue
+        import threading
+        self.run, self.writer, self.bar, self.start = run, writer, bar, start
+        self.queue: queue.Queue = queue.Queue(maxsize=64)
+        self.error: BaseException | None = None
+        self._closed = False
+        self.thread = threading.Thread(target=self._work, name="extractor-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, triples) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(("rows", triples))
+
+    def skipped(self, n: int) -> None:
+        if n:
+            self.queue.put(("skipped", n))
+
+    def close(self, raise_errors: bool = True) -> None:
+        if not self._closed:
+            self._closed = True
+            self.queue.put(("end", None))
+            self.thread.join()
+        if raise_errors and self.error is not None:
+            raise self.error
+
+    def _work(self) -> None:
+        pending: list[dict] = []
+        while True:
+            kind, item = self.queue.get()
+            if self.error is not None:
+                if kind == "end":
+                    return
+                continue
+            try:
+                if kind == "rows":
+                    pending.extend(self.run.p.rows(item))
+                    if len(pending) >= self.run.opts.window:
+                        self._write(pending)
+                        pending = []
+                elif kind == "skipped" and self.bar is not None:
+                    self.bar.update(item)
+                elif kind == "end":
+                    self._write(pending)
+                    return
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+
+    def _write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self.writer.write_batch(rows)
+        self.run._count(rows)
+        if self.bar is not None:
+            self.bar.update(len(rows))
+            self.run._postfix(self.bar, self.start)
+
+
+class prefetch:
+    """Iterate a generator on a background thread, up to `depth` items ahead (reading and rendering the
+    next windows while the backend works). Exceptions surface in the consumer, where they happened."""
+
+    def __init__(self, iterator, depth: int = 2):
+        import queue
+        import threading
+        self.iterator = iterator
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._work, name="extractor-reader", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self._items()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        while self.thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self.queue.get_nowait()
+            except Exception:  # noqa: BLE001 - queue.Empty
+                self.thread.join(timeout=0.05)
+        return False
+
+    def _work(self) -> None:
+        try:
+            for item in self.iterator:
+                if self._stop.is_set():
+                    return
+                self.queue.put(("item", item))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            self.queue.put(("error", exc))
+            return
+        self.queue.put(("end", None))
+
+    def _items(self):
+        while True:
+            kind, item = self.queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item

@@ -9,41 +9,86 @@ from transformers import AutoModelForCausalLM
 from extractor.backends.fast import FastDecoder
 
 
-@pytest.mark.parametrize("slots,refill,spans", [(3, 2, ()), (8, 8, (40, 56, 72)), (1, 1, (48,))])
-def test_fast_decoder_equals_generate(tiny_model, slots, refill, spans):
+@pytest.mark.parametrize("slots,refill,prefix_len,budgets", [(3, 2, 25, 14), (8, 8, 25, "mixed"),
+                                                              (1, 1, 0, 14), (5, 3, 1, "mixed")])
+def test_fast_decoder_equals_generate(tiny_model, slots, refill, prefix_len, budgets):
+    """Refills, one slot, no prefix, per-record budgets: every output equals `generate` token for token."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     rng = random.Random(slots)
-    prefix = [rng.randrange(5, 1000) for _ in range(25)]
+    prefix = [rng.randrange(5, 1000) for _ in range(prefix_len)]
     suffixes = [[rng.randrange(5, 1000) for _ in range(rng.randint(2, 30))] for _ in range(9)]
+    budget = [rng.randint(1, 14) for _ in suffixes] if budgets == "mixed" else [budgets] * len(suffixes)
     eos = [model.config.eos_token_id]
-    decoder = FastDecoder(model, slots=slots, max_len=128, eos_ids=eos)
-    decoder.set_prefix(prefix)
-    decoder.set_spans(spans)  # attention over the smallest span that holds the live positions
-    got = decoder.generate(suffixes, max_new=14, refill=refill)
-    for suffix, (tokens, finish) in zip(suffixes, got):
+    decoder = FastDecoder(model, prefix, slots=slots, unique_len=30 + 14, eos_ids=eos)
+    got = decoder.generate(suffixes, max_new=budget, refill=refill)
+    for suffix, n, (tokens, finish) in zip(suffixes, budget, got):
         ids = torch.tensor([prefix + suffix])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, do_sample=False,
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                              eos_token_id=eos, pad_token_id=0)[0, ids.shape[1]:].tolist()
         if eos[0] in ref:
             ref = ref[: ref.index(eos[0]) + 1]
         assert tokens == ref
         assert finish == ("stop" if tokens[-1] == eos[0] else "length")
+    assert decoder.stats["steps"] > 0 and decoder.stats["prefills"] >= -(-len(suffixes) // slots)
 
 
-def test_hf_backend_fast_path_equals_plain_path(tmp_path, tiny_model, run_cli):
-    """`extractor run --fast on` (shared prompt prefix found, FastDecoder) gives the plain path's outputs."""
+def test_decode_attention_kernels_agree():
+    """The Triton decode kernel (run by Triton's interpreter on CPU) equals the SDPA reference: per-row
+    lengths, scattered slots, grouped heads, with and without a shared prefix."""
+    fa = pytest.importorskip("extractor.backends.fast_attention")
+    if not fa.available():
+        pytest.skip("triton is not installed")
+    import subprocess
+    import sys
+    code = """
+import torch
+from extractor.backends import fast_attention as fa
+torch.manual_seed(0)
+for heads, kv_heads, p in [(12, 2, 20), (7, 1, 0), (4, 4, 5)]:
+    q = torch.randn(4, heads, 32)
+    kc, vc = torch.randn(5, kv_heads, 70, 32), torch.randn(5, kv_heads, 70, 32)
+    pk, pv = torch.randn(kv_heads, p, 32), torch.randn(kv_heads, p, 32)
+    slot, n = torch.tensor([3, 0, 4, 1]), torch.tensor([1, 70, 33, 64])
+    a = fa.decode_attention_torch(q, kc, vc, pk, pv, slot, n, 0.17)
+    b = fa.decode_attention_triton(q, kc, vc, pk, pv, slot, n, 0.17)
+    assert (a - b).abs().max() < 1e-5, (heads, (a - b).abs().max())
+print("ok")
+"""
+    import os
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_buckets_cover_every_batch_size():
+    from extractor.backends.fast import buckets_up_to
+    sizes = buckets_up_to(100)
+    assert sizes == [8, 12, 16, 24, 32, 48, 64, 96, 100]
+    for live in range(1, 101):
+        b = next(s for s in sizes if s >= live)
+        assert b - live <= max(7, live // 2)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_hf_backend_fast_path_equals_plain_path(tmp_path, tiny_model, run_cli, constrained):
+    """`extractor run --fast on` (shared prompt prefix found, FastDecoder, grammar masks filled per packed
+    row) gives the plain path's outputs, constrained or not."""
     from tests.conftest import read_jsonl, synth_corpus
     corpus, _ = synth_corpus(tmp_path, n=10)
     outs = {}
+    extra = ["--constrained"] if constrained else []
     for mode in ("off", "on"):
         out = tmp_path / f"{mode}.jsonl"
         result = run_cli("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", out,
-                         "--max-new-tokens", "20", "--quiet", "--fast", mode, "--batch-size", "4", "--window", "6")
+                         "--max-new-tokens", "40" if constrained else "20", "--quiet", "--fast", mode,
+                         "--batch-size", "4", "--window", "6", *extra)
         assert result.exit_code == 0, result.output
         outs[mode] = read_jsonl(out)
     for a, b in zip(outs["off"], outs["on"]):
         assert (a["id"], a["raw"], a["status"], a["prompt_tokens"], a["output_tokens"], a["finish_reason"]) == \
                (b["id"], b["raw"], b["status"], b["prompt_tokens"], b["output_tokens"], b["finish_reason"])
+    if constrained:
+        assert all(r["status"] == "ok" for r in outs["on"]), [r["raw"] for r in outs["on"]]
 
 
 def test_common_prefix_leaves_each_sequence_a_token():

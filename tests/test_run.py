@@ -50,12 +50,15 @@ def test_batching_preserves_order_and_equals_one_by_one(tiny_model):
     assert len({g.text for g in batched}) > 1
 
 
-def test_constrained_is_always_schema_valid(tmp_path, tiny_model, run_cli):
+@pytest.mark.parametrize("fast", ["off", "on"])
+def test_constrained_is_always_schema_valid(tmp_path, tiny_model, run_cli, fast):
+    """Every output valid on the plain path and on the fast path (grammar masks on packed rows, closing
+    mode with its checks spaced by slack): 16 records, four tasks, a budget tight enough to need closing."""
     corpus, _ = synth_corpus(tmp_path, n=16)
     for task in ("jd_requirements", "spo", "review_topic", "skills"):
         out = tmp_path / f"{task}.jsonl"
         result = run_cli("run", corpus, "--task", task, "--model", tiny_model, "--out", out, "--constrained",
-                         "--max-new-tokens", "72", "--quiet")
+                         "--max-new-tokens", "72", "--quiet", "--fast", fast)
         assert result.exit_code == 0, result.output
         statuses = Counter(r["status"] for r in read_jsonl(out))
         assert statuses == {"ok": 16}, (task, statuses)

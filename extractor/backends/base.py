@@ -66,6 +66,14 @@ class Backend:
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
         raise NotImplementedError
 
+    def generate_stream(self, batches, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
+        """Batches of requests in, lists of (request, generation) out as they finish. This default serves one
+        batch at a time; a backend that keeps its GPU busy across batches (hf's fast path) overrides it.
+        probes: prompts rendered with placeholder values, marking where the task's shared prefix ends."""
+        for batch in batches:
+            if batch:
+                yield list(zip(batch, self.generate(batch, params, schema)))
+
     def close(self) -> None:
         pass
 

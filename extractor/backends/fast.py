@@ -1,18 +1,26 @@
-"""A static-cache, continuously batched greedy decoder for Llama/Qwen2-style models (issue 6, first step).
+"""FastDecoder: a static-cache, continuously batched greedy decoder for Llama/Qwen2-style models.
 
-Work in progress: not yet wired into the `hf` backend. It holds a preallocated KV cache of `slots` rows;
-the shared prompt prefix is prefilled once and its KV copied into each slot; a finished slot is refilled
-with the next record (continuous batching); new records are prefilled together; decode runs one token for
-every live slot per step with per-slot positions. Greedy outputs equal `generate` (tested on CPU in fp32).
-CUDA-graph capture of the decode step is the next step.
+What makes it fast (issue 6):
+- the shared prompt prefix (instructions, few-shot examples) is prefilled once; its K/V live in one buffer
+  that every row attends to, so neither prefill nor the cache repeats it per record;
+- a preallocated cache of `slots` rows holds each record's own tokens; a finished row's slot is refilled
+  with the next record (continuous batching); new records are prefilled together, in length order, with
+  flash attention over prefix + own tokens, writing their K/V into their slots in place;
+- a decode step runs the live rows packed into a batch bucket (a few sizes), captured as CUDA graphs:
+  one launch per token; decode attention reads only each row's own length (fast_attention.py).
+
+Greedy outputs equal `generate` (tests/test_fast.py on CPU in fp32; bench/gpu_fast.py on the GPU).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections import deque
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from extractor.backends import fast_attention
 
 
 def supports(model) -> bool:
@@ -39,245 +47,335 @@ def common_prefix(seqs: list[list[int]]) -> list[int]:
     return first[:max(n, 0)]
 
 
-def slots_for_memory(model, max_len: int, device, fraction: float = 0.6, cap: int = 1024) -> int:
-    """Slots whose K/V cache fits in `fraction` of the free GPU memory (the batch size from free memory)."""
+def kv_bytes_per_token(model) -> int:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * max_len * head_dim * \
-        next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+
+
+def slots_for_memory(model, unique_len: int, device, fraction: float = 0.5, cap: int = 1024) -> int:
+    """Slots whose own K/V fit in `fraction` of the free GPU memory (the batch size from free memory); the
+    rest is left to prefill activations and the logits of a decode step."""
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return max(1, min(cap, int(free * fraction // per_slot)))
+    return max(1, min(cap, int(free * fraction // (kv_bytes_per_token(model) * unique_len))))
 
 
-@dataclass
-class Slot:
-    index: int = -1  # which request occupies the slot (-1: free)
-    length: int = 0  # tokens in the cache for this slot
-    tokens: list[int] = field(default_factory=list)
+def buckets_up_to(slots: int, smallest: int = 8) -> list[int]:
+    """Decode batch sizes: powers of two and their midpoints (at most a third of a step is padding)."""
+    sizes = {slots}
+    p = smallest
+    while p < slots:
+        sizes.update(s for s in (p, p * 3 // 2) if s < slots)
+        p *= 2
+    return sorted(sizes)
 
 
 class FastDecoder:
-    def __init__(self, model, slots: int, max_len: int, eos_ids: list[int]):
-        self.model = model
-        self.core = model.model
+    """Greedy decoding of many suffixes after one shared prefix. `unique_len`: the longest suffix plus the
+    most new tokens a record may get."""
+
+    def __init__(self, model, prefix: list[int], slots: int, unique_len: int, eos_ids: list[int],
+                 attention: str = "auto", prefill_tokens: int = 32768):
+        self.model, self.core = model, model.model
         cfg = model.config
         self.layers = self.core.layers
-        self.n_layers = cfg.num_hidden_layers
-        self.kv_heads = cfg.num_key_value_heads
-        self.heads = cfg.num_attention_heads
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.slots, self.max_len = slots, max_len
-        self.eos = set(eos_ids)
+        self.scale = getattr(self.layers[0].self_attn, "scaling", self.head_dim ** -0.5)
+        self.slots, self.unique_len = slots, unique_len
+        self.eos = np.array(sorted(set(eos_ids)) or [-1])
+        self.prefill_tokens = prefill_tokens
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        shape = (self.n_layers, slots, self.kv_heads, max_len, self.head_dim)
+        if attention == "auto":
+            attention = "triton" if self.device.type == "cuda" and fast_attention.available() else "torch"
+        self._attn_fn = fast_attention.decode_attention_triton if attention == "triton" \
+            else fast_attention.decode_attention_torch
+        self.attention = attention
+        # One extra slot is scratch: padding rows of a decode bucket write their K/V there.
+        shape = (cfg.num_hidden_layers, slots + 1, self.kv_heads, unique_len, self.head_dim)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.prefix_len = 0
-        self.prefix: list[int] = []
-        # Host staging and device buffers of the decode step (static: the captured graph reads them).
-        self._ids = torch.zeros(slots, 1, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self._pos = torch.zeros(slots, 1, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self._ids_buf = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
-        self._pos_buf = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
-        self._graphs: dict[int, tuple] = {}
-        self.spans = [max_len]
-        self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "steps": 0}  # where the time goes
+        self.prefix = list(prefix)
+        self.pk = self.pv = None
+        self._set_prefix(self.prefix)
+        # Static inputs/outputs of the decode step (the captured graphs read and write these).
+        self._ids = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._slot = torch.full((slots,), slots, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._hidden = torch.zeros(slots, cfg.hidden_size, dtype=self.dtype, device=self.device)
+        pinned = self.device.type == "cuda"
+        self._host = torch.zeros(3, slots, dtype=torch.long, pin_memory=pinned)
+        self.buckets = buckets_up_to(slots)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "steps": 0, "padded_rows": 0}
 
     # -- model pieces --------------------------------------------------------------------------------
-    def _rope(self, x, positions):
-        cos, sin = self.core.rotary_emb(x, positions)
-        return cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D]
-
     @staticmethod
     def _rotate(x, cos, sin):
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    def _forward(self, ids, positions, rows, mask, span=None):
-        """ids/positions [B, T]; rows: cache rows of the batch; mask [B, 1, T, max_len] (True = attend).
-        Writes K/V at `positions` of `rows` and returns the last hidden state per row."""
+    def _qkv(self, attn, h, cos, sin):
+        """q [B, H, T, D], k/v [B, KVH, T, D] with rotary embedding applied."""
+        b, t, _ = h.shape
+        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim)
+        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
+
+    def _forward(self, ids, positions, attend):
+        """Run the decoder layers; `attend(layer_index, q, k, v)` stores K/V and returns [B, H, T, D]."""
         x = self.core.embed_tokens(ids)
-        cos, sin = self._rope(x, positions)
-        b, t = ids.shape
+        cos, sin = self.core.rotary_emb(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        b, t, _ = x.shape
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
             attn = layer.self_attn
-            q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            kc, vc = self.k[i], self.v[i]
-            if rows is None:  # every slot, in order: write in place and attend over the whole cache
-                idx = positions.view(b, 1, t, 1).expand(b, self.kv_heads, t, self.head_dim)
-                kc.scatter_(2, idx, k)
-                vc.scatter_(2, idx, v)
-                kc_rows, vc_rows = kc[:, :, :span], vc[:, :, :span]  # only the first `span` positions
-            else:
-                idx = positions.unsqueeze(1).unsqueeze(-1).expand(b, self.kv_heads, t, self.head_dim)
-                kc_rows = kc[rows].scatter(2, idx, k)
-                vc_rows = vc[rows].scatter(2, idx, v)
-                kc[rows], vc[rows] = kc_rows, vc_rows
-            out = self._attend(q, kc_rows, vc_rows, mask)
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
+            out = attend(i, q, k, v)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.core.norm(x)
 
-    def _attend(self, q, k, v, mask):
-        """Grouped-query attention without expanding K/V to every query head: the query heads that share a
-        K/V head are stacked as extra query rows (HF's layout: KV head j serves query heads j*g .. j*g+g-1),
-        so the kernel reads each K/V head once."""
-        b, _, t, d = q.shape
+    def _expand(self, kv):
         group = self.heads // self.kv_heads
-        if group == 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        q = q.reshape(b, self.kv_heads, group * t, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, group, 1))
-        return out.reshape(b, self.heads, t, d)
+        return kv if group == 1 else kv.repeat_interleave(group, dim=1)
 
-    def _mask(self, positions, span=None):
-        """Causal mask over the cache: a query at position p sees cache positions <= p."""
-        cols = torch.arange(span or self.max_len, device=self.device)
-        return (cols.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
-
-    def _logits_last(self, hidden):
-        return self.model.lm_head(hidden)
-
-    # -- prefix and prefill ----------------------------------------------------------------------------
+    # -- the shared prefix -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def set_prefix(self, prefix: list[int]) -> None:
-        """Prefill the shared prefix once (in slot 0) and copy its K/V into every slot."""
-        self.prefix_len = len(prefix)
-        self.prefix = list(prefix)
+    def _set_prefix(self, prefix: list[int]) -> None:
+        n_layers = len(self.layers)
+        empty = (n_layers, self.kv_heads, len(prefix), self.head_dim)
+        self.pk = torch.zeros(empty, device=self.device, dtype=self.dtype)
+        self.pv = torch.zeros(empty, device=self.device, dtype=self.dtype)
         if not prefix:
             return
+
+        def attend(i, q, k, v):
+            self.pk[i], self.pv[i] = k[0], v[0]
+            return F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), is_causal=True,
+                                                  scale=self.scale)
         ids = torch.tensor([prefix], device=self.device)
-        pos = torch.arange(len(prefix), device=self.device).unsqueeze(0)
-        rows = torch.tensor([0], device=self.device)
-        self._forward(ids, pos, rows, self._mask(pos, None))
-        self.k[:, 1:, :, : len(prefix)] = self.k[:, :1, :, : len(prefix)]
-        self.v[:, 1:, :, : len(prefix)] = self.v[:, :1, :, : len(prefix)]
+        self._forward(ids, torch.arange(len(prefix), device=self.device).unsqueeze(0), attend)
 
-    def _prefill(self, slot_ids: list[int], suffixes: list[list[int]]) -> list[int]:
-        """Prefill several new records' suffixes at once (right-padded); returns each one's first token."""
+    # -- prefill of new records ------------------------------------------------------------------------
+    def _prefill(self, slots: list[int], suffixes: list[list[int]]) -> torch.Tensor:
+        """Several new records at once (right-padded): writes their K/V into their slots; returns the
+        logits of each one's last position (its first generated token)."""
+        from torch.nn.attention.bias import causal_lower_right
         width = max(len(s) for s in suffixes)
-        start = self.prefix_len
+        p = len(self.prefix)
         ids = torch.tensor([s + [0] * (width - len(s)) for s in suffixes], device=self.device)
-        pos = start + torch.arange(width, device=self.device).unsqueeze(0).expand(len(suffixes), width)
-        rows = torch.tensor(slot_ids, device=self.device)
-        hidden = self._forward(ids, pos, rows, self._mask(pos, None))
+        positions = (p + torch.arange(width, device=self.device)).unsqueeze(0).expand(len(suffixes), -1)
+        rows = torch.tensor(slots, device=self.device)
+        bias = causal_lower_right(width, p + width)  # each token sees the prefix and its own earlier tokens
+
+        def attend(i, q, k, v):
+            self.k[i, rows, :, :width] = k
+            self.v[i, rows, :, :width] = v
+            if p:
+                k = torch.cat((self.pk[i].unsqueeze(0).expand(len(slots), -1, -1, -1), k), dim=2)
+                v = torch.cat((self.pv[i].unsqueeze(0).expand(len(slots), -1, -1, -1), v), dim=2)
+            return F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), attn_mask=bias,
+                                                  scale=self.scale)
+        hidden = self._forward(ids, positions, attend)
         last = torch.tensor([len(s) - 1 for s in suffixes], device=self.device)
-        h = hidden[torch.arange(len(suffixes), device=self.device), last]
-        return self._logits_last(h).argmax(-1).tolist()
+        return self.model.lm_head(hidden[torch.arange(len(suffixes), device=self.device), last])
 
-    def _decode(self, slot_ids: list[int], tokens: list[int], positions: list[int]) -> list[int]:
-        """One token for every slot (free slots compute a dummy token in the scratch position, discarded):
-        static shapes, so the step can be captured as a CUDA graph."""
-        # Attend over the smallest span that holds every live position; its last position is the scratch
-        # that free slots write their dummy K/V into (beyond the prefix, never attended by a live slot).
-        span = next(s for s in self.spans if s > max(positions) + 1)
-        self._ids.zero_()
-        self._pos.fill_(span - 1)
-        sel = torch.tensor(slot_ids)
-        self._ids[sel, 0] = torch.tensor(tokens)
-        self._pos[sel, 0] = torch.tensor(positions)
-        if self._graphs:
-            out = self._step_graph(span)
-        else:
-            if self.device.type == "cuda":
-                self._ids_buf.copy_(self._ids)
-                self._pos_buf.copy_(self._pos)
-            out = self._step(span).cpu()
-        return out[sel].tolist()
+    # -- decode ----------------------------------------------------------------------------------------
+    def _step(self, b: int) -> None:
+        """One token for the first `b` rows of the static inputs; final hidden states into self._hidden."""
+        slot, pos = self._slot[:b], self._pos[:b]
+        p = len(self.prefix)
 
-    def _step(self, span):
-        pos = self._pos_dev()
-        hidden = self._forward(self._ids_dev(), pos, None, self._mask(pos, span), span)
-        return self._logits_last(hidden[:, -1]).argmax(-1)
-
-    def _ids_dev(self):
-        return self._ids_buf if self.device.type == "cuda" else self._ids
-
-    def _pos_dev(self):
-        return self._pos_buf if self.device.type == "cuda" else self._pos
-
-    def _step_graph(self, span):
-        self._ids_buf.copy_(self._ids, non_blocking=True)
-        self._pos_buf.copy_(self._pos, non_blocking=True)
-        graph, out = self._graphs[span]
-        graph.replay()
-        return out.cpu()
-
-    def set_spans(self, spans) -> None:
-        """Attention spans (cache lengths) to choose from per step; each must exceed the prefix + 1."""
-        spans = sorted({s for s in spans if self.prefix_len + 1 < s < self.max_len} | {self.max_len})
-        self.spans = spans
+        def attend(i, q, k, v):
+            own = pos - p  # position inside the slot
+            self.k[i, slot, :, own] = k[:, :, 0]
+            self.v[i, slot, :, own] = v[:, :, 0]
+            out = self._attn_fn(q[:, :, 0].contiguous(), self.k[i], self.v[i], self.pk[i], self.pv[i],
+                                slot, own + 1, self.scale)
+            return out.unsqueeze(2)
+        hidden = self._forward(self._ids[:b].unsqueeze(1), pos.unsqueeze(1), attend)
+        self._hidden[:b].copy_(hidden[:, 0])
 
     def capture(self) -> None:
-        """Capture the decode step as one CUDA graph per span (CUDA only): one launch per token."""
-        if self.device.type != "cuda":
+        """Capture the decode step as one CUDA graph per batch bucket (CUDA only)."""
+        if self.device.type != "cuda" or self._graphs:
             return
+        self._reset_inputs(self.slots)
         pool = None
-        for span in self.spans:
-            # Warm-up and capture run the step for real: every slot points at the span's scratch
-            # position, so nothing overwrites the shared prefix or live positions.
-            self._ids_buf.zero_()
-            self._pos_buf.fill_(span - 1)
+        for b in reversed(self.buckets):  # largest first: the shared pool is sized by it
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.inference_mode():
-                for _ in range(2):  # warm up kernels and allocator outside the graph
-                    self._step(span)
+                for _ in range(2):  # warm up kernels (Triton compiles) and the allocator outside the graph
+                    self._step(b)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
-                out = self._step(span)
+                self._step(b)
             pool = graph.pool()
-            self._graphs[span] = (graph, out)
+            self._graphs[b] = graph
+
+    def _reset_inputs(self, b: int) -> None:
+        """Padding rows: scratch slot, first position of the slot (always inside the cache)."""
+        self._ids[:b].zero_()
+        self._slot[:b].fill_(self.slots)
+        self._pos[:b].fill_(len(self.prefix))
+
+    def _decode(self, live: np.ndarray, tokens: np.ndarray, own: np.ndarray, logits_hook=None) -> np.ndarray:
+        """One step for the live slots (packed into the smallest bucket that holds them): next tokens."""
+        n = len(live)
+        b = next(s for s in self.buckets if s >= n)
+        self.stats["padded_rows"] += b - n
+        host = self._host[:, :b]
+        host[0, :n] = torch.from_numpy(tokens)
+        host[1, :n] = torch.from_numpy(live)
+        host[2, :n] = torch.from_numpy(own + len(self.prefix))
+        host[0, n:], host[1, n:], host[2, n:] = 0, self.slots, len(self.prefix)
+        staged = host.to(self.device, non_blocking=True)
+        self._ids[:b], self._slot[:b], self._pos[:b] = staged[0], staged[1], staged[2]
+        if b in self._graphs:
+            self._graphs[b].replay()
+        else:
+            self._step(b)
+        logits = self.model.lm_head(self._hidden[:n])
+        if logits_hook is not None:
+            logits_hook(logits)
+        return logits.argmax(-1).cpu().numpy()
 
     # -- the scheduler -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, suffixes: list[list[int]], max_new: int, refill: int = 8):
-        """Greedy outputs for each suffix (after the shared prefix), in order: (tokens, finish_reason)."""
+    def generate(self, suffixes: list[list[int]], max_new, refill: int | None = None, constraint=None):
+        """Greedy outputs for each suffix (after the shared prefix), in input order: (tokens, finish_reason).
+        All suffixes are known, so they enter in length order (each batched prefill pads little)."""
+        budgets = [max_new] * len(suffixes) if np.isscalar(max_new) else list(max_new)
+        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
         results: list = [None] * len(suffixes)
-        # Records enter in length order, so each batched prefill pads little; results keep input order.
-        queue = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-        slots = [Slot() for _ in range(self.slots)]
-        while queue or any(s.index >= 0 for s in slots):
-            free = [i for i, s in enumerate(slots) if s.index < 0]
-            if queue and free:
-                take = free[: min(len(free), max(refill, 1))]
-                batch = [queue.pop(0) for _ in take[: len(queue)]]
-                take = take[: len(batch)]
-                t0 = time.perf_counter()
-                firsts = self._prefill(take, [suffixes[j] for j in batch])
-                self.stats["prefill_s"] += time.perf_counter() - t0
-                self.stats["prefills"] += 1
-                for slot_id, j, tok in zip(take, batch, firsts):
-                    slots[slot_id] = Slot(j, self.prefix_len + len(suffixes[j]), [tok])
-                    self._finish_if_done(slots, slot_id, results, max_new)
-            live = [i for i, s in enumerate(slots) if s.index >= 0]
-            if not live:
-                continue
-            t0 = time.perf_counter()
-            nxt = self._decode(live, [slots[i].tokens[-1] for i in live], [slots[i].length for i in live])
-            self.stats["decode_s"] += time.perf_counter() - t0
-            self.stats["steps"] += 1
-            for slot_id, tok in zip(live, nxt):
-                slot = slots[slot_id]
-                slot.length += 1
-                slot.tokens.append(tok)
-                self._finish_if_done(slots, slot_id, results, max_new)
+        for key, tokens, reason in self.stream(((i, suffixes[i], budgets[i]) for i in order), refill,
+                                               constraint, lookahead=len(suffixes)):
+            results[key] = (tokens, reason)
         return results
 
-    def _finish_if_done(self, slots, slot_id, results, max_new) -> None:
-        slot = slots[slot_id]
-        last = slot.tokens[-1]
-        if last in self.eos:
-            results[slot.index] = (slot.tokens, "stop")
-        elif len(slot.tokens) >= max_new or slot.length + 2 >= self.max_len:  # the last position is scratch
-            results[slot.index] = (slot.tokens, "length")
-        else:
-            return
-        slots[slot_id] = Slot()
+    @torch.inference_mode()
+    def stream(self, source, refill: int | None = None, constraint=None, lookahead: int | None = None):
+        """Decode records pulled from `source` — (key, suffix, budget) triples — yielding (key, tokens,
+        finish_reason) as each finishes. Records are pulled only when slots free up (at most `lookahead`
+        waiting), admitted first come first served once `refill` slots are free (default: an eighth), and
+        prefilled in length-sorted chunks. constraint: per-row token masks (constrain.BatchConstraint)."""
+        source = iter(source)
+        refill = refill or max(1, self.slots // 8)
+        lookahead = lookahead or 2 * self.slots
+        waiting: deque = deque()
+        exhausted = False
+        st = _SlotState(self.slots)
+        while True:
+            while not exhausted and len(waiting) < lookahead:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    self._check_fits(item)
+                    waiting.append(item)
+            live = np.flatnonzero(st.key_index >= 0)
+            free = np.flatnonzero(st.key_index < 0)
+            if waiting and (len(free) >= min(refill, len(waiting)) or not len(live)):
+                t0 = time.perf_counter()
+                admitted = self._admit(free, waiting, st, constraint)
+                self.stats["prefill_s"] += time.perf_counter() - t0
+                yield from self._finished(st, admitted, constraint)
+                live = np.flatnonzero(st.key_index >= 0)
+            if not len(live):
+                if exhausted and not waiting:
+                    return
+                continue
+            t0 = time.perf_counter()
+            hook = None if constraint is None else constraint.hook(st.keys_of(live), st.last[live])
+            toks = self._decode(live, st.last[live], st.own[live], hook)
+            self.stats["decode_s"] += time.perf_counter() - t0
+            self.stats["steps"] += 1
+            st.out[live, st.count[live]] = toks
+            st.count[live] += 1
+            st.own[live] += 1
+            st.last[live] = toks
+            yield from self._finished(st, live, constraint)
+
+    def _check_fits(self, item) -> None:
+        if len(item[1]) + int(item[2]) > self.unique_len:
+            raise ValueError(f"record {item[0]}: {len(item[1])} tokens plus a budget of {item[2]} exceed the "
+                             f"decoder's unique_len {self.unique_len}")
+
+    def _finished(self, st: "_SlotState", slots: np.ndarray, constraint):
+        """Finish the rows that stopped (an EOS token) or ran out of budget or cache; free their slots."""
+        toks = st.last[slots]
+        stop = np.isin(toks, self.eos)
+        length = ~stop & ((st.count[slots] >= st.budget[slots]) | (st.own[slots] >= self.unique_len))
+        done = stop | length
+        for s, is_stop in zip(slots[done].tolist(), stop[done].tolist()):
+            key = st.keys[st.key_index[s]]
+            if constraint is not None:
+                constraint.release(key)
+            yield key, st.out[s, : st.count[s]].tolist(), "stop" if is_stop else "length"
+            st.free(s)
+
+    def _admit(self, free, waiting: deque, st: "_SlotState", constraint) -> np.ndarray:
+        """Prefill waiting records into free slots: first come first served, then sorted by length into
+        chunks of at most `prefill_tokens` padded tokens."""
+        batch = sorted((waiting.popleft() for _ in range(min(len(free), len(waiting)))), key=lambda it: len(it[1]))
+        admitted = []
+        fi = 0
+        while batch:
+            take = 1
+            while take < len(batch) and len(batch[take][1]) * (take + 1) <= self.prefill_tokens:
+                take += 1
+            chunk, batch = batch[:take], batch[take:]
+            slots = free[fi: fi + len(chunk)]
+            fi += len(chunk)
+            logits = self._prefill(slots.tolist(), [it[1] for it in chunk])
+            if constraint is not None:
+                constraint.start([it[0] for it in chunk], [it[2] for it in chunk])
+                constraint.mask_first([it[0] for it in chunk], logits)
+            first = logits.argmax(-1).cpu().numpy()
+            self.stats["prefills"] += 1
+            st.take(slots, chunk, first)
+            admitted.append(slots)
+        return np.concatenate(admitted) if admitted else np.array([], np.int64)
+
+
+class _SlotState:
+    """Per-slot bookkeeping as numpy arrays, so a step's updates are vectorized over the live rows."""
+
+    def __init__(self, slots: int):
+        self.key_index = np.full(slots, -1)  # index into self.keys of the record in each slot (-1: free)
+        self.keys: dict[int, object] = {}
+        self._next = 0
+        self.own = np.zeros(slots, np.int64)    # tokens in the slot's cache
+        self.count = np.zeros(slots, np.int64)  # tokens generated
+        self.last = np.zeros(slots, np.int64)
+        self.budget = np.zeros(slots, np.int64)
+        self.out = np.zeros((slots, 64), np.int64)
+
+    def take(self, slots: np.ndarray, chunk, first: np.ndarray) -> None:
+        need = max(int(it[2]) for it in chunk)
+        if need > self.out.shape[1]:
+            self.out = np.concatenate([self.out, np.zeros((len(self.out), need - self.out.shape[1]), np.int64)], 1)
+        for s, it in zip(slots.tolist(), chunk):
+            self.keys[self._next] = it[0]
+            self.key_index[s] = self._next
+            self._next += 1
+        self.own[slots] = [len(it[1]) for it in chunk]
+        self.budget[slots] = [int(it[2]) for it in chunk]
+        self.count[slots] = 1
+        self.last[slots] = first
+        self.out[slots, 0] = first
+
+    def keys_of(self, slots: np.ndarray) -> list:
+        return [self.keys[i] for i in self.key_index[slots].tolist()]
+
+    def free(self, slot: int) -> None:
+        del self.keys[int(self.key_index[slot])]
+        self.key_index[slot] = -1

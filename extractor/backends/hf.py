@@ -174,53 +174,113 @@ class HFBackend(TokenizerBackend):
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
         encoded = [self._encode(r.prompt) for r in requests]
         if encoded and self._use_fast(params):
-            return self._generate_fast(encoded, params)
-        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
-        results: list[Generation | None] = [None] * len(requests)
+            return self._generate_fast(encoded, params, schema)
+        return self._generate_plain(encoded, params, schema)
+
+    def _generate_plain(self, encoded: list[list[int]], params: GenParams, schema) -> list[Generation]:
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results: list[Generation | None] = [None] * len(encoded)
         for batch in self._batches(order, encoded, params.max_new_tokens):
             for i, gen in zip(batch, self._generate_safe([encoded[i] for i in batch], params, schema)):
                 results[i] = gen
         return results
 
-    # -- the fast path (issue 6, opt-in: --fast on) ---------------------------------------------------------
+    # -- the fast path (issue 6): --fast auto (default) on CUDA, on anywhere, off ------------------------------
     def _use_fast(self, params: GenParams) -> bool:
-        """Greedy, unconstrained, base weights, a Llama/Qwen2-style model: FastDecoder can serve it."""
-        if self.fast_mode == "off" or params.temperature > 0 or params.constrained or self.adapter is not None:
+        """Greedy decoding with base weights of a Llama/Qwen2-style model (constrained or not): FastDecoder."""
+        if self.fast_mode == "off" or params.temperature > 0 or self.adapter is not None:
             return False
         from extractor.backends.fast import supports
         if self.fast_mode == "auto":
             return self.device.startswith("cuda") and supports(self.base)
         return supports(self.base)
 
-    def _generate_fast(self, encoded: list[list[int]], params: GenParams) -> list[Generation]:
+    def _generate_fast(self, encoded: list[list[int]], params: GenParams, schema=None) -> list[Generation]:
         from extractor.backends.fast import common_prefix
         prefix = common_prefix(encoded)
-        need = max(len(e) for e in encoded) + params.max_new_tokens + 2
+        need = max(len(e) for e in encoded) - len(prefix) + params.max_new_tokens
         decoder = self._decoder(prefix, need)
+        constraint = None
+        if params.constrained:
+            from extractor.constrain import BatchConstraint
+            constraint = BatchConstraint(self.grammar(schema))
         outs = decoder.generate([e[len(prefix):] for e in encoded], params.max_new_tokens,
-                                refill=max(1, decoder.slots // 4))
-        results = []
-        for ids, (tokens, finish) in zip(encoded, outs):
-            text_tokens = tokens[:-1] if finish == STOP else tokens
-            text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
-            results.append(Generation(text if finish == STOP else text.rstrip("\ufffd"), len(ids), len(tokens), finish))
-        return results
+                                constraint=self._constraint(params, schema))
+        return [self._generation(len(ids), tokens, finish) for ids, (tokens, finish) in zip(encoded, outs)]
+
+    def _constraint(self, params: GenParams, schema):
+        if not params.constrained:
+            return None
+        from extractor.constrain import BatchConstraint
+        return BatchConstraint(self.grammar(schema))
+
+    def _generation(self, prompt_tokens: int, tokens: list[int], finish: str) -> Generation:
+        text = self.tokenizer.decode(tokens[:-1] if finish == STOP else tokens, skip_special_tokens=True)
+        return Generation(text if finish == STOP else text.rstrip("\ufffd"), prompt_tokens, len(tokens), finish)
+
+    def generate_stream(self, batches, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
+        """The fast path over a whole run: records from later batches enter slots freed by earlier ones, so
+        the GPU never drains between batches. The shared prefix is the task template's (from the probes and
+        the first batch); a record that does not start with it, or is longer than the cache, goes through
+        the plain path, in batches."""
+        import itertools
+
+        from extractor.backends.fast import common_prefix
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return
+        batches = itertools.chain([first], batches)
+        if not first or not self._use_fast(params):
+            yield from super().generate_stream(batches, params, schema)
+            return
+        encoded_first = [self._encode(r.prompt) for r in first]
+        prefix = common_prefix(encoded_first + [self._encode(p) for p in probes])
+        own = max(len(e) for e in encoded_first) - len(prefix) + params.max_new_tokens
+        decoder = self._decoder(prefix, max(2 * own, 1024))
+        misfits: list[tuple[Request, list[int]]] = []
+        pending: dict[int, tuple[Request, int]] = {}
+
+        def source():
+            key = 0
+            for batch in batches:
+                for request in batch:
+                    ids = self._encode(request.prompt)
+                    if ids[: len(prefix)] != prefix or len(ids) - len(prefix) + params.max_new_tokens > \
+                            decoder.unique_len or len(ids) == len(prefix):
+                        misfits.append((request, ids))
+                        continue
+                    pending[key] = (request, len(ids))
+                    yield key, ids[len(prefix):], params.max_new_tokens
+                    key += 1
+
+        def plain(items):
+            gens = self._generate_plain([ids for _, ids in items], params, schema)
+            return [(request, gen) for (request, _), gen in zip(items, gens)]
+
+        for key, tokens, finish in decoder.stream(source(), constraint=self._constraint(params, schema)):
+            request, n_prompt = pending.pop(key)
+            yield [(request, self._generation(n_prompt, tokens, finish))]
+            if len(misfits) >= self.batch_size:
+                yield plain(misfits)
+                misfits.clear()
+        if misfits:
+            yield plain(misfits)
 
     def _decoder(self, prefix: list[int], need: int):
         """One decoder per shared prefix, kept across calls (its cache, prefix KV and CUDA graphs are the
         expensive part); rebuilt when a call needs a longer cache."""
         from extractor.backends.fast import FastDecoder, slots_for_memory
         dec = self._fast_decoder
-        if dec is not None and dec.prefix == prefix and dec.max_len >= need:
+        if dec is not None and dec.prefix == prefix and dec.unique_len >= need:
             return dec
-        self._fast_decoder = None
-        if self.device.startswith("cuda"):
+        self._fast_decoder = dec = None
+        cuda = self.device.startswith("cuda")
+        if cuda:
             self.torch.cuda.empty_cache()
-        max_len = -(-need // 256) * 256
-        slots = slots_for_memory(self.base, max_len, self.device) if self.device.startswith("cuda") else self.batch_size
-        dec = FastDecoder(self.base, slots=slots, max_len=max_len, eos_ids=self.eos_ids)
-        dec.set_prefix(prefix)
-        dec.set_spans(range(len(prefix) + 128, max_len, 128))
+        unique_len = -(-need // 64) * 64
+        slots = slots_for_memory(self.base, unique_len, self.device) if cuda else self.batch_size
+        dec = FastDecoder(self.base, prefix, slots=slots, unique_len=unique_len, eos_ids=self.eos_ids)
         dec.capture()
         self._fast_decoder = dec
         return dec

@@ -1,0 +1,113 @@
+"""Decode attention for FastDecoder: one query token per row against a shared prompt prefix plus the row's
+own cache slot, reading only the row's own length.
+
+Two implementations with one contract:
+- `triton`: one program per (row, KV head) that loops over the prefix and then over the row's own keys
+  with an online softmax. The query heads that share a KV head are stacked as rows of one tile, so each
+  K/V block is read once per group; the prefix is the same memory for every row, so after the first rows
+  it is served from L2 instead of HBM. Used on CUDA when Triton is importable.
+- `torch`: gathers the rows' cache slots and runs SDPA under a length mask (CPU, tests, fallback).
+
+Shapes: q [B, H, D]; cache k/v [S, KVH, L, D] (one layer); prefix k/v [KVH, P, D]; slot [B] (cache row of
+each batch row); n [B] (own keys to attend, the current token's included). Returns [B, H, D].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton comes with CUDA builds of torch; absent (or unusable) elsewhere
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def decode_attention_torch(q, k_cache, v_cache, pk, pv, slot, n, scale: float):
+    b, heads, d = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    k = k_cache[slot]  # [B, KVH, L, D]
+    v = v_cache[slot]
+    if pk.shape[1]:
+        k = torch.cat((pk.unsqueeze(0).expand(b, -1, -1, -1), k), dim=2)
+        v = torch.cat((pv.unsqueeze(0).expand(b, -1, -1, -1), v), dim=2)
+    cols = torch.arange(k.shape[2], device=q.device)
+    mask = (cols.view(1, 1, 1, -1) < (n + pk.shape[1]).view(-1, 1, 1, 1))  # [B, 1, 1, P+L]
+    # The query heads sharing a KV head become rows of one query (HF layout: KV head j serves query
+    # heads j*g .. j*g+g-1), so K/V are not expanded per query head.
+    qg = q.view(b, kv_heads, group, d)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, heads, d)
+
+
+if triton is not None:
+    @triton.jit
+    def _decode_kernel(Q, K, V, PK, PV, SLOT, N, OUT, P, qk_scale,
+                       s_qb, s_qh, s_ks, s_kh, s_kl, s_ph, s_pl, s_ob, s_oh,
+                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       IEEE: tl.constexpr):
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        slot = tl.load(SLOT + row)
+        n = tl.load(N + row)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        heads = kvh * G + g
+        q = tl.load(Q + row * s_qb + heads[:, None] * s_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_sum = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        # Two key ranges with one loop body: the shared prefix, then this row's own slot.
+        for part in tl.static_range(2):
+            if part == 0:
+                k_base = PK + kvh * s_ph
+                v_base = PV + kvh * s_ph
+                s_l = s_pl
+                length = P
+            else:
+                k_base = K + slot * s_ks + kvh * s_kh
+                v_base = V + slot * s_ks + kvh * s_kh
+                s_l = s_kl
+                length = n
+            for start in range(0, length, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                valid = cols < length
+                k = tl.load(k_base + cols[:, None] * s_l + d[None, :], mask=valid[:, None], other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_sum = l_sum * alpha + tl.sum(p, 1)
+                v = tl.load(v_base + cols[:, None] * s_l + d[None, :], mask=valid[:, None], other=0.0)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m = m_new
+        out = acc / tl.maximum(l_sum, 1e-30)[:, None]
+        tl.store(OUT + row * s_ob + heads[:, None] * s_oh + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(g < G)[:, None])
+
+
+def decode_attention_triton(q, k_cache, v_cache, pk, pv, slot, n, scale: float):
+    b, heads, d = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    assert k_cache.stride() == v_cache.stride() and pk.stride() == pv.stride() and k_cache.stride(-1) == 1
+    _decode_kernel[(b, kv_heads)](
+        q, k_cache, v_cache, pk, pv, slot, n, out, pk.shape[1], scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        pk.stride(0), pk.stride(1), out.stride(0), out.stride(1),
+        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=64,
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    return out
