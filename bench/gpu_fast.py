@@ -1,12 +1,20 @@
-"""Issue 6, first measurement: the anchor workload through FastDecoder vs static batched `generate`.
+"""Issue 6 harness: the anchor workload through every path, one process, one card.
 
-Random-weight model from the Qwen2.5-1.5B config (bf16), N prompts of a 320-token shared prefix plus 64–448
-unique tokens (random ids, seed 0), 128 new tokens each with EOS disabled. Same process, same card:
-static batched `generate` (batch 128, length-sorted) as the baseline; FastDecoder eager and with the decode
-step captured as a CUDA graph. Also: the compute floor (2 · params · tokens at a bf16 matmul rate measured
-here) and greedy agreement with `generate` on a sample.
+Workload (../shared/docs/GPU.md): random-weight model from the Qwen2.5-1.5B config (bf16), N prompts of a
+320-token shared prefix plus 64-448 unique tokens (random ids, seed 0), 128 new tokens with EOS disabled;
+and the EOS variant, where record i stops after L_i ~ U[16, 128] tokens (seeded): `generate` gets a logits
+processor that forces EOS at L_i, FastDecoder a budget of L_i (the same tokens are computed either way).
 
-    python bench/gpu_fast.py --n 1024 --slots 256 --out $OUT
+Rows, all measured here, same card, same process:
+  sequential `generate` (batch 1, the seed's way) on a few records; static batched `generate` (batch 128,
+  length-sorted); transformers `generate_batch` (continuous batching) on a subset; FastDecoder (direct);
+  `extractor run`'s code path (Predictor + Run: rendering, tokenizing, parsing, validating, writing) on a
+  text version of the workload, unconstrained and --constrained; the 7B config through FastDecoder.
+Also: the compute floor (2 * params * all tokens at a bf16 matmul rate measured here), greedy agreement
+with `generate` (fp32 token for token; bf16 prefix agreement), and where FastDecoder's time goes.
+
+    python bench/gpu_fast.py --out $OUT            # everything (~6 min on one H100)
+    python bench/gpu_fast.py --out $OUT --parts anchor,fast
 """
 from __future__ import annotations
 
@@ -18,126 +26,402 @@ from pathlib import Path
 
 import torch
 
-QWEN_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True)
+QWEN = {
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+}
 PREFIX, NEW = 320, 128
+DEVICE = "cuda"  # --smoke: cpu, with a tiny config, to check the harness itself
+EOS_ID = 151643  # Qwen2.5's <|endoftext|>
+
+
+class Results:
+    def __init__(self, out: Path):
+        self.out, self.data = out, {}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def __setitem__(self, key, value):
+        self.data[key] = value
+        print(key, json.dumps(value, default=str), flush=True)
+        (self.out / "gpu_fast.json").write_text(json.dumps(self.data, indent=1, default=str))
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    value = fn()
+    sync()
+    return value, time.perf_counter() - t
+
+
+def empty_cache():
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    size = 8192 if DEVICE == "cuda" else 512
+    a = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn_like(a)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t) / 1e12
+    _, dt = timed(lambda: [a @ b for _ in range(10)])
+    return 10 * 2 * size ** 3 / dt / 1e12
 
 
-def workload(n: int):
-    rng = random.Random(0)
+def workload(n: int, seed: int = 0):
+    rng = random.Random(seed)
     prefix = [rng.randrange(1000, 100000) for _ in range(PREFIX)]
-    suffixes = [[rng.randrange(1000, 100000) for _ in range(rng.randint(64, 448))] for _ in range(n)]
-    return prefix, suffixes
+    lo, hi = (64, 448) if NEW == 128 else (4, 40)
+    suffixes = [[rng.randrange(1000, 100000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    stops = [random.Random(1000 + i).randint(min(16, NEW), NEW) for i in range(n)]  # the EOS variant's lengths
+    return prefix, suffixes, stops
 
 
-def static_generate(model, prompts, batch):
+def build(name: str):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    cfg = Qwen2Config(**QWEN[name], max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    return model, sum(p.numel() for p in model.parameters())
+
+
+def row(tokens: int, records: int, seconds: float, **extra) -> dict:
+    return {"tok_s": tokens / seconds, "records_s": records / seconds, "seconds": seconds, "tokens": tokens, **extra}
+
+
+# -- baselines -----------------------------------------------------------------------------------------
+class ForceEOS:
+    """A LogitsProcessor: row j emits EOS exactly as its stops[j]-th new token, never before."""
+
+    def __init__(self, stops: list[int], prompt_width: int):
+        self.stops = torch.tensor(stops, device=DEVICE)
+        self.width = prompt_width
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.width  # tokens generated so far
+        scores[:, EOS_ID] = torch.finfo(scores.dtype).min
+        at = (self.stops - 1 == step).nonzero().flatten()
+        if len(at):
+            scores[at] = torch.finfo(scores.dtype).min
+            scores[at, EOS_ID] = 0
+        return scores
+
+
+def static_generate(model, prompts, batch, stops=None):
+    """Length-sorted static batches, left-padded; returns each record's new tokens (EOS included)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs = [None] * len(prompts)
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
         width = max(len(prompts[i]) for i in idx)
-        ids = torch.zeros(len(idx), width, dtype=torch.long, device="cuda")
+        ids = torch.zeros(len(idx), width, dtype=torch.long, device=DEVICE)
         mask = torch.zeros_like(ids)
         for j, i in enumerate(idx):
-            ids[j, width - len(prompts[i]):] = torch.tensor(prompts[i], device="cuda")
+            ids[j, width - len(prompts[i]):] = torch.tensor(prompts[i], device=DEVICE)
             mask[j, width - len(prompts[i]):] = 1
-        o = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
-                           do_sample=False, pad_token_id=0, eos_token_id=None)
+        if stops is None:
+            kw = dict(min_new_tokens=NEW, eos_token_id=None)
+        else:
+            kw = dict(eos_token_id=EOS_ID, logits_processor=[ForceEOS([stops[i] for i in idx], width)])
+        o = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                           **kw)
         for j, i in enumerate(idx):
-            outs[i] = o[j, width:].tolist()
-    torch.cuda.synchronize()
+            toks = o[j, width:].tolist()
+            outs[i] = toks[: toks.index(EOS_ID) + 1] if stops is not None and EOS_ID in toks else toks
     return outs
 
 
+def generate_batch(model, prompts):
+    from transformers import GenerationConfig
+    try:
+        from transformers import ContinuousBatchingConfig
+    except ImportError:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    gc = GenerationConfig(max_new_tokens=NEW, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    model.generate_batch(prompts[:16], generation_config=gc, continuous_batching_config=ContinuousBatchingConfig())
+    outs, dt = timed(lambda: model.generate_batch(prompts, generation_config=gc,
+                                                  continuous_batching_config=ContinuousBatchingConfig()))
+    return sum(len(o.generated_tokens) for o in outs.values()), dt
+
+
+# -- FastDecoder ---------------------------------------------------------------------------------------
+def fast_run(model, prefix, suffixes, budgets, slots=None):
+    from extractor.backends.fast import FastDecoder, slots_for_memory
+    unique = max(len(s) for s in suffixes) + NEW
+    slots = slots or (slots_for_memory(model, unique, DEVICE) if DEVICE == "cuda" else 16)
+    (dec, build_s) = timed(lambda: FastDecoder(model, prefix, slots=slots, unique_len=unique, eos_ids=[]))
+    _, capture_s = timed(dec.capture)
+    dec.generate(suffixes[:8], max_new=4)  # warm-up (Triton autotune/compile of prefill shapes)
+    dec.stats = {k: 0 for k in dec.stats}
+    got, dt = timed(lambda: dec.generate(suffixes, max_new=budgets))
+    tokens = sum(len(t) for t, _ in got)
+    info = {"slots": slots, "buckets": len(dec.buckets), "attention": dec.attention, "setup_s": build_s,
+            "capture_s": capture_s, "time_split": dict(dec.stats)}
+    del dec
+    empty_cache()
+    return got, row(tokens, len(suffixes), dt, **info)
+
+
 def fp32_check(model, prefix, suffixes) -> dict:
-    """Greedy token-for-token agreement with `generate` (batch 1) in fp32, graph mode, 32 new tokens."""
+    """Token-for-token equality with `generate` (batch 1) in fp32, CUDA graphs and Triton kernel on."""
     from extractor.backends.fast import FastDecoder
-    model = model.float()
-    fd = FastDecoder(model, slots=4, max_len=PREFIX + 448 + 40, eos_ids=[])
-    fd.set_prefix(prefix)
-    fd.capture()
-    got = fd.generate(suffixes, max_new=32, refill=4)
+    model.float()
+    dec = FastDecoder(model, prefix, slots=4, unique_len=max(map(len, suffixes)) + 40, eos_ids=[])
+    dec.capture()
+    got = dec.generate(suffixes, max_new=32, refill=2)
     equal = 0
     with torch.inference_mode():
         for s, (toks, _) in zip(suffixes, got):
-            ids = torch.tensor([prefix + s], device="cuda")
+            ids = torch.tensor([prefix + s], device=DEVICE)
             ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
                                  do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:].tolist()
             equal += toks == ref
+    del dec
     model.to(torch.bfloat16)
-    return {"records": len(suffixes), "equal": equal}
+    empty_cache()
+    return {"records": len(suffixes), "new_tokens": 32, "equal": equal}
+
+
+def agreement(got, ref) -> dict:
+    """bf16 greedy paths diverge at near-ties (different kernels round differently): count full equality
+    and the length of the agreeing prefix."""
+    same = sum(t == r for (t, _), r in zip(got, ref))
+    prefix_len = []
+    for (t, _), r in zip(got, ref):
+        k = 0
+        while k < min(len(t), len(r)) and t[k] == r[k]:
+            k += 1
+        prefix_len.append(k)
+    prefix_len.sort()
+    return {"equal": same, "of": len(ref), "median_agreeing_prefix": prefix_len[len(prefix_len) // 2]}
+
+
+def profile(model, prefix, suffixes, out: Path) -> dict:
+    """Kernel time of one eager decode step (1024 rows) and one prefill chunk, top kernels first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from extractor.backends.fast import FastDecoder
+    unique = max(len(s) for s in suffixes) + NEW
+    dec = FastDecoder(model, prefix, slots=1024, unique_len=unique, eos_ids=[])
+    chunk = sorted(suffixes, key=len)[len(suffixes) // 2:][:64]
+    tables = {}
+    with torch.inference_mode():
+        dec._prefill(list(range(len(chunk))), chunk)
+        dec._step(1024)
+        sync()
+        for name, fn in (("prefill_64x~300", lambda: dec._prefill(list(range(len(chunk))), chunk)),
+                         ("decode_step_1024", lambda: dec._step(1024))):
+            with torch_profile(activities=[ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU]) as prof:
+                fn()
+                sync()
+            tables[name] = prof.key_averages().table(sort_by=f"{DEVICE}_time_total", row_limit=14, max_name_column_width=60)
+    text = "\n\n".join(f"== {k}\n{v}" for k, v in tables.items())
+    (out / "profile.txt").write_text(text)
+    print(text, flush=True)
+    del dec
+    empty_cache()
+    return {"written": "profile.txt"}
+
+
+# -- the run path ----------------------------------------------------------------------------------------
+def run_path(model, work: Path, n: int, constrained: bool, window: int = 256) -> dict:
+    """Predictor + Run, as `extractor run` builds them, over a text corpus shaped like the anchor."""
+    from extractor.backends.base import GenParams
+    from extractor.backends.hf import HFBackend
+    from extractor.pipeline import Predictor, Run, RunOptions, run_key
+    from extractor.tasks import load_task
+    tokenizer = _tokenizer(work)
+    backend = HFBackend.from_loaded(model, tokenizer, work / "model")
+    backend.fast_mode = "on"
+    corpus = _corpus(work, tokenizer, n)
+    task = load_task("jd_requirements")
+    params = GenParams(max_new_tokens=NEW, constrained=constrained)
+    out = work / f"run_{'constrained' if constrained else 'plain'}.jsonl"
+    opts = RunOptions(corpus=corpus, out=out, params=params, window=window, quiet=True, overwrite=True)
+    predictor = Predictor(task, backend, params, max_input_tokens=4096)
+    job = Run(predictor, opts, out)
+    job.prepare(run_key(task, backend, predictor, opts))
+    import cProfile
+    import pstats
+    prof = cProfile.Profile() if constrained else None
+    sync()
+    t = time.perf_counter()
+    if prof:
+        prof.enable()
+    summary = job.execute(set())
+    sync()
+    if prof:
+        prof.disable()
+        import io
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(16)
+        (work.parent / "constrained_profile.txt").write_text(buf.getvalue())
+    wall = time.perf_counter() - t
+    dec = backend._fast_decoder
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    statuses = {}
+    for r in rows:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    constraint = getattr(backend, "last_constraint", None)
+    res = row(summary.output_tokens, summary.new, wall, statuses=statuses,
+              constraint=dict(constraint.stats) if constraint is not None else None,
+              prefix_tokens=len(dec.prefix), slots=dec.slots, time_split=dict(dec.stats),
+              mean_prompt_tokens=sum(r["prompt_tokens"] for r in rows) / len(rows),
+              mean_output_tokens=sum(r["output_tokens"] for r in rows) / len(rows), window=window)
+    backend._fast_decoder = None
+    empty_cache()
+    return res
+
+
+def _tokenizer(work: Path):
+    from extractor.testing import tokenizer_corpus, train_tokenizer
+    path = work / "model"
+    if not (path / "tokenizer.json").exists():
+        tok = train_tokenizer(tokenizer_corpus(3000), vocab_size=4096)
+        tok.save_pretrained(path)
+        (path / "config.json").write_text(json.dumps({"model_type": "qwen2", **QWEN["1.5b"]}))
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _corpus(work: Path, tokenizer, n: int) -> Path:
+    """Postings glued together and cut to 64-448 tokens each (seeded), as JSONL."""
+    from extractor.synth import generate
+    path = work / f"corpus{n}.jsonl"
+    if path.exists():
+        return path
+    rng = random.Random(0)
+    texts = [rec["text"] for rec, _ in generate(4 * n, seed=3, lang="mix", split="all")]
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            want, ids = (rng.randint(64, 448) if NEW == 128 else rng.randint(4, 40)), []
+            while len(ids) < want:
+                ids += tokenizer(texts[rng.randrange(len(texts))] + " ", add_special_tokens=False)["input_ids"]
+            fh.write(json.dumps({"id": f"r{i}", "text": tokenizer.decode(ids[:want])}, ensure_ascii=False) + "\n")
+    return path
+
+
+# -- the table ----------------------------------------------------------------------------------------
+def table(res: Results) -> str:
+    d = res.data
+    floor = d.get("floor_tok_s")
+    base = d.get("static_bs128", {}).get("tok_s")
+    base_eos = d.get("static_bs128_eos", {}).get("tok_s")
+    lines = [f"card: {d.get('card')}; torch {d.get('torch')}, transformers {d.get('transformers')}; "
+             f"bf16 matmul {d.get('bf16_tflops', 0):.0f} TFLOP/s; compute floor {floor or 0:,.0f} tok/s; "
+             f"N = {d.get('n')}", "",
+             "| path | workload | output tok/s | records/s | x static bs128 (same workload) | of floor |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key, label, wl in [("sequential", "sequential `generate`, batch 1", "fixed"),
+                           ("static_bs128", "static `generate`, batch 128", "fixed"),
+                           ("generate_batch", "`generate_batch` (continuous batching)", "fixed"),
+                           ("fast", "FastDecoder", "fixed"),
+                           ("run_path", "`extractor run` path (hf, fast)", "fixed, text"),
+                           ("run_path_constrained", "`extractor run` path, --constrained", "text, JSON"),
+                           ("static_bs128_eos", "static `generate`, batch 128", "EOS at 16-128"),
+                           ("fast_eos", "FastDecoder", "EOS at 16-128"),
+                           ("fast_7b", "FastDecoder, 7B config", "fixed")]:
+        r = d.get(key)
+        if not r:
+            continue
+        ref = base_eos if "eos" in key else base
+        ratio = f"{r['tok_s'] / ref:.1f}x" if ref and "7b" not in key else "-"
+        of_floor = f"{r['tok_s'] / floor:.0%}" if floor and "eos" not in key and "7b" not in key else "-"
+        lines.append(f"| {label} | {wl} | {r['tok_s']:,.0f} | {r['records_s']:,.1f} | {ratio} | {of_floor} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=1024)
-    parser.add_argument("--slots", type=int, default=256)
-    parser.add_argument("--refill", type=int, default=64)
     parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--parts", default="baselines,fast,eos,check,run,7b")
+    parser.add_argument("--seq-records", type=int, default=3)
+    parser.add_argument("--gb-records", type=int, default=256, help="generate_batch runs on this many")
+    parser.add_argument("--eos-static-records", type=int, default=512)
+    parser.add_argument("--smoke", action="store_true", help="tiny config on CPU: checks the harness, not speed")
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    if args.smoke:
+        global DEVICE, PREFIX, NEW
+        DEVICE, PREFIX, NEW = "cpu", 24, 12
+        tiny = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=256, vocab_size=151936, tie_word_embeddings=True, head_dim=32)
+        QWEN.update({"1.5b": tiny, "7b": dict(tiny, num_attention_heads=4, num_key_value_heads=1)})
+    parts = set(args.parts.split(","))
     import transformers
-    from extractor.backends.fast import FastDecoder
-    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "n": args.n, "slots": args.slots, "bf16_tflops": matmul_tflops()}
-    cfg = Qwen2Config(**QWEN_1_5B, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-    params = sum(p.numel() for p in model.parameters())
-    prefix, suffixes = workload(args.n)
+    res = Results(Path(args.out))
+    res["card"] = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)"
+    res["torch"], res["transformers"], res["n"] = torch.__version__, transformers.__version__, args.n
+    res["bf16_tflops"] = matmul_tflops()
+    model, params = build("1.5b")
+    prefix, suffixes, stops = workload(args.n)
     prompts = [prefix + s for s in suffixes]
-    tokens_out = args.n * NEW
-    res["compute_floor_tok_s"] = tokens_out / (2 * params * (sum(map(len, prompts)) + tokens_out)
-                                               / (res["bf16_tflops"] * 1e12))
+    all_tokens = sum(map(len, prompts)) + args.n * NEW
+    res["floor_tok_s"] = args.n * NEW / (2 * params * all_tokens / (res["bf16_tflops"] * 1e12))
+    ref = None
     with torch.inference_mode():
-        t = time.perf_counter()
-        base = static_generate(model, prompts, 128)
-        res["static_bs128_tok_s"] = tokens_out / (time.perf_counter() - t)
-    print(res, flush=True)
-    max_len = PREFIX + 448 + NEW + 2
-    for mode in ("eager", "graph"):
-        fd = FastDecoder(model, slots=args.slots, max_len=max_len, eos_ids=[])
-        fd.set_prefix(prefix)
-        fd.set_spans(range(PREFIX + 128, max_len, 128))
-        if mode == "graph":
-            fd.capture()
-        fd.generate(suffixes[:8], max_new=4, refill=args.refill)  # warm-up
-        torch.cuda.synchronize()
-        fd.stats = {k: 0 for k in fd.stats}
-        t = time.perf_counter()
-        got = fd.generate(suffixes, max_new=NEW, refill=args.refill)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        stats = dict(fd.stats)
-        produced = sum(len(toks) for toks, _ in got)
-        same = sum(toks == ref for (toks, _), ref in zip(got, base))
-        first16 = sum(toks[:16] == ref[:16] for (toks, _), ref in zip(got, base))
-        res[f"fast_{mode}"] = {"tok_s": produced / dt, "records_s": args.n / dt, "seconds": dt,
-                               "ratio_to_static_bs128": produced / dt / res["static_bs128_tok_s"],
-                               "fraction_of_floor": produced / dt / res["compute_floor_tok_s"],
-                               "equal_to_generate": same, "first16_equal": first16, "time_split": stats}
-        print(mode, res[f"fast_{mode}"], flush=True)
-        del fd
-        torch.cuda.empty_cache()
-    res["fp32_check"] = fp32_check(model, prefix, suffixes[:8])
-    print("fp32", res["fp32_check"], flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_fast.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+        if "baselines" in parts:
+            k = args.seq_records
+            static_generate(model, prompts[:1], 1)
+            outs, dt = timed(lambda: static_generate(model, prompts[:k], 1))
+            res["sequential"] = row(sum(map(len, outs)), k, dt, records_measured=k)
+            ref, dt = timed(lambda: static_generate(model, prompts, 128))
+            res["static_bs128"] = row(sum(map(len, ref)), args.n, dt)
+            m = args.gb_records
+            try:
+                tokens, dt = generate_batch(model, prompts[:m])
+                res["generate_batch"] = row(tokens, m, dt, records_measured=m)
+            except Exception as exc:  # noqa: BLE001 - a transformers API change must not lose the rest
+                res["generate_batch"] = None
+                res["generate_batch_error"] = f"{type(exc).__name__}: {exc}"[:400]
+            m = args.eos_static_records
+            outs, dt = timed(lambda: static_generate(model, prompts[:m], 128, stops[:m]))
+            res["static_bs128_eos"] = row(sum(map(len, outs)), m, dt, records_measured=m,
+                                          stops_honoured=sum(len(o) == s for o, s in zip(outs, stops)))
+    if "fast" in parts:
+        got, r = fast_run(model, prefix, suffixes, NEW)
+        if ref is not None:
+            r["agreement_with_static_bf16"] = agreement(got, ref)
+        res["fast"] = r
+    if "eos" in parts:
+        got, r = fast_run(model, prefix, suffixes, stops)
+        r["stops_honoured"] = sum(len(t) == s for (t, _), s in zip(got, stops))
+        res["fast_eos"] = r
+    if "profile" in parts:
+        res["profile"] = profile(model, prefix, suffixes, Path(args.out))
+    if "check" in parts:
+        res["fp32_check"] = fp32_check(model, prefix, suffixes[:8])
+    if "run" in parts or "constrained" in parts:
+        work = Path(args.out) / "work"
+        if "run" in parts:
+            res["run_path"] = run_path(model, work, args.n, constrained=False)
+        res["run_path_constrained"] = run_path(model, work, args.n, constrained=True)
+    del model
+    empty_cache()
+    if "7b" in parts:
+        model, params7 = build("7b")
+        _, r = fast_run(model, prefix, suffixes, NEW)
+        r["params"] = params7
+        res["fast_7b"] = r
+    text = table(res)
+    print(text, flush=True)
+    (Path(args.out) / "gpu_fast.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

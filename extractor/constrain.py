@@ -72,6 +72,8 @@ class Grammar:
         self.token_texts = _token_texts(tokenizer, vocab_size)
         self.closing_ids = [i for i, t in enumerate(self.token_texts) if t and set(t) <= CLOSING_CHARS]
         self._by_first: dict[str, list[int]] = {}
+        self._candidates: dict[str, list[int]] = {}
+        self._init_string_fast_path(schema, set(tokenizer.all_special_ids) | set(self.info.special_token_ids))
         # Closing starts when a row's remaining budget is about its closing cost plus the cost of one more
         # array item (a single token such as `},{` can add that much); costs are simulated only inside
         # the watch window, which bounds the cost from any state.
@@ -82,26 +84,81 @@ class Grammar:
     def matcher(self):
         return self.xgr.GrammarMatcher(self.compiled)
 
+    def _init_string_fast_path(self, schema: dict, special: set) -> None:
+        """What lets BatchConstraint skip the grammar inside free-form strings. A "safe" token is whole
+        UTF-8 text with no quote, backslash or control character: inside a string with no length, pattern
+        or format limits, once the string may close, such a token leaves the grammar state (and so the
+        mask) as it was. Schemas with those limits never take the fast path."""
+        safe = np.array([bool(t) and i not in special and "\ufffd" not in t and '"' not in t and "\\" not in t
+                         and all(ord(c) >= 0x20 for c in t) for i, t in enumerate(self.token_texts)])
+        self.safe = safe
+        self.safe_words = np.packbits(np.pad(safe, (0, -len(safe) % 32)), bitorder="little").view("<i4")
+        quotes = [i for i, t in enumerate(self.token_texts) if t == '"']
+        self.quote_id = quotes[0] if quotes else None
+        self.free_strings = self.quote_id is not None and not _has_keyword(schema, {"maxLength", "pattern", "format"})
+        self.skeleton_exact = self.free_strings and not _has_keyword(schema, {"enum", "const", "anyOf", "oneOf",
+                                                                              "minimum", "maximum",
+                                                                              "exclusiveMinimum", "exclusiveMaximum"})
+        self.min_cap = max([0] + _keyword_values(schema, "minLength"))
+        self.cost_cache: dict = {}  # skeleton key -> closing cost (only where skeleton_exact)
+
     def closing_cost(self, matcher=None, scanner: "JsonScanner | None" = None, cap: int = 512,
                      deep: bool = False) -> int:
         """Tokens closing mode needs to finish a value from this state (simulated on a fork). With deep,
         every array first gets one item: an upper bound of the cost from states inside items."""
+        if not deep:
+            cost = self._closing_cost_text(matcher, scanner, cap)
+            if cost is not None:
+                return cost
         sim = matcher.fork() if matcher is not None else self.matcher()
         scan = scanner.copy() if scanner is not None else JsonScanner()
         bitmask = self.allocate_bitmask(1)
+        words = bitmask[0].numpy()
         for step in range(cap):
             if sim.is_terminated():
                 return step
             sim.fill_next_token_bitmask(bitmask, 0)
-            allowed = unpack_bitmask_row(bitmask, 0, self.vocab_size)
+            allowed = PackedAllowed(words)  # bit tests on the few candidates, no unpacking of the vocab
             token = self._item_opener(allowed) if deep and scan.just_opened_array else None
             if token is None:
                 token = self.closing_token(sim, allowed, scan)
             if token is None:  # the grammar needs content (e.g. an enum value): take any allowed token
-                token = int(np.flatnonzero(allowed)[0])
+                token = int(np.flatnonzero(unpack_bitmask_row(bitmask, 0, self.vocab_size))[0])
             sim.accept_token(token)
             scan.feed(self.token_texts[token])
         return cap
+
+    def _closing_cost_text(self, matcher, scanner, cap: int) -> int | None:
+        """closing_cost at the string level: the closing path is the grammar's forced text and the closing
+        brackets, in turn; its tokens are counted as closing mode picks them (longest token that starts the
+        text). About ten times cheaper than the token-level walk; None where the path needs content."""
+        sim = matcher.fork() if matcher is not None else self.matcher()
+        scan = scanner.copy() if scanner is not None else JsonScanner()
+        tokens = 0
+        while tokens < cap:
+            if sim.is_terminated():
+                return tokens
+            if sim.is_completed():
+                return tokens + 1  # the stop token
+            text = _forced(sim)
+            if text and not sim.accept_string(text):
+                return None
+            if not text:
+                close = scan.closing_text()
+                text = next((close[:k] for k in range(len(close), 0, -1) if sim.accept_string(close[:k])), "")
+                if not text:
+                    return None  # the grammar wants content first (e.g. a minimum length): walk tokens
+            tokens += self._greedy_tokens(text)
+            scan.feed(text)
+        return cap
+
+    def _greedy_tokens(self, text: str) -> int:
+        n = pos = 0
+        while pos < len(text):
+            found = self._prefix_candidates(text[pos:])
+            pos += len(self.token_texts[found[0]]) if found else 1
+            n += 1
+        return n
 
     def allocate_bitmask(self, rows: int):
         return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
@@ -132,17 +189,46 @@ class Grammar:
         return None
 
     def _longest_prefix_token(self, target: str, allowed) -> int | None:
-        best, best_len = None, 0
-        for i in self.closing_ids + self._prefix_ids(target[0]):
-            text = self.token_texts[i]
-            if len(text) > best_len and allowed[i] and target.startswith(text):
-                best, best_len = i, len(text)
-        return best
+        for i in self._prefix_candidates(target):
+            if allowed[i]:
+                return i
+        return None
+
+    def _prefix_candidates(self, target: str) -> list[int]:
+        """Token ids whose text starts `target`, longest first (targets repeat: keys, closing brackets)."""
+        found = self._candidates.get(target)
+        if found is None:
+            ids = {i for i in self.closing_ids + self._prefix_ids(target[0]) if target.startswith(self.token_texts[i])}
+            found = sorted(ids, key=lambda i: (-len(self.token_texts[i]), i))
+            if len(self._candidates) < 4096:
+                self._candidates[target] = found
+        return found
 
     def _prefix_ids(self, first: str) -> list[int]:
         if first not in self._by_first:
             self._by_first[first] = [i for i, t in enumerate(self.token_texts) if t[:1] == first]
         return self._by_first[first]
+
+
+def _has_keyword(schema, names: set) -> bool:
+    if isinstance(schema, dict):
+        return any(k in names for k in schema) or any(_has_keyword(v, names) for v in schema.values())
+    if isinstance(schema, list):
+        return any(_has_keyword(v, names) for v in schema)
+    return False
+
+
+def _keyword_values(schema, name: str) -> list:
+    found = []
+    if isinstance(schema, dict):
+        if isinstance(schema.get(name), int):
+            found.append(schema[name])
+        for v in schema.values():
+            found += _keyword_values(v, name)
+    elif isinstance(schema, list):
+        for v in schema:
+            found += _keyword_values(v, name)
+    return found
 
 
 def _forced(matcher) -> str:
@@ -188,10 +274,70 @@ class JsonScanner:
         return ('"' if self.in_string else "") + "".join(reversed(self.stack))
 
 
+class SkeletonScanner(JsonScanner):
+    """A JsonScanner that also keeps the output's skeleton: the text outside strings and the text of object
+    keys, with other strings' contents dropped (only their length up to `min_cap` kept). Where the schema
+    leaves strings free and never branches on content (Grammar.skeleton_exact), the skeleton fixes the
+    grammar state, so rows with equal skeletons share closing costs."""
+
+    def __init__(self, min_cap: int = 0):
+        super().__init__()
+        self.skeleton = ""
+        self.in_key = False
+        self.str_len = 0
+        self.min_cap = min_cap
+        self.clean = True  # False after a token that ends inside a multi-byte character
+
+    def feed(self, text: str) -> None:
+        self.clean = "\ufffd" not in text
+        out = []
+        for ch in text:
+            self.just_opened_array = ch == "[" and not self.in_string
+            if self.in_string:
+                if self.escape:
+                    self.escape = False
+                elif ch == "\\":
+                    self.escape = True
+                elif ch == '"':
+                    self.in_string = False
+                    out.append('"')
+                    continue
+                if self.in_key:
+                    out.append(ch)
+                else:
+                    self.str_len = min(self.str_len + 1, self.min_cap)
+            elif ch == '"':
+                before = (self.skeleton + "".join(out)).rstrip(" ")
+                self.in_key = bool(self.stack) and self.stack[-1] == "}" and before[-1:] in ("{", ",")
+                self.in_string, self.str_len = True, 0
+                out.append('"')
+            else:
+                out.append(ch)
+                if ch in "[{":
+                    self.stack.append("]" if ch == "[" else "}")
+                elif ch in "]}" and self.stack:
+                    self.stack.pop()
+        self.skeleton += "".join(out)
+
+    def key(self):
+        return self.skeleton, self.in_string, self.escape, self.str_len
+
+
 def _token_texts(tokenizer, vocab_size: int) -> list[str]:
     """Decoded text of every token id (empty past the tokenizer's own size: padding rows)."""
     n = min(vocab_size, len(tokenizer))
     return tokenizer.batch_decode([[i] for i in range(n)]) + [""] * (vocab_size - n)
+
+
+class PackedAllowed:
+    """`allowed[i]` over xgrammar's packed bitmask row (bit i of word w: token 32w+i)."""
+    __slots__ = ("words",)
+
+    def __init__(self, words):
+        self.words = words
+
+    def __getitem__(self, i: int) -> bool:
+        return bool((int(self.words[i >> 5]) >> (i & 31)) & 1)
 
 
 def unpack_bitmask_row(bitmask, row: int, vocab_size: int) -> np.ndarray:
@@ -255,7 +401,8 @@ class SchemaLogitsProcessor:
 
 class _Row:
     """One record's grammar state inside a BatchConstraint."""
-    __slots__ = ("matcher", "budget", "used", "tokens", "scanner", "closing", "next_check")
+    __slots__ = ("matcher", "budget", "used", "tokens", "scanner", "closing", "next_check", "fast",
+                 "deferred", "fast_cost")
 
     def __init__(self, matcher, budget: int):
         self.matcher, self.budget, self.used = matcher, int(budget), 0
@@ -263,20 +410,28 @@ class _Row:
         self.scanner: JsonScanner | None = None  # built once the row nears its budget
         self.closing = False
         self.next_check = 0
+        self.fast = False  # inside a free string: the mask is the cached one, tokens wait in `deferred`
+        self.deferred: list[int] = []
+        self.fast_cost: int | None = None  # closing cost from inside this string (the same all along it)
 
 
 class BatchConstraint:
-    """Grammar masks for FastDecoder's packed rows: one matcher per record, masks filled in one batched
-    xgrammar call (native threads) while the GPU runs the decode step, then closing mode as in
-    SchemaLogitsProcessor. Closing costs are simulated only when a row could have to close soon: a token
-    raises the cost by at most `item_cost`, so after a check the next one waits for the slack to run out."""
+    """Grammar masks for FastDecoder's packed rows, kept per cache slot on the GPU.
+
+    Each step, rows whose new token is ordinary text inside a free-form string keep their mask (the grammar
+    state does not change: see Grammar._init_string_fast_path) and only queue the token for their matcher;
+    the other rows accept their tokens and get new masks in one batched xgrammar call. Only changed mask
+    rows travel to the GPU. Closing mode is SchemaLogitsProcessor's: a row closes once its remaining budget
+    is about its closing cost plus one array item. Costs are simulated only when a row could have to close
+    soon: a token raises the cost by at most `item_cost`, so after a check the next one waits for the slack
+    to run out, and inside a free string the cost is computed once."""
 
     def __init__(self, grammar: Grammar, threads="auto"):
         self.g = grammar
         self.batch = grammar.xgr.BatchGrammarMatcher(threads)
-        self.rows: dict[int, _Row] = {}
-        self.bitmask = None
-        self.stats = {"cpu_s": 0.0, "cost_checks": 0}
+        self.rows: dict = {}
+        self.host = self.device_table = None
+        self.stats = {"cpu_s": 0.0, "cost_checks": 0, "fills": 0, "fast_tokens": 0}
 
     def start(self, requests, budgets) -> None:
         for r, b in zip(requests, budgets):
@@ -285,64 +440,152 @@ class BatchConstraint:
     def release(self, request) -> None:
         self.rows.pop(request, None)
 
-    def mask_first(self, requests, logits) -> None:
-        self._mask([self.rows[r] for r in requests], logits)
+    def mask_first(self, requests, logits, slots) -> None:
+        """Masks for newly admitted records' first tokens (logits in the order of `requests`)."""
+        import time
+        t0 = time.perf_counter()
+        rows = [self.rows[r] for r in requests]
+        self._table(len(slots) and int(max(slots)) + 1, logits.device)
+        self._fill(rows, [int(s) for s in slots])
+        self._apply(rows, [int(s) for s in slots], logits, t0)
 
-    def hook(self, requests, last_tokens):
-        """A callable for the decode step: accept each row's previous token, then mask the new logits."""
+    def hook(self, requests, last_tokens, slots):
+        """A callable for the decode step: take in each row's previous token, then mask the new logits."""
         rows = [self.rows[r] for r in requests]
         tokens = [int(t) for t in last_tokens]
+        slots = [int(s) for s in slots]
 
         def apply(logits):
             import time
             t0 = time.perf_counter()
-            self.batch.batch_accept_token([row.matcher for row in rows], tokens)
-            for row, t in zip(rows, tokens):
+            refill_rows, refill_slots, accept_m, accept_t = [], [], [], []
+            safe = self.g.safe
+            for row, t, slot in zip(rows, tokens, slots):
                 row.tokens.append(t)
                 row.used += 1
+                if row.fast and safe[t]:
+                    row.deferred.append(t)
+                    if row.scanner is not None and row.scanner.str_len < row.scanner.min_cap:
+                        row.scanner.feed(self.g.token_texts[t])
+                    continue
+                self._flush(row)
+                row.fast = False
+                row.fast_cost = None
+                accept_m.append(row.matcher)
+                accept_t.append(t)
                 if row.scanner is not None:
                     row.scanner.feed(self.g.token_texts[t])
-            self._mask(rows, logits, t0)
+                refill_rows.append(row)
+                refill_slots.append(slot)
+            self.stats["fast_tokens"] += len(rows) - len(refill_rows)
+            if accept_m:
+                self.batch.batch_accept_token(accept_m, accept_t)
+            self._table(max(slots) + 1, logits.device)
+            self._fill(refill_rows, refill_slots)
+            self._apply(rows, slots, logits, t0)
         return apply
 
-    def _mask(self, rows: list[_Row], logits, t0: float | None = None) -> None:
+    # -- masks -----------------------------------------------------------------------------------------
+    def _table(self, slots: int, device) -> None:
+        """Host (pinned) and device mask tables with a row per cache slot."""
+        import torch
+        if self.host is not None and self.host.shape[0] >= slots:
+            return
+        rows = max(slots, 64, 0 if self.host is None else 2 * self.host.shape[0])
+        self.cuda = device.type == "cuda"
+        host = self.g.allocate_bitmask(rows)
+        self.host = host.pin_memory() if self.cuda else host
+        self.staging = self.host.clone().pin_memory() if self.cuda else self.host.clone()
+        self.device_table = self.host.to(device)
+
+    def _to_device(self, values: list[int], device):
+        """A small index tensor on the device without waiting for the GPU (pinned, asynchronous copy)."""
+        import torch
+        t = torch.tensor(values, dtype=torch.long)
+        return t.pin_memory().to(device, non_blocking=True) if self.cuda else t
+
+    def _fill(self, rows: list[_Row], slots: list[int]) -> None:
+        """New masks for these rows (written in their slots' rows), sent to the device table; a row whose
+        mask admits every safe token and a closing quote is inside a free string: its fast path starts."""
+        import torch
+        if not rows:
+            return
+        self.stats["fills"] += len(rows)
+        self.batch.batch_fill_next_token_bitmask([r.matcher for r in rows], self.host, slots)
+        staged = self.staging[: len(slots)]
+        torch.index_select(self.host, 0, torch.tensor(slots, dtype=torch.long), out=staged)
+        device = self.device_table.device
+        self.device_table.index_copy_(0, self._to_device(slots, device), staged.to(device, non_blocking=True))
+        if self.g.free_strings:
+            words = self.host.numpy()[slots]
+            safe = self.g.safe_words
+            q = self.g.quote_id
+            in_free = ((words & safe) == safe).all(axis=1) & (((words[:, q >> 5] >> (q & 31)) & 1) == 1)
+            for row, fast in zip(rows, in_free.tolist()):
+                row.fast = fast
+
+    def _apply(self, rows: list[_Row], slots: list[int], logits, t0: float) -> None:
         import time
 
         import torch
-        t0 = t0 or time.perf_counter()
-        if self.bitmask is None or self.bitmask.shape[0] < len(rows):
-            self.bitmask = self.g.allocate_bitmask(max(len(rows), 64))
-            if logits.device.type == "cuda":
-                self.bitmask = self.bitmask.pin_memory()
-        bitmask = self.bitmask[: len(rows)]
-        self.batch.batch_fill_next_token_bitmask([row.matcher for row in rows], bitmask)
-        forced = self._closing_tokens(rows, bitmask)
+        forced = self._closing_tokens(rows, slots)
         self.stats["cpu_s"] += time.perf_counter() - t0
-        self.g.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+        index = self._to_device(slots, logits.device)
+        self.g.xgr.apply_token_bitmask_inplace(logits, self.device_table.index_select(0, index),
                                                vocab_size=self.g.vocab_size)
         if forced:
-            index = torch.tensor(list(forced), device=logits.device)
-            logits[index] = torch.finfo(logits.dtype).min
-            logits[index, torch.tensor(list(forced.values()), device=logits.device)] = 0
+            at = self._to_device(list(forced), logits.device)
+            logits[at] = torch.finfo(logits.dtype).min
+            logits[at, self._to_device(list(forced.values()), logits.device)] = 0
 
-    def _closing_tokens(self, rows: list[_Row], bitmask) -> dict[int, int]:
-        """Rows in closing mode and the token each must take."""
+    def _flush(self, row: _Row) -> None:
+        """Give the matcher the tokens it skipped inside a string (their text, in one call)."""
+        if row.deferred:
+            row.matcher.accept_string("".join(self.g.token_texts[t] for t in row.deferred))
+            row.deferred.clear()
+
+    # -- closing mode --------------------------------------------------------------------------------------
+    def _closing_tokens(self, rows: list[_Row], slots: list[int]) -> dict[int, int]:
+        """Rows (positions in `rows`) in closing mode and the token each must take."""
         forced: dict[int, int] = {}
         for i, row in enumerate(rows):
             remaining = row.budget - row.used
             if remaining > self.g.watch_window:
                 continue
             if row.scanner is None:
-                row.scanner = JsonScanner()
-                row.scanner.feed("".join(self.g.token_texts[t] for t in row.tokens))
-            if not row.closing and row.used >= row.next_check:
-                self.stats["cost_checks"] += 1
-                slack = remaining - self.g.closing_cost(row.matcher, row.scanner) - self.g.item_cost
-                row.closing = slack <= 0
-                row.next_check = row.used + max(1, slack // (self.g.item_cost + 1))
+                row.scanner = SkeletonScanner(self.g.min_cap)
+                for t in row.tokens:
+                    row.scanner.feed(self.g.token_texts[t])
+            if not row.closing:
+                cost = self._cost(row)
+                if cost is None:
+                    continue
+                row.closing = remaining <= cost + self.g.item_cost
             if row.closing:
-                allowed = unpack_bitmask_row(bitmask, i, self.g.vocab_size)
-                token = self.g.closing_token(row.matcher, allowed, row.scanner)
+                self._flush(row)
+                row.fast = False
+                token = self.g.closing_token(row.matcher, PackedAllowed(self.host[slots[i]].numpy()), row.scanner)
                 if token is not None:
                     forced[i] = token
         return forced
+
+    def _cost(self, row: _Row) -> int | None:
+        """The row's closing cost, or None where the slack since the last check cannot have run out."""
+        if row.fast and row.fast_cost is not None:
+            return row.fast_cost
+        key = row.scanner.key() if self.g.skeleton_exact and row.scanner.clean else None
+        if key is not None and key in self.g.cost_cache:
+            self.stats["cost_cached"] = self.stats.get("cost_cached", 0) + 1
+            return self.g.cost_cache[key]
+        if row.used < row.next_check and not row.fast:
+            return None
+        self._flush(row)
+        self.stats["cost_checks"] += 1
+        cost = self.g.closing_cost(row.matcher, row.scanner)
+        if key is not None and len(self.g.cost_cache) < 100_000:
+            self.g.cost_cache[key] = cost
+        if row.fast:
+            row.fast_cost = cost
+        slack = row.budget - row.used - cost - self.g.item_cost
+        row.next_check = row.used + max(1, slack // (self.g.item_cost + 1))
+        return cost

@@ -108,6 +108,7 @@ class FastDecoder:
         self._host = torch.zeros(3, slots, dtype=torch.long, pin_memory=pinned)
         self.buckets = buckets_up_to(slots)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._use_graphs, self._pool = False, None
         self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "steps": 0, "padded_rows": 0}
 
     # -- model pieces --------------------------------------------------------------------------------
@@ -203,12 +204,13 @@ class FastDecoder:
         self._hidden[:b].copy_(hidden[:, 0])
 
     def capture(self) -> None:
-        """Capture the decode step as one CUDA graph per batch bucket (CUDA only)."""
-        if self.device.type != "cuda" or self._graphs:
-            return
-        self._reset_inputs(self.slots)
-        pool = None
-        for b in reversed(self.buckets):  # largest first: the shared pool is sized by it
+        """Decode steps run as CUDA graphs from now on (CUDA only): one graph per batch bucket, captured when
+        a step first needs it (a fixed-length job touches a few buckets; capture costs ~0.1 s each)."""
+        self._use_graphs = self.device.type == "cuda"
+
+    def _graph(self, b: int):
+        graph = self._graphs.get(b)
+        if graph is None:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.inference_mode():
@@ -216,16 +218,11 @@ class FastDecoder:
                     self._step(b)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+            with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
                 self._step(b)
-            pool = graph.pool()
+            self._pool = graph.pool()
             self._graphs[b] = graph
-
-    def _reset_inputs(self, b: int) -> None:
-        """Padding rows: scratch slot, first position of the slot (always inside the cache)."""
-        self._ids[:b].zero_()
-        self._slot[:b].fill_(self.slots)
-        self._pos[:b].fill_(len(self.prefix))
+        return graph
 
     def _decode(self, live: np.ndarray, tokens: np.ndarray, own: np.ndarray, logits_hook=None) -> np.ndarray:
         """One step for the live slots (packed into the smallest bucket that holds them): next tokens."""
@@ -239,8 +236,8 @@ class FastDecoder:
         host[0, n:], host[1, n:], host[2, n:] = 0, self.slots, len(self.prefix)
         staged = host.to(self.device, non_blocking=True)
         self._ids[:b], self._slot[:b], self._pos[:b] = staged[0], staged[1], staged[2]
-        if b in self._graphs:
-            self._graphs[b].replay()
+        if self._use_graphs:
+            self._graph(b).replay()
         else:
             self._step(b)
         logits = self.model.lm_head(self._hidden[:n])
@@ -294,7 +291,7 @@ class FastDecoder:
                     return
                 continue
             t0 = time.perf_counter()
-            hook = None if constraint is None else constraint.hook(st.keys_of(live), st.last[live])
+            hook = None if constraint is None else constraint.hook(st.keys_of(live), st.last[live], live)
             toks = self._decode(live, st.last[live], st.own[live], hook)
             self.stats["decode_s"] += time.perf_counter() - t0
             self.stats["steps"] += 1
@@ -338,7 +335,7 @@ class FastDecoder:
             logits = self._prefill(slots.tolist(), [it[1] for it in chunk])
             if constraint is not None:
                 constraint.start([it[0] for it in chunk], [it[2] for it in chunk])
-                constraint.mask_first([it[0] for it in chunk], logits)
+                constraint.mask_first([it[0] for it in chunk], logits, slots)
             first = logits.argmax(-1).cpu().numpy()
             self.stats["prefills"] += 1
             st.take(slots, chunk, first)

@@ -212,7 +212,8 @@ class HFBackend(TokenizerBackend):
         if not params.constrained:
             return None
         from extractor.constrain import BatchConstraint
-        return BatchConstraint(self.grammar(schema))
+        self.last_constraint = BatchConstraint(self.grammar(schema))  # its stats: where the CPU time went
+        return self.last_constraint
 
     def _generation(self, prompt_tokens: int, tokens: list[int], finish: str) -> Generation:
         text = self.tokenizer.decode(tokens[:-1] if finish == STOP else tokens, skip_special_tokens=True)
