@@ -165,13 +165,16 @@ def fast_run(model, prefix, suffixes, budgets, slots=None):
     unique = max(len(s) for s in suffixes) + NEW
     slots = slots or (slots_for_memory(model, unique, DEVICE) if DEVICE == "cuda" else 16)
     (dec, build_s) = timed(lambda: FastDecoder(model, prefix, slots=slots, unique_len=unique, eos_ids=[]))
-    _, capture_s = timed(dec.capture)
-    dec.generate(suffixes[:8], max_new=4)  # warm-up (Triton autotune/compile of prefill shapes)
+    dec.capture()
+    # Warm-up: compiles (torch.compile, Triton) and captures the graphs a run of this shape needs.
+    _, warmup_s = timed(lambda: dec.generate(suffixes[:2 * slots] if slots < len(suffixes) else suffixes, max_new=budgets
+                                            if isinstance(budgets, int) else budgets[:2 * slots]))
     dec.stats = {k: 0 for k in dec.stats}
     got, dt = timed(lambda: dec.generate(suffixes, max_new=budgets))
     tokens = sum(len(t) for t, _ in got)
-    info = {"slots": slots, "buckets": len(dec.buckets), "attention": dec.attention, "setup_s": build_s,
-            "capture_s": capture_s, "time_split": dict(dec.stats)}
+    info = {"slots": slots, "buckets_captured": len(dec._graphs), "attention": dec.attention,
+            "compiled": dec.compiled, "flash_gqa": dec._flash_gqa, "setup_s": build_s, "warmup_s": warmup_s,
+            "time_split": dict(dec.stats)}
     del dec
     empty_cache()
     return got, row(tokens, len(suffixes), dt, **info)
@@ -240,53 +243,55 @@ def profile(model, prefix, suffixes, out: Path) -> dict:
 
 
 # -- the run path ----------------------------------------------------------------------------------------
-def run_path(model, work: Path, n: int, constrained: bool, window: int = 256) -> dict:
-    """Predictor + Run, as `extractor run` builds them, over a text corpus shaped like the anchor."""
-    from extractor.backends.base import GenParams
+def run_backend(model, work: Path):
+    """The hf backend `extractor run` builds, around the model already in memory (fast path on)."""
     from extractor.backends.hf import HFBackend
+    backend = HFBackend.from_loaded(model, _tokenizer(work), work / "model")
+    backend.fast_mode = "on"
+    return backend
+
+
+def run_path(backend, work: Path, n: int, constrained: bool, window: int = 256, profile_cpu: bool = False) -> dict:
+    """Predictor + Run, as `extractor run` builds them, over a text corpus shaped like the anchor."""
+    import cProfile
+    import io
+    import pstats
+
+    from extractor.backends.base import GenParams
     from extractor.pipeline import Predictor, Run, RunOptions, run_key
     from extractor.tasks import load_task
-    tokenizer = _tokenizer(work)
-    backend = HFBackend.from_loaded(model, tokenizer, work / "model")
-    backend.fast_mode = "on"
-    corpus = _corpus(work, tokenizer, n)
+    corpus = _corpus(work, backend.tokenizer, n)
     task = load_task("jd_requirements")
     params = GenParams(max_new_tokens=NEW, constrained=constrained)
-    out = work / f"run_{'constrained' if constrained else 'plain'}.jsonl"
+    out = work / f"run_{'constrained' if constrained else 'plain'}_{n}.jsonl"
     opts = RunOptions(corpus=corpus, out=out, params=params, window=window, quiet=True, overwrite=True)
     predictor = Predictor(task, backend, params, max_input_tokens=4096)
     job = Run(predictor, opts, out)
     job.prepare(run_key(task, backend, predictor, opts))
-    import cProfile
-    import pstats
-    prof = cProfile.Profile() if constrained else None
+    prof = cProfile.Profile() if profile_cpu else None
     sync()
     t = time.perf_counter()
     if prof:
         prof.enable()
     summary = job.execute(set())
     sync()
+    wall = time.perf_counter() - t
     if prof:
         prof.disable()
-        import io
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(16)
         (work.parent / "constrained_profile.txt").write_text(buf.getvalue())
-    wall = time.perf_counter() - t
     dec = backend._fast_decoder
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     statuses = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    constraint = getattr(backend, "last_constraint", None)
-    res = row(summary.output_tokens, summary.new, wall, statuses=statuses,
-              constraint=dict(constraint.stats) if constraint is not None else None,
-              prefix_tokens=len(dec.prefix), slots=dec.slots, time_split=dict(dec.stats),
-              mean_prompt_tokens=sum(r["prompt_tokens"] for r in rows) / len(rows),
-              mean_output_tokens=sum(r["output_tokens"] for r in rows) / len(rows), window=window)
-    backend._fast_decoder = None
-    empty_cache()
-    return res
+    constraint = getattr(backend, "last_constraint", None) if constrained else None
+    return row(summary.output_tokens, summary.new, wall, statuses=statuses,
+               constraint=dict(constraint.stats) if constraint is not None else None,
+               prefix_tokens=len(dec.prefix), slots=dec.slots, compiled=dec.compiled,
+               mean_prompt_tokens=sum(r["prompt_tokens"] for r in rows) / len(rows),
+               mean_output_tokens=sum(r["output_tokens"] for r in rows) / len(rows), window=window)
 
 
 def _tokenizer(work: Path):
@@ -409,9 +414,15 @@ def main() -> None:
         res["fp32_check"] = fp32_check(model, prefix, suffixes[:8])
     if "run" in parts or "constrained" in parts:
         work = Path(args.out) / "work"
+        backend = run_backend(model, work)
+        # One-time costs (grammar, decoder, compile, graphs) in a first small run, reported on their own.
+        _, res["run_path_warmup_s"] = timed(lambda: run_path(backend, work, 64, constrained="constrained" in parts))
         if "run" in parts:
-            res["run_path"] = run_path(model, work, args.n, constrained=False)
-        res["run_path_constrained"] = run_path(model, work, args.n, constrained=True)
+            res["run_path"] = run_path(backend, work, args.n, constrained=False)
+        if "constrained" in parts:
+            res["run_path_constrained"] = run_path(backend, work, args.n, constrained=True,
+                                                   profile_cpu="profile" in parts)
+        del backend
     del model
     empty_cache()
     if "7b" in parts:

@@ -95,3 +95,30 @@ def test_common_prefix_leaves_each_sequence_a_token():
     from extractor.backends.fast import common_prefix
     assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 3]]) == [1, 2]
     assert common_prefix([[5, 6], [7]]) == []
+
+
+@pytest.mark.parametrize("slots", [2, 5])
+def test_fast_decoder_early_stops_equal_generate(tiny_model, slots):
+    """Rows stopping at EOS mid-batch (the pipelined loop runs them one step over and drops that token;
+    their slots are refilled): outputs still equal `generate` with the same EOS."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    rng = random.Random(7)
+    prefix = [rng.randrange(5, 1000) for _ in range(12)]
+    suffixes = [[rng.randrange(5, 1000) for _ in range(rng.randint(2, 20))] for _ in range(10)]
+    free_run = FastDecoder(model, prefix, slots=slots, unique_len=40, eos_ids=[]).generate(suffixes, max_new=16)
+    counts = {}
+    for tokens, _ in free_run:
+        for t in set(tokens[1:8]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = max(counts, key=counts.get)  # a token many outputs reach early: several rows stop mid-batch
+    got = FastDecoder(model, prefix, slots=slots, unique_len=40, eos_ids=[eos]).generate(suffixes, max_new=16)
+    stops = 0
+    for suffix, (tokens, finish) in zip(suffixes, got):
+        ids = torch.tensor([prefix + suffix])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                             eos_token_id=eos, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        if eos in ref:
+            ref = ref[: ref.index(eos) + 1]
+        assert tokens == ref
+        stops += finish == "stop"
+    assert stops >= 3

@@ -75,7 +75,7 @@ class FastDecoder:
     most new tokens a record may get."""
 
     def __init__(self, model, prefix: list[int], slots: int, unique_len: int, eos_ids: list[int],
-                 attention: str = "auto", prefill_tokens: int = 32768):
+                 attention: str = "auto", prefill_tokens: int = 32768, compile: bool | None = None):
         self.model, self.core = model, model.model
         cfg = model.config
         self.layers = self.core.layers
@@ -96,6 +96,9 @@ class FastDecoder:
         shape = (cfg.num_hidden_layers, slots + 1, self.kv_heads, unique_len, self.head_dim)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self._flash_gqa = self.device.type == "cuda" and _flash_takes_gqa(self.device, self.dtype, self.head_dim)
+        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self._compile(self.compiled)
         self.prefix = list(prefix)
         self.pk = self.pv = None
         self._set_prefix(self.prefix)
@@ -106,6 +109,11 @@ class FastDecoder:
         self._hidden = torch.zeros(slots, cfg.hidden_size, dtype=self.dtype, device=self.device)
         pinned = self.device.type == "cuda"
         self._host = torch.zeros(3, slots, dtype=torch.long, pin_memory=pinned)
+        # The pipelined loop (_stream_pipelined): two sets of staging and token buffers, used in turn.
+        self._stage = [torch.zeros(4, slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._tok_dev = [torch.zeros(slots, dtype=torch.long, device=self.device) for _ in range(2)]
+        self._tok_host = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._events = [torch.cuda.Event() for _ in range(2)] if pinned else None
         self.buckets = buckets_up_to(slots)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._use_graphs, self._pool = False, None
@@ -117,8 +125,10 @@ class FastDecoder:
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    def _qkv(self, attn, h, cos, sin):
-        """q [B, H, T, D], k/v [B, KVH, T, D] with rotary embedding applied."""
+    def _pre(self, layer, x, cos, sin):
+        """Norm, q/k/v projections and rotary embedding: q [B, H, T, D], k/v [B, KVH, T, D]."""
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
         b, t, _ = h.shape
         q = attn.q_proj(h).view(b, t, self.heads, self.head_dim)
         k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
@@ -128,19 +138,29 @@ class FastDecoder:
         v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
 
+    def _post(self, layer, x, out):
+        """Output projection, residual, norm, MLP, residual."""
+        b, _, t, _ = out.shape
+        x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
     def _forward(self, ids, positions, attend):
         """Run the decoder layers; `attend(layer_index, q, k, v)` stores K/V and returns [B, H, T, D]."""
         x = self.core.embed_tokens(ids)
         cos, sin = self.core.rotary_emb(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        b, t, _ = x.shape
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
-            out = attend(i, q, k, v)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            q, k, v = self._pre_fn(layer, x, cos, sin)
+            x = self._post_fn(layer, x, attend(i, q, k, v))
         return self.core.norm(x)
+
+    def _compile(self, enabled: bool) -> None:
+        """torch.compile the per-layer pieces around attention (one compile serves every layer: the layer
+        is an argument): norms, rotary and the MLP's activation fuse into few kernels."""
+        self._pre_fn, self._post_fn = self._pre, self._post
+        if enabled:
+            self._pre_fn = torch.compile(self._pre, dynamic=True, fullgraph=True)
+            self._post_fn = torch.compile(self._post, dynamic=True, fullgraph=True)
 
     def _expand(self, kv):
         group = self.heads // self.kv_heads
@@ -181,6 +201,8 @@ class FastDecoder:
             if p:
                 k = torch.cat((self.pk[i].unsqueeze(0).expand(len(slots), -1, -1, -1), k), dim=2)
                 v = torch.cat((self.pv[i].unsqueeze(0).expand(len(slots), -1, -1, -1), v), dim=2)
+            if self._flash_gqa:  # flash reads the shared K/V heads itself: no copy per query head
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
             return F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), attn_mask=bias,
                                                   scale=self.scale)
         hidden = self._forward(ids, positions, attend)
@@ -264,6 +286,9 @@ class FastDecoder:
         finish_reason) as each finishes. Records are pulled only when slots free up (at most `lookahead`
         waiting), admitted first come first served once `refill` slots are free (default: an eighth), and
         prefilled in length-sorted chunks. constraint: per-row token masks (constrain.BatchConstraint)."""
+        if constraint is None:
+            yield from self._stream_pipelined(source, refill, lookahead)
+            return
         source = iter(source)
         refill = refill or max(1, self.slots // 8)
         lookahead = lookahead or 2 * self.slots
@@ -300,6 +325,103 @@ class FastDecoder:
             st.own[live] += 1
             st.last[live] = toks
             yield from self._finished(st, live, constraint)
+
+    def _stream_pipelined(self, source, refill, lookahead):
+        """`stream` without a constraint, one step ahead of the host: step k+1 is launched (its input tokens
+        gathered on the GPU from step k's output) before step k's tokens are read back and booked, so the
+        host's bookkeeping overlaps the GPU. A row that stops at EOS runs one step more than needed (its
+        token is dropped); rows stopping on their budget are known ahead and never over-run."""
+        source = iter(source)
+        refill = refill or max(1, self.slots // 8)
+        lookahead = lookahead or 2 * self.slots
+        waiting: deque = deque()
+        exhausted = False
+        st = _SlotState(self.slots)
+        launched = np.zeros(self.slots, np.int64)  # tokens each row will hold once its launched steps are read
+        next_own = np.zeros(self.slots, np.int64)  # cache position the row's next launched step writes
+        prev = None  # (rows, their record indices, buffer parity) of the step in flight
+        parity = 0
+        while True:
+            while not exhausted and len(waiting) < lookahead:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    self._check_fits(item)
+                    waiting.append(item)
+            free = np.flatnonzero(st.key_index < 0)
+            if waiting and (len(free) >= min(refill, len(waiting)) or len(free) == self.slots):
+                t0 = time.perf_counter()
+                admitted = self._admit(free, waiting, st, None)
+                self.stats["prefill_s"] += time.perf_counter() - t0
+                launched[admitted] = 1
+                next_own[admitted] = st.own[admitted]
+                yield from self._finished(st, admitted, None)
+            rows = np.flatnonzero((st.key_index >= 0) & (launched < st.budget) & (next_own < self.unique_len))
+            current = None
+            t0 = time.perf_counter()
+            if len(rows):
+                self._launch(rows, st, prev, next_own[rows], parity)
+                launched[rows] += 1
+                next_own[rows] += 1
+                current = (rows, st.key_index[rows].copy(), parity)
+                self.stats["steps"] += 1
+                parity ^= 1
+            if prev is not None:
+                done_rows, keys, par = prev
+                toks = self._collect(par, len(done_rows))
+                same = st.key_index[done_rows] == keys  # rows still holding the record they ran for
+                done_rows, toks = done_rows[same], toks[same]
+                st.out[done_rows, st.count[done_rows]] = toks
+                st.count[done_rows] += 1
+                st.own[done_rows] += 1
+                st.last[done_rows] = toks
+                yield from self._finished(st, done_rows, None)
+            self.stats["decode_s"] += time.perf_counter() - t0
+            prev = current
+            if prev is None and not waiting and exhausted and not (st.key_index >= 0).any():
+                return
+
+    def _launch(self, rows: np.ndarray, st: "_SlotState", prev, own: np.ndarray, parity: int) -> None:
+        """Queue one decode step for `rows` without waiting: a row that ran in the previous step takes its
+        input token from that step's output on the GPU; a newly admitted row takes its first token."""
+        n = len(rows)
+        b = next(s for s in self.buckets if s >= n)
+        self.stats["padded_rows"] += b - n
+        src = np.full(n, -1, np.int64)
+        if prev is not None:
+            prev_rows, prev_keys, _ = prev
+            where = np.full(self.slots, -1, np.int64)
+            where[prev_rows] = np.arange(len(prev_rows))
+            key_then = np.full(self.slots, -2, np.int64)
+            key_then[prev_rows] = prev_keys
+            src = np.where(key_then[rows] == st.key_index[rows], where[rows], -1)
+        stage = self._stage[parity][:, :b]
+        if self._events is not None:
+            self._events[parity].synchronize()  # the copy that last used this staging buffer is done
+        stage[0, :n] = torch.from_numpy(src)
+        stage[1, :n] = torch.from_numpy(rows)
+        stage[2, :n] = torch.from_numpy(own + len(self.prefix))
+        stage[3, :n] = torch.from_numpy(st.last[rows])
+        stage[0, n:], stage[1, n:], stage[2, n:], stage[3, n:] = -1, self.slots, len(self.prefix), 0
+        staged = stage.to(self.device, non_blocking=True)
+        previous = self._tok_dev[parity ^ 1]
+        self._ids[:b] = torch.where(staged[0] >= 0, previous[staged[0].clamp(min=0)], staged[3])
+        self._slot[:b], self._pos[:b] = staged[1], staged[2]
+        if self._use_graphs:
+            self._graph(b).replay()
+        else:
+            self._step(b)
+        out = self._tok_dev[parity][:n]
+        out.copy_(self.model.lm_head(self._hidden[:n]).argmax(-1))
+        self._tok_host[parity][:n].copy_(out, non_blocking=True)
+        if self._events is not None:
+            self._events[parity].record()
+
+    def _collect(self, parity: int, n: int) -> np.ndarray:
+        if self._events is not None:
+            self._events[parity].synchronize()
+        return self._tok_host[parity][:n].numpy().copy()
 
     def _check_fits(self, item) -> None:
         if len(item[1]) + int(item[2]) > self.unique_len:
@@ -341,6 +463,26 @@ class FastDecoder:
             st.take(slots, chunk, first)
             admitted.append(slots)
         return np.concatenate(admitted) if admitted else np.array([], np.int64)
+
+
+def _flash_takes_gqa(device, dtype, head_dim: int) -> bool:
+    """Whether this torch's flash attention runs grouped K/V heads with a lower-right causal mask (and
+    agrees with the expanded computation); else prefill expands K/V per query head."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+    q = torch.randn(2, 4, 16, head_dim, device=device, dtype=dtype)
+    k = torch.randn(2, 2, 40, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            got = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(16, 40), enable_gqa=True)
+    except RuntimeError:
+        return False
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                         attn_mask=causal_lower_right(16, 40))
+    return bool((got - ref).abs().max() < 2e-2)
 
 
 class _SlotState:
