@@ -221,15 +221,19 @@ def profile(model, prefix, suffixes, out: Path) -> dict:
 
     from extractor.backends.fast import FastDecoder
     unique = max(len(s) for s in suffixes) + NEW
-    dec = FastDecoder(model, prefix, slots=1024, unique_len=unique, eos_ids=[])
+    dec = FastDecoder(model, prefix, slots=min(1024, len(suffixes)), unique_len=unique, eos_ids=[])
     chunk = sorted(suffixes, key=len)[len(suffixes) // 2:][:64]
     tables = {}
+    rows = min(1024, len(suffixes))
+    own = torch.tensor([len(s) + NEW // 2 for s in suffixes[:rows]], device=DEVICE)  # mid-generation lengths
+    dec._slot[:rows] = torch.arange(rows, device=DEVICE)
+    dec._pos[:rows] = len(prefix) + own
     with torch.inference_mode():
         dec._prefill(list(range(len(chunk))), chunk)
-        dec._step(1024)
+        dec._step(rows)
         sync()
         for name, fn in (("prefill_64x~300", lambda: dec._prefill(list(range(len(chunk))), chunk)),
-                         ("decode_step_1024", lambda: dec._step(1024))):
+                         ("decode_step_1024_mid_generation", lambda: dec._step(rows))):
             with torch_profile(activities=[ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU]) as prof:
                 fn()
                 sync()

@@ -146,8 +146,10 @@ class Grammar:
             if not text:
                 close = scan.closing_text()
                 text = next((close[:k] for k in range(len(close), 0, -1) if sim.accept_string(close[:k])), "")
+                if not text and scan.in_string:  # a string under its minimum length: one character more
+                    text = next((c for c in "a0x" if sim.accept_string(c)), "")
                 if not text:
-                    return None  # the grammar wants content first (e.g. a minimum length): walk tokens
+                    return None  # the grammar wants other content first (e.g. an enum value): walk tokens
             tokens += self._greedy_tokens(text)
             scan.feed(text)
         return cap

@@ -109,6 +109,7 @@ class Predictor:
         def requests():
             for records in windows:
                 prompts, skipped = self._prompts(records)
+                ids = self._token_ids(prompts, skipped)
                 batch = []
                 for i, rec in enumerate(records):
                     seq = next(seq_counter)
@@ -116,7 +117,7 @@ class Predictor:
                     if i in skipped:
                         waiting[seq] = (rec, None, skipped[i])
                     else:
-                        batch.append(Request(prompts[i], rec["id"], {"seq": seq}))
+                        batch.append(Request(prompts[i], rec["id"], {"seq": seq, "ids": ids[i]}))
                 yield batch
 
         for pairs in self.backend.generate_stream(requests(), self.params, self.task.schema, self.probes()):
@@ -133,6 +134,18 @@ class Predictor:
         tail = [waiting.pop(k) for k in sorted(waiting)]  # skipped records after the last generation
         if tail:
             yield tail
+
+    def _token_ids(self, prompts: list[str], skipped: dict) -> list:
+        """Prompt token ids, encoded here (on the reader thread, in one batch) for backends that take them,
+        so the generating thread does not tokenize; None where the backend encodes itself."""
+        encode = getattr(self.backend, "encode_batch", None)
+        if encode is None:
+            return [None] * len(prompts)
+        todo = [i for i in range(len(prompts)) if i not in skipped]
+        ids: list = [None] * len(prompts)
+        for i, e in zip(todo, encode([prompts[i] for i in todo])):
+            ids[i] = e
+        return ids
 
     def rows(self, triples) -> list[dict]:
         return [self._row(rec, gen, skip) for rec, gen, skip in triples]

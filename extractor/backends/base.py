@@ -92,8 +92,23 @@ class TokenizerBackend(Backend):
         special = not (bos and prompt.startswith(bos))  # chat templates already hold the special tokens
         return self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
 
+    def encode_batch(self, prompts: list[str]) -> list[list[int]]:
+        """`_encode` for many prompts in one tokenizer call (the Rust tokenizer spreads it over threads)."""
+        if not prompts:
+            return []
+        bos = self.tokenizer.bos_token
+        special = [not (bos and p.startswith(bos)) for p in prompts]
+        out: list = [None] * len(prompts)
+        for flag in (True, False):
+            index = [i for i, s in enumerate(special) if s == flag]
+            if index:
+                encoded = self.tokenizer([prompts[i] for i in index], add_special_tokens=flag)["input_ids"]
+                for i, e in zip(index, encoded):
+                    out[i] = e
+        return out
+
     def count_tokens(self, prompts: list[str]) -> list[int]:
-        return [len(self._encode(p)) for p in prompts]
+        return [len(e) for e in self.encode_batch(prompts)]
 
     def truncate_tokens(self, text: str, n_tokens: int) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

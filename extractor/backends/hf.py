@@ -172,7 +172,7 @@ class HFBackend(TokenizerBackend):
 
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
-        encoded = [self._encode(r.prompt) for r in requests]
+        encoded = [self._ids(r) for r in requests]
         if encoded and self._use_fast(params):
             return self._generate_fast(encoded, params, schema)
         return self._generate_plain(encoded, params, schema)
@@ -208,6 +208,10 @@ class HFBackend(TokenizerBackend):
                                 constraint=self._constraint(params, schema))
         return [self._generation(len(ids), tokens, finish) for ids, (tokens, finish) in zip(encoded, outs)]
 
+    def _ids(self, request: Request) -> list[int]:
+        ids = request.options.get("ids")
+        return ids if ids is not None else self._encode(request.prompt)
+
     def _constraint(self, params: GenParams, schema):
         if not params.constrained:
             return None
@@ -235,7 +239,7 @@ class HFBackend(TokenizerBackend):
         if not first or not self._use_fast(params):
             yield from super().generate_stream(batches, params, schema)
             return
-        encoded_first = [self._encode(r.prompt) for r in first]
+        encoded_first = [self._ids(r) for r in first]
         prefix = common_prefix(encoded_first + [self._encode(p) for p in probes])
         own = max(len(e) for e in encoded_first) - len(prefix) + params.max_new_tokens
         decoder = self._decoder(prefix, max(2 * own, 1024))
@@ -246,7 +250,7 @@ class HFBackend(TokenizerBackend):
             key = 0
             for batch in batches:
                 for request in batch:
-                    ids = self._encode(request.prompt)
+                    ids = self._ids(request)
                     if ids[: len(prefix)] != prefix or len(ids) - len(prefix) + params.max_new_tokens > \
                             decoder.unique_len or len(ids) == len(prefix):
                         misfits.append((request, ids))
