@@ -148,6 +148,10 @@ class Grammar:
                 text = next((close[:k] for k in range(len(close), 0, -1) if sim.accept_string(close[:k])), "")
                 if not text and scan.in_string:  # a string under its minimum length: one character more
                     text = next((c for c in "a0x" if sim.accept_string(c)), "")
+                if not text and scan.in_string:  # inside a multi-byte character: one continuation byte
+                    if any(sim.accept_string(b) for b in (b"\x80", b"\x90", b"\xa0")):
+                        tokens += 1
+                        continue
                 if not text:
                     return None  # the grammar wants other content first (e.g. an enum value): walk tokens
             tokens += self._greedy_tokens(text)
@@ -433,6 +437,7 @@ class BatchConstraint:
         self.batch = grammar.xgr.BatchGrammarMatcher(threads)
         self.rows: dict = {}
         self.host = self.device_table = None
+        self._index_bufs = [None] * 8
         self.stats = {"cpu_s": 0.0, "cost_checks": 0, "fills": 0, "fast_tokens": 0}
 
     def start(self, requests, budgets) -> None:
@@ -501,10 +506,18 @@ class BatchConstraint:
         self.device_table = self.host.to(device)
 
     def _to_device(self, values: list[int], device):
-        """A small index tensor on the device without waiting for the GPU (pinned, asynchronous copy)."""
+        """A small index tensor on the device without waiting for the GPU: staged in a pinned buffer (one of
+        a ring, so a copy still in flight is never overwritten) and copied asynchronously."""
         import torch
-        t = torch.tensor(values, dtype=torch.long)
-        return t.pin_memory().to(device, non_blocking=True) if self.cuda else t
+        t = torch.from_numpy(np.asarray(values, dtype=np.int64))
+        if not self.cuda:
+            return t
+        self._ring = (getattr(self, "_ring", -1) + 1) % 8
+        buf = self._index_bufs[self._ring]
+        if buf is None or buf.shape[0] < len(values):
+            buf = self._index_bufs[self._ring] = torch.empty(max(len(values), 1024), dtype=torch.long).pin_memory()
+        buf[: len(values)] = t
+        return buf[: len(values)].to(device, non_blocking=True)
 
     def _fill(self, rows: list[_Row], slots: list[int]) -> None:
         """New masks for these rows (written in their slots' rows), sent to the device table; a row whose
@@ -515,7 +528,7 @@ class BatchConstraint:
         self.stats["fills"] += len(rows)
         self.batch.batch_fill_next_token_bitmask([r.matcher for r in rows], self.host, slots)
         staged = self.staging[: len(slots)]
-        torch.index_select(self.host, 0, torch.tensor(slots, dtype=torch.long), out=staged)
+        torch.index_select(self.host, 0, torch.from_numpy(np.asarray(slots, dtype=np.int64)), out=staged)
         device = self.device_table.device
         self.device_table.index_copy_(0, self._to_device(slots, device), staged.to(device, non_blocking=True))
         if self.g.free_strings:

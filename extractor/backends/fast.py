@@ -134,9 +134,10 @@ class FastDecoder:
         k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        # Rotate in the projections' own layout ([B, T, heads, D]: contiguous writes), then view as heads-first.
+        q, k = self._rotate(q, cos, sin).transpose(1, 2), self._rotate(k, cos, sin).transpose(1, 2)
         v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
+        return q, k, v
 
     def _post(self, layer, x, out):
         """Output projection, residual, norm, MLP, residual."""
@@ -148,7 +149,7 @@ class FastDecoder:
         """Run the decoder layers; `attend(layer_index, q, k, v)` stores K/V and returns [B, H, T, D]."""
         x = self.core.embed_tokens(ids)
         cos, sin = self.core.rotary_emb(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]: broadcast over heads
         for i, layer in enumerate(self.layers):
             q, k, v = self._pre_fn(layer, x, cos, sin)
             x = self._post_fn(layer, x, attend(i, q, k, v))
@@ -159,6 +160,11 @@ class FastDecoder:
         is an argument): norms, rotary and the MLP's activation fuse into few kernels."""
         self._pre_fn, self._post_fn = self._pre, self._post
         if enabled:
+            # Each decoder instance and shape class adds compiled entries (prefix, prefill, decode; fp32 and
+            # bf16 models in one process): allow more than dynamo's default 8 before it gives up.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 512)
             self._pre_fn = torch.compile(self._pre, dynamic=True, fullgraph=True)
             self._post_fn = torch.compile(self._post, dynamic=True, fullgraph=True)
 

@@ -98,16 +98,26 @@ if triton is not None:
                  mask=(g < G)[:, None])
 
 
+    # On the GPU the block size and pipelining are tuned once per model shape, at the first decode step
+    # (before any graph capture); the kernel only writes its output, so trial runs are harmless.
+    _decode_kernel_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+                 for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)],
+        key=["G", "D", "IEEE"])(_decode_kernel)
+
+
 def decode_attention_triton(q, k_cache, v_cache, pk, pv, slot, n, scale: float):
     b, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
     assert k_cache.stride() == v_cache.stride() and pk.stride() == pv.stride() and k_cache.stride(-1) == 1
-    _decode_kernel[(b, kv_heads)](
-        q, k_cache, v_cache, pk, pv, slot, n, out, pk.shape[1], scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        pk.stride(0), pk.stride(1), out.stride(0), out.stride(1),
-        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=64,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    args = (q, k_cache, v_cache, pk, pv, slot, n, out, pk.shape[1], scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            pk.stride(0), pk.stride(1), out.stride(0), out.stride(1))
+    shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, IEEE=q.dtype == torch.float32)
+    if q.is_cuda:
+        _decode_kernel_tuned[(b, kv_heads)](*args, **shape)
+    else:  # Triton's CPU interpreter (tests): one fixed configuration
+        _decode_kernel[(b, kv_heads)](*args, **shape, BLOCK_N=64, num_warps=4, num_stages=2)
     return out
