@@ -392,12 +392,12 @@ def main() -> None:
             res["sequential"] = row(sum(map(len, outs)), k, dt, records_measured=k)
             ref, dt = timed(lambda: static_generate(model, prompts, 128))
             res["static_bs128"] = row(sum(map(len, ref)), args.n, dt)
-            m = args.eos_static_records
+            m = min(args.eos_static_records, args.n)
             outs, dt = timed(lambda: static_generate(model, prompts[:m], 128, stops[:m]))
             res["static_bs128_eos"] = row(sum(map(len, outs)), m, dt, records_measured=m,
                                           stops_honoured=sum(len(o) == s for o, s in zip(outs, stops)))
     if "baselines" in parts:  # continuous batching runs its own thread: outside inference mode
-        m = args.gb_records
+        m = min(args.gb_records, args.n)
         try:
             tokens, dt = generate_batch(model, prompts[:m])
             res["generate_batch"] = row(tokens, m, dt, records_measured=m)
