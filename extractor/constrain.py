@@ -84,6 +84,15 @@ class Grammar:
     def matcher(self):
         return self.xgr.GrammarMatcher(self.compiled)
 
+    def thread_pool(self):
+        """Threads for batched matcher work (one pool per grammar, kept with it); None on 1-2 cores."""
+        if not hasattr(self, "_pool"):
+            import os
+            from concurrent.futures import ThreadPoolExecutor
+            workers = min(8, (os.cpu_count() or 1) - 1)
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="grammar") if workers >= 2 else None
+        return self._pool
+
     def _init_string_fast_path(self, schema: dict, special: set) -> None:
         """What lets BatchConstraint skip the grammar inside free-form strings. A "safe" token is whole
         UTF-8 text with no quote, backslash or control character: inside a string with no length, pattern
@@ -435,6 +444,7 @@ class BatchConstraint:
     def __init__(self, grammar: Grammar, threads="auto"):
         self.g = grammar
         self.batch = grammar.xgr.BatchGrammarMatcher(threads)
+        self.pool = grammar.thread_pool()
         self.rows: dict = {}
         self.host = self.device_table = None
         self._index_bufs = [None] * 8
@@ -485,12 +495,22 @@ class BatchConstraint:
                 refill_rows.append(row)
                 refill_slots.append(slot)
             self.stats["fast_tokens"] += len(rows) - len(refill_rows)
-            if accept_m:
-                self.batch.batch_accept_token(accept_m, accept_t)
+            self._accept(accept_m, accept_t)
             self._table(max(slots) + 1, logits.device)
             self._fill(refill_rows, refill_slots)
             self._apply(rows, slots, logits, t0)
         return apply
+
+    def _accept(self, matchers: list, tokens: list[int]) -> None:
+        """batch_accept_token in chunks on a thread pool: xgrammar releases the GIL while it works."""
+        chunk = 64
+        if len(matchers) <= chunk or self.pool is None:
+            if matchers:
+                self.batch.batch_accept_token(matchers, tokens)
+            return
+        parts = [(matchers[i:i + chunk], tokens[i:i + chunk]) for i in range(0, len(matchers), chunk)]
+        for future in [self.pool.submit(self.batch.batch_accept_token, m, t) for m, t in parts]:
+            future.result()
 
     # -- masks -----------------------------------------------------------------------------------------
     def _table(self, slots: int, device) -> None:

@@ -196,9 +196,12 @@ class FastDecoder:
         from torch.nn.attention.bias import causal_lower_right
         width = max(len(s) for s in suffixes)
         p = len(self.prefix)
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in suffixes], device=self.device)
+        padded = np.zeros((len(suffixes), width), np.int64)  # numpy: a list of lists is slow to convert
+        for i, s in enumerate(suffixes):
+            padded[i, : len(s)] = s
+        ids = torch.from_numpy(padded).to(self.device)
         positions = (p + torch.arange(width, device=self.device)).unsqueeze(0).expand(len(suffixes), -1)
-        rows = torch.tensor(slots, device=self.device)
+        rows = torch.from_numpy(np.asarray(slots, np.int64)).to(self.device)
         bias = causal_lower_right(width, p + width)  # each token sees the prefix and its own earlier tokens
 
         def attend(i, q, k, v):
@@ -212,7 +215,7 @@ class FastDecoder:
             return F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), attn_mask=bias,
                                                   scale=self.scale)
         hidden = self._forward(ids, positions, attend)
-        last = torch.tensor([len(s) - 1 for s in suffixes], device=self.device)
+        last = torch.from_numpy(np.array([len(s) - 1 for s in suffixes], np.int64)).to(self.device)
         return self.model.lm_head(hidden[torch.arange(len(suffixes), device=self.device), last])
 
     # -- decode ----------------------------------------------------------------------------------------

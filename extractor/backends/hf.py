@@ -44,7 +44,7 @@ class HFBackend(TokenizerBackend):
 
     def __init__(self, model: str, adapters=(), dtype: str = "auto", device: str = "auto",
                  trust_remote_code: bool = False, batch_size: int = 32, batch_tokens: int = 32768,
-                 fast: str = "off", **_):
+                 fast: str = "auto", **_):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -185,7 +185,7 @@ class HFBackend(TokenizerBackend):
                 results[i] = gen
         return results
 
-    # -- the fast path (issue 6): --fast auto (default) on CUDA, on anywhere, off ------------------------------
+    # -- the fast path: --fast auto (default) on CUDA, on anywhere, off ---------------------------------------
     def _use_fast(self, params: GenParams) -> bool:
         """Greedy decoding with base weights of a Llama/Qwen2-style model (constrained or not): FastDecoder."""
         if self.fast_mode == "off" or params.temperature > 0 or self.adapter is not None:

@@ -30,9 +30,9 @@ from extractor.tasks import load_task
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code (off by default).")
-@click.option("--fast", type=click.Choice(["off", "auto", "on"]), default="off", show_default=True,
-              help="hf: FastDecoder (static KV cache, shared prefix, continuous batching, CUDA graphs) for greedy, "
-                   "unconstrained, base-weight runs; auto = on CUDA. Work in progress (issue 6).")
+@click.option("--fast", type=click.Choice(["off", "auto", "on"]), default="auto", show_default=True,
+              help="hf: FastDecoder (shared-prefix KV, continuous batching across windows, CUDA graphs, "
+                   "torch.compile) for greedy base-weight runs, constrained or not; auto = on CUDA, off on CPU.")
 @click.option("--constrained", is_flag=True, help="Constrain decoding to the task's JSON Schema (xgrammar).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the task's.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="0 = greedy (the task's default).")
