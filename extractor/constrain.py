@@ -254,15 +254,30 @@ def _forced(matcher) -> str:
 
 
 class JsonScanner:
-    """Tracks, from the generated text, whether we are inside a string and which brackets are open."""
+    """Tracks, from the generated text, whether we are inside a string and which brackets are open.
 
-    def __init__(self):
+    With `skeleton=True` it also keeps the output's skeleton: the text outside strings and the text of object
+    keys, with other strings' contents dropped (only their length up to `min_cap` kept). Where the schema
+    leaves strings free and never branches on content (Grammar.skeleton_exact), the skeleton fixes the
+    grammar state, so rows with equal skeletons share closing costs."""
+
+    def __init__(self, skeleton: bool = False, min_cap: int = 0):
         self.in_string = False
         self.escape = False
         self.stack: list[str] = []
         self.just_opened_array = False
+        self.track = skeleton
+        self.skeleton = ""
+        self.in_key = False
+        self.str_len = 0
+        self.min_cap = min_cap
+        self.clean = True  # False after a token that ends inside a multi-byte character
 
     def feed(self, text: str) -> None:
+        track = self.track
+        out: list[str] = []
+        if track:
+            self.clean = "\ufffd" not in text
         for ch in text:
             self.just_opened_array = ch == "[" and not self.in_string
             if self.in_string:
@@ -272,12 +287,33 @@ class JsonScanner:
                     self.escape = True
                 elif ch == '"':
                     self.in_string = False
+                    if track:
+                        out.append('"')
+                    continue
+                if track:
+                    if self.in_key:
+                        out.append(ch)
+                    else:
+                        self.str_len = min(self.str_len + 1, self.min_cap)
             elif ch == '"':
+                if track:
+                    before = (self.skeleton + "".join(out)).rstrip(" ")
+                    self.in_key = bool(self.stack) and self.stack[-1] == "}" and before[-1:] in ("{", ",")
+                    self.str_len = 0
+                    out.append('"')
                 self.in_string = True
-            elif ch in "[{":
-                self.stack.append("]" if ch == "[" else "}")
-            elif ch in "]}" and self.stack:
-                self.stack.pop()
+            else:
+                if track:
+                    out.append(ch)
+                if ch in "[{":
+                    self.stack.append("]" if ch == "[" else "}")
+                elif ch in "]}" and self.stack:
+                    self.stack.pop()
+        if out:
+            self.skeleton += "".join(out)
+
+    def key(self):
+        return self.skeleton, self.in_string, self.escape, self.str_len
 
     def copy(self) -> "JsonScanner":
         other = JsonScanner()
@@ -287,55 +323,6 @@ class JsonScanner:
 
     def closing_text(self) -> str:
         return ('"' if self.in_string else "") + "".join(reversed(self.stack))
-
-
-class SkeletonScanner(JsonScanner):
-    """A JsonScanner that also keeps the output's skeleton: the text outside strings and the text of object
-    keys, with other strings' contents dropped (only their length up to `min_cap` kept). Where the schema
-    leaves strings free and never branches on content (Grammar.skeleton_exact), the skeleton fixes the
-    grammar state, so rows with equal skeletons share closing costs."""
-
-    def __init__(self, min_cap: int = 0):
-        super().__init__()
-        self.skeleton = ""
-        self.in_key = False
-        self.str_len = 0
-        self.min_cap = min_cap
-        self.clean = True  # False after a token that ends inside a multi-byte character
-
-    def feed(self, text: str) -> None:
-        self.clean = "\ufffd" not in text
-        out = []
-        for ch in text:
-            self.just_opened_array = ch == "[" and not self.in_string
-            if self.in_string:
-                if self.escape:
-                    self.escape = False
-                elif ch == "\\":
-                    self.escape = True
-                elif ch == '"':
-                    self.in_string = False
-                    out.append('"')
-                    continue
-                if self.in_key:
-                    out.append(ch)
-                else:
-                    self.str_len = min(self.str_len + 1, self.min_cap)
-            elif ch == '"':
-                before = (self.skeleton + "".join(out)).rstrip(" ")
-                self.in_key = bool(self.stack) and self.stack[-1] == "}" and before[-1:] in ("{", ",")
-                self.in_string, self.str_len = True, 0
-                out.append('"')
-            else:
-                out.append(ch)
-                if ch in "[{":
-                    self.stack.append("]" if ch == "[" else "}")
-                elif ch in "]}" and self.stack:
-                    self.stack.pop()
-        self.skeleton += "".join(out)
-
-    def key(self):
-        return self.skeleton, self.in_string, self.escape, self.str_len
 
 
 def _token_texts(tokenizer, vocab_size: int) -> list[str]:
@@ -588,7 +575,7 @@ class BatchConstraint:
             if remaining > self.g.watch_window:
                 continue
             if row.scanner is None:
-                row.scanner = SkeletonScanner(self.g.min_cap)
+                row.scanner = JsonScanner(skeleton=True, min_cap=self.g.min_cap)
                 for t in row.tokens:
                     row.scanner.feed(self.g.token_texts[t])
             if not row.closing:

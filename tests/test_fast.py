@@ -122,3 +122,27 @@ def test_fast_decoder_early_stops_equal_generate(tiny_model, slots):
         assert tokens == ref
         stops += finish == "stop"
     assert stops >= 3
+
+
+def test_run_stream_with_misfits_equals_plain_path(tmp_path, tiny_model, run_cli):
+    """The fast path across windows: the first window's records share an opening sentence that later ones
+    lack (the prefix must stop at the task template, found with placeholder probes), and one record is too
+    long for the decoder's cache (it goes through the plain path). Outputs, order and counts equal --fast off."""
+    from tests.conftest import read_jsonl, write_jsonl
+    shared = "Senior backend engineer wanted. "
+    texts = [shared + f"Python and SQL, {y}+ years, bachelor degree." for y in range(1, 5)]
+    texts.append("We need Go and Rust. " * 150)  # ~1,500 own tokens: beyond the decoder's cache
+    texts += [f"Java developer, master degree, {y} years of experience." for y in range(3)]
+    corpus = tmp_path / "corpus.jsonl"
+    write_jsonl(corpus, [{"id": f"r{i}", "text": t} for i, t in enumerate(texts)])
+    outs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / f"{mode}.jsonl"
+        result = run_cli("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", out,
+                         "--max-new-tokens", "12", "--quiet", "--fast", mode, "--window", "4", "--few-shot", "0")
+        assert result.exit_code == 0, result.output
+        outs[mode] = read_jsonl(out)
+    assert [r["id"] for r in outs["on"]] == [f"r{i}" for i in range(len(texts))]
+    for a, b in zip(outs["off"], outs["on"]):
+        assert (a["raw"], a["status"], a["prompt_tokens"], a["output_tokens"]) == \
+               (b["raw"], b["status"], b["prompt_tokens"], b["output_tokens"])

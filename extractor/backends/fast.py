@@ -295,29 +295,25 @@ class FastDecoder:
         finish_reason) as each finishes. Records are pulled only when slots free up (at most `lookahead`
         waiting), admitted first come first served once `refill` slots are free (default: an eighth), and
         prefilled in length-sorted chunks. constraint: per-row token masks (constrain.BatchConstraint)."""
-        if constraint is None:
-            yield from self._stream_pipelined(source, refill, lookahead)
-            return
         source = iter(source)
         refill = refill or max(1, self.slots // 8)
         lookahead = lookahead or 2 * self.slots
+        if constraint is None:
+            yield from self._stream_pipelined(source, refill, lookahead)
+        else:
+            yield from self._stream_constrained(source, refill, lookahead, constraint)
+
+    def _stream_constrained(self, source, refill: int, lookahead: int, constraint):
+        """One step at a time: each step's masks need the tokens of the step before."""
         waiting: deque = deque()
         exhausted = False
         st = _SlotState(self.slots)
         while True:
-            while not exhausted and len(waiting) < lookahead:
-                item = next(source, None)
-                if item is None:
-                    exhausted = True
-                else:
-                    self._check_fits(item)
-                    waiting.append(item)
+            exhausted = exhausted or self._top_up(source, waiting, lookahead)
             live = np.flatnonzero(st.key_index >= 0)
             free = np.flatnonzero(st.key_index < 0)
             if waiting and (len(free) >= min(refill, len(waiting)) or not len(live)):
-                t0 = time.perf_counter()
                 admitted = self._admit(free, waiting, st, constraint)
-                self.stats["prefill_s"] += time.perf_counter() - t0
                 yield from self._finished(st, admitted, constraint)
                 live = np.flatnonzero(st.key_index >= 0)
             if not len(live):
@@ -325,7 +321,7 @@ class FastDecoder:
                     return
                 continue
             t0 = time.perf_counter()
-            hook = None if constraint is None else constraint.hook(st.keys_of(live), st.last[live], live)
+            hook = constraint.hook(st.keys_of(live), st.last[live], live)
             toks = self._decode(live, st.last[live], st.own[live], hook)
             self.stats["decode_s"] += time.perf_counter() - t0
             self.stats["steps"] += 1
@@ -340,9 +336,6 @@ class FastDecoder:
         gathered on the GPU from step k's output) before step k's tokens are read back and booked, so the
         host's bookkeeping overlaps the GPU. A row that stops at EOS runs one step more than needed (its
         token is dropped); rows stopping on their budget are known ahead and never over-run."""
-        source = iter(source)
-        refill = refill or max(1, self.slots // 8)
-        lookahead = lookahead or 2 * self.slots
         waiting: deque = deque()
         exhausted = False
         st = _SlotState(self.slots)
@@ -351,18 +344,10 @@ class FastDecoder:
         prev = None  # (rows, their record indices, buffer parity) of the step in flight
         parity = 0
         while True:
-            while not exhausted and len(waiting) < lookahead:
-                item = next(source, None)
-                if item is None:
-                    exhausted = True
-                else:
-                    self._check_fits(item)
-                    waiting.append(item)
+            exhausted = exhausted or self._top_up(source, waiting, lookahead)
             free = np.flatnonzero(st.key_index < 0)
             if waiting and (len(free) >= min(refill, len(waiting)) or len(free) == self.slots):
-                t0 = time.perf_counter()
                 admitted = self._admit(free, waiting, st, None)
-                self.stats["prefill_s"] += time.perf_counter() - t0
                 launched[admitted] = 1
                 next_own[admitted] = st.own[admitted]
                 yield from self._finished(st, admitted, None)
@@ -432,6 +417,16 @@ class FastDecoder:
             self._events[parity].synchronize()
         return self._tok_host[parity][:n].numpy().copy()
 
+    def _top_up(self, source, waiting: deque, lookahead: int) -> bool:
+        """Pull records until `lookahead` wait; True once the source is exhausted."""
+        while len(waiting) < lookahead:
+            item = next(source, None)
+            if item is None:
+                return True
+            self._check_fits(item)
+            waiting.append(item)
+        return False
+
     def _check_fits(self, item) -> None:
         if len(item[1]) + int(item[2]) > self.unique_len:
             raise ValueError(f"record {item[0]}: {len(item[1])} tokens plus a budget of {item[2]} exceed the "
@@ -453,6 +448,13 @@ class FastDecoder:
     def _admit(self, free, waiting: deque, st: "_SlotState", constraint) -> np.ndarray:
         """Prefill waiting records into free slots: first come first served, then sorted by length into
         chunks of at most `prefill_tokens` padded tokens."""
+        t0 = time.perf_counter()
+        try:
+            return self._admit_chunks(free, waiting, st, constraint)
+        finally:
+            self.stats["prefill_s"] += time.perf_counter() - t0
+
+    def _admit_chunks(self, free, waiting: deque, st: "_SlotState", constraint) -> np.ndarray:
         batch = sorted((waiting.popleft() for _ in range(min(len(free), len(waiting)))), key=lambda it: len(it[1]))
         admitted = []
         fi = 0
