@@ -146,3 +146,19 @@ def test_run_stream_with_misfits_equals_plain_path(tmp_path, tiny_model, run_cli
     for a, b in zip(outs["off"], outs["on"]):
         assert (a["raw"], a["status"], a["prompt_tokens"], a["output_tokens"]) == \
                (b["raw"], b["status"], b["prompt_tokens"], b["output_tokens"])
+
+
+def test_compile_failure_falls_back_to_eager(tiny_model, monkeypatch):
+    """Where torch.compile cannot work (no compiler, unsupported GPU) the decoder warns once and runs eager."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+    def broken_compile(fn, **_):
+        def run(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="runs eager"):
+        decoder = FastDecoder(model, [5, 6, 7], slots=2, unique_len=20, eos_ids=[], compile=True)
+    assert decoder.compiled is False
+    tokens, _ = decoder.generate([[8, 9, 10]], max_new=4)[0]
+    assert len(tokens) == 4

@@ -88,7 +88,8 @@ class FastDecoder:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         if attention == "auto":
-            attention = "triton" if self.device.type == "cuda" and fast_attention.available() else "torch"
+            attention = "triton" if self.device.type == "cuda" and fast_attention.works_on(self.device, self.dtype) \
+                else "torch"
         self._attn_fn = fast_attention.decode_attention_triton if attention == "triton" \
             else fast_attention.decode_attention_torch
         self.attention = attention
@@ -165,8 +166,29 @@ class FastDecoder:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 512)
-            self._pre_fn = torch.compile(self._pre, dynamic=True, fullgraph=True)
-            self._post_fn = torch.compile(self._post, dynamic=True, fullgraph=True)
+            pre = torch.compile(self._pre, dynamic=True, fullgraph=True)
+            post = torch.compile(self._post, dynamic=True, fullgraph=True)
+            if self._compiles(pre, post):
+                self._pre_fn, self._post_fn = pre, post
+            else:
+                self.compiled = False
+
+    def _compiles(self, pre, post) -> bool:
+        """Compile once on a dummy batch: where this machine cannot (no compiler, an unsupported GPU), say
+        so and stay eager instead of failing mid-run."""
+        layer = self.layers[0]
+        x = torch.zeros(2, 3, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
+        cos = torch.ones(2, 3, 1, self.head_dim, device=self.device, dtype=self.dtype)
+        try:
+            with torch.inference_mode():
+                q, _, _ = pre(layer, x, cos, torch.zeros_like(cos))
+                post(layer, x, q)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager
+            import warnings
+            warnings.warn(f"torch.compile is unavailable here ({type(exc).__name__}: {str(exc)[:160]}); "
+                          "the fast path runs eager", stacklevel=2)
+            return False
 
     def _expand(self, kv):
         group = self.heads // self.kv_heads
