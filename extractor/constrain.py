@@ -102,9 +102,21 @@ class Grammar:
                          and all(ord(c) >= 0x20 for c in t) for i, t in enumerate(self.token_texts)])
         self.safe = safe
         self.safe_words = np.packbits(np.pad(safe, (0, -len(safe) % 32)), bitorder="little").view("<i4")
+        # Half-characters inside a free string: tokens made only of string content (no quote, backslash or
+        # control byte) move the state to "inside a character, these bytes pending"; that state's mask is the
+        # same in every free string as long as no token that finishes a character also closes the string.
+        raw = list(self.info.decoded_vocab)
+        self.token_bytes = [b if i not in special and i < len(raw) else b"" for i, b in enumerate(raw)]
+        self.token_bytes += [b""] * (self.vocab_size - len(self.token_bytes))
+        self.content_ok = np.array([bool(b) and not any(c in (0x22, 0x5C) or c < 0x20 for c in b)
+                                    for b in self.token_bytes])
+        closes_after_char = any(b and 0x80 <= b[0] < 0xC0 and any(c in (0x22, 0x5C) or c < 0x20 for c in b)
+                                for b in self.token_bytes)
+        self.mid_masks: dict[bytes, np.ndarray] = {}  # pending bytes -> mask words (free strings only)
         quotes = [i for i, t in enumerate(self.token_texts) if t == '"']
         self.quote_id = quotes[0] if quotes else None
         self.free_strings = self.quote_id is not None and not _has_keyword(schema, {"maxLength", "pattern", "format"})
+        self.mid_free = self.free_strings and not closes_after_char
         self.skeleton_exact = self.free_strings and not _has_keyword(schema, {"enum", "const", "anyOf", "oneOf",
                                                                               "minimum", "maximum",
                                                                               "exclusiveMinimum", "exclusiveMaximum"})
@@ -223,6 +235,26 @@ class Grammar:
         if first not in self._by_first:
             self._by_first[first] = [i for i, t in enumerate(self.token_texts) if t[:1] == first]
         return self._by_first[first]
+
+
+def utf8_tail(data: bytes) -> bytes | None:
+    """The bytes of an unfinished last character (b"" on a character boundary); None if not UTF-8."""
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        decoder.decode(data, final=False)
+    except UnicodeDecodeError:
+        return None
+    return decoder.getstate()[0]
+
+
+def utf8_missing(pending: bytes) -> int:
+    """Continuation bytes still owed by an unfinished character."""
+    if not pending:
+        return 0
+    lead = pending[0]
+    size = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return size - len(pending)
 
 
 def _has_keyword(schema, names: set) -> bool:
@@ -404,7 +436,7 @@ class SchemaLogitsProcessor:
 class _Row:
     """One record's grammar state inside a BatchConstraint."""
     __slots__ = ("matcher", "budget", "used", "tokens", "scanner", "closing", "next_check", "fast",
-                 "deferred", "fast_cost")
+                 "deferred", "fast_cost", "pending", "mid")
 
     def __init__(self, matcher, budget: int):
         self.matcher, self.budget, self.used = matcher, int(budget), 0
@@ -415,6 +447,8 @@ class _Row:
         self.fast = False  # inside a free string: the mask is the cached one, tokens wait in `deferred`
         self.deferred: list[int] = []
         self.fast_cost: int | None = None  # closing cost from inside this string (the same all along it)
+        self.pending = b""  # bytes of an unfinished character (fast rows only)
+        self.mid: int | None = None  # row of the mid-character mask table in use, if pending
 
 
 class BatchConstraint:
@@ -434,6 +468,8 @@ class BatchConstraint:
         self.pool = grammar.thread_pool()
         self.rows: dict = {}
         self.host = self.device_table = None
+        self.mid_table = None
+        self.mid_rows: dict[bytes, int] = {}
         self._index_bufs = [None] * 8
         self.stats = {"cpu_s": 0.0, "cost_checks": 0, "fills": 0, "fast_tokens": 0}
 
@@ -462,25 +498,31 @@ class BatchConstraint:
         def apply(logits):
             import time
             t0 = time.perf_counter()
-            refill_rows, refill_slots, accept_m, accept_t = [], [], [], []
-            safe = self.g.safe
+            refill_rows, refill_slots, accept_m, accept_t, mid_todo = [], [], [], [], []
+            safe, content_ok, mid_free = self.g.safe, self.g.content_ok, self.g.mid_free
             for row, t, slot in zip(rows, tokens, slots):
                 row.tokens.append(t)
                 row.used += 1
-                if row.fast and safe[t]:
-                    row.deferred.append(t)
-                    if row.scanner is not None and row.scanner.str_len < row.scanner.min_cap:
-                        row.scanner.feed(self.g.token_texts[t])
-                    continue
+                if row.fast and (safe[t] or (mid_free and content_ok[t])):
+                    pending = b"" if safe[t] and not row.pending else utf8_tail(row.pending + self.g.token_bytes[t])
+                    if pending is not None:
+                        row.deferred.append(t)
+                        row.pending = pending
+                        row.mid = self._mid_index(pending) if pending else None
+                        if pending and row.mid is None:
+                            mid_todo.append(row)
+                        if row.scanner is not None and row.scanner.str_len < row.scanner.min_cap:
+                            row.scanner.feed(self.g.token_texts[t])
+                        continue
                 self._flush(row)
-                row.fast = False
-                row.fast_cost = None
+                row.fast, row.fast_cost, row.pending, row.mid = False, None, b"", None
                 accept_m.append(row.matcher)
                 accept_t.append(t)
                 if row.scanner is not None:
                     row.scanner.feed(self.g.token_texts[t])
                 refill_rows.append(row)
                 refill_slots.append(slot)
+            self._learn_mid_masks(mid_todo, logits.device)
             self.stats["fast_tokens"] += len(rows) - len(refill_rows)
             self._accept(accept_m, accept_t)
             self._table(max(slots) + 1, logits.device)
@@ -544,7 +586,7 @@ class BatchConstraint:
             q = self.g.quote_id
             in_free = ((words & safe) == safe).all(axis=1) & (((words[:, q >> 5] >> (q & 31)) & 1) == 1)
             for row, fast in zip(rows, in_free.tolist()):
-                row.fast = fast
+                row.fast, row.pending, row.mid = fast, b"", None
 
     def _apply(self, rows: list[_Row], slots: list[int], logits, t0: float) -> None:
         import time
@@ -553,18 +595,51 @@ class BatchConstraint:
         forced = self._closing_tokens(rows, slots)
         self.stats["cpu_s"] += time.perf_counter() - t0
         index = self._to_device(slots, logits.device)
-        self.g.xgr.apply_token_bitmask_inplace(logits, self.device_table.index_select(0, index),
-                                               vocab_size=self.g.vocab_size)
+        masks = self.device_table.index_select(0, index)
+        mids = [(i, row.mid) for i, row in enumerate(rows) if row.mid is not None]
+        if mids:
+            at = self._to_device([i for i, _ in mids], logits.device)
+            masks[at] = self.mid_table.index_select(0, self._to_device([m for _, m in mids], logits.device))
+        self.g.xgr.apply_token_bitmask_inplace(logits, masks, vocab_size=self.g.vocab_size)
         if forced:
             at = self._to_device(list(forced), logits.device)
             logits[at] = torch.finfo(logits.dtype).min
             logits[at, self._to_device(list(forced.values()), logits.device)] = 0
 
     def _flush(self, row: _Row) -> None:
-        """Give the matcher the tokens it skipped inside a string (their text, in one call)."""
+        """Give the matcher the tokens it skipped inside a string (their bytes, in one call)."""
         if row.deferred:
-            row.matcher.accept_string("".join(self.g.token_texts[t] for t in row.deferred))
+            row.matcher.accept_string(b"".join(self.g.token_bytes[t] for t in row.deferred))
             row.deferred.clear()
+
+    def _mid_index(self, pending: bytes) -> int | None:
+        """The mid-character mask table's row for these pending bytes, copied up from the grammar's cache."""
+        index = self.mid_rows.get(pending)
+        if index is None and pending in self.g.mid_masks:
+            import torch
+            index = len(self.mid_rows)
+            if self.mid_table is None or index >= self.mid_table.shape[0]:
+                grown = torch.zeros((max(64, 2 * index), self.host.shape[1]), dtype=self.host.dtype,
+                                    device=self.device_table.device)
+                if self.mid_table is not None:
+                    grown[: self.mid_table.shape[0]] = self.mid_table
+                self.mid_table = grown
+            self.mid_table[index] = torch.from_numpy(self.g.mid_masks[pending]).to(self.mid_table.device)
+            self.mid_rows[pending] = index
+        return index
+
+    def _learn_mid_masks(self, rows: list[_Row], device) -> None:
+        """Rows in a half-character state not seen yet: bring their matchers up to date and keep the mask."""
+        for row in rows:
+            if row.pending in self.g.mid_masks:
+                row.mid = self._mid_index(row.pending)
+                continue
+            self._flush(row)
+            scratch = self.g.allocate_bitmask(1)
+            row.matcher.fill_next_token_bitmask(scratch, 0)
+            self.stats["fills"] += 1
+            self.g.mid_masks[row.pending] = scratch[0].numpy().copy()
+            row.mid = self._mid_index(row.pending)
 
     # -- closing mode --------------------------------------------------------------------------------------
     def _closing_tokens(self, rows: list[_Row], slots: list[int]) -> dict[int, int]:
@@ -584,8 +659,11 @@ class BatchConstraint:
                     continue
                 row.closing = remaining <= cost + self.g.item_cost
             if row.closing:
-                self._flush(row)
-                row.fast = False
+                if row.fast:  # leave the fast path: the matcher and this row's mask become exact again
+                    self._flush(row)
+                    if row.pending:
+                        self._fill([row], [slots[i]])
+                    row.fast, row.pending, row.mid = False, b"", None
                 token = self.g.closing_token(row.matcher, PackedAllowed(self.host[slots[i]].numpy()), row.scanner)
                 if token is not None:
                     forced[i] = token
@@ -594,7 +672,7 @@ class BatchConstraint:
     def _cost(self, row: _Row) -> int | None:
         """The row's closing cost, or None where the slack since the last check cannot have run out."""
         if row.fast and row.fast_cost is not None:
-            return row.fast_cost
+            return row.fast_cost + utf8_missing(row.pending)
         key = row.scanner.key() if self.g.skeleton_exact and row.scanner.clean else None
         if key is not None and key in self.g.cost_cache:
             self.stats["cost_cached"] = self.stats.get("cost_cached", 0) + 1
@@ -606,7 +684,7 @@ class BatchConstraint:
         cost = self.g.closing_cost(row.matcher, row.scanner)
         if key is not None and len(self.g.cost_cache) < 100_000:
             self.g.cost_cache[key] = cost
-        if row.fast:
+        if row.fast and not row.pending:
             row.fast_cost = cost
         slack = row.budget - row.used - cost - self.g.item_cost
         row.next_check = row.used + max(1, slack // (self.g.item_cost + 1))
