@@ -7,7 +7,10 @@ What makes it fast (issue 6):
   with the next record (continuous batching); new records are prefilled together, in length order, with
   flash attention over prefix + own tokens, writing their K/V into their slots in place;
 - a decode step runs the live rows packed into a batch bucket (a few sizes), captured as CUDA graphs:
-  one launch per token; decode attention reads only each row's own length (fast_attention.py).
+  one launch per token; decode attention reads only each row's own length (fast_attention.py);
+- the per-layer pieces around attention are torch.compile'd (norms, rotary, activation fused);
+- without a constraint the loop runs one step ahead of the host: step k+1 takes its input tokens from
+  step k's output on the GPU while the host books step k.
 
 Greedy outputs equal `generate` (tests/test_fast.py on CPU in fp32; bench/gpu_fast.py on the GPU).
 """

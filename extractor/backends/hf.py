@@ -1,4 +1,6 @@
-"""`hf` backend: transformers (+ peft adapters) with length-sorted, token-budgeted, left-padded batches."""
+"""`hf` backend: transformers (+ peft adapters). Greedy base-weight runs of Llama/Qwen2-style models on CUDA
+go through FastDecoder (`--fast`, fast.py); everything else through `generate` in length-sorted,
+token-budgeted, left-padded batches."""
 from __future__ import annotations
 
 import hashlib
