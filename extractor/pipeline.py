@@ -1,9 +1,10 @@
 """read -> render -> generate -> parse/validate -> write, with a manifest and exactly-once resume.
 
-Records are taken in windows (input order). Each window's prompts go to the backend in one call (the
-backend sorts them by length into batches); its rows are written in input order, appended, flushed and
-fsynced. A killed run leaves at most a half-written last line, dropped on resume; ids already written
-under the same manifest are skipped, so every input id ends up in the output exactly once.
+Records are taken in windows (input order) and streamed through the backend, which may work on several
+windows at once (hf's fast path refills its slots from the next window) or on one at a time (the default);
+rows are put back in input order and written `window` at a time, appended, flushed and fsynced. A killed
+run leaves at most a half-written last line, dropped on resume; ids already written under the same
+manifest are skipped, so every input id ends up in the output exactly once.
 """
 from __future__ import annotations
 
@@ -136,8 +137,8 @@ class Predictor:
             yield tail
 
     def _token_ids(self, prompts: list[str], skipped: dict) -> list:
-        """Prompt token ids, encoded here (on the reader thread, in one batch) for backends that take them,
-        so the generating thread does not tokenize; None where the backend encodes itself."""
+        """Prompt token ids, encoded here in one batched call per window for backends that take them (the
+        backend then encodes nothing itself); None where the backend encodes itself."""
         encode = getattr(self.backend, "encode_batch", None)
         if encode is None:
             return [None] * len(prompts)
@@ -285,9 +286,9 @@ class Run:
         return done
 
     def execute(self, done: set[int]) -> Summary:
-        """Windows are read and rendered on a thread ahead of the backend; rows are parsed, validated and
-        written on another thread behind it, in input order, `window` rows per append (what a kill can
-        lose); the backend keeps the GPU busy in between."""
+        """Windows are read on a thread ahead of the backend; rows are parsed, validated and written on
+        another thread behind it, in input order, `window` rows per append (what a kill can lose); the
+        backend keeps the GPU busy in between."""
         if self.complete:
             return self.summary
         start = time.perf_counter()
