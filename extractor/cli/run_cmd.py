@@ -42,7 +42,8 @@ from extractor.tasks import load_task
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
               help="Token budget per batch: (longest prompt + max new tokens) x batch size.")
 @click.option("--window", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Records per write: the most work a kill can lose.")
+              help="Records per write (appended and fsynced together). A kill loses at most the unwritten rows "
+                   "and the records in flight; --resume redoes them.")
 @click.option("--max-input-tokens", type=click.IntRange(min=1), default=None,
               help="Prompt token limit (default: the model's context minus max new tokens).")
 @click.option("--on-long", type=click.Choice(["fail", "truncate", "skip"]), default="fail", show_default=True,
