@@ -112,8 +112,8 @@ class FastDecoder:
         self._pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._hidden = torch.zeros(slots, cfg.hidden_size, dtype=self.dtype, device=self.device)
         pinned = self.device.type == "cuda"
-        self._host = torch.zeros(3, slots, dtype=torch.long, pin_memory=pinned)
-        # The pipelined loop (_stream_pipelined): two sets of staging and token buffers, used in turn.
+        # Host staging and token buffers of a step, two sets used in turn (the pipelined loop has one step in
+        # flight while it stages the next).
         self._stage = [torch.zeros(4, slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._tok_dev = [torch.zeros(slots, dtype=torch.long, device=self.device) for _ in range(2)]
         self._tok_host = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
@@ -280,27 +280,6 @@ class FastDecoder:
             self._graphs[b] = graph
         return graph
 
-    def _decode(self, live: np.ndarray, tokens: np.ndarray, own: np.ndarray, logits_hook=None) -> np.ndarray:
-        """One step for the live slots (packed into the smallest bucket that holds them): next tokens."""
-        n = len(live)
-        b = next(s for s in self.buckets if s >= n)
-        self.stats["padded_rows"] += b - n
-        host = self._host[:, :b]
-        host[0, :n] = torch.from_numpy(tokens)
-        host[1, :n] = torch.from_numpy(live)
-        host[2, :n] = torch.from_numpy(own + len(self.prefix))
-        host[0, n:], host[1, n:], host[2, n:] = 0, self.slots, len(self.prefix)
-        staged = host.to(self.device, non_blocking=True)
-        self._ids[:b], self._slot[:b], self._pos[:b] = staged[0], staged[1], staged[2]
-        if self._use_graphs:
-            self._graph(b).replay()
-        else:
-            self._step(b)
-        logits = self.model.lm_head(self._hidden[:n])
-        if logits_hook is not None:
-            logits_hook(logits)
-        return logits.argmax(-1).cpu().numpy()
-
     # -- the scheduler -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, suffixes: list[list[int]], max_new, refill: int | None = None, constraint=None):
@@ -347,13 +326,10 @@ class FastDecoder:
                 continue
             t0 = time.perf_counter()
             hook = constraint.hook(st.keys_of(live), st.last[live], live)
-            toks = self._decode(live, st.last[live], st.own[live], hook)
+            self._launch(live, st, None, st.own[live], 0, hook)
+            st.record(live, self._collect(0, len(live)))
             self.stats["decode_s"] += time.perf_counter() - t0
             self.stats["steps"] += 1
-            st.out[live, st.count[live]] = toks
-            st.count[live] += 1
-            st.own[live] += 1
-            st.last[live] = toks
             yield from self._finished(st, live, constraint)
 
     def _stream_pipelined(self, source, refill, lookahead):
@@ -390,20 +366,19 @@ class FastDecoder:
                 done_rows, keys, par = prev
                 toks = self._collect(par, len(done_rows))
                 same = st.key_index[done_rows] == keys  # rows still holding the record they ran for
-                done_rows, toks = done_rows[same], toks[same]
-                st.out[done_rows, st.count[done_rows]] = toks
-                st.count[done_rows] += 1
-                st.own[done_rows] += 1
-                st.last[done_rows] = toks
-                yield from self._finished(st, done_rows, None)
+                st.record(done_rows[same], toks[same])
+                yield from self._finished(st, done_rows[same], None)
             self.stats["decode_s"] += time.perf_counter() - t0
             prev = current
             if prev is None and not waiting and exhausted and not (st.key_index >= 0).any():
                 return
 
-    def _launch(self, rows: np.ndarray, st: "_SlotState", prev, own: np.ndarray, parity: int) -> None:
-        """Queue one decode step for `rows` without waiting: a row that ran in the previous step takes its
-        input token from that step's output on the GPU; a newly admitted row takes its first token."""
+    def _launch(self, rows: np.ndarray, st: "_SlotState", prev, own: np.ndarray, parity: int,
+                logits_hook=None) -> None:
+        """Queue one decode step for `rows` (packed into the smallest bucket that holds them) without waiting:
+        a row that ran in the previous step takes its input token from that step's output on the GPU; any
+        other row takes its last token from the host. `logits_hook` (a constraint's masks) edits the logits
+        before the argmax; `_collect` reads the tokens back."""
         n = len(rows)
         b = next(s for s in self.buckets if s >= n)
         self.stats["padded_rows"] += b - n
@@ -431,8 +406,11 @@ class FastDecoder:
             self._graph(b).replay()
         else:
             self._step(b)
+        logits = self.model.lm_head(self._hidden[:n])
+        if logits_hook is not None:
+            logits_hook(logits)
         out = self._tok_dev[parity][:n]
-        out.copy_(self.model.lm_head(self._hidden[:n]).argmax(-1))
+        out.copy_(logits.argmax(-1))
         self._tok_host[parity][:n].copy_(out, non_blocking=True)
         if self._events is not None:
             self._events[parity].record()
@@ -547,6 +525,13 @@ class _SlotState:
         self.count[slots] = 1
         self.last[slots] = first
         self.out[slots, 0] = first
+
+    def record(self, slots: np.ndarray, tokens: np.ndarray) -> None:
+        """Book one decoded token for each of these slots."""
+        self.out[slots, self.count[slots]] = tokens
+        self.count[slots] += 1
+        self.own[slots] += 1
+        self.last[slots] = tokens
 
     def keys_of(self, slots: np.ndarray) -> list:
         return [self.keys[i] for i in self.key_index[slots].tolist()]
