@@ -88,15 +88,8 @@ class Predictor:
             check_expressible(task.schema)
 
     def predict(self, records: list[dict]) -> list[dict]:
-        prompts, skipped = self._prompts(records)
-        todo = [i for i in range(len(records)) if i not in skipped]
-        requests = [Request(prompts[i], records[i]["id"]) for i in todo]
-        gens = self.backend.generate(requests, self.params, self.task.schema) if requests else []
-        by_index: dict[int, Generation] = dict(zip(todo, gens))
-        rows = []
-        for i, rec in enumerate(records):
-            rows.append(self._row(rec, by_index.get(i), skipped.get(i)))
-        return rows
+        """Output rows for one batch of records, in order (training's evaluation, Ray workers)."""
+        return [row for triples in self.stream([records]) for row in self.rows(triples)]
 
     def stream(self, windows):
         """Windows of records in; lists of (record, generation, skip_reason) out, in input order, as the

@@ -88,16 +88,14 @@ class TokenizerBackend(Backend):
         return list(self.adapter_paths) or [None]
 
     def _encode(self, prompt: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        special = not (bos and prompt.startswith(bos))  # chat templates already hold the special tokens
-        return self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        return self.encode_batch([prompt])[0]
 
     def encode_batch(self, prompts: list[str]) -> list[list[int]]:
-        """`_encode` for many prompts in one tokenizer call (the Rust tokenizer spreads it over threads)."""
+        """Prompts to token ids in one tokenizer call (the Rust tokenizer spreads it over threads)."""
         if not prompts:
             return []
         bos = self.tokenizer.bos_token
-        special = [not (bos and p.startswith(bos)) for p in prompts]
+        special = [not (bos and p.startswith(bos)) for p in prompts]  # chat templates hold them already
         out: list = [None] * len(prompts)
         for flag in (True, False):
             index = [i for i, s in enumerate(special) if s == flag]

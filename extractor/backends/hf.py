@@ -202,10 +202,6 @@ class HFBackend(TokenizerBackend):
         prefix = common_prefix(encoded)
         need = max(len(e) for e in encoded) - len(prefix) + params.max_new_tokens
         decoder = self._decoder(prefix, need)
-        constraint = None
-        if params.constrained:
-            from extractor.constrain import BatchConstraint
-            constraint = BatchConstraint(self.grammar(schema))
         outs = decoder.generate([e[len(prefix):] for e in encoded], params.max_new_tokens,
                                 constraint=self._constraint(params, schema))
         return [self._generation(len(ids), tokens, finish) for ids, (tokens, finish) in zip(encoded, outs)]
