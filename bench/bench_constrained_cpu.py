@@ -17,7 +17,6 @@ import platform
 import time
 
 import numpy as np
-import torch
 
 VOCAB = 151936  # the Qwen2.5 head: a small real tokenizer padded to it, as in bench/gpu_fast.py
 APPLY = {"s": 0.0}  # time in apply_token_bitmask_inplace: one kernel on the GPU, a slow loop on CPU; left out
@@ -33,61 +32,6 @@ def _time_apply(xgr) -> None:
     xgr.apply_token_bitmask_inplace = timed
 
 
-def simulate(grammar, rows: int, budget: int, seed: int) -> tuple[float, int, list[str], dict]:
-    from extractor.constrain import BatchConstraint
-    constraint = BatchConstraint(grammar)
-    real = int(np.flatnonzero(np.array([bool(t) for t in grammar.token_texts]))[-1]) + 1
-    rng = np.random.default_rng(seed)
-    pref = rng.random((rows, real)).astype(np.float32)
-    keys = list(range(rows))
-    constraint.start(keys, [budget] * rows)
-    texts = {k: [] for k in keys}
-    finished = {}
-
-    def choose(alive, logits):
-        out = []
-        for i, k in enumerate(alive):
-            allowed = logits[i, :real] > -1  # masked logits: allowed tokens kept their 0
-            choice = int(np.argmax(np.where(allowed, pref[k], -2)))
-            pref[k] = np.roll(pref[k], 7)
-            out.append(choice)
-        return out
-
-    cpu = 0.0
-    logits = torch.zeros(rows, VOCAB)
-    t = time.perf_counter()
-    constraint.mask_first(keys, logits, keys)
-    cpu += time.perf_counter() - t
-    last = choose(keys, logits.numpy())
-    alive = keys
-    tokens = 0
-    for _ in range(budget):
-        keep = []
-        for k, tok in zip(alive, last):
-            tokens += 1
-            if tok in grammar.stop_token_ids:
-                finished[k] = "stop"
-                constraint.release(k)
-                continue
-            texts[k].append(tok)
-            if len(texts[k]) >= budget:
-                finished[k] = "length"
-                constraint.release(k)
-                continue
-            keep.append((k, tok))
-        if not keep:
-            break
-        alive, last = [k for k, _ in keep], [tok for _, tok in keep]
-        logits = torch.zeros(len(alive), VOCAB)
-        t = time.perf_counter()
-        constraint.hook(alive, last, alive)(logits)
-        cpu += time.perf_counter() - t
-        last = choose(alive, logits.numpy())
-    outputs = [(b"".join(grammar.token_bytes[i] for i in texts[k]).decode("utf-8", "replace"),
-                finished.get(k, "length")) for k in keys]
-    return cpu - APPLY["s"], tokens, outputs, dict(constraint.stats)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=256)
@@ -97,7 +41,7 @@ def main() -> None:
     from extractor.constrain import Grammar
     from extractor.outputs import Validator, judge
     from extractor.tasks import load_task
-    from extractor.testing import tokenizer_corpus, train_tokenizer
+    from extractor.testing import stand_in_decode, tokenizer_corpus, train_tokenizer
     tokenizer = train_tokenizer(tokenizer_corpus(3000), vocab_size=4096)
     task = load_task(args.task)
     validator = Validator(task.schema)
@@ -110,10 +54,12 @@ def main() -> None:
         if name == "shortcuts off":
             grammar.free_strings = grammar.mid_free = grammar.skeleton_exact = False
             grammar._closing_cost_text = lambda *a: None
-        cpu, tokens, outputs, stats = simulate(grammar, args.rows, args.budget, seed=0)
-        valid = sum(judge(text, reason, validator).status == "ok" for text, reason in outputs)
+        real = int(np.flatnonzero(np.array([bool(t) for t in grammar.token_texts]))[-1]) + 1
+        run = stand_in_decode(grammar, args.rows, args.budget, seed=0, width=VOCAB, choose_from=real)
+        cpu, tokens = run["seconds"] - APPLY["s"], run["decoded"]
+        valid = sum(judge(text, why, validator).status == "ok" for text, why in zip(run["texts"], run["reasons"]))
         results[name] = {"cpu_s": cpu, "tokens": tokens, "us_per_token": cpu / tokens * 1e6, "valid": valid,
-                         "stats": stats}
+                         "stats": run["stats"]}
     fast, slow = results["fast path"], results["shortcuts off"]
     lines = [f"date {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
              f"{args.rows} rows x {args.budget} tokens, task {args.task}",

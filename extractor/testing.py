@@ -73,3 +73,61 @@ def build_tiny_model(out_dir: str | Path, *, vocab_size: int = 1024, hidden: int
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choose_from: int | None = None) -> dict:
+    """Constrained decoding without a model, as FastDecoder's packed rows do it: each row takes its
+    preferred allowed token (a seeded random preference over the first `choose_from` ids, rotated every
+    step), like a random-weight model. `width` is the logits' width (the model's head). Returns each row's
+    tokens and finish reason, the tokens decoded, the seconds spent in the constraint and its stats."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from extractor.constrain import BatchConstraint
+    constraint = BatchConstraint(grammar)
+    choose_from = choose_from or width
+    pref = np.random.default_rng(seed).random((rows, choose_from)).astype(np.float32)
+    keys = list(range(rows))
+    constraint.start(keys, [budget] * rows)
+    out: dict[int, list[int]] = {k: [] for k in keys}
+    reasons: dict[int, str] = {}
+
+    def choose(alive, logits) -> list[int]:
+        picks = []
+        for i, k in enumerate(alive):  # masked logits: allowed tokens kept their 0
+            picks.append(int(np.argmax(np.where(logits[i, :choose_from] > -1, pref[k], -2))))
+            pref[k] = np.roll(pref[k], 7)
+        return picks
+
+    logits = torch.zeros(rows, width)
+    start = time.perf_counter()
+    constraint.mask_first(keys, logits, keys)
+    seconds = time.perf_counter() - start
+    alive, last = keys, choose(keys, logits.numpy())
+    decoded = 0
+    while alive:
+        keep = []
+        for k, tok in zip(alive, last):
+            decoded += 1
+            if tok in grammar.stop_token_ids:
+                reasons[k] = "stop"
+            else:
+                out[k].append(tok)
+                if len(out[k]) < budget:
+                    keep.append((k, tok))
+                    continue
+                reasons[k] = "length"
+            constraint.release(k)
+        if not keep:
+            break
+        alive, last = [k for k, _ in keep], [t for _, t in keep]
+        logits = torch.zeros(len(alive), width)
+        start = time.perf_counter()
+        constraint.hook(alive, last, alive)(logits)
+        seconds += time.perf_counter() - start
+        last = choose(alive, logits.numpy())
+    return {"tokens": [out[k] for k in keys], "reasons": [reasons[k] for k in keys], "decoded": decoded,
+            "seconds": seconds, "stats": dict(constraint.stats),
+            "texts": [b"".join(grammar.token_bytes[t] for t in out[k]).decode("utf-8", "replace") for k in keys]}
