@@ -95,23 +95,20 @@ class Grammar:
 
     def _init_string_fast_path(self, schema: dict, special: set) -> None:
         """What lets BatchConstraint skip the grammar inside free-form strings. A "safe" token is whole
-        UTF-8 text with no quote, backslash or control character: inside a string with no length, pattern
+        UTF-8 text with no quote, backslash or control byte: inside a string with no length, pattern
         or format limits, once the string may close, such a token leaves the grammar state (and so the
         mask) as it was. Schemas with those limits never take the fast path."""
-        safe = np.array([bool(t) and i not in special and "\ufffd" not in t and '"' not in t and "\\" not in t
-                         and all(ord(c) >= 0x20 for c in t) for i, t in enumerate(self.token_texts)])
-        self.safe = safe
-        self.safe_words = np.packbits(np.pad(safe, (0, -len(safe) % 32)), bitorder="little").view("<i4")
         # Half-characters inside a free string: tokens made only of string content (no quote, backslash or
         # control byte) move the state to "inside a character, these bytes pending"; that state's mask is the
         # same in every free string as long as no token that finishes a character also closes the string.
         raw = list(self.info.decoded_vocab)
         self.token_bytes = [b if i not in special and i < len(raw) else b"" for i, b in enumerate(raw)]
         self.token_bytes += [b""] * (self.vocab_size - len(self.token_bytes))
-        self.content_ok = np.array([bool(b) and not any(c in (0x22, 0x5C) or c < 0x20 for c in b)
-                                    for b in self.token_bytes])
-        closes_after_char = any(b and 0x80 <= b[0] < 0xC0 and any(c in (0x22, 0x5C) or c < 0x20 for c in b)
-                                for b in self.token_bytes)
+        content = [bool(b) and not any(c in (0x22, 0x5C) or c < 0x20 for c in b) for b in self.token_bytes]
+        self.content_ok = np.array(content)
+        self.safe = self.content_ok & np.array([ok and utf8_tail(b) == b"" for b, ok in zip(self.token_bytes, content)])
+        self.safe_words = np.packbits(np.pad(self.safe, (0, -len(self.safe) % 32)), bitorder="little").view("<i4")
+        closes_after_char = any(b and 0x80 <= b[0] < 0xC0 and not ok for b, ok in zip(self.token_bytes, content))
         self.mid_masks: dict[bytes, np.ndarray] = {}  # pending bytes -> mask words (free strings only)
         quotes = [i for i, t in enumerate(self.token_texts) if t == '"']
         self.quote_id = quotes[0] if quotes else None
