@@ -170,14 +170,28 @@ def fast_run(model, prefix, suffixes, budgets, slots=None):
     _, warmup_s = timed(lambda: dec.generate(suffixes[:2 * slots] if slots < len(suffixes) else suffixes, max_new=budgets
                                             if isinstance(budgets, int) else budgets[:2 * slots]))
     dec.stats = {k: 0 for k in dec.stats}
+    dec.trace = []
     got, dt = timed(lambda: dec.generate(suffixes, max_new=budgets))
     tokens = sum(len(t) for t, _ in got)
     info = {"slots": slots, "buckets_captured": len(dec._graphs), "attention": dec.attention,
             "compiled": dec.compiled, "flash_gqa": dec._flash_gqa, "setup_s": build_s, "warmup_s": warmup_s,
-            "time_split": dict(dec.stats)}
+            "time_split": dict(dec.stats), "prefill_chunks": prefill_summary(dec.trace, model, len(prefix))}
     del dec
     empty_cache()
     return got, row(tokens, len(suffixes), dt, **info)
+
+
+def prefill_summary(trace, model, prefix_len: int) -> dict:
+    """Each prefill chunk's rows, padded width, real tokens, milliseconds and achieved TFLOP/s (linear layers
+    only, real tokens): where prefill falls short of the matmul rate."""
+    cfg = model.config
+    linear = sum(p.numel() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2)
+    chunks = [{"rows": r, "width": w, "tokens": t, "ms": round(s * 1e3, 2),
+               "tflops": round(2 * linear * t / s / 1e12, 1)} for r, w, t, s in trace]
+    tokens, seconds = sum(c[2] for c in trace), sum(c[3] for c in trace)
+    return {"chunks": chunks, "tokens": tokens, "padded": sum(r * w for r, w, _, _ in trace), "seconds": seconds,
+            "linear_tflops": 2 * linear * tokens / seconds / 1e12 if seconds else None,
+            "hidden": cfg.hidden_size, "prefix": prefix_len}
 
 
 def fp32_check(model, prefix, suffixes) -> dict:
@@ -237,14 +251,18 @@ def agreement(got, ref) -> dict:
 
 
 def profile(model, prefix, suffixes, out: Path) -> dict:
-    """Kernel time of one eager decode step (1024 rows) and one prefill chunk, top kernels first."""
+    """Kernel time of one eager decode step (1024 rows) and one full prefill chunk, top kernels first."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from extractor.backends.fast import FastDecoder
     unique = max(len(s) for s in suffixes) + NEW
     dec = FastDecoder(model, prefix, slots=min(1024, len(suffixes)), unique_len=unique, eos_ids=[])
-    chunk = sorted(suffixes, key=len)[len(suffixes) // 2:][:64]
+    middle = sorted(suffixes, key=len)[len(suffixes) // 2:]
+    take = 1
+    while take < len(middle) and len(middle[take]) * (take + 1) <= dec.prefill_tokens:
+        take += 1
+    chunk = middle[:take]  # one prefill chunk as a run makes it (rows of about the median length)
     tables = {}
     rows = min(1024, len(suffixes))
     own = torch.tensor([len(s) + NEW // 2 for s in suffixes[:rows]], device=DEVICE)  # mid-generation lengths
@@ -254,7 +272,7 @@ def profile(model, prefix, suffixes, out: Path) -> dict:
         dec._prefill(list(range(len(chunk))), chunk)
         dec._step(rows)
         sync()
-        for name, fn in (("prefill_64x~300", lambda: dec._prefill(list(range(len(chunk))), chunk)),
+        for name, fn in ((f"prefill_chunk_{len(chunk)}x{len(chunk[-1])}", lambda: dec._prefill(list(range(len(chunk))), chunk)),
                          ("decode_step_1024_mid_generation", lambda: dec._step(rows))):
             with torch_profile(activities=[ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU]) as prof:
                 fn()

@@ -63,10 +63,13 @@ print("ok")
 def test_buckets_cover_every_batch_size():
     from extractor.backends.fast import buckets_up_to
     sizes = buckets_up_to(100)
-    assert sizes == [8, 12, 16, 24, 32, 48, 64, 96, 100]
-    for live in range(1, 101):
-        b = next(s for s in sizes if s >= live)
-        assert b - live <= max(7, live // 2)
+    assert sizes == [8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 100]
+    for slots in (100, 1024, 1500):
+        sizes = buckets_up_to(slots)
+        assert sizes[-1] == slots
+        for live in range(1, slots + 1):
+            b = next(s for s in sizes if s >= live)
+            assert b - live <= max(7, live // 4)
 
 
 @pytest.mark.parametrize("constrained", [False, True])

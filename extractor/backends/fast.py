@@ -63,13 +63,17 @@ def slots_for_memory(model, unique_len: int, device, fraction: float = 0.5, cap:
     return max(1, min(cap, int(free * fraction // (kv_bytes_per_token(model) * unique_len))))
 
 
-def buckets_up_to(slots: int, smallest: int = 8) -> list[int]:
-    """Decode batch sizes: powers of two and their midpoints (at most a third of a step is padding)."""
+def buckets_up_to(slots: int, smallest: int = 8, per_octave: int = 4) -> list[int]:
+    """Decode batch sizes: multiples of `smallest` up to 8 * smallest, then `per_octave` evenly spaced sizes
+    per doubling (at most an eighth of a step is padding). Rows finishing at EOS shrink the live batch a
+    few at a time, so coarse buckets would pad many steps heavily."""
     sizes = {slots}
-    p = smallest
-    while p < slots:
-        sizes.update(s for s in (p, p * 3 // 2) if s < slots)
-        p *= 2
+    top = smallest * 8
+    sizes.update(s for s in range(smallest, min(top, slots) + 1, smallest) if s < slots)
+    low = top
+    while low < slots:
+        sizes.update(s for s in range(low + low // per_octave, 2 * low + 1, low // per_octave) if s < slots)
+        low *= 2
     return sorted(sizes)
 
 
@@ -122,6 +126,7 @@ class FastDecoder:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._use_graphs, self._pool = False, None
         self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "steps": 0, "padded_rows": 0}
+        self.trace: list | None = None  # a list: (rows, width, tokens, seconds) of each prefill chunk
 
     # -- model pieces --------------------------------------------------------------------------------
     @staticmethod
@@ -468,11 +473,15 @@ class FastDecoder:
             chunk, batch = batch[:take], batch[take:]
             slots = free[fi: fi + len(chunk)]
             fi += len(chunk)
+            t0 = time.perf_counter()
             logits = self._prefill(slots.tolist(), [it[1] for it in chunk])
             if constraint is not None:
                 constraint.start([it[0] for it in chunk], [it[2] for it in chunk])
                 constraint.mask_first([it[0] for it in chunk], logits, slots)
             first = logits.argmax(-1).cpu().numpy()
+            if self.trace is not None:
+                self.trace.append((len(chunk), max(len(it[1]) for it in chunk), sum(len(it[1]) for it in chunk),
+                                   time.perf_counter() - t0))
             self.stats["prefills"] += 1
             st.take(slots, chunk, first)
             admitted.append(slots)
