@@ -523,13 +523,24 @@ class BatchConstraint:
                     row.scanner.feed(self.g.token_texts[t])
                 refill_rows.append(row)
                 refill_slots.append(slot)
+            t = self._phase("rows_s", t0[0])
             self._learn_mid_masks(mid_todo, logits.device)
             self.stats["fast_tokens"] += len(rows) - len(refill_rows)
+            t = self._phase("mid_s", t)
             self._accept(accept_m, accept_t)
+            t = self._phase("accept_s", t)
             self._table(max(slots) + 1, logits.device)
             self._fill(refill_rows, refill_slots)
+            self._phase("fill_s", t)
             self._apply(rows, slots, logits, t0)
         return apply
+
+    def _phase(self, name: str, since: float) -> float:
+        """Add the time since `since` to stats[name] (where the hook's CPU time goes); returns now."""
+        import time
+        now = time.perf_counter()
+        self.stats[name] = self.stats.get(name, 0.0) + now - since
+        return now
 
     def _accept(self, matchers: list, tokens: list[int]) -> None:
         """batch_accept_token in chunks on a thread pool: xgrammar releases the GIL while it works."""
@@ -569,6 +580,12 @@ class BatchConstraint:
         buf[: len(values)] = t
         return buf[: len(values)].to(device, non_blocking=True)
 
+    def _pinned(self, array: np.ndarray):
+        """A host copy the GPU can read asynchronously (a pageable copy would wait for the step in flight)."""
+        import torch
+        t = torch.from_numpy(array)
+        return t.pin_memory() if self.cuda else t
+
     def _fill(self, rows: list[_Row], slots: list[int]) -> None:
         """New masks for these rows (written in their slots' rows), sent to the device table; a row whose
         mask admits every safe token and a closing quote is inside a free string: its fast path starts."""
@@ -590,7 +607,9 @@ class BatchConstraint:
 
     def _apply(self, rows: list[_Row], slots: list[int], logits, t0: tuple[float, float]) -> None:
         import torch
+        t = _clock()[0]
         forced = self._closing_tokens(rows, slots)
+        self._phase("closing_s", t)
         now = _clock()
         self.stats["cpu_s"] += now[0] - t0[0]
         self.stats["thread_s"] += now[1] - t0[1]  # this thread's own CPU: the rest is waiting (GIL, pool)
@@ -624,7 +643,7 @@ class BatchConstraint:
                 if self.mid_table is not None:
                     grown[: self.mid_table.shape[0]] = self.mid_table
                 self.mid_table = grown
-            self.mid_table[index] = torch.from_numpy(self.g.mid_masks[pending]).to(self.mid_table.device)
+            self.mid_table[index].copy_(self._pinned(self.g.mid_masks[pending]), non_blocking=True)
             self.mid_rows[pending] = index
         return index
 

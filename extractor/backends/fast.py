@@ -16,6 +16,7 @@ Greedy outputs equal `generate` (tests/test_fast.py on CPU in fp32; bench/gpu_fa
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 
@@ -59,7 +60,9 @@ def kv_bytes_per_token(model) -> int:
 def slots_for_memory(model, unique_len: int, device, fraction: float = 0.5, cap: int = 1024) -> int:
     """Slots whose own K/V fit in `fraction` of the free GPU memory (the batch size from free memory); the
     rest is left to prefill activations and the logits of a decode step."""
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    device = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch, unused
     return max(1, min(cap, int(free * fraction // (kv_bytes_per_token(model) * unique_len))))
 
 
@@ -154,14 +157,21 @@ class FastDecoder:
         x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
-    def _forward(self, ids, positions, attend):
-        """Run the decoder layers; `attend(layer_index, q, k, v)` stores K/V and returns [B, H, T, D]."""
+    def _forward(self, ids, positions, attend, last=None):
+        """Run the decoder layers; `attend(layer_index, q, k, v)` stores K/V and returns [B, H, T, D].
+        `last` (each row's last position): the final layer's output projection and MLP run on those
+        positions only (prefill needs every position's K/V but only the last one's output)."""
         x = self.core.embed_tokens(ids)
         cos, sin = self.core.rotary_emb(x, positions)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]: broadcast over heads
+        final = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             q, k, v = self._pre_fn(layer, x, cos, sin)
-            x = self._post_fn(layer, x, attend(i, q, k, v))
+            out = attend(i, q, k, v)
+            if i == final and last is not None:
+                rows = torch.arange(len(last), device=x.device)
+                x, out = x[rows, last].unsqueeze(1), out[rows, :, last].unsqueeze(2)
+            x = self._post_fn(layer, x, out)
         return self.core.norm(x)
 
     def _compile(self, enabled: bool) -> None:
@@ -244,9 +254,9 @@ class FastDecoder:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
             return F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), attn_mask=bias,
                                                   scale=self.scale)
-        hidden = self._forward(ids, positions, attend)
         last = torch.from_numpy(np.array([len(s) - 1 for s in suffixes], np.int64)).to(self.device)
-        return self.model.lm_head(hidden[torch.arange(len(suffixes), device=self.device), last])
+        hidden = self._forward(ids, positions, attend, last)
+        return self.model.lm_head(hidden[:, 0])
 
     # -- decode ----------------------------------------------------------------------------------------
     def _step(self, b: int) -> None:
@@ -307,10 +317,17 @@ class FastDecoder:
         source = iter(source)
         refill = refill or max(1, self.slots // 8)
         lookahead = lookahead or 2 * self.slots
-        if constraint is None:
-            yield from self._stream_pipelined(source, refill, lookahead)
-        else:
-            yield from self._stream_constrained(source, refill, lookahead, constraint)
+        # Each step waits on the GPU with the GIL released; a reader, writer or grammar thread then holds it
+        # until Python's switch interval (5 ms) runs out, stalling the next launch. 0.5 ms while decoding.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, 5e-4))
+        try:
+            if constraint is None:
+                yield from self._stream_pipelined(source, refill, lookahead)
+            else:
+                yield from self._stream_constrained(source, refill, lookahead, constraint)
+        finally:
+            sys.setswitchinterval(interval)
 
     def _stream_constrained(self, source, refill: int, lookahead: int, constraint):
         """One step at a time: each step's masks need the tokens of the step before."""
@@ -453,6 +470,19 @@ class FastDecoder:
             yield key, st.out[s, : st.count[s]].tolist(), "stop" if is_stop else "length"
             st.free(s)
 
+    def _chunk_size(self, lengths: list[int]) -> int:
+        """How many of these (ascending) suffixes the next prefill chunk takes: at most `prefill_tokens`
+        padded tokens; once it holds a few thousand (enough for the matmuls to run at full rate) it also
+        stops before padding passes 4%, since padding is computed like real tokens."""
+        take, real = 1, lengths[0]
+        while take < len(lengths) and lengths[take] * (take + 1) <= self.prefill_tokens:
+            padded = lengths[take] * (take + 1)
+            if padded >= self.prefill_tokens * 3 // 8 and padded - real - lengths[take] > 0.04 * padded:
+                break
+            real += lengths[take]
+            take += 1
+        return take
+
     def _admit(self, free, waiting: deque, st: "_SlotState", constraint) -> np.ndarray:
         """Prefill waiting records into free slots: first come first served, then sorted by length into
         chunks of at most `prefill_tokens` padded tokens."""
@@ -467,9 +497,7 @@ class FastDecoder:
         admitted = []
         fi = 0
         while batch:
-            take = 1
-            while take < len(batch) and len(batch[take][1]) * (take + 1) <= self.prefill_tokens:
-                take += 1
+            take = self._chunk_size([len(it[1]) for it in batch[:self.prefill_tokens]])
             chunk, batch = batch[:take], batch[take:]
             slots = free[fi: fi + len(chunk)]
             fi += len(chunk)
