@@ -160,22 +160,30 @@ def generate_batch(model, prompts):
 
 
 # -- FastDecoder ---------------------------------------------------------------------------------------
-def fast_run(model, prefix, suffixes, budgets, slots=None):
+def fast_run(model, prefix, suffixes, budgets, slots=None, grammar=None):
+    """FastDecoder on token ids; with `grammar`, every output is constrained to it (a fresh BatchConstraint
+    per call) and the grammar's stop token ends a row."""
     from extractor.backends.fast import FastDecoder, slots_for_memory
+    from extractor.constrain import BatchConstraint
     unique = max(len(s) for s in suffixes) + NEW
     slots = slots or (slots_for_memory(model, unique, DEVICE) if DEVICE == "cuda" else 16)
-    (dec, build_s) = timed(lambda: FastDecoder(model, prefix, slots=slots, unique_len=unique, eos_ids=[]))
+    eos = grammar.stop_token_ids if grammar is not None else []
+    (dec, build_s) = timed(lambda: FastDecoder(model, prefix, slots=slots, unique_len=unique, eos_ids=eos))
     dec.capture()
+    constraint = (lambda: BatchConstraint(grammar)) if grammar is not None else (lambda: None)
     # Warm-up: compiles (torch.compile, Triton) and captures the graphs a run of this shape needs.
     _, warmup_s = timed(lambda: dec.generate(suffixes[:2 * slots] if slots < len(suffixes) else suffixes, max_new=budgets
-                                            if isinstance(budgets, int) else budgets[:2 * slots]))
+                                            if isinstance(budgets, int) else budgets[:2 * slots],
+                                            constraint=constraint()))
     dec.stats = {k: 0 for k in dec.stats}
     dec.trace = []
-    got, dt = timed(lambda: dec.generate(suffixes, max_new=budgets))
+    last = constraint()
+    got, dt = timed(lambda: dec.generate(suffixes, max_new=budgets, constraint=last))
     tokens = sum(len(t) for t, _ in got)
     info = {"slots": slots, "buckets_captured": len(dec._graphs), "attention": dec.attention,
             "compiled": dec.compiled, "flash_gqa": dec._flash_gqa, "setup_s": build_s, "warmup_s": warmup_s,
-            "time_split": dict(dec.stats), "prefill_chunks": prefill_summary(dec.trace, model, len(prefix))}
+            "time_split": dict(dec.stats), "prefill_chunks": prefill_summary(dec.trace, model, len(prefix)),
+            "constraint": dict(last.stats) if last is not None else None}
     del dec
     empty_cache()
     return got, row(tokens, len(suffixes), dt, **info)
@@ -383,6 +391,7 @@ def table(res: Results) -> str:
                            ("fast", "FastDecoder", "fixed"),
                            ("run_path", "`extractor run` path (hf, fast)", "fixed, text"),
                            ("run_path_constrained", "`extractor run` path, --constrained", "text, JSON"),
+                           ("fast_constrained", "FastDecoder, constrained", "JSON"),
                            ("static_bs128_eos", "static `generate`, batch 128", "EOS at 16-128"),
                            ("fast_eos", "FastDecoder", "EOS at 16-128"),
                            ("fast_7b", "FastDecoder, 7B config", "fixed")]:
@@ -393,6 +402,9 @@ def table(res: Results) -> str:
         ratio = f"{r['tok_s'] / ref:.1f}x" if ref and "7b" not in key else "-"
         of_floor = f"{r['tok_s'] / floor:.0%}" if floor and key in ("sequential", "static_bs128", "generate_batch", "fast") else "-"
         lines.append(f"| {label} | {wl} | {r['tok_s']:,.0f} | {r['records_s']:,.1f} | {ratio} | {of_floor} |")
+    for free, cons, label in (("run_path", "run_path_constrained", "run path"), ("fast", "fast_constrained", "FastDecoder")):
+        if d.get(free) and d.get(cons):
+            lines.append(f"--constrained costs {1 - d[cons]['tok_s'] / d[free]['tok_s']:.0%} of output tok/s ({label})")
     return "\n".join(lines)
 
 
@@ -470,6 +482,13 @@ def main() -> None:
         if "constrained" in parts:
             res["run_path_constrained"] = run_path(backend, work, args.n, constrained=True,
                                                    profile_cpu="profile" in parts)
+            # The same grammar on FastDecoder directly (token prompts, no reader/writer threads): what the
+            # constraint costs the decoder itself.
+            from extractor.tasks import load_task
+            grammar = backend.grammar(load_task("jd_requirements").schema)
+            got, r = fast_run(model, prefix, suffixes, NEW, grammar=grammar)
+            r["stopped"] = sum(reason == "stop" for _, reason in got)
+            res["fast_constrained"] = r
         del backend
     del model
     empty_cache()

@@ -81,6 +81,12 @@ class Grammar:
         self.item_cost = max(0, deep - self.closing_cost()) + 4
         self.watch_window = deep + self.item_cost + 16
 
+    @property
+    def batch_accept(self):
+        """xgrammar's batched accept without its wrapper: (matcher handles, tokens, debug) -> results."""
+        from xgrammar.base import _core
+        return _core.BatchGrammarMatcher.batch_accept_token
+
     def matcher(self):
         return self.xgr.GrammarMatcher(self.compiled)
 
@@ -543,14 +549,17 @@ class BatchConstraint:
         return now
 
     def _accept(self, matchers: list, tokens: list[int]) -> None:
-        """batch_accept_token in chunks on a thread pool: xgrammar releases the GIL while it works."""
+        """batch_accept_token in chunks on a thread pool: xgrammar releases the GIL while it works. The core
+        call is used directly: the wrapper converts its per-row results (unused here) one by one."""
+        accept = self.g.batch_accept
         chunk = 64
         if len(matchers) <= chunk or self.pool is None:
             if matchers:
-                self.batch.batch_accept_token(matchers, tokens)
+                accept([m._handle for m in matchers], tokens, False)
             return
-        parts = [(matchers[i:i + chunk], tokens[i:i + chunk]) for i in range(0, len(matchers), chunk)]
-        for future in [self.pool.submit(self.batch.batch_accept_token, m, t) for m, t in parts]:
+        handles = [m._handle for m in matchers]
+        parts = [(handles[i:i + chunk], tokens[i:i + chunk]) for i in range(0, len(handles), chunk)]
+        for future in [self.pool.submit(accept, h, t, False) for h, t in parts]:
             future.result()
 
     # -- masks -----------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ Greedy outputs equal `generate` (tests/test_fast.py on CPU in fp32; bench/gpu_fa
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
 
@@ -57,7 +56,7 @@ def kv_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
 
 
-def slots_for_memory(model, unique_len: int, device, fraction: float = 0.5, cap: int = 1024) -> int:
+def slots_for_memory(model, unique_len: int, device, fraction: float = 0.75, cap: int = 1024) -> int:
     """Slots whose own K/V fit in `fraction` of the free GPU memory (the batch size from free memory); the
     rest is left to prefill activations and the logits of a decode step."""
     device = torch.device(device)
@@ -317,17 +316,10 @@ class FastDecoder:
         source = iter(source)
         refill = refill or max(1, self.slots // 8)
         lookahead = lookahead or 2 * self.slots
-        # Each step waits on the GPU with the GIL released; a reader, writer or grammar thread then holds it
-        # until Python's switch interval (5 ms) runs out, stalling the next launch. 0.5 ms while decoding.
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, 5e-4))
-        try:
-            if constraint is None:
-                yield from self._stream_pipelined(source, refill, lookahead)
-            else:
-                yield from self._stream_constrained(source, refill, lookahead, constraint)
-        finally:
-            sys.setswitchinterval(interval)
+        if constraint is None:
+            yield from self._stream_pipelined(source, refill, lookahead)
+        else:
+            yield from self._stream_constrained(source, refill, lookahead, constraint)
 
     def _stream_constrained(self, source, refill: int, lookahead: int, constraint):
         """One step at a time: each step's masks need the tokens of the step before."""
