@@ -492,6 +492,8 @@ def main() -> None:
             res["fast_constrained"] = r
         del backend
     del model
+    import gc
+    gc.collect()  # the run path's decoder (its KV cache) sits in reference cycles: free it before the 7B model
     empty_cache()
     if "7b" in parts:
         torch._dynamo.reset()  # the 1.5B decoders' compiled code is of no use to the 7B model
