@@ -57,8 +57,9 @@ def kv_bytes_per_token(model) -> int:
 
 
 def slots_for_memory(model, unique_len: int, device, fraction: float = 0.75, cap: int = 1024) -> int:
-    """Slots whose own K/V fit in `fraction` of the free GPU memory (the batch size from free memory); the
-    rest is left to prefill activations and the logits of a decode step."""
+    """Slots whose own K/V fit in `fraction` of the free GPU memory, counting memory torch has cached but
+    not allocated (the batch size from free memory); the rest is left to prefill activations and the
+    logits of a decode step."""
     device = torch.device(device)
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch, unused
@@ -67,8 +68,8 @@ def slots_for_memory(model, unique_len: int, device, fraction: float = 0.75, cap
 
 def buckets_up_to(slots: int, smallest: int = 8, per_octave: int = 4) -> list[int]:
     """Decode batch sizes: multiples of `smallest` up to 8 * smallest, then `per_octave` evenly spaced sizes
-    per doubling (at most an eighth of a step is padding). Rows finishing at EOS shrink the live batch a
-    few at a time, so coarse buckets would pad many steps heavily."""
+    per doubling (padding: under `smallest` rows, or at most a quarter of the live rows). Rows finishing at
+    EOS shrink the live batch a few at a time, so coarse buckets would pad many steps heavily."""
     sizes = {slots}
     top = smallest * 8
     sizes.update(s for s in range(smallest, min(top, slots) + 1, smallest) if s < slots)
