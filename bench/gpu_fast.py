@@ -160,17 +160,17 @@ def generate_batch(model, prompts):
 
 
 # -- FastDecoder ---------------------------------------------------------------------------------------
-def fast_run(model, prefix, suffixes, budgets, slots=None, grammar=None):
+def fast_run(model, prefix, suffixes, budgets, slots=None, grammar=None, workers="auto"):
     """FastDecoder on token ids; with `grammar`, every output is constrained to it (a fresh BatchConstraint
-    per call) and the grammar's stop token ends a row."""
+    per call, `workers` grammar processes) and the grammar's stop token ends a row."""
     from extractor.backends.fast import FastDecoder, slots_for_memory
-    from extractor.constrain import BatchConstraint
+    from extractor.constrain_batch import BatchConstraint
     unique = max(len(s) for s in suffixes) + NEW
     slots = slots or (slots_for_memory(model, unique, DEVICE) if DEVICE == "cuda" else 16)
     eos = grammar.stop_token_ids if grammar is not None else []
     (dec, build_s) = timed(lambda: FastDecoder(model, prefix, slots=slots, unique_len=unique, eos_ids=eos))
     dec.capture()
-    constraint = (lambda: BatchConstraint(grammar)) if grammar is not None else (lambda: None)
+    constraint = (lambda: BatchConstraint(grammar, workers)) if grammar is not None else (lambda: None)
     # Warm-up: compiles (torch.compile, Triton) and captures the graphs a run of this shape needs.
     _, warmup_s = timed(lambda: dec.generate(suffixes[:2 * slots] if slots < len(suffixes) else suffixes, max_new=budgets
                                             if isinstance(budgets, int) else budgets[:2 * slots],
@@ -392,6 +392,7 @@ def table(res: Results) -> str:
                            ("run_path", "`extractor run` path (hf, fast)", "fixed, text"),
                            ("run_path_constrained", "`extractor run` path, --constrained", "text, JSON"),
                            ("fast_constrained", "FastDecoder, constrained", "JSON"),
+                           ("fast_constrained_no_workers", "FastDecoder, constrained, grammar in-process", "JSON"),
                            ("static_bs128_eos", "static `generate`, batch 128", "EOS at 16-128"),
                            ("fast_eos", "FastDecoder", "EOS at 16-128"),
                            ("fast_7b", "FastDecoder, 7B config", "fixed")]:
@@ -402,7 +403,8 @@ def table(res: Results) -> str:
         ratio = f"{r['tok_s'] / ref:.1f}x" if ref and "7b" not in key else "-"
         of_floor = f"{r['tok_s'] / floor:.0%}" if floor and key in ("sequential", "static_bs128", "generate_batch", "fast") else "-"
         lines.append(f"| {label} | {wl} | {r['tok_s']:,.0f} | {r['records_s']:,.1f} | {ratio} | {of_floor} |")
-    for free, cons, label in (("run_path", "run_path_constrained", "run path"), ("fast", "fast_constrained", "FastDecoder")):
+    for free, cons, label in (("run_path", "run_path_constrained", "run path"), ("fast", "fast_constrained", "FastDecoder"),
+                              ("fast", "fast_constrained_no_workers", "FastDecoder, grammar in-process")):
         if d.get(free) and d.get(cons):
             lines.append(f"--constrained costs {1 - d[cons]['tok_s'] / d[free]['tok_s']:.0%} of output tok/s ({label})")
     return "\n".join(lines)
@@ -490,6 +492,10 @@ def main() -> None:
             got, r = fast_run(model, prefix, suffixes, NEW, grammar=grammar)
             r["stopped"] = sum(reason == "stop" for _, reason in got)
             res["fast_constrained"] = r
+            # Grammar work in this process (no workers), for comparison: the same tokens, more host time.
+            got0, r = fast_run(model, prefix, suffixes, NEW, grammar=grammar, workers=0)
+            r["same_tokens_as_workers"] = sum(a == b for a, b in zip(got, got0))
+            res["fast_constrained_no_workers"] = r
         del backend
     del model
     import gc

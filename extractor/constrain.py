@@ -15,7 +15,6 @@ with `generate` and with the project's own decode loop.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 
@@ -68,6 +67,7 @@ class Grammar:
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError variants
             raise TaskError(f"the task's schema cannot be compiled into a grammar ({exc}); "
                             "simplify it or run without --constrained") from None
+        self._spec = (schema, tokenizer, vocab_size, list(stop_token_ids))  # what a worker process rebuilds it from
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
         self.token_texts = _token_texts(tokenizer, vocab_size)
@@ -99,6 +99,15 @@ class Grammar:
             workers = min(8, (os.cpu_count() or 1) - 1)
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="grammar") if workers >= 2 else None
         return self._pool
+
+    def shard_pool(self, n: int):
+        """Worker processes holding this grammar (constrain_workers.ShardPool), started on first use and
+        kept with the grammar; a different count restarts them."""
+        pool = getattr(self, "_shards", None)
+        if pool is None or pool.n != n:
+            from extractor.constrain_workers import ShardPool
+            self._shards = pool = ShardPool(self._spec, n)
+        return pool
 
     def _init_string_fast_path(self, schema: dict, special: set) -> None:
         """What lets BatchConstraint skip the grammar inside free-form strings. A "safe" token is whole
@@ -240,10 +249,6 @@ class Grammar:
         if first not in self._by_first:
             self._by_first[first] = [i for i, t in enumerate(self.token_texts) if t[:1] == first]
         return self._by_first[first]
-
-
-def _clock() -> tuple[float, float]:
-    return time.perf_counter(), time.thread_time()
 
 
 def utf8_tail(data: bytes) -> bytes | None:
@@ -440,281 +445,3 @@ class SchemaLogitsProcessor:
                 if token is not None:
                     work[i] = torch.finfo(work.dtype).min
                     work[i, token] = 0
-
-
-class _Row:
-    """One record's grammar state inside a BatchConstraint."""
-    __slots__ = ("matcher", "budget", "used", "tokens", "scanner", "closing", "next_check", "fast",
-                 "deferred", "fast_cost", "pending", "mid")
-
-    def __init__(self, matcher, budget: int):
-        self.matcher, self.budget, self.used = matcher, int(budget), 0
-        self.tokens: list[int] = []
-        self.scanner: JsonScanner | None = None  # built once the row nears its budget
-        self.closing = False
-        self.next_check = 0
-        self.fast = False  # inside a free string: the mask is the cached one, tokens wait in `deferred`
-        self.deferred: list[int] = []
-        self.fast_cost: int | None = None  # closing cost from inside this string (the same all along it)
-        self.pending = b""  # bytes of an unfinished character (fast rows only)
-        self.mid: int | None = None  # row of the mid-character mask table in use, if pending
-
-
-class BatchConstraint:
-    """Grammar masks for FastDecoder's packed rows, kept per cache slot on the GPU.
-
-    Each step, rows whose new token is ordinary text inside a free-form string keep their mask (the grammar
-    state does not change: see Grammar._init_string_fast_path) and only queue the token for their matcher;
-    the other rows accept their tokens and get new masks in one batched xgrammar call. Only changed mask
-    rows travel to the GPU. Closing mode is SchemaLogitsProcessor's: a row closes once its remaining budget
-    is about its closing cost plus one array item. Costs are simulated only when a row could have to close
-    soon: a token raises the cost by at most `item_cost`, so after a check the next one waits for the slack
-    to run out, and inside a free string the cost is computed once."""
-
-    def __init__(self, grammar: Grammar, threads="auto"):
-        self.g = grammar
-        self.batch = grammar.xgr.BatchGrammarMatcher(threads)
-        self.pool = grammar.thread_pool()
-        self.rows: dict = {}
-        self.host = self.device_table = None
-        self.mid_table = None
-        self.mid_rows: dict[bytes, int] = {}
-        self._index_bufs = [None] * 8
-        self.stats = {"cpu_s": 0.0, "thread_s": 0.0, "cost_checks": 0, "fills": 0, "fast_tokens": 0}
-
-    def start(self, requests, budgets) -> None:
-        for r, b in zip(requests, budgets):
-            self.rows[r] = _Row(self.g.matcher(), b)
-
-    def release(self, request) -> None:
-        self.rows.pop(request, None)
-
-    def mask_first(self, requests, logits, slots) -> None:
-        """Masks for newly admitted records' first tokens (logits in the order of `requests`)."""
-        t0 = _clock()
-        rows = [self.rows[r] for r in requests]
-        self._table(len(slots) and int(max(slots)) + 1, logits.device)
-        self._fill(rows, [int(s) for s in slots])
-        self._apply(rows, [int(s) for s in slots], logits, t0)
-
-    def hook(self, requests, last_tokens, slots):
-        """A callable for the decode step: take in each row's previous token, then mask the new logits."""
-        rows = [self.rows[r] for r in requests]
-        tokens = [int(t) for t in last_tokens]
-        slots = [int(s) for s in slots]
-
-        def apply(logits):
-            t0 = _clock()
-            refill_rows, refill_slots, accept_m, accept_t, mid_todo = [], [], [], [], []
-            safe, content_ok, mid_free = self.g.safe, self.g.content_ok, self.g.mid_free
-            for row, t, slot in zip(rows, tokens, slots):
-                row.tokens.append(t)
-                row.used += 1
-                if row.fast and (safe[t] or (mid_free and content_ok[t])):
-                    pending = b"" if safe[t] and not row.pending else utf8_tail(row.pending + self.g.token_bytes[t])
-                    if pending is not None:
-                        row.deferred.append(t)
-                        row.pending = pending
-                        row.mid = self._mid_index(pending) if pending else None
-                        if pending and row.mid is None:
-                            mid_todo.append(row)
-                        if row.scanner is not None and row.scanner.str_len < row.scanner.min_cap:
-                            row.scanner.feed(self.g.token_texts[t])
-                        continue
-                self._flush(row)
-                row.fast, row.fast_cost, row.pending, row.mid = False, None, b"", None
-                accept_m.append(row.matcher)
-                accept_t.append(t)
-                if row.scanner is not None:
-                    row.scanner.feed(self.g.token_texts[t])
-                refill_rows.append(row)
-                refill_slots.append(slot)
-            t = self._phase("rows_s", t0[0])
-            self._learn_mid_masks(mid_todo, logits.device)
-            self.stats["fast_tokens"] += len(rows) - len(refill_rows)
-            t = self._phase("mid_s", t)
-            self._accept(accept_m, accept_t)
-            t = self._phase("accept_s", t)
-            self._table(max(slots) + 1, logits.device)
-            self._fill(refill_rows, refill_slots)
-            self._phase("fill_s", t)
-            self._apply(rows, slots, logits, t0)
-        return apply
-
-    def _phase(self, name: str, since: float) -> float:
-        """Add the time since `since` to stats[name] (where the hook's CPU time goes); returns now."""
-        now = time.perf_counter()
-        self.stats[name] = self.stats.get(name, 0.0) + now - since
-        return now
-
-    def _accept(self, matchers: list, tokens: list[int]) -> None:
-        """batch_accept_token, in chunks on a thread pool where there are cores for one (on the H100 machine
-        the accepts measured barely faster than one thread's: the call seems to hold the GIL). The core call
-        is used directly: the wrapper converts its per-row results (unused here) one by one."""
-        accept = self.g.batch_accept
-        chunk = 64
-        if len(matchers) <= chunk or self.pool is None:
-            if matchers:
-                accept([m._handle for m in matchers], tokens, False)
-            return
-        handles = [m._handle for m in matchers]
-        parts = [(handles[i:i + chunk], tokens[i:i + chunk]) for i in range(0, len(handles), chunk)]
-        for future in [self.pool.submit(accept, h, t, False) for h, t in parts]:
-            future.result()
-
-    # -- masks -----------------------------------------------------------------------------------------
-    def _table(self, slots: int, device) -> None:
-        """Host (pinned) and device mask tables with a row per cache slot."""
-        import torch
-        if self.host is not None and self.host.shape[0] >= slots:
-            return
-        rows = max(slots, 64, 0 if self.host is None else 2 * self.host.shape[0])
-        self.cuda = device.type == "cuda"
-        host = self.g.allocate_bitmask(rows)
-        self.host = host.pin_memory() if self.cuda else host
-        self.staging = self.host.clone().pin_memory() if self.cuda else self.host.clone()
-        self.device_table = self.host.to(device)
-
-    def _to_device(self, values: list[int], device):
-        """A small index tensor on the device without waiting for the GPU: staged in a pinned buffer (one of
-        a ring, so a copy still in flight is never overwritten) and copied asynchronously."""
-        import torch
-        t = torch.from_numpy(np.asarray(values, dtype=np.int64))
-        if not self.cuda:
-            return t
-        self._ring = (getattr(self, "_ring", -1) + 1) % 8
-        buf = self._index_bufs[self._ring]
-        if buf is None or buf.shape[0] < len(values):
-            buf = self._index_bufs[self._ring] = torch.empty(max(len(values), 1024), dtype=torch.long).pin_memory()
-        buf[: len(values)] = t
-        return buf[: len(values)].to(device, non_blocking=True)
-
-    def _pinned(self, array: np.ndarray):
-        """A host copy the GPU can read asynchronously (a pageable copy would wait for the step in flight)."""
-        import torch
-        t = torch.from_numpy(array)
-        return t.pin_memory() if self.cuda else t
-
-    def _fill(self, rows: list[_Row], slots: list[int]) -> None:
-        """New masks for these rows (written in their slots' rows), sent to the device table; a row whose
-        mask admits every safe token and a closing quote is inside a free string: its fast path starts."""
-        import torch
-        if not rows:
-            return
-        self.stats["fills"] += len(rows)
-        self.batch.batch_fill_next_token_bitmask([r.matcher for r in rows], self.host, slots)
-        staged = self.staging[: len(slots)]
-        torch.index_select(self.host, 0, torch.from_numpy(np.asarray(slots, dtype=np.int64)), out=staged)
-        device = self.device_table.device
-        self.device_table.index_copy_(0, self._to_device(slots, device), staged.to(device, non_blocking=True))
-        if self.g.free_strings:
-            host, cols, q = self.host.numpy(), self.g.safe_cols, self.g.quote_id
-            words = host[np.asarray(slots)[:, None], cols]  # only the words holding safe tokens
-            in_free = ((words & self.g.safe_words[cols]) == self.g.safe_words[cols]).all(axis=1) & \
-                (((host[slots, q >> 5] >> (q & 31)) & 1) == 1)
-            for row, fast in zip(rows, in_free.tolist()):
-                row.fast, row.pending, row.mid = fast, b"", None
-
-    def _apply(self, rows: list[_Row], slots: list[int], logits, t0: tuple[float, float]) -> None:
-        import torch
-        t = time.perf_counter()
-        forced = self._closing_tokens(rows, slots)
-        self._phase("closing_s", t)
-        now = _clock()
-        self.stats["cpu_s"] += now[0] - t0[0]
-        self.stats["thread_s"] += now[1] - t0[1]  # this thread's own CPU: the rest is waiting (GIL, pool)
-        index = self._to_device(slots, logits.device)
-        masks = self.device_table.index_select(0, index)
-        mids = [(i, row.mid) for i, row in enumerate(rows) if row.mid is not None]
-        if mids:
-            at = self._to_device([i for i, _ in mids], logits.device)
-            masks[at] = self.mid_table.index_select(0, self._to_device([m for _, m in mids], logits.device))
-        self.g.xgr.apply_token_bitmask_inplace(logits, masks, vocab_size=self.g.vocab_size)
-        if forced:
-            at = self._to_device(list(forced), logits.device)
-            logits[at] = torch.finfo(logits.dtype).min
-            logits[at, self._to_device(list(forced.values()), logits.device)] = 0
-
-    def _flush(self, row: _Row) -> None:
-        """Give the matcher the tokens it skipped inside a string (their bytes, in one call)."""
-        if row.deferred:
-            row.matcher.accept_string(b"".join(self.g.token_bytes[t] for t in row.deferred))
-            row.deferred.clear()
-
-    def _mid_index(self, pending: bytes) -> int | None:
-        """The mid-character mask table's row for these pending bytes, copied up from the grammar's cache."""
-        index = self.mid_rows.get(pending)
-        if index is None and pending in self.g.mid_masks:
-            import torch
-            index = len(self.mid_rows)
-            if self.mid_table is None or index >= self.mid_table.shape[0]:
-                grown = torch.zeros((max(64, 2 * index), self.host.shape[1]), dtype=self.host.dtype,
-                                    device=self.device_table.device)
-                if self.mid_table is not None:
-                    grown[: self.mid_table.shape[0]] = self.mid_table
-                self.mid_table = grown
-            self.mid_table[index].copy_(self._pinned(self.g.mid_masks[pending]), non_blocking=True)
-            self.mid_rows[pending] = index
-        return index
-
-    def _learn_mid_masks(self, rows: list[_Row], device) -> None:
-        """Rows in a half-character state not seen yet: bring their matchers up to date and keep the mask."""
-        for row in rows:
-            if row.pending in self.g.mid_masks:
-                row.mid = self._mid_index(row.pending)
-                continue
-            self._flush(row)
-            scratch = self.g.allocate_bitmask(1)
-            row.matcher.fill_next_token_bitmask(scratch, 0)
-            self.stats["fills"] += 1
-            self.g.mid_masks[row.pending] = scratch[0].numpy().copy()
-            row.mid = self._mid_index(row.pending)
-
-    # -- closing mode --------------------------------------------------------------------------------------
-    def _closing_tokens(self, rows: list[_Row], slots: list[int]) -> dict[int, int]:
-        """Rows (positions in `rows`) in closing mode and the token each must take."""
-        forced: dict[int, int] = {}
-        for i, row in enumerate(rows):
-            remaining = row.budget - row.used
-            if remaining > self.g.watch_window:
-                continue
-            if row.scanner is None:
-                row.scanner = JsonScanner(skeleton=True, min_cap=self.g.min_cap)
-                for t in row.tokens:
-                    row.scanner.feed(self.g.token_texts[t])
-            if not row.closing:
-                cost = self._cost(row)
-                if cost is None:
-                    continue
-                row.closing = remaining <= cost + self.g.item_cost
-            if row.closing:
-                if row.fast:  # leave the fast path: the matcher and this row's mask become exact again
-                    self._flush(row)
-                    if row.pending:
-                        self._fill([row], [slots[i]])
-                    row.fast, row.pending, row.mid = False, b"", None
-                token = self.g.closing_token(row.matcher, PackedAllowed(self.host[slots[i]].numpy()), row.scanner)
-                if token is not None:
-                    forced[i] = token
-        return forced
-
-    def _cost(self, row: _Row) -> int | None:
-        """The row's closing cost, or None where the slack since the last check cannot have run out."""
-        if row.fast and row.fast_cost is not None:
-            return row.fast_cost + utf8_missing(row.pending)
-        key = row.scanner.key() if self.g.skeleton_exact and row.scanner.clean else None
-        if key is not None and key in self.g.cost_cache:
-            self.stats["cost_cached"] = self.stats.get("cost_cached", 0) + 1
-            return self.g.cost_cache[key]
-        if row.used < row.next_check and not row.fast:
-            return None
-        self._flush(row)
-        self.stats["cost_checks"] += 1
-        cost = self.g.closing_cost(row.matcher, row.scanner)
-        if key is not None and len(self.g.cost_cache) < 100_000:
-            self.g.cost_cache[key] = cost
-        if row.fast and not row.pending:
-            row.fast_cost = cost
-        slack = row.budget - row.used - cost - self.g.item_cost
-        row.next_check = row.used + max(1, slack // (self.g.item_cost + 1))
-        return cost

@@ -75,18 +75,20 @@ def build_tiny_model(out_dir: str | Path, *, vocab_size: int = 1024, hidden: int
     return out
 
 
-def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choose_from: int | None = None) -> dict:
+def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choose_from: int | None = None,
+                    workers: int = 0) -> dict:
     """Constrained decoding without a model, as FastDecoder's packed rows do it: each row takes its
     preferred allowed token (a seeded random preference over the first `choose_from` ids, rotated every
-    step), like a random-weight model. `width` is the logits' width (the model's head). Returns each row's
+    step), like a random-weight model. `width` is the logits' width (the model's head); `workers`: grammar
+worker processes (BatchConstraint's). Returns each row's
     tokens and finish reason, the tokens decoded, the seconds spent in the constraint and its stats."""
     import time
 
     import numpy as np
     import torch
 
-    from extractor.constrain import BatchConstraint
-    constraint = BatchConstraint(grammar)
+    from extractor.constrain_batch import BatchConstraint
+    constraint = BatchConstraint(grammar, workers=workers)
     choose_from = choose_from or width
     pref = np.random.default_rng(seed).random((rows, choose_from)).astype(np.float32)
     keys = list(range(rows))

@@ -72,11 +72,13 @@ def test_buckets_cover_every_batch_size():
             assert b - live <= max(7, live // 4)
 
 
-@pytest.mark.parametrize("constrained", [False, True])
-def test_hf_backend_fast_path_equals_plain_path(tmp_path, tiny_model, run_cli, constrained):
+@pytest.mark.parametrize("constrained,workers", [(False, 0), (True, 0), (True, 2)])
+def test_hf_backend_fast_path_equals_plain_path(tmp_path, tiny_model, run_cli, constrained, workers, monkeypatch):
     """`extractor run --fast on` (shared prompt prefix found, FastDecoder, grammar masks filled per packed
-    row) gives the plain path's outputs, constrained or not."""
+    row, in this process or in two grammar worker processes) gives the plain path's outputs, constrained
+    or not."""
     from tests.conftest import read_jsonl, synth_corpus
+    monkeypatch.setenv("EXTRACTOR_GRAMMAR_WORKERS", str(workers))
     corpus, _ = synth_corpus(tmp_path, n=10)
     outs = {}
     extra = ["--constrained"] if constrained else []

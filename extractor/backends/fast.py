@@ -317,41 +317,16 @@ class FastDecoder:
         source = iter(source)
         refill = refill or max(1, self.slots // 8)
         lookahead = lookahead or 2 * self.slots
-        if constraint is None:
-            yield from self._stream_pipelined(source, refill, lookahead)
-        else:
-            yield from self._stream_constrained(source, refill, lookahead, constraint)
+        yield from self._stream_pipelined(source, refill, lookahead, constraint)
 
-    def _stream_constrained(self, source, refill: int, lookahead: int, constraint):
-        """One step at a time: each step's masks need the tokens of the step before."""
-        waiting: deque = deque()
-        exhausted = False
-        st = _SlotState(self.slots)
-        while True:
-            exhausted = exhausted or self._top_up(source, waiting, lookahead)
-            live = np.flatnonzero(st.key_index >= 0)
-            free = np.flatnonzero(st.key_index < 0)
-            if waiting and (len(free) >= min(refill, len(waiting)) or not len(live)):
-                admitted = self._admit(free, waiting, st, constraint)
-                yield from self._finished(st, admitted, constraint)
-                live = np.flatnonzero(st.key_index >= 0)
-            if not len(live):
-                if exhausted and not waiting:
-                    return
-                continue
-            t0 = time.perf_counter()
-            hook = constraint.hook(st.keys_of(live), st.last[live], live)
-            self._launch(live, st, None, st.own[live], 0, hook)
-            st.record(live, self._collect(0, len(live)))
-            self.stats["decode_s"] += time.perf_counter() - t0
-            self.stats["steps"] += 1
-            yield from self._finished(st, live, constraint)
-
-    def _stream_pipelined(self, source, refill, lookahead):
-        """`stream` without a constraint, one step ahead of the host: step k+1 is launched (its input tokens
+    def _stream_pipelined(self, source, refill, lookahead, constraint=None):
+        """The decode loop, one step ahead of the host: step k+1's forward pass is queued (its input tokens
         gathered on the GPU from step k's output) before step k's tokens are read back and booked, so the
         host's bookkeeping overlaps the GPU. A row that stops at EOS runs one step more than needed (its
-        token is dropped); rows stopping on their budget are known ahead and never over-run."""
+        token is dropped); rows stopping on their budget are known ahead and never over-run.
+        With a constraint, step k+1's argmax waits for its masks, which need step k's tokens: the host
+        reads those, hands them to the constraint (its worker processes) and applies the masks while the
+        GPU runs step k+1's forward pass, so the grammar's CPU work hides under it."""
         waiting: deque = deque()
         exhausted = False
         st = _SlotState(self.slots)
@@ -363,37 +338,49 @@ class FastDecoder:
             exhausted = exhausted or self._top_up(source, waiting, lookahead)
             free = np.flatnonzero(st.key_index < 0)
             if waiting and (len(free) >= min(refill, len(waiting)) or len(free) == self.slots):
-                admitted = self._admit(free, waiting, st, None)
+                admitted = self._admit(free, waiting, st, constraint)
                 launched[admitted] = 1
                 next_own[admitted] = st.own[admitted]
-                yield from self._finished(st, admitted, None)
+                yield from self._finished(st, admitted, constraint)
             rows = np.flatnonzero((st.key_index >= 0) & (launched < st.budget) & (next_own < self.unique_len))
-            current = None
+            current = logits = None
             t0 = time.perf_counter()
             if len(rows):
-                self._launch(rows, st, prev, next_own[rows], parity)
+                logits = self._forward_step(rows, st, prev, next_own[rows], parity)
                 launched[rows] += 1
                 next_own[rows] += 1
                 current = (rows, st.key_index[rows].copy(), parity)
                 self.stats["steps"] += 1
                 parity ^= 1
+                if constraint is None:
+                    self._pick(logits, current[2])
             if prev is not None:
                 done_rows, keys, par = prev
                 toks = self._collect(par, len(done_rows))
                 same = st.key_index[done_rows] == keys  # rows still holding the record they ran for
                 st.record(done_rows[same], toks[same])
-                yield from self._finished(st, done_rows[same], None)
+                yield from self._finished(st, done_rows[same], constraint)
+            if current is not None and constraint is not None:
+                self._pick_constrained(logits, current, st, constraint)
             self.stats["decode_s"] += time.perf_counter() - t0
             prev = current
             if prev is None and not waiting and exhausted and not (st.key_index >= 0).any():
                 return
 
-    def _launch(self, rows: np.ndarray, st: "_SlotState", prev, own: np.ndarray, parity: int,
-                logits_hook=None) -> None:
-        """Queue one decode step for `rows` (packed into the smallest bucket that holds them) without waiting:
-        a row that ran in the previous step takes its input token from that step's output on the GPU; any
-        other row takes its last token from the host. `logits_hook` (a constraint's masks) edits the logits
-        before the argmax; `_collect` reads the tokens back."""
+    def _pick_constrained(self, logits, current, st: "_SlotState", constraint) -> None:
+        """Mask a step's logits and queue its argmax. Rows that finished at the step before (their slot
+        freed, or already refilled) ran this step for nothing: the constraint skips them."""
+        rows, keys, parity = current
+        alive = st.key_index[rows] == keys
+        live = rows[alive]
+        constraint.hook(st.keys_of(live), st.last[live], live)(logits, rows)
+        self._pick(logits, parity)
+
+    def _forward_step(self, rows: np.ndarray, st: "_SlotState", prev, own: np.ndarray, parity: int):
+        """Queue one decode step's forward pass for `rows` (packed into the smallest bucket that holds them)
+        without waiting, and return its logits: a row that ran in the previous step takes its input token
+        from that step's output on the GPU; any other row takes its last token from the host. `_pick`
+        queues the argmax, `_collect` reads the tokens back."""
         n = len(rows)
         b = next(s for s in self.buckets if s >= n)
         self.stats["padded_rows"] += b - n
@@ -421,9 +408,10 @@ class FastDecoder:
             self._graph(b).replay()
         else:
             self._step(b)
-        logits = self.model.lm_head(self._hidden[:n])
-        if logits_hook is not None:
-            logits_hook(logits)
+        return self.model.lm_head(self._hidden[:n])
+
+    def _pick(self, logits, parity: int) -> None:
+        n = logits.shape[0]
         out = self._tok_dev[parity][:n]
         out.copy_(logits.argmax(-1))
         self._tok_host[parity][:n].copy_(out, non_blocking=True)

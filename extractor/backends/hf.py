@@ -213,7 +213,7 @@ class HFBackend(TokenizerBackend):
     def _constraint(self, params: GenParams, schema):
         if not params.constrained:
             return None
-        from extractor.constrain import BatchConstraint
+        from extractor.constrain_batch import BatchConstraint
         self.last_constraint = BatchConstraint(self.grammar(schema))  # its stats: where the CPU time went
         return self.last_constraint
 

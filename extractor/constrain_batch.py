@@ -1,0 +1,173 @@
+"""Grammar masks for FastDecoder's packed rows, kept per cache slot on the GPU.
+
+The grammar work (each row's matcher, its mask in a host table row per slot, closing mode) is a RowEngine's
+(constrain_rows.py): in this process, or spread over worker processes (constrain_workers.py). Here: only
+changed mask rows travel to the device table; a step's masks are gathered from it by slot, mid-character
+rows take theirs from a small table of such masks, closing rows get their forced token."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from extractor.constrain import Grammar
+from extractor.constrain_rows import RowEngine, StepMasks
+from extractor.constrain_workers import auto_workers
+
+
+class BatchConstraint:
+    """`workers`: grammar worker processes ("auto": constrain_workers.auto_workers; 0: this process).
+    Interface used by FastDecoder: start, mask_first, hook, release."""
+
+    def __init__(self, grammar: Grammar, workers="auto"):
+        self.g = grammar
+        n = auto_workers() if workers == "auto" else int(workers)
+        self.shards = grammar.shard_pool(n) if n > 0 else None
+        if self.shards is not None:
+            self.shards.reset()
+            self.engine = None
+        else:
+            self.engine = RowEngine(grammar, pool=grammar.thread_pool())
+        self.workers = n if self.shards is not None else 0
+        self.host = self.device_table = None
+        self.device = None
+        self.cuda = False
+        self._budgets: dict = {}  # started, waiting for their slots (mask_first)
+        self.mid_masks: dict[bytes, np.ndarray] = {}
+        self.mid_rows: dict[bytes, int] = {}
+        self.mid_table = None
+        self.main = {"main_s": 0.0, "wait_s": 0.0, "uploaded_rows": 0}
+
+    @property
+    def stats(self) -> dict:
+        """The engines' counters and CPU seconds (summed over workers), plus this process's own: main_s
+        (uploads, mask gathering), wait_s (waiting for workers' answers), workers."""
+        base = dict(self.engine.stats) if self.engine is not None else self.shards.merged_stats()
+        base.update(self.main, workers=self.workers)
+        return base
+
+    def start(self, requests, budgets) -> None:
+        if self.engine is not None:
+            self.engine.start(requests, budgets)
+        else:
+            self._budgets.update(zip(requests, budgets))
+
+    def release(self, request) -> None:
+        if self.engine is not None:
+            self.engine.release(request)
+        else:
+            self._budgets.pop(request, None)
+            self.shards.release(request)
+
+    def mask_first(self, requests, logits, slots) -> None:
+        """Masks for newly admitted records' first tokens (logits in the order of `requests`)."""
+        slots = [int(s) for s in slots]
+        self._table(max(slots) + 1, logits.device)
+        if self.engine is not None:
+            masks = self.engine.first(requests, slots)
+        else:
+            masks = self._wait(lambda: self.shards.first(requests, [self._budgets.pop(r) for r in requests], slots))
+        self._apply(masks, slots, logits)
+
+    def hook(self, requests, last_tokens, slots):
+        """A callable for the decode step: take in each row's previous token, then mask the new logits.
+        With workers, the rows go to them now, so their work overlaps what the caller does next (queueing
+        the forward pass). `apply(logits, logit_slots)`: logits rows belong to `logit_slots` (default: these
+        slots; rows of other slots are left unmasked but for their slot's table row)."""
+        tokens = [int(t) for t in last_tokens]
+        slots = [int(s) for s in slots]
+        if slots:
+            self._table(max(slots) + 1, self.device)
+        sent = self.shards.send_step(requests, tokens, slots) if self.shards is not None else None
+
+        def apply(logits, logit_slots=None):
+            if self.engine is not None:
+                masks = self.engine.step(requests, tokens, slots)
+            else:
+                masks = self._wait(lambda: self.shards.gather(sent))
+            self._apply(masks, slots if logit_slots is None else [int(s) for s in logit_slots], logits)
+        return apply
+
+    def _wait(self, call) -> StepMasks:
+        t = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self.main["wait_s"] += time.perf_counter() - t
+
+    # -- device side -----------------------------------------------------------------------------------
+    def _table(self, slots: int, device) -> None:
+        """Host and device mask tables with a row per cache slot."""
+        import torch
+        if self.host is not None and self.host.shape[0] >= slots:
+            return
+        self.device = device
+        self.cuda = device.type == "cuda"
+        words = self.g.allocate_bitmask(1).shape[1]
+        if self.shards is not None:
+            self.host = self.shards.host_table(slots, words)
+        else:
+            rows = max(slots, 64, 0 if self.host is None else 2 * self.host.shape[0])
+            host = np.full((rows, words), -1, dtype=np.int32)
+            if self.host is not None:
+                host[: self.host.shape[0]] = self.host
+            self.host = host
+            self.engine.set_host(host)
+        grown = torch.full(self.host.shape, -1, dtype=torch.int32, device=device)
+        if self.device_table is not None:
+            grown[: self.device_table.shape[0]] = self.device_table
+        self.device_table = grown
+
+    def _to_device(self, values, dtype=np.int64):
+        """Host data on the device without waiting for the GPU: through pinned memory from torch's caching
+        host allocator, which keeps a block until the copy that reads it has run."""
+        import torch
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=dtype))
+        if not self.cuda:
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _upload(self, changed: list[int]) -> None:
+        if not changed:
+            return
+        slots = np.unique(np.asarray(changed, dtype=np.int64))
+        self.main["uploaded_rows"] += len(slots)
+        import torch
+        rows = torch.empty((len(slots), self.host.shape[1]), dtype=torch.int32, pin_memory=self.cuda)
+        torch.index_select(torch.from_numpy(self.host), 0, torch.from_numpy(slots), out=rows)  # one host copy
+        self.device_table.index_copy_(0, self._to_device(slots), rows.to(self.device, non_blocking=True))
+
+    def _apply(self, result: StepMasks, slots: list[int], logits) -> None:
+        import torch
+        t = time.perf_counter()
+        self._upload(result.changed)
+        self.mid_masks.update(result.new_mids)
+        masks = self.device_table.index_select(0, self._to_device(slots))
+        position = {s: i for i, s in enumerate(slots)} if (result.mids or result.forced) else {}
+        if result.mids:
+            at = self._to_device([position[s] for s, _ in result.mids])
+            masks[at] = self.mid_table_rows([p for _, p in result.mids])
+        self.g.xgr.apply_token_bitmask_inplace(logits, masks, vocab_size=self.g.vocab_size)
+        if result.forced:
+            at = self._to_device([position[s] for s in result.forced])
+            logits[at] = torch.finfo(logits.dtype).min
+            logits[at, self._to_device(list(result.forced.values()))] = 0
+        self.main["main_s"] += time.perf_counter() - t
+
+    def mid_table_rows(self, pendings: list[bytes]):
+        """The mid-character masks for these pending bytes (device rows), copied up on first use."""
+        import torch
+        index = []
+        for pending in pendings:
+            row = self.mid_rows.get(pending)
+            if row is None:
+                row = len(self.mid_rows)
+                if self.mid_table is None or row >= self.mid_table.shape[0]:
+                    grown = torch.zeros((max(64, 2 * row), self.host.shape[1]), dtype=torch.int32, device=self.device)
+                    if self.mid_table is not None:
+                        grown[: self.mid_table.shape[0]] = self.mid_table
+                    self.mid_table = grown
+                self.mid_table[row].copy_(self._to_device(self.mid_masks[pending], np.int32))
+                self.mid_rows[pending] = row
+            index.append(row)
+        return self.mid_table.index_select(0, self._to_device(index))

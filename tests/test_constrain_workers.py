@@ -1,0 +1,76 @@
+"""Grammar work in worker processes (constrain_workers.py): the same tokens as in one process, with refilled
+slots and rows finishing at different steps; a killed worker ends the run with one clear error."""
+import os
+import signal
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from extractor.backends.fast import FastDecoder
+from extractor.constrain import Grammar
+from extractor.constrain_batch import BatchConstraint
+from extractor.constrain_workers import WorkerError, auto_workers
+from extractor.outputs import Validator, judge
+from extractor.tasks import load_task
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    schema = load_task("jd_requirements").schema
+    vocab = model.get_output_embeddings().weight.shape[0]
+    grammar = Grammar(schema, tokenizer, vocab, [tokenizer.eos_token_id])
+    return model, tokenizer, schema, grammar
+
+
+def _decode(model, tokenizer, grammar, workers: int, budget: int = 48):
+    prefix = tokenizer.encode("Extract the requirements as JSON.\n")
+    texts = [f"Posting {i}: needs Python and {i % 4 + 1} years of SQL." for i in range(11)]
+    suffixes = [tokenizer.encode(t) for t in texts]
+    decoder = FastDecoder(model, prefix, slots=4, unique_len=max(map(len, suffixes)) + budget,
+                          eos_ids=[tokenizer.eos_token_id])
+    constraint = BatchConstraint(grammar, workers=workers)
+    budgets = [budget - 3 * (i % 5) for i in range(len(suffixes))]  # rows end at different steps
+    got = decoder.generate(suffixes, max_new=budgets, refill=2, constraint=constraint)
+    return got, constraint.stats
+
+
+def test_workers_give_the_same_tokens(setup):
+    model, tokenizer, schema, grammar = setup
+    alone, _ = _decode(model, tokenizer, grammar, workers=0)
+    sharded, stats = _decode(model, tokenizer, grammar, workers=2)
+    assert sharded == alone
+    assert stats["workers"] == 2 and stats["fills"] > 0 and stats["uploaded_rows"] > 0
+    validator = Validator(schema)
+    statuses = [judge(tokenizer.decode(t[:-1] if f == "stop" else t, skip_special_tokens=True), f, validator).status
+                for t, f in sharded]
+    assert statuses == ["ok"] * len(sharded), statuses  # closing mode finished every value in its budget
+
+
+def test_killed_worker_is_one_clear_error(setup):
+    _, _, _, grammar = setup
+    constraint = BatchConstraint(grammar, workers=2)
+    logits = torch.zeros(4, grammar.vocab_size)
+    constraint.start([0, 1, 2, 3], [20] * 4)
+    constraint.mask_first([0, 1, 2, 3], logits, [0, 1, 2, 3])
+    first = logits.argmax(-1).tolist()
+    victim = grammar.shard_pool(2).procs[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=10)
+    with pytest.raises(WorkerError) as err:
+        constraint.hook([0, 1, 2, 3], first, [0, 1, 2, 3])(torch.zeros(4, grammar.vocab_size))
+    message = str(err.value)
+    assert "\n" not in message and "grammar worker" in message and "EXTRACTOR_GRAMMAR_WORKERS=0" in message
+    grammar._shards = None  # the next test starts a fresh pool
+
+
+def test_worker_count_from_the_environment(monkeypatch):
+    monkeypatch.setenv("EXTRACTOR_GRAMMAR_WORKERS", "3")
+    assert auto_workers() == 3
+    monkeypatch.setenv("EXTRACTOR_GRAMMAR_WORKERS", "four")
+    with pytest.raises(WorkerError, match="EXTRACTOR_GRAMMAR_WORKERS='four' is not a whole number"):
+        auto_workers()
+    monkeypatch.delenv("EXTRACTOR_GRAMMAR_WORKERS")
+    assert auto_workers() == max(0, min(6, ((os.cpu_count() or 1) - 4) // 2))
