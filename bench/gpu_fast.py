@@ -159,6 +159,9 @@ def generate_batch(model, prompts):
     return sum(len(o.generated_tokens) for o in outs.values()), dt
 
 
+CONSTRAINED_KEYS = {"auto": "fast_constrained", "0": "fast_constrained_no_workers"}
+
+
 # -- FastDecoder ---------------------------------------------------------------------------------------
 def fast_run(model, prefix, suffixes, budgets, slots=None, grammar=None, workers="auto"):
     """FastDecoder on token ids; with `grammar`, every output is constrained to it (a fresh BatchConstraint
@@ -393,6 +396,8 @@ def table(res: Results) -> str:
                            ("run_path_constrained", "`extractor run` path, --constrained", "text, JSON"),
                            ("fast_constrained", "FastDecoder, constrained", "JSON"),
                            ("fast_constrained_no_workers", "FastDecoder, constrained, grammar in-process", "JSON"),
+                           *[(k, f"FastDecoder, constrained, {k.rsplit('_w', 1)[1]} grammar workers", "JSON")
+                             for k in sorted(d) if k.startswith("fast_constrained_w")],
                            ("static_bs128_eos", "static `generate`, batch 128", "EOS at 16-128"),
                            ("fast_eos", "FastDecoder", "EOS at 16-128"),
                            ("fast_7b", "FastDecoder, 7B config", "fixed")]:
@@ -403,8 +408,11 @@ def table(res: Results) -> str:
         ratio = f"{r['tok_s'] / ref:.1f}x" if ref and "7b" not in key else "-"
         of_floor = f"{r['tok_s'] / floor:.0%}" if floor and key in ("sequential", "static_bs128", "generate_batch", "fast") else "-"
         lines.append(f"| {label} | {wl} | {r['tok_s']:,.0f} | {r['records_s']:,.1f} | {ratio} | {of_floor} |")
-    for free, cons, label in (("run_path", "run_path_constrained", "run path"), ("fast", "fast_constrained", "FastDecoder"),
-                              ("fast", "fast_constrained_no_workers", "FastDecoder, grammar in-process")):
+    pairs = [("run_path", "run_path_constrained", "run path"), ("fast", "fast_constrained", "FastDecoder"),
+             ("fast", "fast_constrained_no_workers", "FastDecoder, grammar in-process")]
+    pairs += [("fast", k, f"FastDecoder, {k.rsplit('_w', 1)[1]} workers") for k in sorted(d)
+              if k.startswith("fast_constrained_w")]
+    for free, cons, label in pairs:
         if d.get(free) and d.get(cons):
             lines.append(f"--constrained costs {1 - d[cons]['tok_s'] / d[free]['tok_s']:.0%} of output tok/s ({label})")
     return "\n".join(lines)
@@ -418,6 +426,8 @@ def main() -> None:
     parser.add_argument("--seq-records", type=int, default=3)
     parser.add_argument("--gb-records", type=int, default=256, help="generate_batch runs on this many")
     parser.add_argument("--eos-static-records", type=int, default=1024)
+    parser.add_argument("--grammar-workers", default="auto,0",
+                        help="constrained FastDecoder rows: grammar worker counts (auto: the default)")
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU: checks the harness, not speed")
     args = parser.parse_args()
     if args.smoke:
@@ -489,13 +499,16 @@ def main() -> None:
             # constraint costs the decoder itself.
             from extractor.tasks import load_task
             grammar = backend.grammar(load_task("jd_requirements").schema)
-            got, r = fast_run(model, prefix, suffixes, NEW, grammar=grammar)
-            r["stopped"] = sum(reason == "stop" for _, reason in got)
-            res["fast_constrained"] = r
-            # Grammar work in this process (no workers), for comparison: the same tokens, more host time.
-            got0, r = fast_run(model, prefix, suffixes, NEW, grammar=grammar, workers=0)
-            r["same_tokens_as_workers"] = sum(a == b for a, b in zip(got, got0))
-            res["fast_constrained_no_workers"] = r
+            # Grammar worker processes: the default ("auto") and each count asked for (0: in this process);
+            # every count must give the same tokens.
+            first = None
+            for count in args.grammar_workers.split(","):
+                got, r = fast_run(model, prefix, suffixes, NEW, grammar=grammar,
+                                  workers=count if count == "auto" else int(count))
+                r["stopped"] = sum(reason == "stop" for _, reason in got)
+                first = first or got
+                r["same_tokens_as_first"] = sum(a == b for a, b in zip(got, first))
+                res[CONSTRAINED_KEYS.get(count, f"fast_constrained_w{count}")] = r
         del backend
     del model
     import gc

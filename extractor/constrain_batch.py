@@ -36,12 +36,14 @@ class BatchConstraint:
         self.mid_masks: dict[bytes, np.ndarray] = {}
         self.mid_rows: dict[bytes, int] = {}
         self.mid_table = None
-        self.main = {"main_s": 0.0, "wait_s": 0.0, "uploaded_rows": 0}
+        # This process's side: main_s (gathering and applying masks), upload_s (host rows to the device),
+        # bitmask_s (the apply kernel's launch), wait_s (waiting for workers, uploads included).
+        self.main = {"main_s": 0.0, "upload_s": 0.0, "bitmask_s": 0.0, "wait_s": 0.0, "uploaded_rows": 0}
 
     @property
     def stats(self) -> dict:
-        """The engines' counters and CPU seconds (summed over workers), plus this process's own: main_s
-        (uploads, mask gathering), wait_s (waiting for workers' answers), workers."""
+        """The engines' counters and CPU seconds (summed over workers), plus this process's own (self.main)
+        and the number of workers."""
         base = dict(self.engine.stats) if self.engine is not None else self.shards.merged_stats()
         base.update(self.main, workers=self.workers)
         return base
@@ -67,6 +69,7 @@ class BatchConstraint:
             masks = self.engine.first(requests, slots)
         else:
             masks = self._wait(lambda: self.shards.first(requests, [self._budgets.pop(r) for r in requests], slots))
+        self._upload(masks.changed)
         self._apply(masks, slots, logits)
 
     def hook(self, requests, last_tokens, slots):
@@ -83,8 +86,9 @@ class BatchConstraint:
         def apply(logits, logit_slots=None):
             if self.engine is not None:
                 masks = self.engine.step(requests, tokens, slots)
+                self._upload(masks.changed)
             else:
-                masks = self._wait(lambda: self.shards.gather(sent))
+                masks = self._wait(lambda: self.shards.gather(sent, each=lambda m: self._upload(m.changed)))
             self._apply(masks, slots if logit_slots is None else [int(s) for s in logit_slots], logits)
         return apply
 
@@ -128,26 +132,30 @@ class BatchConstraint:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def _upload(self, changed: list[int]) -> None:
+        """Refilled host rows to the device table (asynchronously)."""
         if not changed:
             return
+        t = time.perf_counter()
         slots = np.unique(np.asarray(changed, dtype=np.int64))
         self.main["uploaded_rows"] += len(slots)
         import torch
         rows = torch.empty((len(slots), self.host.shape[1]), dtype=torch.int32, pin_memory=self.cuda)
         torch.index_select(torch.from_numpy(self.host), 0, torch.from_numpy(slots), out=rows)  # one host copy
         self.device_table.index_copy_(0, self._to_device(slots), rows.to(self.device, non_blocking=True))
+        self.main["upload_s"] += time.perf_counter() - t
 
     def _apply(self, result: StepMasks, slots: list[int], logits) -> None:
         import torch
         t = time.perf_counter()
-        self._upload(result.changed)
         self.mid_masks.update(result.new_mids)
         masks = self.device_table.index_select(0, self._to_device(slots))
         position = {s: i for i, s in enumerate(slots)} if (result.mids or result.forced) else {}
         if result.mids:
             at = self._to_device([position[s] for s, _ in result.mids])
             masks[at] = self.mid_table_rows([p for _, p in result.mids])
+        t1 = time.perf_counter()
         self.g.xgr.apply_token_bitmask_inplace(logits, masks, vocab_size=self.g.vocab_size)
+        self.main["bitmask_s"] += time.perf_counter() - t1
         if result.forced:
             at = self._to_device([position[s] for s in result.forced])
             logits[at] = torch.finfo(logits.dtype).min

@@ -15,6 +15,7 @@ import traceback
 import weakref
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as connection_wait
 
 import numpy as np
 
@@ -111,14 +112,21 @@ class ShardPool:
             self._send(w, ("step", self._take_releases(w), reqs, tokens_w, slots_w))
         return list(parts)
 
-    def gather(self, workers: list[int]) -> StepMasks:
+    def gather(self, workers: list[int], each=None) -> StepMasks:
+        """The workers' answers, merged; `each(answer)` runs on each as it arrives (uploading its rows
+        while slower workers still compute)."""
         changed, mids, new_mids, forced = [], [], {}, {}
-        for w in workers:
-            result, self.stats[w] = _answer(self.conns[w])
-            changed += result.changed
-            mids += result.mids
-            new_mids.update(result.new_mids)
-            forced.update(result.forced)
+        waiting = {self.conns[w]: w for w in workers}
+        while waiting:
+            for conn in connection_wait(list(waiting)):
+                w = waiting.pop(conn)
+                result, self.stats[w] = _answer(conn)
+                if each is not None:
+                    each(result)
+                changed += result.changed
+                mids += result.mids
+                new_mids.update(result.new_mids)
+                forced.update(result.forced)
         return StepMasks(changed, mids, new_mids, forced)
 
     def merged_stats(self) -> dict:
@@ -129,12 +137,15 @@ class ShardPool:
         return total
 
     def _split(self, requests, slots, values) -> dict:
-        parts: dict = {}
-        for r, s, v in zip(requests, slots, values):
-            part = parts.setdefault(int(s) % self.n, ([], [], []))
-            part[0].append(r)
-            part[1].append(int(s))
-            part[2].append(int(v))
+        """Worker -> (its requests, slots, values): the slots `slot % n == worker`."""
+        slots = np.asarray(slots, dtype=np.int64)
+        values = np.asarray(values, dtype=np.int64)
+        worker = slots % self.n
+        parts = {}
+        for w in range(self.n):
+            idx = np.flatnonzero(worker == w)
+            if len(idx):
+                parts[w] = ([requests[i] for i in idx.tolist()], slots[idx].tolist(), values[idx].tolist())
         return parts
 
     def _take_releases(self, worker: int) -> list:

@@ -128,7 +128,8 @@ class FastDecoder:
         self.buckets = buckets_up_to(slots)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._use_graphs, self._pool = False, None
-        self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "steps": 0, "padded_rows": 0}
+        self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "steps": 0, "padded_rows": 0,
+                      "collect_wait_s": 0.0}
         self.trace: list | None = None  # a list: (rows, width, tokens, seconds) of each prefill chunk
 
     # -- model pieces --------------------------------------------------------------------------------
@@ -370,11 +371,13 @@ class FastDecoder:
     def _pick_constrained(self, logits, current, st: "_SlotState", constraint) -> None:
         """Mask a step's logits and queue its argmax. Rows that finished at the step before (their slot
         freed, or already refilled) ran this step for nothing: the constraint skips them."""
+        t = time.perf_counter()
         rows, keys, parity = current
         alive = st.key_index[rows] == keys
         live = rows[alive]
         constraint.hook(st.keys_of(live), st.last[live], live)(logits, rows)
         self._pick(logits, parity)
+        self.stats["mask_s"] = self.stats.get("mask_s", 0.0) + time.perf_counter() - t
 
     def _forward_step(self, rows: np.ndarray, st: "_SlotState", prev, own: np.ndarray, parity: int):
         """Queue one decode step's forward pass for `rows` (packed into the smallest bucket that holds them)
@@ -420,7 +423,9 @@ class FastDecoder:
 
     def _collect(self, parity: int, n: int) -> np.ndarray:
         if self._events is not None:
+            t = time.perf_counter()
             self._events[parity].synchronize()
+            self.stats["collect_wait_s"] += time.perf_counter() - t
         return self._tok_host[parity][:n].numpy().copy()
 
     def _top_up(self, source, waiting: deque, lookahead: int) -> bool:
