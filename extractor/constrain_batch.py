@@ -67,9 +67,10 @@ class BatchConstraint:
         self._table(max(slots) + 1, logits.device)
         if self.engine is not None:
             masks = self.engine.first(requests, slots)
+            self._upload(masks.changed)
         else:
-            masks = self._wait(lambda: self.shards.first(requests, [self._budgets.pop(r) for r in requests], slots))
-        self._upload(masks.changed)
+            budgets = [self._budgets.pop(r) for r in requests]
+            masks = self._wait(lambda: self.shards.first(requests, budgets, slots, each=self._upload_staged))
         self._apply(masks, slots, logits)
 
     def hook(self, requests, last_tokens, slots):
@@ -88,7 +89,7 @@ class BatchConstraint:
                 masks = self.engine.step(requests, tokens, slots)
                 self._upload(masks.changed)
             else:
-                masks = self._wait(lambda: self.shards.gather(sent, each=lambda m: self._upload(m.changed)))
+                masks = self._wait(lambda: self.shards.gather(sent, each=self._upload_staged))
             self._apply(masks, slots if logit_slots is None else [int(s) for s in logit_slots], logits)
         return apply
 
@@ -108,16 +109,17 @@ class BatchConstraint:
         self.device = device
         self.cuda = device.type == "cuda"
         words = self.g.allocate_bitmask(1).shape[1]
+        rows = max(slots, 64, 0 if self.host is None else 2 * self.host.shape[0])
         if self.shards is not None:
-            self.host = self.shards.host_table(slots, words)
+            self.shards.ensure_rows(rows, words, pin=self.cuda)
+            self.host = np.empty((self.shards.rows, 0))  # the rows live in the workers; only the count here
         else:
-            rows = max(slots, 64, 0 if self.host is None else 2 * self.host.shape[0])
             host = np.full((rows, words), -1, dtype=np.int32)
             if self.host is not None:
                 host[: self.host.shape[0]] = self.host
             self.host = host
             self.engine.set_host(host)
-        grown = torch.full(self.host.shape, -1, dtype=torch.int32, device=device)
+        grown = torch.full((self.host.shape[0], words), -1, dtype=torch.int32, device=device)
         if self.device_table is not None:
             grown[: self.device_table.shape[0]] = self.device_table
         self.device_table = grown
@@ -143,6 +145,23 @@ class BatchConstraint:
         torch.index_select(torch.from_numpy(self.host), 0, torch.from_numpy(slots), out=rows)  # one host copy
         self.device_table.index_copy_(0, self._to_device(slots), rows.to(self.device, non_blocking=True))
         self.main["upload_s"] += time.perf_counter() - t
+
+    def _upload_staged(self, worker: int, rows: np.ndarray, result: StepMasks):
+        """A worker's changed rows, from its staging buffer, to the device table; returns the event that
+        says when the buffer has been read (None off CUDA, where the copy is done on return)."""
+        import torch
+        if not result.changed:
+            return None
+        t = time.perf_counter()
+        self.main["uploaded_rows"] += len(result.changed)
+        src = torch.from_numpy(rows)
+        self.device_table.index_copy_(0, self._to_device(result.changed), src.to(self.device, non_blocking=self.cuda))
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.main["upload_s"] += time.perf_counter() - t
+        return event
 
     def _apply(self, result: StepMasks, slots: list[int], logits) -> None:
         import torch
@@ -171,7 +190,8 @@ class BatchConstraint:
             if row is None:
                 row = len(self.mid_rows)
                 if self.mid_table is None or row >= self.mid_table.shape[0]:
-                    grown = torch.zeros((max(64, 2 * row), self.host.shape[1]), dtype=torch.int32, device=self.device)
+                    grown = torch.zeros((max(64, 2 * row), self.device_table.shape[1]), dtype=torch.int32,
+                                        device=self.device)
                     if self.mid_table is not None:
                         grown[: self.mid_table.shape[0]] = self.mid_table
                     self.mid_table = grown

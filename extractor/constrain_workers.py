@@ -47,7 +47,12 @@ HINT = ("rerun (with --resume, keeping what was written), or set EXTRACTOR_GRAMM
 
 class ShardPool:
     """`n` worker processes holding the grammar, started once and kept with the Grammar across runs. One
-    BatchConstraint uses the pool at a time (`reset` at its start)."""
+    BatchConstraint uses the pool at a time (`reset` at its start).
+
+    Each worker keeps its rows' masks in a table of its own and copies the rows a message changed into its
+    staging area, two buffers in shared memory used in turn; the parent uploads them from there (pinned
+    with cudaHostRegister on CUDA, so the copy runs asynchronously), and waits for a buffer's last upload
+    before handing it out again."""
 
     def __init__(self, spec: tuple, n: int):
         self.n = n
@@ -59,13 +64,16 @@ class ShardPool:
             self.procs.append(proc)
         for conn in self.conns:
             _answer(conn)  # ("ready",) once the worker has compiled the grammar
-        self.shm = None
-        self.table: np.ndarray | None = None
+        self.rows = self.words = 0
+        self.staging: list = []  # per worker: [2, cap, words] int32 over shared memory
+        self.parity = [0] * n
+        self.guards: list = [[None, None] for _ in range(n)]  # per worker and buffer: the last upload's event
         self.owner: dict = {}   # request -> worker
         self.releases: list[list] = [[] for _ in range(n)]
         self.stats: list[dict] = [{} for _ in range(n)]
-        self.segments: list = []  # every table's shared memory (an old one may still be viewed: closed at the end)
-        self._finalizer = weakref.finalize(self, _shutdown, self.conns, self.procs, self.segments)
+        self.segments: list = []  # every staging segment (an old one may still be viewed: closed at the end)
+        self.registered: list = []  # host pointers registered with CUDA
+        self._finalizer = weakref.finalize(self, _shutdown, self.conns, self.procs, self.segments, self.registered)
 
     def reset(self) -> None:
         for conn in self.conns:
@@ -74,55 +82,60 @@ class ShardPool:
         self.releases = [[] for _ in range(self.n)]
         self.stats = [{} for _ in range(self.n)]
 
-    def host_table(self, rows: int, words: int) -> np.ndarray:
-        """The shared host mask table, with at least `rows` rows (grown by copying; workers reattach)."""
-        if self.table is not None and self.table.shape[0] >= rows and self.table.shape[1] == words:
-            return self.table
-        rows = max(rows, 64, 0 if self.table is None else 2 * self.table.shape[0])
-        shm = shared_memory.SharedMemory(create=True, size=rows * words * 4)
-        table = np.ndarray((rows, words), dtype=np.int32, buffer=shm.buf)
-        table[:] = -1
-        if self.table is not None and self.table.shape[1] == words:
-            table[: self.table.shape[0]] = self.table
-        old, self.shm, self.table = self.shm, shm, table
-        self.segments.append(shm)
-        for conn in self.conns:
-            conn.send(("table", shm.name, rows, words))
-        if old is not None:
-            old.unlink()  # the name goes; the memory stays mapped until every view of it is closed
-        return table
+    def ensure_rows(self, rows: int, words: int, pin: bool) -> None:
+        """Room for `rows` slots: workers grow their tables; staging areas sized for the slots each owns."""
+        if rows <= self.rows and words == self.words:
+            return
+        rows = max(rows, 64, 2 * self.rows if words == self.words else 0)
+        cap = -(-rows // self.n)  # slots one worker owns at most (slot % n == worker)
+        self.staging = []
+        for w, conn in enumerate(self.conns):
+            shm = shared_memory.SharedMemory(create=True, size=2 * cap * words * 4)
+            self.segments.append(shm)
+            view = np.ndarray((2, cap, words), dtype=np.int32, buffer=shm.buf)
+            if pin:
+                self.registered.append(_pin(view))
+            self.staging.append(view)
+            conn.send(("table", rows, words, shm.name, cap))
+        for conn, shm in zip(self.conns, self.segments[-self.n:]):
+            _answer(conn)  # ("attached",)
+            shm.unlink()  # both processes have it mapped: the name is no longer needed
+        self.rows, self.words = rows, words
+        self.guards = [[None, None] for _ in range(self.n)]
 
     def release(self, request) -> None:
         worker = self.owner.pop(request, None)
         if worker is not None:
             self.releases[worker].append(request)
 
-    def first(self, requests, budgets, slots) -> StepMasks:
+    def first(self, requests, budgets, slots, each=None) -> StepMasks:
         parts = self._split(requests, slots, budgets)
         for w, (reqs, slots_w, budgets_w) in parts.items():
             for r in reqs:
                 self.owner[r] = w
-            self._send(w, ("first", self._take_releases(w), reqs, budgets_w, slots_w))
-        return self.gather(list(parts))
+            self._send(w, "first", reqs, budgets_w, slots_w)
+        return self.gather(list(parts), each)
 
     def send_step(self, requests, tokens, slots) -> list[int]:
         """Send each worker its rows' previous tokens; returns the workers to `gather` from."""
         parts = self._split(requests, slots, tokens)
         for w, (reqs, slots_w, tokens_w) in parts.items():
-            self._send(w, ("step", self._take_releases(w), reqs, tokens_w, slots_w))
+            self._send(w, "step", reqs, tokens_w, slots_w)
         return list(parts)
 
     def gather(self, workers: list[int], each=None) -> StepMasks:
-        """The workers' answers, merged; `each(answer)` runs on each as it arrives (uploading its rows
-        while slower workers still compute)."""
+        """The workers' answers, merged. `each(worker, buffer, answer)` runs on each as it arrives (it
+        uploads the answer's changed rows, staged in that worker's `buffer`, while slower workers still
+        compute) and returns what to wait for before the buffer is written again (or None)."""
         changed, mids, new_mids, forced = [], [], {}, {}
         waiting = {self.conns[w]: w for w in workers}
         while waiting:
             for conn in connection_wait(list(waiting)):
                 w = waiting.pop(conn)
                 result, self.stats[w] = _answer(conn)
+                buffer = self.parity[w] ^ 1  # the one the message used
                 if each is not None:
-                    each(result)
+                    self.guards[w][buffer] = each(w, self.staging[w][buffer][: len(result.changed)], result)
                 changed += result.changed
                 mids += result.mids
                 new_mids.update(result.new_mids)
@@ -152,12 +165,30 @@ class ShardPool:
         taken, self.releases[worker] = self.releases[worker], []
         return taken
 
-    def _send(self, worker: int, message) -> None:
+    def _send(self, worker: int, kind: str, *payload) -> None:
+        """A message using the worker's next staging buffer, once that buffer's last upload has run."""
+        buffer = self.parity[worker]
+        guard = self.guards[worker][buffer]
+        if guard is not None:
+            guard.synchronize()
+            self.guards[worker][buffer] = None
+        self.parity[worker] ^= 1
         try:
-            self.conns[worker].send(message)
+            self.conns[worker].send((kind, buffer, self._take_releases(worker), *payload))
         except (BrokenPipeError, OSError):
             raise WorkerError(f"grammar worker {worker} is gone (exit code {self.procs[worker].poll()}); "
                               f"{HINT}") from None
+
+
+def _pin(view: np.ndarray) -> int:
+    """Page-lock a shared-memory view for CUDA (cudaHostRegister): uploads from it run asynchronously."""
+    import torch
+    ptr = view.ctypes.data
+    status = torch.cuda.cudart().cudaHostRegister(ptr, view.nbytes, 0)
+    if int(status) != 0:
+        raise WorkerError(f"cannot page-lock the grammar workers' staging memory (CUDA error {int(status)}); "
+                          "set EXTRACTOR_GRAMMAR_WORKERS=0 to keep grammar work in one process")
+    return ptr
 
 
 def _start_worker():
@@ -184,7 +215,7 @@ def _answer(conn):
     return message[1:]
 
 
-def _shutdown(conns, procs, shms) -> None:
+def _shutdown(conns, procs, shms, registered) -> None:
     for conn in conns:
         try:
             conn.send(("stop",))
@@ -195,12 +226,14 @@ def _shutdown(conns, procs, shms) -> None:
             proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             proc.kill()
-    for i, shm in enumerate(shms):
+    if registered:
+        import torch
+        for ptr in registered:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+    for shm in shms:
         try:
-            if i == len(shms) - 1:
-                shm.unlink()
             shm.close()
-        except (FileNotFoundError, BufferError):  # already gone, or a numpy view still alive: freed at exit
+        except BufferError:  # a numpy view is still alive: the mapping goes at exit
             pass
 
 
@@ -214,7 +247,7 @@ def _serve(conn, spec) -> None:
     except Exception:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", traceback.format_exc()))
         return
-    shm = None
+    staging = shm = None
     while True:
         message = conn.recv()
         kind = message[0]
@@ -224,34 +257,40 @@ def _serve(conn, spec) -> None:
             if kind == "reset":
                 engine.reset()
             elif kind == "table":
-                shm = _attach(shm, engine, *message[1:])
-            elif kind == "first":
-                _, releases, reqs, budgets, slots = message
+                shm, staging = _attach(shm, engine, *message[1:])
+                conn.send(("attached", None))
+            elif kind in ("first", "step"):
+                _, buffer, releases, reqs, values, slots = message
                 for r in releases:
                     engine.release(r)
-                engine.start(reqs, budgets)
-                conn.send(("ok", engine.first(reqs, slots), engine.stats))
-            elif kind == "step":
-                _, releases, reqs, tokens, slots = message
-                for r in releases:
-                    engine.release(r)
-                conn.send(("ok", engine.step(reqs, tokens, slots), engine.stats))
+                if kind == "first":
+                    engine.start(reqs, values)
+                    result = engine.first(reqs, slots)
+                else:
+                    result = engine.step(reqs, values, slots)
+                changed = np.unique(np.asarray(result.changed, dtype=np.int64))
+                np.take(engine.host, changed, axis=0, out=staging[buffer, : len(changed)])
+                conn.send(("ok", result._replace(changed=changed.tolist()), engine.stats))
         except Exception:  # noqa: BLE001
             conn.send(("error", traceback.format_exc()))
     if shm is not None:
         shm.close()
 
 
-def _attach(old, engine, name: str, rows: int, words: int):
+def _attach(old, engine, rows: int, words: int, name: str, cap: int):
+    """A bigger mask table of this worker's own (rows copied over) and the parent's new staging area."""
+    table = np.full((rows, words), -1, dtype=np.int32)
+    if engine.host is not None and engine.host.shape[1] == words:
+        table[: engine.host.shape[0]] = engine.host
+    engine.set_host(table)
     shm = shared_memory.SharedMemory(name=name)
-    # The parent owns the segment and unlinks it; this interpreter's resource tracker, which registered it
-    # on attaching, would unlink it (and warn) when this worker exits.
+    # The parent owns the segment; this interpreter's resource tracker, which registered it on attaching,
+    # would unlink it (and warn) when this worker exits.
     from multiprocessing import resource_tracker
     resource_tracker.unregister(shm._name, "shared_memory")
-    engine.set_host(np.ndarray((rows, words), dtype=np.int32, buffer=shm.buf))
     if old is not None:
         old.close()
-    return shm
+    return shm, np.ndarray((2, cap, words), dtype=np.int32, buffer=shm.buf)
 
 
 if __name__ == "__main__":

@@ -74,3 +74,28 @@ def test_worker_count_from_the_environment(monkeypatch):
         auto_workers()
     monkeypatch.delenv("EXTRACTOR_GRAMMAR_WORKERS")
     assert auto_workers() == max(0, min(6, ((os.cpu_count() or 1) - 4) // 2))
+
+
+def test_tables_grow_mid_run(setup):
+    """Slots beyond the first table: workers grow their tables and staging areas; masks stay equal to the
+    in-process engine's."""
+    _, _, _, grammar = setup
+    width = grammar.vocab_size
+    runs = {}
+    for workers in (0, 2):
+        constraint = BatchConstraint(grammar, workers=workers)
+        seen = []
+        for keys, slots in (([0, 1, 2], [0, 1, 2]), ([3, 4], [70, 141])):
+            logits = torch.zeros(len(keys), width)
+            constraint.start(keys, [30] * len(keys))
+            constraint.mask_first(keys, logits, slots)
+            seen.append(logits.clone())
+        keys, slots = [0, 1, 2, 3, 4], [0, 1, 2, 70, 141]
+        tokens = torch.cat(seen).argmax(-1).tolist()
+        for _ in range(3):
+            logits = torch.randn(len(keys), width, generator=torch.Generator().manual_seed(len(seen)))
+            constraint.hook(keys, tokens, slots)(logits)
+            seen.append(logits.clone())
+            tokens = logits.argmax(-1).tolist()
+        runs[workers] = seen
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
