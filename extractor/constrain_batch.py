@@ -36,6 +36,7 @@ class BatchConstraint:
         self.mid_masks: dict[bytes, np.ndarray] = {}
         self.mid_rows: dict[bytes, int] = {}
         self.mid_table = None
+        self._events: dict = {}
         # This process's side: main_s (gathering and applying masks), upload_s (host rows to the device),
         # bitmask_s (the apply kernel's launch), wait_s (waiting for workers, uploads included).
         self.main = {"main_s": 0.0, "upload_s": 0.0, "bitmask_s": 0.0, "wait_s": 0.0, "uploaded_rows": 0}
@@ -146,7 +147,7 @@ class BatchConstraint:
         self.device_table.index_copy_(0, self._to_device(slots), rows.to(self.device, non_blocking=True))
         self.main["upload_s"] += time.perf_counter() - t
 
-    def _upload_staged(self, worker: int, rows: np.ndarray, result: StepMasks):
+    def _upload_staged(self, worker: int, buffer: int, rows: np.ndarray, result: StepMasks):
         """A worker's changed rows, from its staging buffer, to the device table; returns the event that
         says when the buffer has been read (None off CUDA, where the copy is done on return)."""
         import torch
@@ -157,8 +158,8 @@ class BatchConstraint:
         src = torch.from_numpy(rows)
         self.device_table.index_copy_(0, self._to_device(result.changed), src.to(self.device, non_blocking=self.cuda))
         event = None
-        if self.cuda:
-            event = torch.cuda.Event()
+        if self.cuda:  # one event per worker and buffer, recorded again each time
+            event = self._events.setdefault((worker, buffer), torch.cuda.Event())
             event.record()
         self.main["upload_s"] += time.perf_counter() - t
         return event

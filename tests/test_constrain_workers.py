@@ -73,7 +73,8 @@ def test_worker_count_from_the_environment(monkeypatch):
     with pytest.raises(WorkerError, match="EXTRACTOR_GRAMMAR_WORKERS='four' is not a whole number"):
         auto_workers()
     monkeypatch.delenv("EXTRACTOR_GRAMMAR_WORKERS")
-    assert auto_workers() == max(0, min(6, ((os.cpu_count() or 1) - 4) // 2))
+    cores = os.cpu_count() or 1
+    assert auto_workers() == (0 if cores < 8 else min(12, cores - 4))
 
 
 def test_tables_grow_mid_run(setup):

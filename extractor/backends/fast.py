@@ -355,27 +355,41 @@ class FastDecoder:
                 parity ^= 1
                 if constraint is None:
                     self._pick(logits, current[2])
+            finished = []
             if prev is not None:
                 done_rows, keys, par = prev
                 toks = self._collect(par, len(done_rows))
                 same = st.key_index[done_rows] == keys  # rows still holding the record they ran for
                 st.record(done_rows[same], toks[same])
-                yield from self._finished(st, done_rows[same], constraint)
+                finished = list(self._finished(st, done_rows[same], constraint))
             if current is not None and constraint is not None:
-                self._pick_constrained(logits, current, st, constraint)
+                # The grammar work starts before the caller sees the finished records (parsing, writing),
+                # so that work overlaps it.
+                apply = self._constrain(current, st, constraint)
+                yield from finished
+                self._pick_masked(logits, current[2], apply)
+            else:
+                yield from finished
             self.stats["decode_s"] += time.perf_counter() - t0
             prev = current
             if prev is None and not waiting and exhausted and not (st.key_index >= 0).any():
                 return
 
-    def _pick_constrained(self, logits, current, st: "_SlotState", constraint) -> None:
-        """Mask a step's logits and queue its argmax. Rows that finished at the step before (their slot
-        freed, or already refilled) ran this step for nothing: the constraint skips them."""
+    def _constrain(self, current, st: "_SlotState", constraint):
+        """Hand a step's rows (with the tokens they took in) to the constraint; returns its mask callable.
+        Rows that finished at the step before (slot freed, or refilled) ran this step for nothing: the
+        constraint skips them."""
         t = time.perf_counter()
-        rows, keys, parity = current
-        alive = st.key_index[rows] == keys
-        live = rows[alive]
-        constraint.hook(st.keys_of(live), st.last[live], live)(logits, rows)
+        rows, keys, _ = current
+        live = rows[st.key_index[rows] == keys]
+        apply = constraint.hook(st.keys_of(live), st.last[live], live)
+        self.stats["mask_s"] = self.stats.get("mask_s", 0.0) + time.perf_counter() - t
+        return lambda logits: apply(logits, rows)
+
+    def _pick_masked(self, logits, parity: int, apply) -> None:
+        """Mask a step's logits (waiting for the grammar work) and queue its argmax."""
+        t = time.perf_counter()
+        apply(logits)
         self._pick(logits, parity)
         self.stats["mask_s"] = self.stats.get("mask_s", 0.0) + time.perf_counter() - t
 
