@@ -7,6 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import sys
+
 from extractor.backends.base import LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, name_adapters
 from extractor.errors import ModelError
 
@@ -39,6 +41,12 @@ def file_fingerprint(path: Path) -> dict:
             "config_sha": hashlib.sha256(config.read_bytes()).hexdigest()[:16],
             "weights": [f"{n}:{s}" for n, s in weights]}
 
+
+
+# Python's switch interval while the fast path decodes with a constraint (None: leave it). There the main
+# thread mostly waits (on the GPU, on grammar workers' answers) and must take the GIL back from the writer
+# thread (parsing, validating) as soon as an answer arrives; by default that can take 5 ms.
+CONSTRAINED_SWITCH_INTERVAL: float | None = None
 
 class HFBackend(TokenizerBackend):
     name = "hf"
@@ -261,12 +269,19 @@ class HFBackend(TokenizerBackend):
             gens = self._generate_plain([ids for _, ids in items], params, schema)
             return [(request, gen) for (request, _), gen in zip(items, gens)]
 
-        for key, tokens, finish in decoder.stream(source(), constraint=self._constraint(params, schema)):
-            request, n_prompt = pending.pop(key)
-            yield [(request, self._generation(n_prompt, tokens, finish))]
-            if len(misfits) >= self.batch_size:
-                yield plain(misfits)
-                misfits.clear()
+        constraint = self._constraint(params, schema)
+        interval = sys.getswitchinterval()
+        if constraint is not None and CONSTRAINED_SWITCH_INTERVAL:
+            sys.setswitchinterval(CONSTRAINED_SWITCH_INTERVAL)
+        try:
+            for key, tokens, finish in decoder.stream(source(), constraint=constraint):
+                request, n_prompt = pending.pop(key)
+                yield [(request, self._generation(n_prompt, tokens, finish))]
+                if len(misfits) >= self.batch_size:
+                    yield plain(misfits)
+                    misfits.clear()
+        finally:
+            sys.setswitchinterval(interval)
         if misfits:
             yield plain(misfits)
 
