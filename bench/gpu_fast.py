@@ -394,7 +394,7 @@ def table(res: Results) -> str:
                            ("fast", "FastDecoder", "fixed"),
                            ("run_path", "`extractor run` path (hf, fast)", "fixed, text"),
                            ("run_path_constrained", "`extractor run` path, --constrained", "text, JSON"),
-                           ("run_path_constrained_switch", "`extractor run` path, --constrained, short GIL switch",
+                           ("run_path_constrained_switch", "`extractor run` path, --constrained, other GIL switch interval",
                             "text, JSON"),
                            ("fast_constrained", "FastDecoder, constrained", "JSON"),
                            ("fast_constrained_no_workers", "FastDecoder, constrained, grammar in-process", "JSON"),
@@ -411,7 +411,7 @@ def table(res: Results) -> str:
         of_floor = f"{r['tok_s'] / floor:.0%}" if floor and key in ("sequential", "static_bs128", "generate_batch", "fast") else "-"
         lines.append(f"| {label} | {wl} | {r['tok_s']:,.0f} | {r['records_s']:,.1f} | {ratio} | {of_floor} |")
     pairs = [("run_path", "run_path_constrained", "run path"), ("fast", "fast_constrained", "FastDecoder"),
-             ("run_path", "run_path_constrained_switch", "run path, short GIL switch interval"),
+             ("run_path", "run_path_constrained_switch", "run path, other GIL switch interval"),
              ("fast", "fast_constrained_no_workers", "FastDecoder, grammar in-process")]
     pairs += [("fast", k, f"FastDecoder, {k.rsplit('_w', 1)[1]} workers") for k in sorted(d)
               if k.startswith("fast_constrained_w")]
@@ -433,7 +433,8 @@ def main() -> None:
     parser.add_argument("--grammar-workers", default="auto,0",
                         help="constrained FastDecoder rows: grammar worker counts (auto: the default)")
     parser.add_argument("--switch-interval", type=float, default=None,
-                        help="also time the constrained run path with this GIL switch interval (seconds)")
+                        help="also time the constrained run path with this GIL switch interval while decoding "
+                             "(seconds; 0: Python's own 5 ms; the default is hf.CONSTRAINED_SWITCH_INTERVAL)")
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU: checks the harness, not speed")
     args = parser.parse_args()
     if args.smoke:
@@ -499,12 +500,13 @@ def main() -> None:
             res["run_path"] = run_path(backend, work, args.n, constrained=False)
         if "constrained" in parts:
             res["run_path_constrained"] = run_path(backend, work, args.n, constrained=True)
-            if args.switch_interval:  # the same run with a shorter GIL switch interval while decoding
+            if args.switch_interval is not None:  # the same run with another GIL switch interval (0: Python's)
                 import extractor.backends.hf as hf_module
+                default = hf_module.CONSTRAINED_SWITCH_INTERVAL
                 hf_module.CONSTRAINED_SWITCH_INTERVAL = args.switch_interval
                 res["run_path_constrained_switch"] = run_path(backend, work, args.n, constrained=True)
                 res["run_path_constrained_switch"]["switch_interval_s"] = args.switch_interval
-                hf_module.CONSTRAINED_SWITCH_INTERVAL = None
+                hf_module.CONSTRAINED_SWITCH_INTERVAL = default
             if "profile" in parts:  # where the host time goes, on a smaller run of its own (cProfile slows it)
                 res["run_path_constrained_profiled"] = run_path(backend, work, 256, constrained=True, profile_cpu=True)
             # The same grammar on FastDecoder directly (token prompts, no reader/writer threads): what the

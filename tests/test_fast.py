@@ -77,8 +77,11 @@ def test_hf_backend_fast_path_equals_plain_path(tmp_path, tiny_model, run_cli, c
     """`extractor run --fast on` (shared prompt prefix found, FastDecoder, grammar masks filled per packed
     row, in this process or in two grammar worker processes) gives the plain path's outputs, constrained
     or not."""
+    import sys
+
     from tests.conftest import read_jsonl, synth_corpus
     monkeypatch.setenv("EXTRACTOR_GRAMMAR_WORKERS", str(workers))
+    interval = sys.getswitchinterval()
     corpus, _ = synth_corpus(tmp_path, n=10)
     outs = {}
     extra = ["--constrained"] if constrained else []
@@ -94,6 +97,7 @@ def test_hf_backend_fast_path_equals_plain_path(tmp_path, tiny_model, run_cli, c
                (b["id"], b["raw"], b["status"], b["prompt_tokens"], b["output_tokens"], b["finish_reason"])
     if constrained:
         assert all(r["status"] == "ok" for r in outs["on"]), [r["raw"] for r in outs["on"]]
+    assert sys.getswitchinterval() == interval  # the constrained fast path shortens it only while decoding
 
 
 def test_common_prefix_leaves_each_sequence_a_token():
