@@ -141,9 +141,9 @@ class RowEngine:
         return now
 
     def _accept(self, matchers: list, tokens: list[int]) -> None:
-        """batch_accept_token, in chunks on a thread pool where one was given (the call seems to hold the
-        GIL: on the H100 machine threads made it barely faster; worker processes are what parallelizes).
-        The core call is used directly: the wrapper converts its per-row results (unused here) one by one."""
+        """batch_accept_token, in chunks on a thread pool where one was given (grammar work in the main
+        process); worker processes pass none. The core call is used directly: the wrapper converts its per-row
+        results (unused here) one by one."""
         accept = self.g.batch_accept
         chunk = 64
         if len(matchers) <= chunk or self.pool is None:

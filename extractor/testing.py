@@ -80,8 +80,8 @@ def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choo
     """Constrained decoding without a model, as FastDecoder's packed rows do it: each row takes its
     preferred allowed token (a seeded random preference over the first `choose_from` ids, rotated every
     step), like a random-weight model. `width` is the logits' width (the model's head); `workers`: grammar
-worker processes (BatchConstraint's). Returns each row's
-    tokens and finish reason, the tokens decoded, the seconds spent in the constraint and its stats."""
+    worker processes (BatchConstraint's). Returns each row's tokens and finish reason, the tokens decoded,
+    the seconds spent in the constraint and its stats."""
     import time
 
     import numpy as np
