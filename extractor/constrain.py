@@ -102,9 +102,9 @@ class Grammar:
 
     def shard_pool(self, n: int):
         """Worker processes holding this grammar (constrain_workers.ShardPool), started on first use and
-        kept with the grammar; a different count restarts them."""
+        kept with the grammar; a different count, or a failed worker, starts new ones."""
         pool = getattr(self, "_shards", None)
-        if pool is None or pool.n != n:
+        if pool is None or pool.n != n or pool.broken:
             from extractor.constrain_workers import ShardPool
             self._shards = pool = ShardPool(self._spec, n)
         return pool

@@ -70,6 +70,8 @@ class ShardPool:
         self.staging: list = []  # per worker: [2, cap, words] int32 over shared memory
         self.parity = [0] * n
         self.guards: list = [[None, None] for _ in range(n)]  # per worker and buffer: the last upload's event
+        self.unanswered = [0] * n  # messages sent to each worker and not answered yet
+        self.broken = False  # a worker failed or is gone: the Grammar starts a new pool
         self.owner: dict = {}   # request -> worker
         self.releases: list[list] = [[] for _ in range(n)]
         self.stats: list[dict] = [{} for _ in range(n)]
@@ -78,7 +80,11 @@ class ShardPool:
         self._finalizer = weakref.finalize(self, _shutdown, self.conns, self.procs, self.segments, self.registered)
 
     def reset(self) -> None:
-        for conn in self.conns:
+        """A fresh start for a new BatchConstraint: answers a stopped run never collected (its caller quit
+        mid-step) are read and dropped first."""
+        for w, conn in enumerate(self.conns):
+            while self.unanswered[w]:
+                self._answer(w)
             conn.send(("reset",))
         self.owner.clear()
         self.releases = [[] for _ in range(self.n)]
@@ -134,7 +140,7 @@ class ShardPool:
         while waiting:
             for conn in connection_wait(list(waiting)):
                 w = waiting.pop(conn)
-                result, self.stats[w] = _answer(conn)
+                result, self.stats[w] = self._answer(w)
                 buffer = self.parity[w] ^ 1  # the one the message used
                 if each is not None:
                     self.guards[w][buffer] = each(w, buffer, self.staging[w][buffer][: len(result.changed)], result)
@@ -177,9 +183,21 @@ class ShardPool:
         self.parity[worker] ^= 1
         try:
             self.conns[worker].send((kind, buffer, self._take_releases(worker), *payload))
+            self.unanswered[worker] += 1
         except (BrokenPipeError, OSError):
+            self.broken = True
             raise WorkerError(f"grammar worker {worker} is gone (exit code {self.procs[worker].poll()}); "
                               f"{HINT}") from None
+
+
+    def _answer(self, worker: int):
+        try:
+            answer = _answer(self.conns[worker])
+        except WorkerError:
+            self.broken = True
+            raise
+        self.unanswered[worker] -= 1
+        return answer
 
 
 def _pin(view: np.ndarray) -> int:
@@ -229,9 +247,12 @@ def _shutdown(conns, procs, shms, registered) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     if registered:
-        import torch
-        for ptr in registered:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
+        try:
+            import torch
+            for ptr in registered:
+                torch.cuda.cudart().cudaHostUnregister(ptr)
+        except Exception:  # noqa: BLE001 - at exit the CUDA context may already be gone; nothing to keep
+            pass
     for shm in shms:
         try:
             shm.close()
@@ -251,7 +272,10 @@ def _serve(conn, spec) -> None:
         return
     staging = shm = None
     while True:
-        message = conn.recv()
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            break
         kind = message[0]
         try:
             if kind == "stop":
@@ -296,5 +320,11 @@ def _attach(old, engine, rows: int, words: int, name: str, cap: int):
 
 
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
     _connection = Connection(int(sys.argv[1]))
-    _serve(_connection, _connection.recv())
+    try:
+        _spec = _connection.recv()
+    except (EOFError, OSError):  # the parent went away before sending the grammar
+        sys.exit(0)
+    _serve(_connection, _spec)

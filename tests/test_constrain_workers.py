@@ -25,10 +25,14 @@ def setup(tiny_model):
     return model, tokenizer, schema, grammar
 
 
-def _decode(model, tokenizer, grammar, workers: int, budget: int = 48):
+def _inputs(tokenizer):
     prefix = tokenizer.encode("Extract the requirements as JSON.\n")
     texts = [f"Posting {i}: needs Python and {i % 4 + 1} years of SQL." for i in range(11)]
-    suffixes = [tokenizer.encode(t) for t in texts]
+    return prefix, [tokenizer.encode(t) for t in texts]
+
+
+def _decode(model, tokenizer, grammar, workers: int, budget: int = 48):
+    prefix, suffixes = _inputs(tokenizer)
     decoder = FastDecoder(model, prefix, slots=4, unique_len=max(map(len, suffixes)) + budget,
                           eos_ids=[tokenizer.eos_token_id])
     constraint = BatchConstraint(grammar, workers=workers)
@@ -49,6 +53,23 @@ def test_workers_give_the_same_tokens(setup):
     assert statuses == ["ok"] * len(sharded), statuses  # closing mode finished every value in its budget
 
 
+def test_abandoned_run_leaves_the_pool_clean(setup):
+    """A caller that stops reading mid-run leaves answers in the workers' pipes: the next run on the same
+    pool drops them and gives the in-process tokens."""
+    model, tokenizer, _, grammar = setup
+    prefix, suffixes = _inputs(tokenizer)
+    decoder = FastDecoder(model, prefix, slots=4, unique_len=max(map(len, suffixes)) + 48,
+                          eos_ids=[tokenizer.eos_token_id])
+    stream = decoder.stream(((i, s, 10 + 5 * (i % 3)) for i, s in enumerate(suffixes)),
+                            constraint=BatchConstraint(grammar, workers=2))
+    next(stream)
+    stream.close()
+    assert sum(grammar.shard_pool(2).unanswered) > 0  # the case under test: a step's answers never read
+    again, _ = _decode(model, tokenizer, grammar, workers=2)
+    alone, _ = _decode(model, tokenizer, grammar, workers=0)
+    assert again == alone
+
+
 def test_killed_worker_is_one_clear_error(setup):
     _, _, _, grammar = setup
     constraint = BatchConstraint(grammar, workers=2)
@@ -63,7 +84,7 @@ def test_killed_worker_is_one_clear_error(setup):
         constraint.hook([0, 1, 2, 3], first, [0, 1, 2, 3])(torch.zeros(4, grammar.vocab_size))
     message = str(err.value)
     assert "\n" not in message and "grammar worker" in message and "EXTRACTOR_GRAMMAR_WORKERS=0" in message
-    grammar._shards = None  # the next test starts a fresh pool
+    assert grammar.shard_pool(2).procs[1] is not victim  # a broken pool is replaced
 
 
 def test_worker_count_from_the_environment(monkeypatch):
