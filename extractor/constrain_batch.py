@@ -29,7 +29,8 @@ class BatchConstraint:
         else:
             self.engine = RowEngine(grammar, pool=grammar.thread_pool())
         self.workers = n if self.shards is not None else 0
-        self.host = self.device_table = None
+        self.host = self.device_table = None  # host: this process's engine's table (none with workers)
+        self.rows = 0  # slots the tables hold
         self.device = None
         self.cuda = False
         self._budgets: dict = {}  # started, waiting for their slots (mask_first)
@@ -105,22 +106,23 @@ class BatchConstraint:
     def _table(self, slots: int, device) -> None:
         """Host and device mask tables with a row per cache slot."""
         import torch
-        if self.host is not None and self.host.shape[0] >= slots:
+        if self.rows >= slots:
             return
         self.device = device
         self.cuda = device.type == "cuda"
         words = self.g.allocate_bitmask(1).shape[1]
-        rows = max(slots, 64, 0 if self.host is None else 2 * self.host.shape[0])
+        rows = max(slots, 64, 2 * self.rows)
         if self.shards is not None:
-            self.shards.ensure_rows(rows, words, pin=self.cuda)
-            self.host = np.empty((self.shards.rows, 0))  # the rows live in the workers; only the count here
+            self.shards.ensure_rows(rows, words, pin=self.cuda)  # the workers hold the host rows
+            rows = self.shards.rows
         else:
             host = np.full((rows, words), -1, dtype=np.int32)
             if self.host is not None:
                 host[: self.host.shape[0]] = self.host
             self.host = host
             self.engine.set_host(host)
-        grown = torch.full((self.host.shape[0], words), -1, dtype=torch.int32, device=device)
+        self.rows = rows
+        grown = torch.full((rows, words), -1, dtype=torch.int32, device=device)
         if self.device_table is not None:
             grown[: self.device_table.shape[0]] = self.device_table
         self.device_table = grown
@@ -172,7 +174,7 @@ class BatchConstraint:
         position = {s: i for i, s in enumerate(slots)} if (result.mids or result.forced) else {}
         if result.mids:
             at = self._to_device([position[s] for s, _ in result.mids])
-            masks[at] = self.mid_table_rows([p for _, p in result.mids])
+            masks[at] = self._mid_masks_on_device([p for _, p in result.mids])
         t1 = time.perf_counter()
         self.g.xgr.apply_token_bitmask_inplace(logits, masks, vocab_size=self.g.vocab_size)
         self.main["bitmask_s"] += time.perf_counter() - t1
@@ -182,7 +184,7 @@ class BatchConstraint:
             logits[at, self._to_device(list(result.forced.values()))] = 0
         self.main["main_s"] += time.perf_counter() - t
 
-    def mid_table_rows(self, pendings: list[bytes]):
+    def _mid_masks_on_device(self, pendings: list[bytes]):
         """The mid-character masks for these pending bytes (device rows), copied up on first use."""
         import torch
         index = []

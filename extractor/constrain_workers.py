@@ -59,13 +59,21 @@ class ShardPool:
     def __init__(self, spec: tuple, n: int):
         self.n = n
         self.conns, self.procs = [], []
+        self.segments: list = []  # every staging segment (an old one may still be viewed: closed at the end)
+        self.registered: list = []  # host pointers registered with CUDA
+        # Set up before the workers start, so that a failed start stops the ones already running.
+        self._finalizer = weakref.finalize(self, _shutdown, self.conns, self.procs, self.segments, self.registered)
         for _ in range(n):
             conn, proc = _start_worker()
             conn.send(spec)
             self.conns.append(conn)
             self.procs.append(proc)
-        for conn in self.conns:
-            _answer(conn)  # ("ready",) once the worker has compiled the grammar
+        try:
+            for conn in self.conns:
+                _answer(conn)  # ("ready",) once the worker has compiled the grammar
+        except WorkerError:
+            self._finalizer()
+            raise
         self.rows = self.words = 0
         self.staging: list = []  # per worker: [2, cap, words] int32 over shared memory
         self.parity = [0] * n
@@ -75,9 +83,6 @@ class ShardPool:
         self.owner: dict = {}   # request -> worker
         self.releases: list[list] = [[] for _ in range(n)]
         self.stats: list[dict] = [{} for _ in range(n)]
-        self.segments: list = []  # every staging segment (an old one may still be viewed: closed at the end)
-        self.registered: list = []  # host pointers registered with CUDA
-        self._finalizer = weakref.finalize(self, _shutdown, self.conns, self.procs, self.segments, self.registered)
 
     def reset(self) -> None:
         """A fresh start for a new BatchConstraint: answers a stopped run never collected (its caller quit

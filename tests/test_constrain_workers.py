@@ -121,3 +121,11 @@ def test_tables_grow_mid_run(setup):
             tokens = logits.argmax(-1).tolist()
         runs[workers] = seen
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+def test_worker_that_cannot_start_is_one_clear_error():
+    """A worker that fails while building its grammar reports it; the workers already started are stopped."""
+    from extractor.constrain_workers import ShardPool
+    with pytest.raises(WorkerError) as err:
+        ShardPool(({"type": "object"}, None, 10, []), 2)  # no tokenizer: Grammar() fails in the worker
+    assert "\n" not in str(err.value) and "grammar worker failed" in str(err.value)
