@@ -9,8 +9,9 @@ What makes it fast (issue 6):
 - a decode step runs the live rows packed into a batch bucket (a few sizes), captured as CUDA graphs:
   one launch per token; decode attention reads only each row's own length (fast_attention.py);
 - the per-layer pieces around attention are torch.compile'd (norms, rotary, activation fused);
-- without a constraint the loop runs one step ahead of the host: step k+1 takes its input tokens from
-  step k's output on the GPU while the host books step k.
+- the loop runs one step ahead of the host: step k+1 takes its input tokens from step k's output on the
+  GPU while the host books step k; with a constraint, the grammar work for step k+1's masks (in worker
+  processes, constrain_workers.py) runs while the GPU runs step k+1's forward pass.
 
 Greedy outputs equal `generate` (tests/test_fast.py on CPU in fp32; bench/gpu_fast.py on the GPU).
 """
