@@ -2,7 +2,8 @@
 
 No model: a seeded stand-in picks each row's next token from what the grammar allows (a fixed random
 preference per row, rotated every step), like a random-weight model does. Rows run in lockstep for the
-budget, as FastDecoder's packed rows do. Measured, same process: BatchConstraint as the fast path uses it
+budget, as FastDecoder's packed rows do. Measured, same process: BatchConstraint with its grammar work in
+this process (the GPU machine runs the same engine in worker processes)
 (free-string and half-character rows skip the grammar, closing costs cached and computed at the string level)
 against the same class with those shortcuts off (every row accepts and fills through xgrammar each step).
 Every output is then checked against the schema.

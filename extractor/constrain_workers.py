@@ -194,7 +194,6 @@ class ShardPool:
             raise WorkerError(f"grammar worker {worker} is gone (exit code {self.procs[worker].poll()}); "
                               f"{HINT}") from None
 
-
     def _answer(self, worker: int):
         try:
             answer = _answer(self.conns[worker])
