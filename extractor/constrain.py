@@ -437,7 +437,7 @@ class SchemaLogitsProcessor:
             if m.is_terminated():
                 continue
             if not self.closing[i]:
-                cost = self.grammar.closing_cost(m, self.scanners[i])
+                cost = self.grammar.closing_cost(m, self.scanners[i], cap=max(1, remaining))  # >= remaining: close
                 self.closing[i] = remaining <= cost + self.grammar.item_cost
             if self.closing[i]:
                 allowed = unpack_bitmask_row(self.bitmask, i, self.grammar.vocab_size)

@@ -33,10 +33,11 @@ class StepMasks(NamedTuple):
 class _Row:
     """One record's grammar state."""
     __slots__ = ("matcher", "budget", "used", "tokens", "scanner", "closing", "next_check", "fast",
-                 "deferred", "fast_cost", "pending")
+                 "deferred", "fast_cost", "pending", "watch")
 
-    def __init__(self, matcher, budget: int):
+    def __init__(self, matcher, budget: int, watch: int):
         self.matcher, self.budget, self.used = matcher, int(budget), 0
+        self.watch = watch  # remaining budget at which closing-cost checks start
         self.tokens: list[int] = []
         self.scanner: JsonScanner | None = None  # built once the row nears its budget
         self.closing = False
@@ -58,6 +59,7 @@ class RowEngine:
         self._host_t = None  # the same memory as a torch tensor, for xgrammar
         self.rows: dict = {}
         self.announced: set = set()  # mid-character masks already sent to the device side
+        self.started = 0
         self.stats = _fresh_stats()
 
     def set_host(self, host: np.ndarray) -> None:
@@ -70,8 +72,13 @@ class RowEngine:
         self.stats = _fresh_stats()
 
     def start(self, requests, budgets) -> None:
+        """Rows with equal budgets (a whole batch) would all reach the watch window, build their scanners
+        and simulate their closing costs at the same step: a step many times longer than the others, the
+        GPU waiting on it. Each row starts watching up to STAGGER steps early instead (a check started
+        early changes no token: until the cost can catch up with the budget no row closes)."""
         for r, b in zip(requests, budgets):
-            self.rows[r] = _Row(self.g.matcher(), b)
+            self.rows[r] = _Row(self.g.matcher(), b, self.g.watch_window + self.started % STAGGER)
+            self.started += 1
 
     def release(self, request) -> None:
         self.rows.pop(request, None)
@@ -195,7 +202,7 @@ class RowEngine:
         forced: dict[int, int] = {}
         for row, slot in zip(rows, slots):
             remaining = row.budget - row.used
-            if remaining > self.g.watch_window:
+            if remaining > row.watch:
                 continue
             if row.scanner is None:
                 row.scanner = JsonScanner(skeleton=True, min_cap=self.g.min_cap)
@@ -229,14 +236,21 @@ class RowEngine:
             return None
         self._flush(row)
         self.stats["cost_checks"] += 1
-        cost = self.g.closing_cost(row.matcher, row.scanner)
-        if key is not None and len(self.g.cost_cache) < 100_000:
+        # A cost of at least the remaining budget means "close now" whatever it is: the simulation stops
+        # there (a value it cannot close in time walks up to 512 tokens otherwise: ~0.1 s). Only exact
+        # costs are kept.
+        cap = max(1, row.budget - row.used)
+        cost = self.g.closing_cost(row.matcher, row.scanner, cap=cap)
+        if cost < cap and key is not None and len(self.g.cost_cache) < 100_000:
             self.g.cost_cache[key] = cost
-        if row.fast and not row.pending:
+        if cost < cap and row.fast and not row.pending:
             row.fast_cost = cost
         slack = row.budget - row.used - cost - self.g.item_cost
         row.next_check = row.used + max(1, slack // (self.g.item_cost + 1))
         return cost
+
+
+STAGGER = 24  # steps over which rows of one batch spread their first closing-cost checks
 
 
 def _fresh_stats() -> dict:

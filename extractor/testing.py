@@ -81,7 +81,7 @@ def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choo
     preferred allowed token (a seeded random preference over the first `choose_from` ids, rotated every
     step), like a random-weight model. `width` is the logits' width (the model's head); `workers`: grammar
     worker processes (BatchConstraint's). Returns each row's tokens and finish reason, the tokens decoded,
-    the seconds spent in the constraint and its stats."""
+    the seconds spent in the constraint, its stats and the engine's seconds per step."""
     import time
 
     import numpy as np
@@ -109,6 +109,7 @@ def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choo
     seconds = time.perf_counter() - start
     alive, last = keys, choose(keys, logits.numpy())
     decoded = 0
+    step_cpu: list[float] = []  # the grammar engine's seconds in each step (a slow step stalls the GPU)
     while alive:
         keep = []
         for k, tok in zip(alive, last):
@@ -126,10 +127,11 @@ def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choo
             break
         alive, last = [k for k, _ in keep], [t for _, t in keep]
         logits = torch.zeros(len(alive), width)
-        start = time.perf_counter()
+        start, engine_before = time.perf_counter(), constraint.stats["cpu_s"]
         constraint.hook(alive, last, alive)(logits)
         seconds += time.perf_counter() - start
+        step_cpu.append(constraint.stats["cpu_s"] - engine_before)
         last = choose(alive, logits.numpy())
     return {"tokens": [out[k] for k in keys], "reasons": [reasons[k] for k in keys], "decoded": decoded,
-            "seconds": seconds, "stats": dict(constraint.stats),
+            "seconds": seconds, "stats": dict(constraint.stats), "step_cpu_s": step_cpu,
             "texts": [b"".join(grammar.token_bytes[t] for t in out[k]).decode("utf-8", "replace") for k in keys]}

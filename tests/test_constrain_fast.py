@@ -42,3 +42,33 @@ def test_utf8_tail():
     assert utf8_tail(b"ab" + "学".encode()[:2]) == "学".encode()[:2]
     assert utf8_tail(b"\xff") is None
     assert utf8_missing(b"\xe5") == 2 and utf8_missing(b"\xe5\xad") == 1 and utf8_missing(b"") == 0
+
+
+def test_when_cost_checks_start_changes_no_token(tokenizer, monkeypatch):
+    """Rows spread their first closing-cost checks over STAGGER steps (so a batch does not simulate all its
+    costs in one step); a check started early must not change any token."""
+    import extractor.constrain_rows as rows
+    schema = load_task("jd_requirements").schema
+    runs = {}
+    for stagger in (1, 24):
+        monkeypatch.setattr(rows, "STAGGER", stagger)
+        grammar = Grammar(schema, tokenizer, VOCAB, [tokenizer.eos_token_id])
+        runs[stagger] = stand_in_decode(grammar, rows=16, budget=72, seed=5, width=VOCAB)
+    assert runs[1]["tokens"] == runs[24]["tokens"]
+    assert runs[24]["stats"]["cost_checks"] + runs[24]["stats"]["cost_cached"] > 0
+
+
+def test_closing_cost_cap_is_a_minimum(tokenizer):
+    """closing_cost(cap=k) is min(cost, k): the engine caps simulations at the remaining budget, where any
+    larger cost means the same thing (close now)."""
+    from extractor.constrain import JsonScanner
+    grammar = Grammar(load_task("jd_requirements").schema, tokenizer, VOCAB, [tokenizer.eos_token_id])
+    matcher, scanner = grammar.matcher(), JsonScanner()
+    for text in ('{"', '学历要求": ["', '本科'):
+        assert matcher.accept_string(text)
+        scanner.feed(text)
+        full = grammar.closing_cost(matcher, scanner)
+        assert 0 < full < 512
+        for cap in (1, full - 1, full, full + 5):
+            if cap >= 1:
+                assert grammar.closing_cost(matcher, scanner, cap=cap) == min(full, cap)
