@@ -273,7 +273,7 @@ def profile(model, prefix, suffixes, out: Path) -> dict:
     take = 1
     while take < len(middle) and len(middle[take]) * (take + 1) <= dec.prefill_tokens:
         take += 1
-    chunk = middle[:take]  # one prefill chunk as a run makes it (rows of about the median length)
+    chunk = middle[:take]  # a full chunk: as many rows of about the median length as prefill_tokens holds
     tables = {}
     rows = min(1024, len(suffixes))
     own = torch.tensor([len(s) + NEW // 2 for s in suffixes[:rows]], device=DEVICE)  # mid-generation lengths
@@ -383,6 +383,7 @@ def table(res: Results) -> str:
     floor = d.get("floor_tok_s")
     base = d.get("static_bs128", {}).get("tok_s")
     base_eos = d.get("static_bs128_eos", {}).get("tok_s")
+    by_workers = [(k, k.rsplit("_w", 1)[1]) for k in sorted(d) if k.startswith("fast_constrained_w")]
     lines = [f"card: {d.get('card')}; torch {d.get('torch')}, transformers {d.get('transformers')}; "
              f"bf16 matmul {d.get('bf16_tflops', 0):.0f} TFLOP/s; compute floor {floor or 0:,.0f} tok/s; "
              f"N = {d.get('n')}", "",
@@ -398,8 +399,7 @@ def table(res: Results) -> str:
                             "text, JSON"),
                            ("fast_constrained", "FastDecoder, constrained", "JSON"),
                            ("fast_constrained_no_workers", "FastDecoder, constrained, grammar in-process", "JSON"),
-                           *[(k, f"FastDecoder, constrained, {k.rsplit('_w', 1)[1]} grammar workers", "JSON")
-                             for k in sorted(d) if k.startswith("fast_constrained_w")],
+                           *[(k, f"FastDecoder, constrained, {n} grammar workers", "JSON") for k, n in by_workers],
                            ("static_bs128_eos", "static `generate`, batch 128", "EOS at 16-128"),
                            ("fast_eos", "FastDecoder", "EOS at 16-128"),
                            ("fast_7b", "FastDecoder, 7B config", "fixed")]:
@@ -413,8 +413,7 @@ def table(res: Results) -> str:
     pairs = [("run_path", "run_path_constrained", "run path"), ("fast", "fast_constrained", "FastDecoder"),
              ("run_path", "run_path_constrained_switch", "run path, other GIL switch interval"),
              ("fast", "fast_constrained_no_workers", "FastDecoder, grammar in-process")]
-    pairs += [("fast", k, f"FastDecoder, {k.rsplit('_w', 1)[1]} workers") for k in sorted(d)
-              if k.startswith("fast_constrained_w")]
+    pairs += [("fast", k, f"FastDecoder, {n} workers") for k, n in by_workers]
     for free, cons, label in pairs:
         if d.get(free) and d.get(cons):
             lines.append(f"--constrained costs {1 - d[cons]['tok_s'] / d[free]['tok_s']:.0%} of output tok/s, "

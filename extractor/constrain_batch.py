@@ -29,7 +29,7 @@ class BatchConstraint:
         else:
             self.engine = RowEngine(grammar, pool=grammar.thread_pool())
         self.workers = n if self.shards is not None else 0
-        self.host = self.device_table = None  # host: this process's engine's table (none with workers)
+        self.device_table = None
         self.rows = 0  # slots the tables hold
         self.device = None
         self.cuda = False
@@ -116,11 +116,7 @@ class BatchConstraint:
             self.shards.ensure_rows(rows, words, pin=self.cuda)  # the workers hold the host rows
             rows = self.shards.rows
         else:
-            host = np.full((rows, words), -1, dtype=np.int32)
-            if self.host is not None:
-                host[: self.host.shape[0]] = self.host
-            self.host = host
-            self.engine.set_host(host)
+            self.engine.grow_table(rows, words)
         self.rows = rows
         grown = torch.full((rows, words), -1, dtype=torch.int32, device=device)
         if self.device_table is not None:
@@ -137,15 +133,16 @@ class BatchConstraint:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def _upload(self, changed: list[int]) -> None:
-        """Refilled host rows to the device table (asynchronously)."""
+        """Refilled rows of this process's engine's table to the device table (asynchronously)."""
+        import torch
         if not changed:
             return
         t = time.perf_counter()
-        slots = np.unique(np.asarray(changed, dtype=np.int64))
+        slots = np.asarray(changed, dtype=np.int64)
         self.main["uploaded_rows"] += len(slots)
-        import torch
-        rows = torch.empty((len(slots), self.host.shape[1]), dtype=torch.int32, pin_memory=self.cuda)
-        torch.index_select(torch.from_numpy(self.host), 0, torch.from_numpy(slots), out=rows)  # one host copy
+        host = self.engine.host
+        rows = torch.empty((len(slots), host.shape[1]), dtype=torch.int32, pin_memory=self.cuda)
+        torch.index_select(torch.from_numpy(host), 0, torch.from_numpy(slots), out=rows)  # one host copy
         self.device_table.index_copy_(0, self._to_device(slots), rows.to(self.device, non_blocking=True))
         self.main["upload_s"] += time.perf_counter() - t
 

@@ -24,7 +24,7 @@ class StepMasks(NamedTuple):
     """What one step changed, for the device side: host table rows to upload, slots whose mask is a
     mid-character one (pending bytes), mid-character masks this engine has not announced yet, and the
     token each closing row must take."""
-    changed: list      # slots whose host table row was refilled
+    changed: list      # slots whose host table row was refilled (ascending, each once)
     mids: list         # (slot, pending bytes)
     new_mids: dict     # pending bytes -> mask words
     forced: dict       # slot -> token
@@ -62,9 +62,13 @@ class RowEngine:
         self.started = 0
         self.stats = _fresh_stats()
 
-    def set_host(self, host: np.ndarray) -> None:
+    def grow_table(self, rows: int, words: int) -> None:
+        """A host mask table of `rows` rows, the rows already held copied over."""
         import torch
-        self.host, self._host_t = host, torch.from_numpy(host)
+        table = np.full((rows, words), -1, dtype=np.int32)
+        if self.host is not None and self.host.shape[1] == words:
+            table[: self.host.shape[0]] = self.host
+        self.host, self._host_t = table, torch.from_numpy(table)
 
     def reset(self) -> None:
         self.rows.clear()
@@ -139,7 +143,7 @@ class RowEngine:
         now = _clock()
         self.stats["cpu_s"] += now[0] - t0[0]
         self.stats["thread_s"] += now[1] - t0[1]  # this thread's own CPU: the rest is waiting (GIL, pool)
-        return StepMasks(changed, mids, new_mids, forced)
+        return StepMasks(sorted(set(changed)), mids, new_mids, forced)  # a row filled twice is uploaded once
 
     def _phase(self, name: str, since: float) -> float:
         """Add the time since `since` to stats[name] (where the step's CPU time goes); returns now."""

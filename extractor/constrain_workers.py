@@ -298,9 +298,9 @@ def _serve(conn, spec) -> None:
                     result = engine.first(reqs, slots)
                 else:
                     result = engine.step(reqs, values, slots)
-                changed = np.unique(np.asarray(result.changed, dtype=np.int64))
+                changed = np.asarray(result.changed, dtype=np.int64)
                 np.take(engine.host, changed, axis=0, out=staging[buffer, : len(changed)])
-                conn.send(("ok", result._replace(changed=changed.tolist()), engine.stats))
+                conn.send(("ok", result, engine.stats))
         except Exception:  # noqa: BLE001
             conn.send(("error", traceback.format_exc()))
     if shm is not None:
@@ -309,10 +309,7 @@ def _serve(conn, spec) -> None:
 
 def _attach(old, engine, rows: int, words: int, name: str, cap: int):
     """A bigger mask table of this worker's own (rows copied over) and the parent's new staging area."""
-    table = np.full((rows, words), -1, dtype=np.int32)
-    if engine.host is not None and engine.host.shape[1] == words:
-        table[: engine.host.shape[0]] = engine.host
-    engine.set_host(table)
+    engine.grow_table(rows, words)
     shm = shared_memory.SharedMemory(name=name)
     # The parent owns the segment; this interpreter's resource tracker, which registered it on attaching,
     # would unlink it (and warn) when this worker exits.

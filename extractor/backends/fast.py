@@ -130,7 +130,7 @@ class FastDecoder:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._use_graphs, self._pool = False, None
         self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "steps": 0, "padded_rows": 0,
-                      "collect_wait_s": 0.0}
+                      "collect_wait_s": 0.0, "mask_s": 0.0}
         self.trace: list | None = None  # a list: (rows, width, tokens, seconds) of each prefill chunk
 
     # -- model pieces --------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ class FastDecoder:
         rows, keys, _ = current
         live = rows[st.key_index[rows] == keys]
         apply = constraint.hook(st.keys_of(live), st.last[live], live)
-        self.stats["mask_s"] = self.stats.get("mask_s", 0.0) + time.perf_counter() - t
+        self.stats["mask_s"] += time.perf_counter() - t
         return lambda logits: apply(logits, rows)
 
     def _pick_masked(self, logits, parity: int, apply) -> None:
@@ -392,7 +392,7 @@ class FastDecoder:
         t = time.perf_counter()
         apply(logits)
         self._pick(logits, parity)
-        self.stats["mask_s"] = self.stats.get("mask_s", 0.0) + time.perf_counter() - t
+        self.stats["mask_s"] += time.perf_counter() - t
 
     def _forward_step(self, rows: np.ndarray, st: "_SlotState", prev, own: np.ndarray, parity: int):
         """Queue one decode step's forward pass for `rows` (packed into the smallest bucket that holds them)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 from extractor.backends.base import LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, name_adapters
 from extractor.errors import ModelError
@@ -42,12 +41,12 @@ def file_fingerprint(path: Path) -> dict:
             "weights": [f"{n}:{s}" for n, s in weights]}
 
 
-
 # Python's switch interval while the fast path decodes with a constraint (None: leave it). There the main
 # thread mostly waits (on the GPU, on grammar workers' answers) and must take the GIL back from the writer
 # thread (parsing, validating) as soon as an answer arrives; by default that can take 5 ms. Measured (run 19,
 # docs/benchmarks.md): the constrained run path went from 29,812 to 34,129 output tok/s with 0.5 ms.
 CONSTRAINED_SWITCH_INTERVAL: float | None = 0.0005
+
 
 class HFBackend(TokenizerBackend):
     name = "hf"
