@@ -34,6 +34,20 @@ def test_two_workers_equal_single_process(tmp_path, tiny_model, run_cli):
     again = subprocess.run(EXTRACTOR + args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu", "--resume"),
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and read_jsonl(sharded) == b and not list(tmp_path.glob("sharded.shard*"))
+    replaced = subprocess.run(EXTRACTOR + args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu",
+                                               "--overwrite"), capture_output=True, text=True, timeout=300)
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert [r["raw"] for r in read_jsonl(sharded)] == [r["raw"] for r in a]
+
+
+def test_refuses_to_replace_an_unmerged_output(tmp_path, tiny_model):
+    corpus, _ = synth_corpus(tmp_path, n=3)
+    out = tmp_path / "mine.jsonl"
+    out.write_text("precious\n")
+    result = subprocess.run(EXTRACTOR + args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu", "--resume"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "not merged by a --gpus run" in result.stderr
+    assert "Traceback" not in result.stderr and out.read_text() == "precious\n"
 
 
 def test_dead_worker_is_reported_and_resumable(tmp_path, tiny_model, run_cli):
@@ -49,6 +63,9 @@ def test_dead_worker_is_reported_and_resumable(tmp_path, tiny_model, run_cli):
         time.sleep(0.05)
     victims = [pid for pid in children(parent.pid) if "1/2" in Path(f"/proc/{pid}/cmdline").read_text()]
     assert victims, "worker 1 not found"
+    if "OMP_NUM_THREADS" not in os.environ:  # CPU workers split the cores instead of each taking all of them
+        environ = Path(f"/proc/{victims[0]}/environ").read_bytes().split(b"\0")
+        assert f"OMP_NUM_THREADS={max(1, len(os.sched_getaffinity(0)) // 2)}".encode() in environ
     os.kill(victims[0], signal.SIGKILL)
     _, err = parent.communicate(timeout=300)
     assert parent.returncode == 2 and "worker 1" in err and "--resume" in err
