@@ -397,6 +397,8 @@ def table(res: Results) -> str:
                            ("run_path_constrained", "`extractor run` path, --constrained", "text, JSON"),
                            ("run_path_constrained_switch", "`extractor run` path, --constrained, other GIL switch interval",
                             "text, JSON"),
+                           ("fast_same_lengths", "FastDecoder, unconstrained, each record as long as its JSON",
+                            "JSON lengths"),
                            ("fast_constrained", "FastDecoder, constrained", "JSON"),
                            ("fast_constrained_no_workers", "FastDecoder, constrained, grammar in-process", "JSON"),
                            *[(k, f"FastDecoder, constrained, {n} grammar workers", "JSON") for k, n in by_workers],
@@ -411,6 +413,7 @@ def table(res: Results) -> str:
         of_floor = f"{r['tok_s'] / floor:.0%}" if floor and key in ("sequential", "static_bs128", "generate_batch", "fast") else "-"
         lines.append(f"| {label} | {wl} | {r['tok_s']:,.0f} | {r['records_s']:,.1f} | {ratio} | {of_floor} |")
     pairs = [("run_path", "run_path_constrained", "run path"), ("fast", "fast_constrained", "FastDecoder"),
+             ("fast_same_lengths", "fast_constrained", "FastDecoder, same output lengths"),
              ("run_path", "run_path_constrained_switch", "run path, other GIL switch interval"),
              ("fast", "fast_constrained_no_workers", "FastDecoder, grammar in-process")]
     pairs += [("fast", k, f"FastDecoder, {n} workers") for k, n in by_workers]
@@ -522,6 +525,10 @@ def main() -> None:
                 first = first or got
                 r["same_tokens_as_first"] = sum(a == b for a, b in zip(got, first))
                 res[CONSTRAINED_KEYS.get(count, f"fast_constrained_w{count}")] = r
+            # The same work without the grammar: each record stops at its constrained output's length, so
+            # the difference is what the masks cost, not that JSON ends early.
+            _, r = fast_run(model, prefix, suffixes, [len(t) for t, _ in first])
+            res["fast_same_lengths"] = r
         del backend
     del model
     import gc
