@@ -76,3 +76,24 @@ def test_dead_worker_is_reported_and_resumable(tmp_path, tiny_model, run_cli):
     got, want = read_jsonl(out), read_jsonl(ref)
     assert [r["id"] for r in got] == [r["id"] for r in want]
     assert [r["raw"] for r in got] == [r["raw"] for r in want]
+
+
+def test_merge_interrupted_before_its_manifest_finishes_on_resume(tmp_path, tiny_model):
+    """A kill after the merged file replaced the output but before its manifest: the shards are still there,
+    so --resume merges again instead of refusing the half-finished output."""
+    corpus, _ = synth_corpus(tmp_path, n=9, seed=2)
+    out = tmp_path / "m.jsonl"
+    for k in range(2):  # the two workers' own commands
+        shard = tmp_path / f"m.shard{k}of2.jsonl"
+        done = subprocess.run(EXTRACTOR + args(corpus, tiny_model, shard, "--shard", f"{k}/2", "--device", "cpu"),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    out.write_text((tmp_path / "m.shard0of2.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[0])
+    refused = subprocess.run(EXTRACTOR + args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu"),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "pass --resume to finish it" in refused.stderr
+    resumed = subprocess.run(EXTRACTOR + args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu", "--resume"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in read_jsonl(corpus)]
+    assert not list(tmp_path.glob("m.shard*"))

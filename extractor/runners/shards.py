@@ -51,7 +51,7 @@ def argv_from_params(command: click.Command, params: dict, skip: set[str]) -> li
 
 
 def run_sharded(command: click.Command, params: dict, out: Path, gpus: int, device: str, console) -> None:
-    if _already_merged(out, params, console):
+    if _already_merged(out, params, gpus, console):
         return
     base = argv_from_params(command, params, skip={"gpus", "out", "device"})
     on_gpus = device in ("auto", "cuda") and _cuda_count() > 0
@@ -79,7 +79,7 @@ def run_sharded(command: click.Command, params: dict, out: Path, gpus: int, devi
     console.print(f"merged {summary['records']} records from {gpus} shards into {out}")
 
 
-def _already_merged(out: Path, params: dict, console) -> bool:
+def _already_merged(out: Path, params: dict, gpus: int, console) -> bool:
     """True when a complete merged output is there to keep (--resume); clears it for --overwrite; refuses to
     replace anything else."""
     manifest = read_manifest(out)
@@ -89,7 +89,13 @@ def _already_merged(out: Path, params: dict, console) -> bool:
         return False
     if not out.exists():
         return False
+    interrupted_merge = any(shard_path(out, k, gpus).exists() for k in range(gpus))  # shards go last
     if not (manifest and manifest.get("format") == MERGED_FORMAT):
+        if interrupted_merge and params.get("resume"):
+            return False
+        if interrupted_merge:
+            raise ExtractorError(f"{out} is from a merge that did not finish; pass --resume to finish it or "
+                                 "--overwrite to start over")
         raise ExtractorError(f"{out} already exists and was not merged by a --gpus run; use another --out or "
                              "--overwrite")
     if not params.get("resume"):
