@@ -55,6 +55,25 @@ def _kill_at_random(cmd: list[str], ready, rng: random.Random, max_delay: float,
     return killed
 
 
+def _run_to_end(cmd: list[str], timeout: float = 400) -> tuple[int, str]:
+    """Run cmd in a process group of its own; past `timeout` the whole group (workers included) is killed, so
+    a hang fails here instead of leaving processes that slow everything after it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"{' '.join(cmd[2:5])}... did not finish in {timeout:.0f} s") from None
+    return proc.returncode, err
+
+
+def _check_ran(result: tuple[int, str]) -> None:
+    code, err = result
+    if code != 0:
+        raise RuntimeError(f"exit {code}: {err[-2000:]}")
+
+
 def _check_exactly_once(out: Path, corpus: Path, ref: Path) -> dict:
     got = _rows(out)
     ids = [r["id"] for r in got]
@@ -83,7 +102,7 @@ def run_args(corpus: Path, model: Path, out: Path, *extra) -> list[str]:
 def run_kills(root: Path, kills: int, seed: int = 0, extra: tuple = (), label: str = "run") -> dict:
     model, corpus, _ = make_fixture(root)
     ref = root / f"{label}-ref.jsonl"
-    subprocess.run(run_args(corpus, model, ref, *extra), check=True, capture_output=True)
+    _check_ran(_run_to_end(run_args(corpus, model, ref, *extra)))
     out = root / f"{label}-killed.jsonl"
     rng = random.Random(seed)
     landed = attempts = 0
@@ -93,9 +112,7 @@ def run_kills(root: Path, kills: int, seed: int = 0, extra: tuple = (), label: s
         watched = out if "--gpus" not in extra else out.with_name(out.stem + ".shard0of2.jsonl")
         landed += _kill_at_random(run_args(corpus, model, out, "--resume", *extra), grows(watched), rng,
                                   max_delay=0.5)
-    final = subprocess.run(run_args(corpus, model, out, "--resume", *extra), capture_output=True, text=True)
-    if final.returncode != 0:
-        raise RuntimeError(final.stderr[-2000:])
+    _check_ran(_run_to_end(run_args(corpus, model, out, "--resume", *extra)))
     return {"suite": label, "kills_attempted": attempts, "kills_landed": landed,
             **_check_exactly_once(out, corpus, ref)}
 
@@ -109,16 +126,14 @@ def train_kill(root: Path, seed: int = 0) -> dict:
                         "--save-steps", "10", "--batch-size", "4", "--eval-limit", "2", "--eval-max-new-tokens", "4",
                         "--max-source-len", "300", "--max-target-len", "64", "--quiet", "--seed", str(seed)]
     ref, killed = root / "train-ref", root / "train-killed"
-    subprocess.run(base + ["--out", str(ref)], check=True, capture_output=True)
+    _check_ran(_run_to_end(base + ["--out", str(ref)]))
     rng = random.Random(seed)
     kills = 0
     for target in (10, 20):  # kill twice, each time somewhere after a checkpoint was saved
         cmd = base + ["--out", str(killed)] + (["--resume"] if kills else [])
         state = killed / f"checkpoint-{target}" / "trainer_state.pt"
         kills += _kill_at_random(cmd, state.exists, rng, max_delay=0.4)
-    resumed = subprocess.run(base + ["--out", str(killed), "--resume"], capture_output=True, text=True)
-    if resumed.returncode != 0:
-        raise RuntimeError(resumed.stderr[-2000:])
+    _check_ran(_run_to_end(base + ["--out", str(killed), "--resume"]))
     a = load_file(ref / "checkpoint-40" / "model.safetensors")
     b = load_file(killed / "checkpoint-40" / "model.safetensors")
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
