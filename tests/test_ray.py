@@ -35,3 +35,11 @@ def test_ray_run_equals_single_process_and_resumes(tmp_path, tiny_model):
     c = read_jsonl(distributed)
     assert sorted(r["id"] for r in c) == sorted(r["id"] for r in a) and len(c) == 40
     assert {r["id"]: r["raw"] for r in c} == {r["id"]: r["raw"] for r in a}
+
+
+def test_cuda_workers_without_gpus_is_one_clear_error(tmp_path, tiny_model):
+    """Ray would hold GPU actors pending forever on a cluster without GPUs: refused up front instead."""
+    corpus, _ = synth_corpus(tmp_path, n=4, seed=1)
+    result = run(corpus, tiny_model, tmp_path / "o.jsonl", "--ray", "--ray-workers", "2", "--device", "cuda")
+    assert result.returncode == 2 and "the Ray cluster has no GPUs" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -97,3 +97,13 @@ def test_merge_interrupted_before_its_manifest_finishes_on_resume(tmp_path, tiny
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in read_jsonl(corpus)]
     assert not list(tmp_path.glob("m.shard*"))
+
+
+def test_more_gpus_than_visible_is_one_clear_error(tmp_path, tiny_model):
+    import torch
+    corpus, _ = synth_corpus(tmp_path, n=3)
+    n = torch.cuda.device_count() + 1
+    result = subprocess.run(EXTRACTOR + args(corpus, tiny_model, tmp_path / "o.jsonl", "--gpus", str(n), "--device",
+                                             "cuda"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and f"--gpus {n}" in result.stderr and "--device cpu" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.glob("o*"))

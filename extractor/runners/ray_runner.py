@@ -114,6 +114,7 @@ class RayRun(Run):
         start = time.perf_counter()
         self._init_ray(ray)
         try:
+            self._check_gpus(ray)
             ds = self._dataset(ray, ray.put(done) if done else None)
             from extractor.writers import JsonlAppender
             writer = JsonlAppender(self.journal)
@@ -146,6 +147,20 @@ class RayRun(Run):
             ray.init(num_cpus=self.num_cpus, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
                      _temp_dir=self.ray_tmp, log_to_driver=False)
 
+    def _uses_gpus(self) -> bool:
+        return str(self.backend_kwargs.get("device", "auto")).startswith("cuda")
+
+    def _check_gpus(self, ray) -> None:
+        """Each GPU worker asks Ray for a whole GPU: where the cluster has fewer, the actors would wait for
+        them forever."""
+        if not self._uses_gpus():
+            return
+        have = int(ray.cluster_resources().get("GPU", 0))
+        if have < self.workers:
+            raise ExtractorError(f"--ray-workers {self.workers} with --device cuda needs {self.workers} GPUs; the Ray "
+                                 f"cluster has {have}: pass --ray-workers {have} or fewer" if have else
+                                 "--device cuda: the Ray cluster has no GPUs; pass --device cpu or join GPU nodes")
+
     def _dataset(self, ray, done_ref):
         from ray.data import ActorPoolStrategy
         ctx = ray.data.DataContext.get_current()
@@ -165,7 +180,7 @@ class RayRun(Run):
         opts_dict = {"on_long": self.opts.on_long, "max_input_tokens": self.opts.max_input_tokens,
                      "keep_fields": list(self.opts.keep_fields), "few_shot": self.p.builder.few_shot,
                      "adapter": self.p.adapter, "field_map": field_map, "id_field": self.opts.id_field}
-        gpus = 1 if str(self.backend_kwargs.get("device", "auto")).startswith("cuda") else 0
+        gpus = 1 if self._uses_gpus() else 0
         return ds.map_batches(
             PredictActor, batch_size=self.opts.window, batch_format="pyarrow",
             compute=ActorPoolStrategy(size=self.workers),

@@ -54,7 +54,14 @@ def run_sharded(command: click.Command, params: dict, out: Path, gpus: int, devi
     if _already_merged(out, params, gpus, console):
         return
     base = argv_from_params(command, params, skip={"gpus", "out", "device"})
-    on_gpus = device in ("auto", "cuda") and _cuda_count() > 0
+    visible = _cuda_count() if device in ("auto", "cuda") else 0
+    on_gpus = visible > 0
+    if device == "cuda" and not visible:
+        raise ExtractorError(f"--gpus {gpus} --device cuda: no CUDA device is visible here; pass --device cpu "
+                             "for CPU workers")
+    if on_gpus and gpus > visible:
+        raise ExtractorError(f"--gpus {gpus}: only {visible} CUDA device(s) visible here; pass --gpus {visible} "
+                             "or fewer, or --device cpu for CPU workers")
     procs = []
     for k in range(gpus):
         env = dict(os.environ)
