@@ -313,40 +313,23 @@ def run_path(backend, work: Path, n: int, constrained: bool, window: int = 256, 
     import pstats
 
     from extractor.backends.base import GenParams
-    from extractor.pipeline import Predictor, Run, RunOptions, run_key
+    from extractor.benchmark import time_run
+    from extractor.pipeline import Predictor
     from extractor.tasks import load_task
     corpus = _corpus(work, backend.tokenizer, n)
-    task = load_task("jd_requirements")
     params = GenParams(max_new_tokens=NEW, constrained=constrained)
+    predictor = Predictor(load_task("jd_requirements"), backend, params, max_input_tokens=4096)
     out = work / f"run_{'constrained' if constrained else 'plain'}_{n}.jsonl"
-    opts = RunOptions(corpus=corpus, out=out, params=params, window=window, quiet=True, overwrite=True)
-    predictor = Predictor(task, backend, params, max_input_tokens=4096)
-    job = Run(predictor, opts, out)
-    job.prepare(run_key(task, backend, predictor, opts))
     prof = cProfile.Profile() if profile_cpu else None
-    sync()
-    t = time.perf_counter()
+    r = time_run(predictor, corpus, out, window=window, profiler=prof)
     if prof:
-        prof.enable()
-    summary = job.execute(set())
-    sync()
-    wall = time.perf_counter() - t
-    if prof:
-        prof.disable()
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(16)
         (work.parent / "constrained_profile.txt").write_text(buf.getvalue())
     dec = backend._fast_decoder
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    statuses = {}
-    for r in rows:
-        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     constraint = getattr(backend, "last_constraint", None) if constrained else None
-    return row(summary.output_tokens, summary.new, wall, statuses=statuses,
-               constraint=dict(constraint.stats) if constraint is not None else None,
-               prefix_tokens=len(dec.prefix), slots=dec.slots, compiled=dec.compiled,
-               mean_prompt_tokens=sum(r["prompt_tokens"] for r in rows) / len(rows),
-               mean_output_tokens=sum(r["output_tokens"] for r in rows) / len(rows), window=window)
+    return {**r, "constraint": dict(constraint.stats) if constraint is not None else None,
+            "prefix_tokens": len(dec.prefix), "slots": dec.slots, "compiled": dec.compiled, "window": window}
 
 
 def _tokenizer(work: Path):

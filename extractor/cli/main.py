@@ -18,6 +18,7 @@ COMMANDS = {
     "compare": "extractor.cli.compare_cmd:compare",
     "demo": "extractor.cli.demo_cmd:demo",
     "validate": "extractor.cli.validate_cmd:validate",
+    "bench": "extractor.cli.bench_cmd:bench",
 }
 
 
