@@ -32,6 +32,38 @@ def test_fast_decoder_equals_generate(tiny_model, slots, refill, prefix_len, bud
     assert decoder.stats["steps"] > 0 and decoder.stats["prefills"] >= -(-len(suffixes) // slots)
 
 
+def _attention_reference(q, k_cache, v_cache, pk, pv, slot, n, scale):
+    """Plain SDPA over each row's prefix + own keys, K/V expanded per query head."""
+    import torch
+    import torch.nn.functional as F
+    group = q.shape[1] // k_cache.shape[1]
+    out = []
+    for row in range(q.shape[0]):
+        k = torch.cat((pk, k_cache[slot[row], :, : n[row]]), dim=1).repeat_interleave(group, dim=0)
+        v = torch.cat((pv, v_cache[slot[row], :, : n[row]]), dim=1).repeat_interleave(group, dim=0)
+        out.append(F.scaled_dot_product_attention(q[row].unsqueeze(1), k, v, scale=scale).squeeze(1))
+    return torch.stack(out)
+
+
+def test_torch_decode_attention_equals_sdpa_reference():
+    """The CPU decode attention (prefix as one shared operand, slots trimmed to the longest live row) equals
+    SDPA over each row's concatenated keys: per-row lengths, scattered slots, grouped heads, prefix or none."""
+    import torch
+
+    from extractor.backends import fast_attention as fa
+    torch.manual_seed(0)
+    for heads, kv_heads, p in [(12, 2, 20), (7, 1, 0), (4, 4, 5)]:
+        q = torch.randn(4, heads, 32)
+        kc, vc = torch.randn(5, kv_heads, 70, 32), torch.randn(5, kv_heads, 70, 32)
+        pk, pv = torch.randn(kv_heads, p, 32), torch.randn(kv_heads, p, 32)
+        slot = torch.tensor([3, 0, 4, 1])
+        for n in (torch.tensor([1, 70, 33, 64]), torch.tensor([1, 2, 9, 5])):
+            want = _attention_reference(q, kc, vc, pk, pv, slot, n, 0.17)
+            for max_len in (None, int(n.max())):
+                got = fa.decode_attention_torch(q, kc, vc, pk, pv, slot, n, 0.17, max_len=max_len)
+                assert (got - want).abs().max() < 1e-5, (heads, p, max_len)
+
+
 def test_decode_attention_kernels_agree():
     """The Triton decode kernel (run by Triton's interpreter on CPU) equals the SDPA reference: per-row
     lengths, scattered slots, grouped heads, with and without a shared prefix."""

@@ -265,13 +265,16 @@ class FastDecoder:
         """One token for the first `b` rows of the static inputs; final hidden states into self._hidden."""
         slot, pos = self._slot[:b], self._pos[:b]
         p = len(self.prefix)
+        own = pos - p  # position inside the slot
+        trim = {}
+        if self.attention == "torch" and self.device.type == "cpu":  # no graphs: read up to the longest row only
+            trim["max_len"] = int(own.max()) + 1
 
         def attend(i, q, k, v):
-            own = pos - p  # position inside the slot
             self.k[i, slot, :, own] = k[:, :, 0]
             self.v[i, slot, :, own] = v[:, :, 0]
             out = self._attn_fn(q[:, :, 0].contiguous(), self.k[i], self.v[i], self.pk[i], self.pv[i],
-                                slot, own + 1, self.scale)
+                                slot, own + 1, self.scale, **trim)
             return out.unsqueeze(2)
         hidden = self._forward(self._ids[:b].unsqueeze(1), pos.unsqueeze(1), attend)
         self._hidden[:b].copy_(hidden[:, 0])

@@ -14,7 +14,6 @@ each batch row); n [B] (own keys to attend, the current token's included). Retur
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 try:  # Triton comes with CUDA builds of torch; absent (or unusable) elsewhere
     import triton
@@ -44,21 +43,29 @@ def works_on(device, dtype) -> bool:
     return bool((got.float() - ref.float()).abs().max() < 0.05)
 
 
-def decode_attention_torch(q, k_cache, v_cache, pk, pv, slot, n, scale: float):
+def decode_attention_torch(q, k_cache, v_cache, pk, pv, slot, n, scale: float, max_len: int | None = None):
+    """`max_len` (at least n.max()): only that much of each slot is read, where the caller knows it (CPU)."""
     b, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
+    if max_len is not None:
+        k_cache, v_cache = k_cache[:, :, :max_len], v_cache[:, :, :max_len]
     k = k_cache[slot]  # [B, KVH, L, D]
     v = v_cache[slot]
-    if pk.shape[1]:
-        k = torch.cat((pk.unsqueeze(0).expand(b, -1, -1, -1), k), dim=2)
-        v = torch.cat((pv.unsqueeze(0).expand(b, -1, -1, -1), v), dim=2)
-    cols = torch.arange(k.shape[2], device=q.device)
-    mask = (cols.view(1, 1, 1, -1) < (n + pk.shape[1]).view(-1, 1, 1, 1))  # [B, 1, 1, P+L]
     # The query heads sharing a KV head become rows of one query (HF layout: KV head j serves query
-    # heads j*g .. j*g+g-1), so K/V are not expanded per query head.
+    # heads j*g .. j*g+g-1), so K/V are not expanded per query head; the shared prefix is one [KVH, P, D]
+    # operand for every row, never copied beside each row's own keys.
     qg = q.view(b, kv_heads, group, d)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, KVH, G, L]
+    cols = torch.arange(k.shape[2], device=q.device)
+    scores = scores.masked_fill(cols.view(1, 1, 1, -1) >= n.view(-1, 1, 1, 1), float("-inf"))
+    prefix = pk.shape[1]
+    if prefix:
+        scores = torch.cat((torch.einsum("bhgd,hpd->bhgp", qg, pk) * scale, scores), dim=-1)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs[..., prefix:], v)
+    if prefix:
+        out = out + torch.einsum("bhgp,hpd->bhgd", probs[..., :prefix], pv)
     return out.reshape(b, heads, d)
 
 
