@@ -132,6 +132,27 @@ def test_hf_backend_fast_path_equals_plain_path(tmp_path, tiny_model, run_cli, c
     assert sys.getswitchinterval() == interval  # the constrained fast path shortens it only while decoding
 
 
+def test_cpu_default_takes_the_fast_path_within_the_token_budget(tmp_path, tiny_model):
+    """--fast auto on CPU: FastDecoder, its host cache bounded by --batch-tokens like the plain path's
+    batches (slots x cached positions), and the same outputs as --fast off."""
+    from extractor.backends.base import GenParams
+    from extractor.backends.hf import HFBackend
+    from extractor.corpus import CorpusReader
+    from extractor.pipeline import Predictor
+    from extractor.tasks import load_task
+    from tests.conftest import synth_corpus
+    corpus, _ = synth_corpus(tmp_path, n=6)
+    records = [r for window in CorpusReader(corpus) for r in window]
+    backend = HFBackend(model=str(tiny_model), device="cpu", batch_size=32, batch_tokens=2048)
+    assert backend.fast_mode == "auto"
+    predictor = Predictor(load_task("jd_requirements"), backend, GenParams(max_new_tokens=12))
+    fast = predictor.predict(records)
+    dec = backend._fast_decoder
+    assert dec is not None and dec.slots * dec.unique_len <= 2048 and dec.slots >= 1
+    backend.fast_mode = "off"
+    assert [r["raw"] for r in predictor.predict(records)] == [r["raw"] for r in fast]
+
+
 def test_common_prefix_leaves_each_sequence_a_token():
     from extractor.backends.fast import common_prefix
     assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 3]]) == [1, 2]

@@ -1,6 +1,6 @@
-"""`hf` backend: transformers (+ peft adapters). Greedy base-weight runs of Llama/Qwen2-style models on CUDA
-go through FastDecoder (`--fast`, fast.py); everything else through `generate` in length-sorted,
-token-budgeted, left-padded batches."""
+"""`hf` backend: transformers (+ peft adapters). Greedy base-weight runs of Llama/Qwen2-style models go
+through FastDecoder (`--fast`, fast.py; CUDA graphs and compilation on CUDA only); everything else through
+`generate` in length-sorted, token-budgeted, left-padded batches."""
 from __future__ import annotations
 
 import hashlib
@@ -195,14 +195,12 @@ class HFBackend(TokenizerBackend):
                 results[i] = gen
         return results
 
-    # -- the fast path: --fast auto (default) on CUDA, on anywhere, off ---------------------------------------
+    # -- the fast path: --fast auto (default) and on: wherever the model and decoding allow it; off ------------
     def _use_fast(self, params: GenParams) -> bool:
         """Greedy decoding with base weights of a Llama/Qwen2-style model (constrained or not): FastDecoder."""
         if self.fast_mode == "off" or params.temperature > 0 or self.adapter is not None:
             return False
         from extractor.backends.fast import supports
-        if self.fast_mode == "auto":
-            return self.device.startswith("cuda") and supports(self.base)
         return supports(self.base)
 
     def _generate_fast(self, encoded: list[list[int]], params: GenParams, schema=None) -> list[Generation]:
@@ -297,7 +295,9 @@ class HFBackend(TokenizerBackend):
         if cuda:
             self.torch.cuda.empty_cache()
         unique_len = -(-need // 64) * 64
-        slots = slots_for_memory(self.base, unique_len, self.device) if cuda else self.batch_size
+        # Off CUDA the cache is host memory: --batch-size rows, at most --batch-tokens positions in all.
+        slots = slots_for_memory(self.base, unique_len, self.device) if cuda else \
+            max(1, min(self.batch_size, self.batch_tokens // unique_len))
         dec = FastDecoder(self.base, prefix, slots=slots, unique_len=unique_len, eos_ids=self.eos_ids)
         dec.capture()
         self._fast_decoder = dec
