@@ -114,7 +114,6 @@ class BatchConstraint:
         rows = max(slots, 64, 2 * self.rows)
         if self.shards is not None:
             self.shards.ensure_rows(rows, words, pin=self.cuda)  # the workers hold the host rows
-            rows = self.shards.rows
         else:
             self.engine.grow_table(rows, words)
         self.rows = rows

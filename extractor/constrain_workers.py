@@ -96,10 +96,10 @@ class ShardPool:
         self.stats = [{} for _ in range(self.n)]
 
     def ensure_rows(self, rows: int, words: int, pin: bool) -> None:
-        """Room for `rows` slots: workers grow their tables; staging areas sized for the slots each owns."""
+        """Room for `rows` slots (the caller's growth policy: BatchConstraint._table): workers grow their
+        tables; staging areas sized for the slots each owns."""
         if rows <= self.rows and words == self.words:
             return
-        rows = max(rows, 64, 2 * self.rows if words == self.words else 0)
         cap = -(-rows // self.n)  # slots one worker owns at most (slot % n == worker)
         self.staging = []
         for w, conn in enumerate(self.conns):

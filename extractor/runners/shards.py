@@ -89,22 +89,21 @@ def run_sharded(command: click.Command, params: dict, out: Path, gpus: int, devi
 def _already_merged(out: Path, params: dict, gpus: int, console) -> bool:
     """True when a complete merged output is there to keep (--resume); clears it for --overwrite; refuses to
     replace anything else."""
-    manifest = read_manifest(out)
     if params.get("overwrite") and not params.get("resume"):
         out.unlink(missing_ok=True)
         manifest_path(out).unlink(missing_ok=True)
         return False
     if not out.exists():
         return False
-    interrupted_merge = any(shard_path(out, k, gpus).exists() for k in range(gpus))  # shards go last
+    manifest = read_manifest(out)
     if not (manifest and manifest.get("format") == MERGED_FORMAT):
-        if interrupted_merge and params.get("resume"):
-            return False
-        if interrupted_merge:
-            raise ExtractorError(f"{out} is from a merge that did not finish; pass --resume to finish it or "
-                                 "--overwrite to start over")
-        raise ExtractorError(f"{out} already exists and was not merged by a --gpus run; use another --out or "
-                             "--overwrite")
+        if not any(shard_path(out, k, gpus).exists() for k in range(gpus)):  # a merge removes its shards last
+            raise ExtractorError(f"{out} already exists and was not merged by a --gpus run; use another --out or "
+                                 "--overwrite")
+        if params.get("resume"):
+            return False  # a merge that did not finish: its shards are still there
+        raise ExtractorError(f"{out} is from a merge that did not finish; pass --resume to finish it or "
+                             "--overwrite to start over")
     if not params.get("resume"):
         raise ExtractorError(f"{out} already exists; pass --resume to continue it or --overwrite to start over")
     console.print(f"{out} is already complete ({manifest['summary']['records']} records)")
