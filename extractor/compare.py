@@ -1,16 +1,38 @@
-"""Paired bootstrap comparison of runs scored against the same gold.
+"""Paired comparison of runs scored against the same gold, with family-wise control of false flags.
 
-Records are resampled with replacement (the same resample for both runs: paired); for each resample the
-difference in micro F1 and in each class's F1 is computed from summed counts. The 95% interval is the
-2.5/97.5 percentiles of those differences; the two-sided p-value is twice the smaller tail mass at 0.
+Each column (micro F1, then every class's F1) gets Δ = F1(B) − F1(A) and two paired resampling
+distributions over records (a record's counts for both runs always move together):
+
+- bootstrap (records drawn with replacement): the 95% percentile interval of Δ and its spread `se`;
+- randomization (each record's A and B counts swapped with probability 1/2): Δ's distribution when the runs
+  are equally good (exchangeable). p-values come from it, because it stays exact where a bootstrap does not:
+  one flipped record of a one-instance class is p = 0.5 here, while a centred bootstrap calls it p ≈ 0.001.
+
+Family-wise control is max-T step-down (Westfall & Young 1993): every column's Δ is scaled by its null
+spread; the adjusted p of the k-th most extreme column is the share of swaps whose largest scaled Δ among
+that column and the less extreme ones reaches it. The chance that any column is flagged while the runs are
+equally good is then at most alpha, over micro and all classes together; unlike Holm it uses the
+correlation between micro and the classes. With several later runs the adjusted p-values are multiplied by
+the number of later runs (Bonferroni), so the whole trend is one family.
+
+The smallest drop seen with 80% power: a column is flagged when its Δ falls below −c·s0 (c: the family's
+critical value in null-spread units, s0: the null spread), and Δ spreads by `se` around a true drop, so
+a drop of c·s0 + z₀.₈·se is flagged 80% of the time.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
 MICRO = "micro"
+DROP, TWO_SIDED = "drop", "two-sided"
+POWER = 0.8
+Z_POWER = NormalDist().inv_cdf(POWER)
+# Swapped and observed Δs come from different sums; a tie must count as reaching the observed value.
+TIE = 1e-9
 
 
 @dataclass
@@ -24,13 +46,31 @@ class RunCounts:
 
     def f1(self, weights: np.ndarray | None = None) -> np.ndarray:
         """F1 per column (micro first) for each weight vector; weights shape (resamples, records)."""
-        summed = self.counts.sum(axis=0)[None] if weights is None else np.einsum("bn,nct->bct", weights, self.counts)
-        tp, fp, fn = summed[..., 0], summed[..., 1], summed[..., 2]
-        denom = 2 * tp + fp + fn
-        return np.divide(2 * tp, denom, out=np.zeros_like(denom, dtype=float), where=denom > 0)
+        if weights is None:
+            return f1_of(self.counts.sum(axis=0)[None])
+        flat = self.counts.reshape(len(self.ids), -1)
+        return f1_of((weights @ flat).reshape(len(weights), *self.counts.shape[1:]))
 
 
-def align(named_records: list[tuple[str, list]], ) -> list[RunCounts]:
+@dataclass(frozen=True)
+class CompareSettings:
+    """How a comparison is tested; `comparisons` is the number of later runs sharing one family."""
+
+    resamples: int = 1000
+    seed: int = 0
+    alpha: float = 0.05
+    alternative: str = TWO_SIDED
+    comparisons: int = 1
+
+
+def f1_of(summed: np.ndarray) -> np.ndarray:
+    """F1 from summed (..., 3) TP/FP/FN counts; 0 where there is nothing to count."""
+    tp, fp, fn = summed[..., 0], summed[..., 1], summed[..., 2]
+    denom = 2 * tp + fp + fn
+    return np.divide(2 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
+
+
+def align(named_records: list[tuple[str, list]]) -> list[RunCounts]:
     """Build aligned count arrays from Evaluator.records of each run (same gold => same ids)."""
     ids = sorted(rid for rid, _ in named_records[0][1])
     for name, records in named_records[1:]:
@@ -50,26 +90,122 @@ def align(named_records: list[tuple[str, list]], ) -> list[RunCounts]:
     return runs
 
 
-def bootstrap(a: RunCounts, b: RunCounts, resamples: int = 1000, seed: int = 0, chunk: int = 50) -> dict:
-    """Per column (micro, then classes): observed delta (b - a), 95% CI, p-value."""
-    rng = np.random.default_rng(seed)
-    n = len(a.ids)
-    deltas = []
+def _chunks(total: int, chunk: int) -> Iterator[int]:
+    """Sizes of successive chunks: resample matrices are (chunk, records), bounded for large eval sets."""
     done = 0
-    while done < resamples:
-        k = min(chunk, resamples - done)
-        weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(k)]).astype(float)
-        deltas.append(b.f1(weights) - a.f1(weights))
+    while done < total:
+        k = min(chunk, total - done)
+        yield k
         done += k
-    d = np.concatenate(deltas)  # (resamples, columns)
-    observed = (b.f1() - a.f1())[0]
-    lo, hi = np.percentile(d, [2.5, 97.5], axis=0)
-    p = np.minimum(1.0, 2 * np.minimum((d <= 0).mean(axis=0), (d >= 0).mean(axis=0)))
-    names = [MICRO] + a.classes
+
+
+def bootstrap_f1(a: RunCounts, b: RunCounts, resamples: int, rng: np.random.Generator,
+                 chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """F1 per column of both runs under the same record resamples: two (resamples, columns) arrays."""
+    n = len(a.ids)
+    fa, fb = [], []
+    for k in _chunks(resamples, chunk):
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=k).astype(float)
+        fa.append(a.f1(weights))
+        fb.append(b.f1(weights))
+    return np.concatenate(fa), np.concatenate(fb)
+
+
+def swap_deltas(a: RunCounts, b: RunCounts, swaps: int, rng: np.random.Generator | None,
+                chunk: int = 64) -> np.ndarray:
+    """Δ per column after swapping each record's A and B counts at random; rng None = no swap (observed)."""
+    n = len(a.ids)
+    moved = (b.counts - a.counts).reshape(n, -1).astype(float)
+    total_a, total_b = a.counts.sum(axis=0), b.counts.sum(axis=0)
+    out = []
+    for k in _chunks(swaps, chunk):
+        signs = np.zeros((k, n)) if rng is None else rng.integers(0, 2, size=(k, n)).astype(float)
+        shift = (signs @ moved).reshape(k, *a.counts.shape[1:])
+        out.append(f1_of(total_b - shift) - f1_of(total_a + shift))
+    return np.concatenate(out)
+
+
+def maxt_stepdown(observed: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw and step-down max-T adjusted p-values; larger statistics are more extreme.
+
+    observed (m,), null (swaps, m) on the same scale. p = (1 + count) / (swaps + 1): a Monte Carlo
+    randomization p-value is then valid as it stands (never 0).
+    """
+    swaps = len(null)
+    raw = (1 + (null >= observed - TIE).sum(axis=0)) / (swaps + 1)
+    order = np.argsort(-observed, kind="stable")
+    # Column order[k] is compared with the largest null statistic among itself and every less extreme column.
+    tail_max = np.maximum.accumulate(null[:, order[::-1]], axis=1)[:, ::-1]
+    stepped = np.maximum.accumulate((1 + (tail_max >= observed[order] - TIE).sum(axis=0)) / (swaps + 1))
+    adjusted = np.empty_like(stepped)
+    adjusted[order] = stepped
+    return raw, adjusted
+
+
+def _oriented(z: np.ndarray, alternative: str) -> np.ndarray:
+    """The test statistic from scaled Δs: a drop is positive for `drop`; either sign counts two-sided."""
+    return -z if alternative == DROP else np.abs(z)
+
+
+def family_test(observed: np.ndarray, null: np.ndarray, settings: CompareSettings) -> dict:
+    """p-values (raw, adjusted) and the family's critical value for the columns that vary under swaps.
+
+    A column whose Δ never moves under swapping (both runs agree on every record) cannot be flagged and is
+    left out of the family: p = 1.
+    """
+    m = len(observed)
+    scale = null.std(axis=0)
+    live = scale > 0
+    raw, adjusted = np.ones(m), np.ones(m)
+    critical = _bonferroni_z(m, settings)
+    if live.any():
+        stat = _oriented(observed[live] / scale[live], settings.alternative)
+        null_stat = _oriented(null[:, live] / scale[live], settings.alternative)
+        raw[live], adj = maxt_stepdown(stat, null_stat)
+        adjusted[live] = np.minimum(1.0, adj * settings.comparisons)
+        critical = float(np.quantile(null_stat.max(axis=1), 1 - settings.alpha / settings.comparisons))
+    return {"raw": raw, "adjusted": adjusted, "scale": scale, "critical": critical, "family": int(live.sum())}
+
+
+def _bonferroni_z(columns: int, settings: CompareSettings) -> float:
+    """The normal critical value Bonferroni would use: stands in when no column varies under swaps."""
+    sides = 1 if settings.alternative == DROP else 2
+    return NormalDist().inv_cdf(1 - settings.alpha / (sides * columns * settings.comparisons))
+
+
+def _mde(test: dict, se: np.ndarray, se_independent: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Smallest drop flagged with 80% power per column, and which spread it rests on.
+
+    Where the runs agree on every record of a column there is no paired spread; the drop is then sized as
+    if a later run's errors were independent of the baseline's (an upper bound for runs that err alike).
+    """
+    c = test["critical"]
+    paired = c * test["scale"] + Z_POWER * se
+    independent = (c + Z_POWER) * se_independent
+    use_paired = test["scale"] > 0
+    # Nothing varies at all (e.g. F1 0 in both runs under every resample): no drop to size.
+    mde = np.where(use_paired, paired, np.where(se_independent > 0, independent, np.nan))
+    return mde, ["paired" if p else "independent" for p in use_paired]
+
+
+def compare_pair(a: RunCounts, b: RunCounts, settings: CompareSettings = CompareSettings()) -> dict:
+    """Per column (micro, then classes): F1s, Δ (B − A), 95% CI, se, raw and adjusted p, 80%-power drop."""
+    boot_rng, swap_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(settings.seed).spawn(2))
+    fa_boot, fb_boot = bootstrap_f1(a, b, settings.resamples, boot_rng)
+    boot = fb_boot - fa_boot
+    observed = swap_deltas(a, b, 1, None)[0]
+    test = family_test(observed, swap_deltas(a, b, settings.resamples, swap_rng), settings)
+    se = boot.std(axis=0)
+    mde, basis = _mde(test, se, np.sqrt(fa_boot.var(axis=0) + fb_boot.var(axis=0)))
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
     fa, fb = a.f1()[0], b.f1()[0]
-    return {name: {"f1_a": float(fa[i]), "f1_b": float(fb[i]), "delta": float(observed[i]),
-                   "ci95": [float(lo[i]), float(hi[i])], "p_value": float(p[i])}
-            for i, name in enumerate(names)}
+    out = {}
+    for i, name in enumerate([MICRO] + a.classes):
+        out[name] = {"f1_a": float(fa[i]), "f1_b": float(fb[i]), "delta": float(observed[i]),
+                     "ci95": [float(lo[i]), float(hi[i])], "se": float(se[i]),
+                     "p_value": float(test["raw"][i]), "p_adjusted": float(test["adjusted"][i]),
+                     "mde80": None if np.isnan(mde[i]) else float(mde[i]), "mde_basis": basis[i]}
+    return {"tests": out, "family": {"columns": test["family"], "critical_z": test["critical"]}}
 
 
 def flipped(a: RunCounts, b: RunCounts, limit: int = 10) -> dict:
@@ -90,6 +226,16 @@ def flipped(a: RunCounts, b: RunCounts, limit: int = 10) -> dict:
     return out
 
 
+def significant(t: dict, alpha: float) -> bool:
+    """A change is significant when its family-wise adjusted p is below alpha."""
+    return t["p_adjusted"] < alpha and t["delta"] != 0
+
+
 def regressions(tests: dict, threshold: float, alpha: float = 0.05) -> list[str]:
-    """Columns whose F1 dropped by more than threshold with p < alpha."""
-    return [name for name, t in tests.items() if t["delta"] < -threshold and t["p_value"] < alpha]
+    """Columns whose F1 dropped by more than threshold with family-wise adjusted p < alpha."""
+    return [name for name, t in tests.items() if t["delta"] < -threshold and significant(t, alpha)]
+
+
+def too_small(tests: dict, threshold: float) -> dict[str, float]:
+    """Columns where a drop of `threshold` would be flagged less than 80% of the time: their 80%-power drop."""
+    return {name: t["mde80"] for name, t in tests.items() if t["mde80"] is not None and t["mde80"] > threshold}
