@@ -56,6 +56,8 @@ class Summary:
     output_tokens: int = 0
     elapsed: float = 0.0
     interrupted: bool = False
+    decoders: Counter = field(default_factory=Counter)  # records of this run per decoding path
+    decoder_reasons: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
         return {"records": sum(self.statuses.values()), "new_this_run": self.new,
@@ -64,7 +66,16 @@ class Summary:
                 "elapsed_s": round(self.elapsed, 3),
                 "records_per_s": round(self.new / self.elapsed, 3) if self.elapsed else None,
                 "output_tokens_per_s": round(self.output_tokens / self.elapsed, 3) if self.elapsed else None,
-                "interrupted": self.interrupted, "complete": not self.interrupted}
+                "interrupted": self.interrupted, "complete": not self.interrupted,
+                **({"decoder": dict(sorted(self.decoders.items()))} if self.decoders else {}),
+                **({"decoder_reason": "; ".join(self.decoder_reasons)} if self.decoder_reasons else {})}
+
+    def count_decoders(self, triples) -> None:
+        for _, gen, _ in triples:
+            if gen is not None and gen.decoder:
+                self.decoders[gen.decoder] += 1
+                if gen.decoder_reason:
+                    self.decoder_reasons[gen.decoder_reason] += 1
 
 
 class Predictor:
@@ -297,6 +308,7 @@ class Run:
         try:
             with prefetch(self._windows(reader, done, sink)) as windows:
                 for triples in self.p.stream(windows):
+                    self.summary.count_decoders(triples)
                     sink.put(triples)
             sink.close()
         finally:

@@ -32,6 +32,8 @@ class Generation:
     output_tokens: int
     finish_reason: str  # stop | length
     error: str | None = None  # set when this one request failed (e.g. out of memory) but the batch went on
+    decoder: str | None = None  # the decoding path that produced it, where a backend has several (hf: fast, plain)
+    decoder_reason: str | None = None  # why it went the plain way, where it could have gone fast
 
 
 class Backend:

@@ -1,4 +1,11 @@
-"""FastDecoder: a static-cache, continuously batched greedy decoder for Llama/Qwen2-style models.
+"""FastDecoder: a static-cache, continuously batched greedy decoder over a transformers model's own forward.
+
+The layer math is the model's own: FastDecoder calls the model's forward (its embeddings and their scaling,
+norms wherever the family puts them, projections fused or not, rotary partial or per layer, MLP or MoE,
+multipliers, the head and its softcap or scaling), with transformers' attention-function interface pointed
+at `_attention` below. That function, and only it, is ours: it stores each layer's K/V in our cache layout and
+attends with the layer's own scale, softcap and sliding window, as the module hands them over. Which model
+types may take this path is an explicit list, each proven by a test (fast_families.py).
 
 What makes it fast (issue 6):
 - the shared prompt prefix (instructions, few-shot examples) is prefilled once; its K/V live in one buffer
@@ -8,35 +15,48 @@ What makes it fast (issue 6):
   flash attention over prefix + own tokens, writing their K/V into their slots in place;
 - a decode step runs the live rows packed into a batch bucket (a few sizes), captured as CUDA graphs:
   one launch per token; decode attention reads only each row's own length (fast_attention.py);
-- the per-layer pieces around attention are torch.compile'd (norms, rotary, activation fused);
 - the loop runs one step ahead of the host: step k+1 takes its input tokens from step k's output on the
   GPU while the host books step k; with a constraint, the grammar work for step k+1's masks (in worker
   processes, constrain_workers.py) runs while the GPU runs step k+1's forward pass.
 
-Greedy outputs equal `generate` (tests/test_fast.py on CPU in fp32; bench/gpu_fast.py on the GPU).
+Greedy outputs equal `generate` (tests/test_fast.py and tests/test_fast_families.py on CPU in fp32;
+bench/gpu_fast.py on the GPU).
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from extractor.backends import fast_attention
+from extractor.backends.fast_families import FastPathError, check_attention_kwargs
+
+ATTENTION = "extractor_fast"  # the name our attention function is registered under in transformers
+_active = threading.local()   # the decoder whose forward pass is running on this thread
 
 
-def supports(model) -> bool:
-    """Llama/Qwen2-style decoder layers (q/k/v/o projections, shared rotary embedding), no peft wrapper."""
-    core = getattr(model, "model", None)
-    layers = getattr(core, "layers", None)
-    if layers is None or not hasattr(core, "rotary_emb") or hasattr(model, "peft_config"):
-        return False
-    attn = getattr(layers[0], "self_attn", None)
-    if attn is None or getattr(model.config, "use_sliding_window", False):
-        return False
-    return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+@torch._dynamo.disable  # ours, with Python-side state and a Triton kernel: compiled code calls it as it is
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+               softcap=None, **kwargs):
+    """transformers' attention-function contract: q [B, H, T, D], k/v [B, KVH, T, D] after the layer's own
+    rotary and norms; returns ([B, T, H, D], None)."""
+    decoder = getattr(_active, "decoder", None)
+    if decoder is None:
+        raise FastPathError("the fast path's attention was called outside FastDecoder")
+    check_attention_kwargs(module, kwargs)
+    if scaling is None:  # what transformers' eager attention does without one
+        scaling = module.head_dim ** -0.5
+    out = decoder._attend(module.layer_idx, query, key, value, scaling, softcap, sliding_window)
+    return out.transpose(1, 2), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(ATTENTION, _attention)
 
 
 def common_prefix(seqs: list[list[int]]) -> list[int]:
@@ -51,10 +71,19 @@ def common_prefix(seqs: list[list[int]]) -> list[int]:
     return first[:max(n, 0)]
 
 
-def kv_bytes_per_token(model) -> int:
+def _text_config(model):
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_bytes_per_token(model) -> int:
+    cfg = _text_config(model)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * _head_dim(cfg) * next(model.parameters()).element_size()
 
 
 def slots_for_memory(model, unique_len: int, device, fraction: float = 0.75, cap: int = 1024) -> int:
@@ -83,16 +112,19 @@ def buckets_up_to(slots: int, smallest: int = 8, per_octave: int = 4) -> list[in
 
 class FastDecoder:
     """Greedy decoding of many suffixes after one shared prefix. `unique_len`: the longest suffix plus the
-    most new tokens a record may get."""
+    most new tokens a record may get. Raises FastPathError at construction when the model's forward does not
+    run on this path (checked on a short probe against the model's own forward)."""
 
     def __init__(self, model, prefix: list[int], slots: int, unique_len: int, eos_ids: list[int],
                  attention: str = "auto", prefill_tokens: int = 32768, compile: bool | None = None):
-        self.model, self.core = model, model.model
-        cfg = model.config
-        self.layers = self.core.layers
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scale = getattr(self.layers[0].self_attn, "scaling", self.head_dim ** -0.5)
+        _register()
+        self.model = model
+        cfg = _text_config(model)
+        self.n_layers = cfg.num_hidden_layers
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = _head_dim(cfg)
+        self.vocab = model.get_output_embeddings().weight.shape[0]
         self.slots, self.unique_len = slots, unique_len
         self.eos = np.array(sorted(set(eos_ids)) or [-1])
         self.prefill_tokens = prefill_tokens
@@ -105,20 +137,27 @@ class FastDecoder:
             else fast_attention.decode_attention_torch
         self.attention = attention
         # One extra slot is scratch: padding rows of a decode bucket write their K/V there.
-        shape = (cfg.num_hidden_layers, slots + 1, self.kv_heads, unique_len, self.head_dim)
+        shape = (self.n_layers, slots + 1, self.kv_heads, unique_len, self.head_dim)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self._flash_gqa = self.device.type == "cuda" and _flash_takes_gqa(self.device, self.dtype, self.head_dim)
-        self.compiled = self.device.type == "cuda" if compile is None else compile
-        self._compile(self.compiled)
-        self.prefix = list(prefix)
-        self.pk = self.pv = None
-        self._set_prefix(self.prefix)
+        self._mode: dict = {}
+        self._forward = self.model
+        self.compiled = bool(compile)  # off by default: CUDA graphs already remove the decode step's launches
+        if self.compiled:
+            self._compile()
         # Static inputs/outputs of the decode step (the captured graphs read and write these).
         self._ids = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._slot = torch.full((slots,), slots, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self._hidden = torch.zeros(slots, cfg.hidden_size, dtype=self.dtype, device=self.device)
+        self._logits = torch.zeros(slots, self.vocab, dtype=self.dtype, device=self.device)
+        self.prefix: list[int] = []
+        self.pk = self.pv = None
+        if self.compiled and not self._compiles():
+            self._forward, self.compiled = self.model, False
+        self._probe()
+        self.prefix = list(prefix)
+        self._set_prefix(self.prefix)
         pinned = self.device.type == "cuda"
         # Host staging and token buffers of a step, two sets used in turn (the pipelined loop has one step in
         # flight while it stages the next).
@@ -133,151 +172,155 @@ class FastDecoder:
                       "collect_wait_s": 0.0, "mask_s": 0.0}
         self.trace: list | None = None  # a list: (rows, width, tokens, seconds) of each prefill chunk
 
-    # -- model pieces --------------------------------------------------------------------------------
-    @staticmethod
-    def _rotate(x, cos, sin):
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-    def _pre(self, layer, x, cos, sin):
-        """Norm, q/k/v projections and rotary embedding: q [B, H, T, D], k/v [B, KVH, T, D]."""
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        b, t, _ = h.shape
-        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim)
-        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        # Rotate in the projections' own layout ([B, T, heads, D]: contiguous writes), then view as heads-first.
-        q, k = self._rotate(q, cos, sin).transpose(1, 2), self._rotate(k, cos, sin).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
-
-    def _post(self, layer, x, out):
-        """Output projection, residual, norm, MLP, residual."""
-        b, _, t, _ = out.shape
-        x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
-
-    def _forward(self, ids, positions, attend, last=None):
-        """Run the decoder layers; `attend(layer_index, q, k, v)` stores K/V and returns [B, H, T, D].
-        `last` (each row's last position): the final layer's output projection and MLP run on those
-        positions only (prefill needs every position's K/V but only the last one's output)."""
-        x = self.core.embed_tokens(ids)
-        cos, sin = self.core.rotary_emb(x, positions)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]: broadcast over heads
-        final = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._pre_fn(layer, x, cos, sin)
-            out = attend(i, q, k, v)
-            if i == final and last is not None:
-                rows = torch.arange(len(last), device=x.device)
-                x, out = x[rows, last].unsqueeze(1), out[rows, :, last].unsqueeze(2)
-            x = self._post_fn(layer, x, out)
-        return self.core.norm(x)
-
-    def _compile(self, enabled: bool) -> None:
-        """torch.compile the per-layer pieces around attention (one compile serves every layer: the layer
-        is an argument): norms, rotary and the MLP's activation fuse into few kernels."""
-        self._pre_fn, self._post_fn = self._pre, self._post
-        if enabled:
-            # Each decoder instance and shape class adds compiled entries (prefix, prefill, decode; fp32 and
-            # bf16 models in one process): allow more than dynamo's default 8 before it gives up.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            torch._dynamo.config.accumulated_recompile_limit = max(
-                torch._dynamo.config.accumulated_recompile_limit, 512)
-            pre = torch.compile(self._pre, dynamic=True, fullgraph=True)
-            post = torch.compile(self._post, dynamic=True, fullgraph=True)
-            if self._compiles(pre, post):
-                self._pre_fn, self._post_fn = pre, post
-            else:
-                self.compiled = False
-
-    def _compiles(self, pre, post) -> bool:
-        """Compile once on a dummy batch: where this machine cannot (no compiler, an unsupported GPU), say
-        so and stay eager instead of failing mid-run."""
-        layer = self.layers[0]
-        x = torch.zeros(2, 3, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
-        cos = torch.ones(2, 3, 1, self.head_dim, device=self.device, dtype=self.dtype)
+    # -- the model's own forward, with our attention -----------------------------------------------------
+    @contextmanager
+    def _native(self, **mode):
+        """The model's forward runs with `_attention` in this block; `mode` tells it what the pass is:
+        prefix, prefill (rows, width) or decode (slot, own)."""
+        configs = {id(m.config): m.config for m in self.model.modules()
+                   if getattr(m, "config", None) is not None and hasattr(m.config, "_attn_implementation")}
+        before = {k: c._attn_implementation for k, c in configs.items()}
+        previous = getattr(_active, "decoder", None)
+        _active.decoder, self._mode = self, mode
+        for c in configs.values():
+            c._attn_implementation = ATTENTION
+        hook = None
+        if mode.get("last") is not None:  # prefill: the head sees each row's last position only
+            last = mode["last"]
+            rows = torch.arange(len(last), device=self.device)
+            hook = self.model.get_output_embeddings().register_forward_pre_hook(
+                lambda _m, args: (args[0][rows, last].unsqueeze(1), *args[1:]))
         try:
-            with torch.inference_mode():
-                q, _, _ = pre(layer, x, cos, torch.zeros_like(cos))
-                post(layer, x, q)
+            yield
+        finally:
+            if hook is not None:
+                hook.remove()
+            for k, c in configs.items():
+                c._attn_implementation = before[k]
+            _active.decoder, self._mode = previous, {}
+
+    def _logits_of(self, ids, positions, **mode) -> torch.Tensor:
+        """The model's logits at each row's last position (`mode["last"]` in prefill, else the last column)."""
+        with self._native(**mode):
+            out = self._forward(input_ids=ids, position_ids=positions, use_cache=False)
+        return out.logits[:, -1]
+
+    def _compile(self) -> None:
+        """torch.compile the model's forward around our attention (each layer's attention call is a graph
+        break), so that its norms, rotary and activations fuse into fewer kernels."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 512)
+        self._forward = torch.compile(self.model, dynamic=True)
+
+    def _compiles(self) -> bool:
+        """Run the compiled forward once on the probe: where this machine cannot (no compiler, an unsupported
+        GPU), say so and stay eager instead of failing mid-run."""
+        try:
+            self._probe()
             return True
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager
+        except FastPathError as exc:
             import warnings
-            warnings.warn(f"torch.compile is unavailable here ({type(exc).__name__}: {str(exc)[:160]}); "
-                          "the fast path runs eager", stacklevel=2)
+            warnings.warn(f"torch.compile is unavailable here ({str(exc)[:200]}); the fast path runs eager",
+                          stacklevel=3)
             return False
 
-    def _expand(self, kv):
-        group = self.heads // self.kv_heads
-        return kv if group == 1 else kv.repeat_interleave(group, dim=1)
+    def _attend(self, layer: int, q, k, v, scale: float, softcap, window):
+        """Store this layer's new K/V in the cache and attend: q [B, H, T, D], k/v [B, KVH, T, D]."""
+        if k.shape[1] != self.kv_heads or k.shape[-1] != self.head_dim or not 0 <= layer < self.n_layers:
+            raise FastPathError(f"layer {layer} has K/V of shape {tuple(k.shape)}, not the config's "
+                                f"{self.kv_heads} heads of {self.head_dim}")
+        mode = self._mode
+        kind = mode.get("kind")
+        if kind == "prefix":
+            self.pk[layer], self.pv[layer] = k[0], v[0]
+            return fast_attention.prefill_attention(q, k, v, scale, softcap, window, self._flash_gqa)
+        if kind == "prefill":
+            rows, width = mode["rows"], mode["width"]
+            self.k[layer, rows, :, :width] = k
+            self.v[layer, rows, :, :width] = v
+            if len(self.prefix):
+                n = len(rows)
+                k = torch.cat((self.pk[layer].unsqueeze(0).expand(n, -1, -1, -1), k), dim=2)
+                v = torch.cat((self.pv[layer].unsqueeze(0).expand(n, -1, -1, -1), v), dim=2)
+            return fast_attention.prefill_attention(q, k, v, scale, softcap, window, self._flash_gqa)
+        if kind == "decode":
+            slot, own = mode["slot"], mode["own"]
+            self.k[layer, slot, :, own] = k[:, :, 0]
+            self.v[layer, slot, :, own] = v[:, :, 0]
+            out = self._attn_fn(q[:, :, 0].contiguous(), self.k[layer], self.v[layer], self.pk[layer],
+                                self.pv[layer], slot, own + 1, scale, softcap=softcap, window=window,
+                                **mode.get("trim", {}))
+            return out.unsqueeze(2)
+        raise FastPathError(f"attention called in an unknown mode {kind!r}")
+
+    @torch.inference_mode()
+    def _probe(self, length: int = 6) -> None:
+        """Prove this model's forward runs on the path before any record does: a short sequence prefilled
+        into the scratch slot, then one decode step, against the model's own forward. Raises FastPathError."""
+        empty = (self.n_layers, self.kv_heads, 0, self.head_dim)
+        self.pk = torch.zeros(empty, device=self.device, dtype=self.dtype)
+        self.pv = torch.zeros(empty, device=self.device, dtype=self.dtype)
+        ids = torch.arange(1, length + 2, device=self.device).remainder(self.vocab).unsqueeze(0)
+        try:
+            want = self.model(input_ids=ids, use_cache=False).logits[0, -2:].float()
+            scratch = torch.tensor([self.slots], device=self.device)
+            first = self._prefill_logits(scratch, ids[:, :length], np.array([length - 1]))
+            pos = torch.tensor([length], device=self.device)
+            second = self._logits_of(ids[:, length:], pos.unsqueeze(1), kind="decode", slot=scratch,
+                                     own=pos)
+        except FastPathError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the family's code does differently: not proven
+            raise FastPathError(f"the model's forward does not run on the fast path ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
+        got = torch.stack((first[0], second[0])).float()
+        tol = 1e-3 if self.dtype == torch.float32 else 0.1
+        gap = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+        if not gap <= tol:
+            raise FastPathError(f"the fast path's logits differ from the model's own forward on a probe "
+                                f"(relative gap {gap:.2g} > {tol})")
 
     # -- the shared prefix -----------------------------------------------------------------------------
     @torch.inference_mode()
     def _set_prefix(self, prefix: list[int]) -> None:
-        n_layers = len(self.layers)
-        empty = (n_layers, self.kv_heads, len(prefix), self.head_dim)
+        empty = (self.n_layers, self.kv_heads, len(prefix), self.head_dim)
         self.pk = torch.zeros(empty, device=self.device, dtype=self.dtype)
         self.pv = torch.zeros(empty, device=self.device, dtype=self.dtype)
         if not prefix:
             return
-
-        def attend(i, q, k, v):
-            self.pk[i], self.pv[i] = k[0], v[0]
-            return F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), is_causal=True,
-                                                  scale=self.scale)
         ids = torch.tensor([prefix], device=self.device)
-        self._forward(ids, torch.arange(len(prefix), device=self.device).unsqueeze(0), attend)
+        self._logits_of(ids, torch.arange(len(prefix), device=self.device).unsqueeze(0), kind="prefix")
 
     # -- prefill of new records ------------------------------------------------------------------------
     def _prefill(self, slots: list[int], suffixes: list[list[int]]) -> torch.Tensor:
         """Several new records at once (right-padded): writes their K/V into their slots; returns the
         logits of each one's last position (its first generated token)."""
-        from torch.nn.attention.bias import causal_lower_right
         width = max(len(s) for s in suffixes)
-        p = len(self.prefix)
         padded = np.zeros((len(suffixes), width), np.int64)  # numpy: a list of lists is slow to convert
         for i, s in enumerate(suffixes):
             padded[i, : len(s)] = s
-        ids = torch.from_numpy(padded).to(self.device)
-        positions = (p + torch.arange(width, device=self.device)).unsqueeze(0).expand(len(suffixes), -1)
         rows = torch.from_numpy(np.asarray(slots, np.int64)).to(self.device)
-        bias = causal_lower_right(width, p + width)  # each token sees the prefix and its own earlier tokens
+        last = np.array([len(s) - 1 for s in suffixes], np.int64)
+        return self._prefill_logits(rows, torch.from_numpy(padded).to(self.device), last)
 
-        def attend(i, q, k, v):
-            self.k[i, rows, :, :width] = k
-            self.v[i, rows, :, :width] = v
-            if p:
-                k = torch.cat((self.pk[i].unsqueeze(0).expand(len(slots), -1, -1, -1), k), dim=2)
-                v = torch.cat((self.pv[i].unsqueeze(0).expand(len(slots), -1, -1, -1), v), dim=2)
-            if self._flash_gqa:  # flash reads the shared K/V heads itself: no copy per query head
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
-            return F.scaled_dot_product_attention(q, self._expand(k), self._expand(v), attn_mask=bias,
-                                                  scale=self.scale)
-        last = torch.from_numpy(np.array([len(s) - 1 for s in suffixes], np.int64)).to(self.device)
-        hidden = self._forward(ids, positions, attend, last)
-        return self.model.lm_head(hidden[:, 0])
+    def _prefill_logits(self, rows, ids, last: np.ndarray) -> torch.Tensor:
+        width = ids.shape[1]
+        positions = (len(self.prefix) + torch.arange(width, device=self.device)).unsqueeze(0).expand(len(ids), -1)
+        return self._logits_of(ids, positions, kind="prefill", rows=rows, width=width,
+                               last=torch.from_numpy(last).to(self.device))
 
     # -- decode ----------------------------------------------------------------------------------------
     def _step(self, b: int) -> None:
-        """One token for the first `b` rows of the static inputs; final hidden states into self._hidden."""
+        """One token for the first `b` rows of the static inputs; their logits into self._logits."""
         slot, pos = self._slot[:b], self._pos[:b]
-        p = len(self.prefix)
-        own = pos - p  # position inside the slot
+        own = pos - len(self.prefix)  # position inside the slot
         trim = {}
         if self.attention == "torch" and self.device.type == "cpu":  # no graphs: read up to the longest row only
             trim["max_len"] = int(own.max()) + 1
-
-        def attend(i, q, k, v):
-            self.k[i, slot, :, own] = k[:, :, 0]
-            self.v[i, slot, :, own] = v[:, :, 0]
-            out = self._attn_fn(q[:, :, 0].contiguous(), self.k[i], self.v[i], self.pk[i], self.pv[i],
-                                slot, own + 1, self.scale, **trim)
-            return out.unsqueeze(2)
-        hidden = self._forward(self._ids[:b].unsqueeze(1), pos.unsqueeze(1), attend)
-        self._hidden[:b].copy_(hidden[:, 0])
+        logits = self._logits_of(self._ids[:b].unsqueeze(1), pos.unsqueeze(1), kind="decode", slot=slot, own=own,
+                                 trim=trim)
+        self._logits[:b].copy_(logits)
 
     def capture(self) -> None:
         """Decode steps run as CUDA graphs from now on (CUDA only): one graph per batch bucket, captured when
@@ -429,7 +472,7 @@ class FastDecoder:
             self._graph(b).replay()
         else:
             self._step(b)
-        return self.model.lm_head(self._hidden[:n])
+        return self._logits[:n]
 
     def _pick(self, logits, parity: int) -> None:
         n = logits.shape[0]

@@ -10,6 +10,13 @@ Two implementations with one contract:
 
 Shapes: q [B, H, D]; cache k/v [S, KVH, L, D] (one layer); prefix k/v [KVH, P, D]; slot [B] (cache row of
 each batch row); n [B] (own keys to attend, the current token's included). Returns [B, H, D].
+
+The layer's own attention settings, as the model's attention module passes them: `scale`; `softcap` (scores
+become softcap * tanh(scores / softcap) before the softmax, Gemma-2); `window` (a sliding window: a key is seen
+while query position - key position < window, transformers' sliding_window_overlay). The query's position is
+P + n - 1: the prefix's P positions come first, then the row's own.
+
+`prefill_attention` is the many-query counterpart for prefill chunks and the prefix itself.
 """
 from __future__ import annotations
 
@@ -43,7 +50,12 @@ def works_on(device, dtype) -> bool:
     return bool((got.float() - ref.float()).abs().max() < 0.05)
 
 
-def decode_attention_torch(q, k_cache, v_cache, pk, pv, slot, n, scale: float, max_len: int | None = None):
+def _softcap(scores, softcap):
+    return scores if not softcap else torch.tanh(scores / softcap) * softcap
+
+
+def decode_attention_torch(q, k_cache, v_cache, pk, pv, slot, n, scale: float, max_len: int | None = None,
+                           softcap: float | None = None, window: int | None = None):
     """`max_len` (at least n.max()): only that much of each slot is read, where the caller knows it (CPU)."""
     b, heads, d = q.shape
     kv_heads = k_cache.shape[1]
@@ -56,12 +68,20 @@ def decode_attention_torch(q, k_cache, v_cache, pk, pv, slot, n, scale: float, m
     # heads j*g .. j*g+g-1), so K/V are not expanded per query head; the shared prefix is one [KVH, P, D]
     # operand for every row, never copied beside each row's own keys.
     qg = q.view(b, kv_heads, group, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, KVH, G, L]
+    scores = _softcap(torch.matmul(qg, k.transpose(-1, -2)) * scale, softcap)  # [B, KVH, G, L]
     cols = torch.arange(k.shape[2], device=q.device)
-    scores = scores.masked_fill(cols.view(1, 1, 1, -1) >= n.view(-1, 1, 1, 1), float("-inf"))
+    hidden = cols.view(1, 1, 1, -1) >= n.view(-1, 1, 1, 1)
     prefix = pk.shape[1]
+    if window:  # own key i sits at position prefix + i, the query at prefix + n - 1
+        hidden = hidden | ((n.view(-1, 1, 1, 1) - 1 - cols.view(1, 1, 1, -1)) >= window)
+    scores = scores.masked_fill(hidden, float("-inf"))
     if prefix:
-        scores = torch.cat((torch.einsum("bhgd,hpd->bhgp", qg, pk) * scale, scores), dim=-1)
+        pscores = _softcap(torch.einsum("bhgd,hpd->bhgp", qg, pk) * scale, softcap)
+        if window:
+            pcols = torch.arange(prefix, device=q.device)
+            far = (prefix + n.view(-1, 1, 1, 1) - 1 - pcols.view(1, 1, 1, -1)) >= window
+            pscores = pscores.masked_fill(far, float("-inf"))
+        scores = torch.cat((pscores, scores), dim=-1)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs[..., prefix:], v)
     if prefix:
@@ -71,10 +91,10 @@ def decode_attention_torch(q, k_cache, v_cache, pk, pv, slot, n, scale: float, m
 
 if triton is not None:
     @triton.jit
-    def _decode_kernel(Q, K, V, PK, PV, SLOT, N, OUT, P, qk_scale,
+    def _decode_kernel(Q, K, V, PK, PV, SLOT, N, OUT, P, sm_scale, WINDOW,
                        s_qb, s_qh, s_ks, s_kh, s_kl, s_ph, s_pl, s_ob, s_oh,
                        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         slot = tl.load(SLOT + row)
@@ -86,27 +106,38 @@ if triton is not None:
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
-        # Two key ranges with one loop body: the shared prefix, then this row's own slot.
+        # Two key ranges with one loop body: the shared prefix, then this row's own slot. With a sliding
+        # window, each range starts at its first key within the window (the query sits at position P + n - 1).
         for part in tl.static_range(2):
             if part == 0:
                 k_base = PK + kvh * s_ph
                 v_base = PV + kvh * s_ph
                 s_l = s_pl
                 length = P
+                lo = P + n - WINDOW
             else:
                 k_base = K + slot * s_ks + kvh * s_kh
                 v_base = V + slot * s_ks + kvh * s_kh
                 s_l = s_kl
                 length = n
-            for start in range(0, length, BLOCK_N):
+                lo = n - WINDOW
+            if WINDOW <= 0:
+                lo = 0
+            lo = tl.maximum(lo, 0)
+            for start in range((lo // BLOCK_N) * BLOCK_N, length, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
-                valid = cols < length
+                valid = (cols < length) & (cols >= lo)
                 k = tl.load(k_base + cols[:, None] * s_l + d[None, :], mask=valid[:, None], other=0.0)
                 if IEEE:
                     s = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
                     s = tl.dot(q, tl.trans(k))
-                s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+                s = s * sm_scale
+                if SOFTCAP > 0:  # softcap * tanh(s / softcap), tanh from exp (portable across Triton builds)
+                    x = s / SOFTCAP
+                    t = tl.exp(-2.0 * tl.abs(x))
+                    s = SOFTCAP * tl.where(x >= 0, 1.0, -1.0) * (1.0 - t) / (1.0 + t)
+                s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, 1))
                 alpha = tl.exp2(m - m_new)
                 p = tl.exp2(s - m_new[:, None])
@@ -127,21 +158,53 @@ if triton is not None:
     _decode_kernel_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
                  for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)],
-        key=["G", "D", "IEEE"])(_decode_kernel)
+        key=["G", "D", "IEEE", "SOFTCAP"])(_decode_kernel)
 
 
-def decode_attention_triton(q, k_cache, v_cache, pk, pv, slot, n, scale: float):
+def decode_attention_triton(q, k_cache, v_cache, pk, pv, slot, n, scale: float, softcap: float | None = None,
+                            window: int | None = None):
     b, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
     assert k_cache.stride() == v_cache.stride() and pk.stride() == pv.stride() and k_cache.stride(-1) == 1
-    args = (q, k_cache, v_cache, pk, pv, slot, n, out, pk.shape[1], scale * 1.4426950408889634,
+    args = (q, k_cache, v_cache, pk, pv, slot, n, out, pk.shape[1], scale, int(window or 0),
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             pk.stride(0), pk.stride(1), out.stride(0), out.stride(1))
-    shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, IEEE=q.dtype == torch.float32)
+    shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, IEEE=q.dtype == torch.float32,
+                 SOFTCAP=float(softcap or 0.0))
     if q.is_cuda:
         _decode_kernel_tuned[(b, kv_heads)](*args, **shape)
     else:  # Triton's CPU interpreter (tests): one fixed configuration
         _decode_kernel[(b, kv_heads)](*args, **shape, BLOCK_N=64, num_warps=4, num_stages=2)
     return out
+
+
+def _expand(kv, group: int):
+    return kv if group == 1 else kv.repeat_interleave(group, dim=1)
+
+
+def prefill_attention(q, k, v, scale: float, softcap: float | None = None, window: int | None = None,
+                      flash_gqa: bool = False):
+    """Many queries at once (a prefill chunk, or the shared prefix itself): q [B, H, T, D]; k/v [B, KVH, K, D]
+    with the shared prefix's K - T keys first, then the rows' own T. Key j sits at position j and query t at
+    K - T + t: each query sees the prefix and its own earlier tokens, within the window. Returns [B, H, T, D]."""
+    import torch.nn.functional as F
+    t, total = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    if not softcap and (not window or window >= total):
+        from torch.nn.attention.bias import causal_lower_right
+        bias = causal_lower_right(t, total)
+        if flash_gqa:  # flash reads the shared K/V heads itself: no copy per query head
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, _expand(k, group), _expand(v, group), attn_mask=bias, scale=scale)
+    qpos = torch.arange(total - t, total, device=q.device).view(-1, 1)
+    kpos = torch.arange(total, device=q.device).view(1, -1)
+    allowed = kpos <= qpos
+    if window:
+        allowed = allowed & (qpos - kpos < window)
+    k, v = _expand(k, group), _expand(v, group)
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    scores = _softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, softcap).masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)

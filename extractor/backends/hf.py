@@ -107,6 +107,8 @@ class HFBackend(TokenizerBackend):
         self.adapter = None
         self._grammars: dict[str, object] = {}
         self._fast_decoder = None
+        self.plain_reason: str | None = None  # why records last went the plain way (None: --fast off)
+        self._said: set[str] = set()
 
     # -- setup ---------------------------------------------------------------------------------------
     def _device(self, device: str) -> str:
@@ -144,9 +146,10 @@ class HFBackend(TokenizerBackend):
 
     # -- identity and adapters ----------------------------------------------------------------------------
     def identity(self) -> dict:
+        """--fast is left out: both paths decode the same tokens, and a run the fast path stopped part-way
+        must resume with --fast off. Which path each record took is in the manifest's summary."""
         ident = {"backend": self.name, "model": file_fingerprint(self.model_path),
-                 "dtype": str(self.dtype).replace("torch.", ""), "trust_remote_code": self.trust_remote_code,
-                 "fast": self.fast_mode}
+                 "dtype": str(self.dtype).replace("torch.", ""), "trust_remote_code": self.trust_remote_code}
         if self.adapter is not None:
             ident["adapter"] = {"name": self.adapter, **file_fingerprint(self.adapter_paths[self.adapter])}
         return ident
@@ -187,27 +190,56 @@ class HFBackend(TokenizerBackend):
             return self._generate_fast(encoded, params, schema)
         return self._generate_plain(encoded, params, schema)
 
-    def _generate_plain(self, encoded: list[list[int]], params: GenParams, schema) -> list[Generation]:
+    def _generate_plain(self, encoded: list[list[int]], params: GenParams, schema,
+                        reason: str | None = None) -> list[Generation]:
+        """`generate` in length-sorted batches; each generation says it went the plain way, and why."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[Generation | None] = [None] * len(encoded)
+        reason = reason or self.plain_reason
         for batch in self._batches(order, encoded, params.max_new_tokens):
             for i, gen in zip(batch, self._generate_safe([encoded[i] for i in batch], params, schema)):
+                gen.decoder, gen.decoder_reason = "plain", reason
                 results[i] = gen
         return results
 
-    # -- the fast path: --fast auto (default) and on: wherever the model and decoding allow it; off ------------
+    # -- the fast path: --fast auto (default): wherever proven, else plain; on: fast or exit 2; off ------------
+    def _fast_refusal(self, params: GenParams) -> str | None:
+        """Why this call does not take FastDecoder (None: it does)."""
+        if self.fast_mode == "off":
+            return "--fast off"
+        if params.temperature > 0:
+            return "sampling (--temperature > 0) decodes with plain generate"
+        if self.adapter is not None:
+            return "peft adapters decode with plain generate"
+        from extractor.backends.fast_families import refusal
+        return refusal(self.base)
+
     def _use_fast(self, params: GenParams) -> bool:
-        """Greedy decoding with base weights of a Llama/Qwen2-style model (constrained or not): FastDecoder."""
-        if self.fast_mode == "off" or params.temperature > 0 or self.adapter is not None:
-            return False
-        from extractor.backends.fast import supports
-        return supports(self.base)
+        reason = self._fast_refusal(params)
+        if reason is not None:
+            self._go_plain(reason)
+        return reason is None
+
+    def _go_plain(self, reason: str) -> None:
+        """Plain generate from here on for this reason: said once on stderr; with --fast on, one line and exit 2."""
+        self.plain_reason = None if reason == "--fast off" else reason
+        if self.plain_reason is None or reason in self._said:
+            return
+        if self.fast_mode == "on":
+            raise ModelError(f"--fast on: {reason}; use --fast auto to decode with plain generate instead")
+        self._said.add(reason)
+        print(f"fast path: {reason}; decoding with plain generate", file=sys.stderr, flush=True)
 
     def _generate_fast(self, encoded: list[list[int]], params: GenParams, schema=None) -> list[Generation]:
         from extractor.backends.fast import common_prefix
+        from extractor.backends.fast_families import FastPathError
         prefix = common_prefix(encoded)
         need = max(len(e) for e in encoded) - len(prefix) + params.max_new_tokens
-        decoder = self._decoder(prefix, need)
+        try:
+            decoder = self._decoder(prefix, need)
+        except FastPathError as exc:
+            self._go_plain(str(exc))
+            return self._generate_plain(encoded, params, schema)
         outs = decoder.generate([e[len(prefix):] for e in encoded], params.max_new_tokens,
                                 constraint=self._constraint(params, schema))
         return [self._generation(len(ids), tokens, finish) for ids, (tokens, finish) in zip(encoded, outs)]
@@ -225,63 +257,100 @@ class HFBackend(TokenizerBackend):
 
     def _generation(self, prompt_tokens: int, tokens: list[int], finish: str) -> Generation:
         text = self.tokenizer.decode(tokens[:-1] if finish == STOP else tokens, skip_special_tokens=True)
-        return Generation(text if finish == STOP else text.rstrip("\ufffd"), prompt_tokens, len(tokens), finish)
+        return Generation(text if finish == STOP else text.rstrip("\ufffd"), prompt_tokens, len(tokens), finish,
+                          decoder="fast")
 
     def generate_stream(self, batches, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
         """The fast path over a whole run: records from later batches enter slots freed by earlier ones, so
         the GPU never drains between batches. The shared prefix is the task template's (from the probes and
         the first batch); a record that does not start with it, or is longer than the cache, goes through
-        the plain path, in batches."""
+        the plain path, in batches. A failure of the fast path before any record is out hands every record
+        to the plain path (--fast on: one line, exit 2); after that, one line and exit 2, the output kept."""
         import itertools
 
         from extractor.backends.fast import common_prefix
+        from extractor.backends.fast_families import FastPathError
         batches = iter(batches)
         first = next(batches, None)
         if first is None:
             return
-        batches = itertools.chain([first], batches)
         if not first or not self._use_fast(params):
-            yield from super().generate_stream(batches, params, schema)
+            yield from self._plain_stream(itertools.chain([first], batches), params, schema)
             return
+        flat = itertools.chain(first, (r for batch in batches for r in batch))
         encoded_first = [self._ids(r) for r in first]
         prefix = common_prefix(encoded_first + [self._encode(p) for p in probes])
         own = max(len(e) for e in encoded_first) - len(prefix) + params.max_new_tokens
-        decoder = self._decoder(prefix, max(2 * own, 1024))
-        misfits: list[tuple[Request, list[int]]] = []
+        try:
+            decoder = self._decoder(prefix, max(2 * own, 1024))
+        except FastPathError as exc:
+            self._go_plain(str(exc))
+            yield from self._plain_stream(_batched(flat, self.batch_size), params, schema)
+            return
+        misfits: list[tuple[Request, list[int], str]] = []
         pending: dict[int, tuple[Request, int]] = {}
 
         def source():
             key = 0
-            for batch in batches:
-                for request in batch:
-                    ids = self._ids(request)
-                    if ids[: len(prefix)] != prefix or len(ids) - len(prefix) + params.max_new_tokens > \
-                            decoder.unique_len or len(ids) == len(prefix):
-                        misfits.append((request, ids))
-                        continue
-                    pending[key] = (request, len(ids))
-                    yield key, ids[len(prefix):], params.max_new_tokens
-                    key += 1
+            for request in flat:
+                ids = self._ids(request)
+                why = self._misfit(ids, prefix, params, decoder.unique_len)
+                if why:
+                    misfits.append((request, ids, why))
+                    continue
+                pending[key] = (request, len(ids))
+                yield key, ids[len(prefix):], params.max_new_tokens
+                key += 1
 
         def plain(items):
-            gens = self._generate_plain([ids for _, ids in items], params, schema)
-            return [(request, gen) for (request, _), gen in zip(items, gens)]
+            out = []
+            for why in dict.fromkeys(w for _, _, w in items):  # one plain pass per reason
+                group = [(r, ids) for r, ids, w in items if w == why]
+                gens = self._generate_plain([ids for _, ids in group], params, schema, reason=why)
+                out += [(request, gen) for (request, _), gen in zip(group, gens)]
+            return out
 
         constraint = self._constraint(params, schema)
         interval = sys.getswitchinterval()
         if constraint is not None and CONSTRAINED_SWITCH_INTERVAL:
             sys.setswitchinterval(CONSTRAINED_SWITCH_INTERVAL)
+        done = 0
         try:
             for key, tokens, finish in decoder.stream(source(), constraint=constraint):
                 request, n_prompt = pending.pop(key)
                 yield [(request, self._generation(n_prompt, tokens, finish))]
+                done += 1
                 if len(misfits) >= self.batch_size:
                     yield plain(misfits)
+                    done += len(misfits)
                     misfits.clear()
+        except (FastPathError, RuntimeError, ValueError, IndexError, TypeError) as exc:
+            self._fast_decoder = None
+            reason = f"the fast path failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+            if done or self.fast_mode == "on":
+                raise ModelError(f"{reason} after {done} records; the output so far is kept: rerun with --resume "
+                                 "--fast off to finish on the plain path") from None
+            self._go_plain(reason)
+            misfits += [(request, self._ids(request), reason) for request, _ in pending.values()]
+            misfits += [(request, self._ids(request), reason) for request in flat]
         finally:
             sys.setswitchinterval(interval)
-        if misfits:
-            yield plain(misfits)
+        for start in range(0, len(misfits), max(1, self.batch_size)):
+            yield plain(misfits[start:start + max(1, self.batch_size)])
+
+    @staticmethod
+    def _misfit(ids: list[int], prefix: list[int], params: GenParams, unique_len: int) -> str | None:
+        """Why this record cannot go through the decoder (None: it can)."""
+        if ids[: len(prefix)] != prefix or len(ids) == len(prefix):
+            return "the record does not start with the task's shared prompt prefix"
+        if len(ids) - len(prefix) + params.max_new_tokens > unique_len:
+            return "the record is longer than the fast path's cache"
+        return None
+
+    def _plain_stream(self, batches, params: GenParams, schema):
+        for batch in batches:
+            if batch:
+                yield list(zip(batch, self._generate_plain([self._ids(r) for r in batch], params, schema)))
 
     def _decoder(self, prefix: list[int], need: int):
         """One decoder per shared prefix, kept across calls (its cache, prefix KV and CUDA graphs are the
@@ -364,3 +433,14 @@ class HFBackend(TokenizerBackend):
             vocab = self.base.get_output_embeddings().weight.shape[0]
             self._grammars[key] = Grammar(schema, self.tokenizer, vocab, self.eos_ids)
         return self._grammars[key]
+
+
+def _batched(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
