@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from statistics import NormalDist
 
 import numpy as np
@@ -33,6 +34,7 @@ POWER = 0.8
 Z_POWER = NormalDist().inv_cdf(POWER)
 # Swapped and observed Δs come from different sums; a tie must count as reaching the observed value.
 TIE = 1e-9
+CHUNK_CELLS = 2**21  # 16 MB of float64 resample weights at a time
 
 
 @dataclass
@@ -48,8 +50,12 @@ class RunCounts:
         """F1 per column (micro first) for each weight vector; weights shape (resamples, records)."""
         if weights is None:
             return f1_of(self.counts.sum(axis=0)[None])
-        flat = self.counts.reshape(len(self.ids), -1)
-        return f1_of((weights @ flat).reshape(len(weights), *self.counts.shape[1:]))
+        return f1_of((weights @ self._flat).reshape(len(weights), *self.counts.shape[1:]))
+
+    @cached_property
+    def _flat(self) -> np.ndarray:
+        # float, so the resample product is one BLAS call (an int operand takes numpy's slow loop)
+        return self.counts.reshape(len(self.ids), -1).astype(float)
 
 
 @dataclass(frozen=True)
@@ -90,8 +96,13 @@ def align(named_records: list[tuple[str, list]]) -> list[RunCounts]:
     return runs
 
 
-def _chunks(total: int, chunk: int) -> Iterator[int]:
-    """Sizes of successive chunks: resample matrices are (chunk, records), bounded for large eval sets."""
+def _chunks(total: int, records: int) -> Iterator[int]:
+    """Sizes of successive chunks of resamples: each (chunk, records) matrix holds at most CHUNK_CELLS.
+
+    Few, large products: each BLAS call wakes its threads, which costs more than the product itself when
+    other processes hold the cores.
+    """
+    chunk = max(1, CHUNK_CELLS // max(records, 1))
     done = 0
     while done < total:
         k = min(chunk, total - done)
@@ -99,26 +110,25 @@ def _chunks(total: int, chunk: int) -> Iterator[int]:
         done += k
 
 
-def bootstrap_f1(a: RunCounts, b: RunCounts, resamples: int, rng: np.random.Generator,
-                 chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_f1(a: RunCounts, b: RunCounts, resamples: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """F1 per column of both runs under the same record resamples: two (resamples, columns) arrays."""
     n = len(a.ids)
     fa, fb = [], []
-    for k in _chunks(resamples, chunk):
+    for k in _chunks(resamples, n):
         weights = rng.multinomial(n, np.full(n, 1.0 / n), size=k).astype(float)
         fa.append(a.f1(weights))
         fb.append(b.f1(weights))
     return np.concatenate(fa), np.concatenate(fb)
 
 
-def swap_deltas(a: RunCounts, b: RunCounts, swaps: int, rng: np.random.Generator | None,
-                chunk: int = 64) -> np.ndarray:
+def swap_deltas(a: RunCounts, b: RunCounts, swaps: int, rng: np.random.Generator | None) -> np.ndarray:
     """Δ per column after swapping each record's A and B counts at random; rng None = no swap (observed)."""
     n = len(a.ids)
     moved = (b.counts - a.counts).reshape(n, -1).astype(float)
     total_a, total_b = a.counts.sum(axis=0), b.counts.sum(axis=0)
     out = []
-    for k in _chunks(swaps, chunk):
+    for k in _chunks(swaps, n):
         signs = np.zeros((k, n)) if rng is None else rng.integers(0, 2, size=(k, n)).astype(float)
         shift = (signs @ moved).reshape(k, *a.counts.shape[1:])
         out.append(f1_of(total_b - shift) - f1_of(total_a + shift))
