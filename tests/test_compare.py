@@ -10,8 +10,9 @@ from hypothesis.extra.numpy import arrays
 
 from extractor.compare import (DROP, MICRO, TWO_SIDED, RunCounts, CompareSettings, compare_pair, maxt_stepdown,
                                regressions, too_small)
-from extractor.synth import ABSENT, generate
+from extractor.synth import generate
 from tests.conftest import write_jsonl
+from tests.test_eval_cli import perturb
 
 
 def runs_from(counts_a: np.ndarray, counts_b: np.ndarray) -> tuple[RunCounts, RunCounts]:
@@ -120,27 +121,15 @@ def test_the_drop_seen_shrinks_with_more_records():
 
 # --- the command -------------------------------------------------------------------------------------------
 
-def _jd_pred(gold: dict, rng: random.Random, rate: float, lose: str | None = None) -> dict:
-    out = {}
-    for fld, values in gold.items():
-        values = list(values)
-        if rng.random() < rate or fld == lose:
-            values = values[:-1] + ["噪声"] if values != [ABSENT] else ["噪声"]
-        out[fld] = values
-    return out
-
-
 @pytest.fixture
 def gold_and_runs(tmp_path):
     """300 postings; a baseline (8% errors), an equally good rerun and one that loses 编程语言 half the time."""
     rng = random.Random(1)
     golds = [g for _, g in generate(300, seed=9)]
     write_jsonl(tmp_path / "gold.jsonl", golds)
-    runs = {"base": [], "same": [], "drop": []}
-    for i, g in enumerate(golds):
-        runs["base"].append(_jd_pred(g["gold"], rng, 0.08))
-        runs["same"].append(_jd_pred(g["gold"], rng, 0.08))
-        runs["drop"].append(_jd_pred(g["gold"], rng, 0.08, lose="编程语言" if i % 2 else None))
+    runs = {name: [perturb(g["gold"], rng, 0.08) for g in golds] for name in ("base", "same", "drop")}
+    for pred in runs["drop"][1::2]:
+        pred["编程语言"] = ["噪声"]
     for name, preds in runs.items():
         write_jsonl(tmp_path / f"{name}.jsonl", [{"id": g["id"], "prediction": p, "status": "ok"}
                                                  for g, p in zip(golds, preds)])
