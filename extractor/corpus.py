@@ -1,19 +1,21 @@
 """Stream corpora of any size (JSONL, JSONL.gz, Parquet, CSV) as batches of records, memory flat.
 
+Local paths and object-store URIs (`storage.py`) alike: a URI streams through its filesystem in blocks.
+
 A record is a dict: `id` (str), `line` (1-based line or row number, for error messages), `values` (the
 task's input fields) and `row` (the whole source object, for --keep-field). Bad records fail fast with
 file:line, or with on_bad="skip" go to a rejects file with the reason; they are never silently dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from extractor import jsonutil
+from extractor import jsonutil, storage
 from extractor.errors import InputError
 
 SEED_CONTEXT_FIELD = "context"  # the seed's {context, target} lines
@@ -22,7 +24,7 @@ DEFAULT_BATCH = 4096
 _SKIP_HINT = "; fix the record or pass --on-bad-record skip to write bad records to a rejects file"
 
 
-def corpus_format(path: Path) -> str:
+def corpus_format(path: storage.Location) -> str:
     name = path.name.lower()
     for suffix, fmt in ((".jsonl.gz", "jsonl"), (".ndjson.gz", "jsonl"), (".jsonl", "jsonl"),
                         (".ndjson", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".csv", "csv")):
@@ -56,24 +58,37 @@ class ReadStats:
 class RejectsWriter:
     """Appends one JSON line per rejected record: source, line, id, reason and the raw text."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: storage.Location):
         self.path = path
         self._fh = None
         self.count = 0
 
     def write(self, bad: BadRecord) -> None:
         if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh = self._open()
         row = {"source": bad.source, "line": bad.line, "id": bad.record_id, "reason": bad.reason,
                "raw": bad.raw[:10_000]}
         self._fh.write(jsonutil.dumps(row) + "\n")
         self._fh.flush()
         self.count += 1
 
+    def _open(self):
+        if storage.is_remote(self.path):
+            # An object cannot be appended to: the lines gather in a local file, uploaded on close. A killed run
+            # loses them, and loses nothing: every pass reads the whole corpus and rebuilds its rejects.
+            import tempfile
+            return tempfile.TemporaryFile("w+", encoding="utf-8")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return open(self.path, "a", encoding="utf-8")
+
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
+        if self._fh is None:
+            return
+        if storage.is_remote(self.path):
+            self._fh.seek(0)
+            storage.put(self.path, self._fh.read().encode("utf-8"))
+        self._fh.close()
+        self._fh = None
 
 
 def id_key(record_id: str) -> int:
@@ -91,11 +106,11 @@ def seed_passage(context: str) -> str:
 class CorpusReader:
     """Iterates batches of records from one corpus file, checking every record."""
 
-    def __init__(self, path: str | Path, input_fields=("text",), id_field: str = "id",
+    def __init__(self, path: str | storage.Location, input_fields=("text",), id_field: str = "id",
                  text_field: str | None = None, on_bad: str = "fail", rejects: RejectsWriter | None = None,
                  batch_size: int = DEFAULT_BATCH, check_duplicates: bool = True):
-        self.path = Path(path)
-        if not self.path.is_file():
+        self.path = storage.target(path)
+        if not storage.is_file(self.path):
             raise InputError(f"{self.path}: no such file; check the corpus path")
         self.format = corpus_format(self.path)
         self.input_fields = list(input_fields)
@@ -203,18 +218,35 @@ def _raw(row) -> str:
         return repr(row)
 
 
-def open_binary(path: Path):
-    if path.name.lower().endswith(".gz"):
+def open_binary(path: storage.Location):
+    if not path.name.lower().endswith(".gz"):
+        return storage.open_read(path)
+    if not storage.is_remote(path):
         return gzip.open(path, "rb")
-    return open(path, "rb")
+    return _RemoteGzip(storage.open_read(path))
 
 
-def iter_jsonl(path: Path):
+class _RemoteGzip(gzip.GzipFile):
+    """gzip over an object's stream that closes the stream with itself (GzipFile leaves a given one open)."""
+
+    def __init__(self, raw):
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
+def iter_jsonl(path: storage.Location):
     """Yields (line, object) or a BadRecord per non-blank line; a broken file raises InputError."""
     src = str(path)
     line = 0
+    remote = storage.translated(path, "read") if storage.is_remote(path) else contextlib.nullcontext()
     try:
-        with open_binary(path) as fh:
+        with remote, open_binary(path) as fh:
             for line, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
@@ -236,7 +268,10 @@ def _parse_line(src: str, line: int, raw: bytes):
         return BadRecord(src, line, f"malformed JSON ({str(exc).splitlines()[0][:120]})", text.strip()[:10_000])
 
 
-def _iter_table(path: Path, fmt: str, first_line: int):
+def _iter_table(path: storage.Location, fmt: str, first_line: int):
+    if storage.is_remote(path):
+        yield from _iter_remote_table(path, fmt, first_line)
+        return
     import polars as pl
     try:
         if fmt == "parquet":
@@ -254,15 +289,50 @@ def _iter_table(path: Path, fmt: str, first_line: int):
             from None
 
 
-def count_records(path: Path) -> int | None:
-    """Total records when cheap to know (Parquet metadata, uncompressed JSONL line count)."""
+def _iter_remote_table(path: storage.Remote, fmt: str, first_line: int):
+    """Parquet row groups or CSV blocks streamed from the store with pyarrow (polars reads local files only
+    through its own cloud client, with other credentials rules). CSV columns stay text, as the local reader
+    reads them."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    line = first_line
+    with storage.translated(path, "read"), storage.open_read(path) as fh:
+        try:
+            if fmt == "parquet":
+                batches = pq.ParquetFile(fh).iter_batches(batch_size=DEFAULT_BATCH)
+            else:
+                import csv
+                import io
+                text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+                header = next(csv.reader(text), [])
+                text.detach()  # leaves fh open for the reader below
+                fh.seek(0)
+                batches = pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(
+                    column_types={name: pa.string() for name in header}, strings_can_be_null=True,
+                    null_values=[""]))
+            for batch in batches:
+                for row in batch.to_pylist():
+                    yield line, row
+                    line += 1
+        except (pa.ArrowException, UnicodeDecodeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"{path}: cannot read {fmt} ({first[:200]}); check the file is a valid {fmt} "
+                             "file") from None
+
+
+def count_records(path: storage.Location) -> int | None:
+    """Total records when cheap to know (Parquet metadata, uncompressed local JSONL line count)."""
     fmt = corpus_format(path)
     if fmt == "parquet":
         import pyarrow.parquet as pq
         try:
-            return pq.ParquetFile(path).metadata.num_rows
+            with storage.open_read(path) as fh:
+                return pq.ParquetFile(fh).metadata.num_rows
         except Exception:  # noqa: BLE001 - a broken file is reported by the reader itself
             return None
+    if storage.is_remote(path):
+        return None  # counting lines would read the whole object once more
     if fmt == "jsonl" and not path.name.endswith(".gz"):
         with open(path, "rb") as fh:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))

@@ -12,15 +12,15 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from extractor.backends.base import Backend, GenParams, Generation, Request
 from extractor.corpus import CorpusReader, RejectsWriter, count_records, id_key
 from extractor.errors import InputError, LongInputError, ManifestError
 from extractor.outputs import ERROR, SCORED_STATUSES, Validator, judge
 from extractor.prompting import PromptBuilder
-from extractor.provenance import manifest_path, stamp, write_json_atomic
-from extractor.writers import JsonlAppender, drop_partial_tail, is_parquet, iter_rows, journal_path, jsonl_to_parquet
+from extractor.provenance import manifest_path, stamp
+from extractor.storage import Location, is_remote, remove
+from extractor.writers import JournalOutput
 
 MANIFEST_FORMAT = "extractor.manifest/1"
 RESERVED = {"id", "task", "prediction", "status", "error", "raw", "prompt_tokens", "output_tokens",
@@ -29,14 +29,14 @@ RESERVED = {"id", "task", "prediction", "status", "error", "raw", "prompt_tokens
 
 @dataclass
 class RunOptions:
-    corpus: Path
-    out: Path
+    corpus: Location
+    out: Location
     params: GenParams
     id_field: str = "id"
     text_field: str | None = None
     keep_fields: tuple = ()
     on_bad: str = "fail"
-    rejects: Path | None = None
+    rejects: Location | None = None
     resume: bool = False
     overwrite: bool = False
     on_long: str = "fail"
@@ -210,7 +210,7 @@ class Predictor:
         return row
 
 
-def output_for_adapter(out: Path, adapter: str | None, n_adapters: int) -> Path:
+def output_for_adapter(out: Location, adapter: str | None, n_adapters: int) -> Location:
     """One output per adapter: preds.jsonl -> preds.<adapter>.jsonl when several adapters run."""
     if adapter is None or n_adapters == 1:
         return out
@@ -227,14 +227,22 @@ def run_key(task, backend: Backend, predictor: Predictor, opts: RunOptions) -> d
             "keep_fields": list(opts.keep_fields), "shard": list(opts.shard) if opts.shard else None}
 
 
-class Run:
-    """One output file: manifest, resume state, windows, progress and summary."""
+def output_store(out):
+    """How rows reach the output: appended to a local journal, or put as parts to an object store."""
+    if is_remote(out):
+        from extractor.parts import PartsOutput
+        return PartsOutput(out)
+    return JournalOutput(out)
 
-    def __init__(self, predictor: Predictor, opts: RunOptions, out: Path, console=None):
+
+class Run:
+    """One output (file or object): manifest, resume state, windows, progress and summary."""
+
+    def __init__(self, predictor: Predictor, opts: RunOptions, out: Location, console=None):
         self.p = predictor
         self.opts = opts
         self.out = out
-        self.journal = journal_path(out)
+        self.store = output_store(out)
         self.console = console
         self.summary = Summary()
         self._stop = False
@@ -242,27 +250,26 @@ class Run:
 
     def prepare(self, key: dict) -> set[int]:
         """Check or write the manifest; return the id keys already written."""
-        mpath = manifest_path(self.out)
-        exists = self.journal.exists() or self.out.exists()
+        exists = self.store.exists()
         if exists and not (self.opts.resume or self.opts.overwrite):
             raise ManifestError(f"{self.out} already exists; pass --resume to continue it or --overwrite to start over")
         if self.opts.overwrite and not self.opts.resume:
-            for path in (self.out, self.journal, mpath):
-                path.unlink(missing_ok=True)
+            self.store.clear()
             exists = False
         if exists:
-            self._check_manifest(mpath, key)
-            self.complete = is_parquet(self.out) and self.out.exists() and not self.journal.exists()
+            self._check_manifest(key)
+            self.complete = self.store.finished()
             return self._done_ids()
         self.manifest = {"format": MANIFEST_FORMAT, "run_key": key, "corpus": str(self.opts.corpus),
                          "output": str(self.out), **stamp(), "summary": None}
-        write_json_atomic(mpath, self.manifest)
+        self.store.write_manifest(self.manifest)
         return set()
 
-    def _check_manifest(self, mpath: Path, key: dict) -> None:
+    def _check_manifest(self, key: dict) -> None:
         import json
+        mpath = manifest_path(self.out)
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            manifest = json.loads(self.store.manifest_text())
         except FileNotFoundError:
             raise ManifestError(f"{self.out} exists but has no manifest ({mpath.name}); it was not written by "
                                 "extractor run — use another --out or --overwrite") from None
@@ -278,12 +285,8 @@ class Run:
         self.manifest = manifest
 
     def _done_ids(self) -> set[int]:
-        dropped = drop_partial_tail(self.journal) if self.journal.exists() else 0
-        if dropped and self.console:
-            self.console.print(f"dropped a half-written last line ({dropped} bytes) from {self.journal}")
-        source = self.journal if self.journal.exists() else self.out
         done: set[int] = set()
-        for _, row in iter_rows(source):
+        for row in self.store.done_rows(self.manifest, self.console):
             done.add(id_key(str(row["id"])))
             self.summary.statuses[row["status"]] += 1
         self.summary.already_done = len(done)
@@ -298,12 +301,12 @@ class Run:
         start = time.perf_counter()
         rejects = RejectsWriter(self._rejects_path()) if self.opts.on_bad == "skip" else None
         if rejects is not None:
-            rejects.path.unlink(missing_ok=True)  # derived from the input: rebuilt on every pass
+            remove(rejects.path)  # derived from the input: rebuilt on every pass
         reader = CorpusReader(self.opts.corpus, self.p.task.spec.input_fields, self.opts.id_field,
                               self.opts.text_field, self.opts.on_bad, rejects, batch_size=self.opts.window)
         bar = self._progress()
         previous = signal.signal(signal.SIGINT, self._on_sigint)
-        writer = JsonlAppender(self.journal)
+        writer = self.store.appender(self.manifest)
         sink = RowSink(self, writer, bar, start)
         try:
             with prefetch(self._windows(reader, done, sink)) as windows:
@@ -343,7 +346,7 @@ class Run:
             if self._stop or (self.opts.limit is not None and sent >= self.opts.limit):
                 return
 
-    def _rejects_path(self) -> Path:
+    def _rejects_path(self) -> Location:
         return self.opts.rejects or self.out.with_name(self.out.name + ".rejects.jsonl")
 
     def _on_sigint(self, *_):
@@ -372,18 +375,15 @@ class Run:
                             f"invalid {invalid}", refresh=False)
 
     def _finish(self) -> None:
-        if is_parquet(self.out) and not self.summary.interrupted:
-            jsonl_to_parquet(self.journal, self.out)
-            self.journal.unlink()
         self.manifest["summary"] = self.summary.as_dict()
         self.manifest["finished"] = stamp()["created"]
-        write_json_atomic(manifest_path(self.out), self.manifest)
+        self.store.finish(self.manifest, complete=not self.summary.interrupted)
 
 
 class RowSink:
     """Parses, validates and writes released rows on a thread of its own, `window` rows per append."""
 
-    def __init__(self, run: Run, writer: JsonlAppender, bar, start: float):
+    def __init__(self, run: Run, writer, bar, start: float):
         import queue
         import threading
         self.run, self.writer, self.bar, self.start = run, writer, bar, start

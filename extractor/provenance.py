@@ -7,7 +7,7 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from extractor import __version__
+from extractor import __version__, storage
 
 
 def git_commit() -> str | None:
@@ -27,22 +27,26 @@ def stamp() -> dict:
             "host": platform.node(), "python": platform.python_version()}
 
 
-def manifest_path(output: Path) -> Path:
+def manifest_path(output: storage.Location) -> storage.Location:
     return output.with_name(output.name + ".manifest.json")
 
 
-def read_manifest(output: Path) -> dict | None:
+def read_manifest(output: storage.Location) -> dict | None:
     """The manifest beside a predictions file, or None when there is none or it is unreadable."""
     path = manifest_path(output)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(storage.read_text(path))
     except (OSError, ValueError):
         return None
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file, then rename: a reader sees the old or the new file, never half of one."""
+def write_json_atomic(path: storage.Location, obj) -> None:
+    """Write to a temporary file, then rename: a reader sees the old or the new file, never half of one.
+    An object store replaces an object in one request, which is as atomic."""
     from extractor.errors import output_error
+    if storage.is_remote(path):
+        storage.put(path, (json.dumps(obj, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+        return
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,9 +57,12 @@ def write_json_atomic(path: Path, obj) -> None:
         raise output_error(path, exc) from None
 
 
-def check_writable(path: Path) -> None:
-    """Fail before loading a model when the output folder cannot be written."""
+def check_writable(path: storage.Location) -> None:
+    """Fail before loading a model when the output folder (or bucket) cannot be written."""
     from extractor.errors import output_error
+    if storage.is_remote(path):
+        storage.check_writable(path)
+        return
     probe = path.with_name(f".{path.name}.probe")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 A killed writer can leave at most one half-written last line; `drop_partial_tail` removes it before a
 resume. Parquet cannot be appended to, so a `.parquet` output is journaled as JSONL while the run goes
-and converted (to a temporary file, then renamed) when it completes.
+and converted (to a temporary file, then renamed) when it completes. `JournalOutput` is that life cycle for
+one local output; `parts.PartsOutput` is the same for an object store, which cannot append at all.
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from extractor import jsonutil
+from extractor import jsonutil, storage
 from extractor.errors import InputError, output_error
+from extractor.provenance import manifest_path, write_json_atomic
 
 JSON_COLUMNS = ("prediction", "gold", "kept")  # nested values stored as JSON text in Parquet
 
@@ -101,48 +103,63 @@ def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
         yield item
 
 
-def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """Rows of a JSONL or Parquet results file (Parquet JSON columns decoded back)."""
+def iter_rows(path: storage.Location) -> Iterator[tuple[int, dict]]:
+    """Rows of a JSONL or Parquet results file, local or in an object store (Parquet JSON columns decoded)."""
     if not is_parquet(path):
         yield from iter_jsonl_rows(path)
         return
     import pyarrow.parquet as pq
-    try:
-        pfile = pq.ParquetFile(path)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for broken files
-        raise InputError(f"{path}: cannot read Parquet ({exc})") from None
-    line = 1
-    for batch in pfile.iter_batches(batch_size=8192):
-        for row in batch.to_pylist():
-            for col in JSON_COLUMNS:
-                if isinstance(row.get(col), str):
-                    row[col] = jsonutil.loads(row[col])
-            yield line, row
-            line += 1
+    with storage.open_read(path) as fh:
+        try:
+            pfile = pq.ParquetFile(fh)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for broken files
+            raise InputError(f"{path}: cannot read Parquet ({exc})") from None
+        line = 1
+        for batch in pfile.iter_batches(batch_size=8192):
+            for row in batch.to_pylist():
+                for col in JSON_COLUMNS:
+                    if isinstance(row.get(col), str):
+                        row[col] = jsonutil.loads(row[col])
+                yield line, row
+                line += 1
 
 
-def jsonl_to_parquet(src: Path, dest: Path, batch_size: int = 8192) -> int:
+def jsonl_to_parquet(src: Path, dest: storage.Location, batch_size: int = 8192) -> int:
     """Convert a results journal to Parquet atomically; nested columns become JSON text."""
+    return write_parquet((row for _, row in iter_jsonl_rows(src)), dest, batch_size)
+
+
+def write_jsonl(rows: Iterable[dict], dest: storage.Location) -> int:
+    """Results rows to a JSONL file or object that appears whole (storage.atomic_writer)."""
+    count = 0
+    with storage.atomic_writer(dest) as fh:
+        for row in rows:
+            fh.write((jsonutil.dumps(row) + "\n").encode("utf-8"))
+            count += 1
+    return count
+
+
+def write_parquet(rows: Iterable[dict], dest: storage.Location, batch_size: int = 8192) -> int:
+    """Results rows to a Parquet file or object that appears whole (storage.atomic_writer)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    tmp = dest.with_name(dest.name + ".tmp")
     writer = None
     count = 0
-    try:
-        batch: list[dict] = []
-        for _, row in iter_jsonl_rows(src):
-            batch.append(_flatten(row))
-            if len(batch) >= batch_size:
-                writer = _write(batch, tmp, writer, pa, pq)
+    with storage.atomic_writer(dest) as fh:
+        try:
+            batch: list[dict] = []
+            for row in rows:
+                batch.append(_flatten(row))
+                if len(batch) >= batch_size:
+                    writer = _write(batch, fh, writer, pa, pq)
+                    count += len(batch)
+                    batch = []
+            if batch or writer is None:
+                writer = _write(batch, fh, writer, pa, pq)
                 count += len(batch)
-                batch = []
-        if batch or writer is None:
-            writer = _write(batch, tmp, writer, pa, pq)
-            count += len(batch)
-    finally:
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, dest)
+        finally:
+            if writer is not None:
+                writer.close()
     return count
 
 
@@ -154,11 +171,55 @@ def _flatten(row: dict) -> dict:
     return out
 
 
-def _write(batch, tmp, writer, pa, pq):
+def _write(batch, sink, writer, pa, pq):
     table = pa.Table.from_pylist(batch)
     if writer is None:
-        writer = pq.ParquetWriter(tmp, table.schema)
+        writer = pq.ParquetWriter(sink, table.schema)
     elif table.schema != writer.schema:
         table = table.cast(writer.schema)
     writer.write_table(table)
     return writer
+
+
+class JournalOutput:
+    """A local output's life cycle: rows appended to a journal (the output itself, or a JSONL beside a
+    Parquet output, converted when the run completes), and its manifest beside it."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.journal = journal_path(out)
+        self.manifest_path = manifest_path(out)
+
+    def exists(self) -> bool:
+        return self.journal.exists() or self.out.exists()
+
+    def clear(self) -> None:
+        for path in (self.out, self.journal, self.manifest_path):
+            path.unlink(missing_ok=True)
+
+    def manifest_text(self) -> str:
+        return self.manifest_path.read_text(encoding="utf-8")
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_json_atomic(self.manifest_path, manifest)
+
+    def finished(self) -> bool:
+        """A Parquet output already converted: nothing is left to append to."""
+        return is_parquet(self.out) and self.out.exists() and not self.journal.exists()
+
+    def done_rows(self, manifest: dict, console=None) -> Iterator[dict]:
+        dropped = drop_partial_tail(self.journal) if self.journal.exists() else 0
+        if dropped and console:
+            console.print(f"dropped a half-written last line ({dropped} bytes) from {self.journal}")
+        source = self.journal if self.journal.exists() else self.out
+        for _, row in iter_rows(source):
+            yield row
+
+    def appender(self, manifest: dict) -> JsonlAppender:
+        return JsonlAppender(self.journal)
+
+    def finish(self, manifest: dict, complete: bool) -> None:
+        if complete and is_parquet(self.out):
+            jsonl_to_parquet(self.journal, self.out)
+            self.journal.unlink()
+        self.write_manifest(manifest)

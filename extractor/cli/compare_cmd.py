@@ -8,7 +8,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from extractor.cli.options import tasks_dir_option
+from extractor import storage
+from extractor.cli.options import READABLE, tasks_dir_option
 from extractor.compare import (DROP, MICRO, POWER, TWO_SIDED, CompareSettings, align, compare_pair, flipped,
                                regressions, significant, too_small)
 from extractor.errors import InputError
@@ -23,8 +24,8 @@ WARN_LISTED = 8
 
 
 @click.command()
-@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--gold", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("runs", nargs=-1, required=True, type=READABLE)
+@click.option("--gold", required=True, type=READABLE)
 @click.option("--task", "task_name", required=True)
 @click.option("--resamples", type=click.IntRange(min=1000), default=1000, show_default=True,
               help="Bootstrap resamples and random swaps (each at least 1,000).")
@@ -72,7 +73,9 @@ def compare(runs, gold, task_name, resamples, seed, alpha, fail_if_drop, json_pa
 
 
 def _load_runs(task, runs, gold):
-    records = [(Path(r).name, evaluate(task, Path(r), Path(gold), keep_records=True).records) for r in runs]
+    gold_path = storage.target(gold)
+    records = [(storage.target(r).name, evaluate(task, storage.target(r), gold_path, keep_records=True).records)
+               for r in runs]
     try:
         return align(records)
     except ValueError as exc:

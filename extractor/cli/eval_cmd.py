@@ -6,7 +6,9 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from extractor.cli.options import tasks_dir_option
+from extractor import storage
+from extractor.cli.options import READABLE, tasks_dir_option
+from extractor.errors import InputError
 from extractor.cli.tables import metrics_table, status_table
 from extractor.provenance import write_json_atomic
 from extractor.scoring.document import metrics_document
@@ -15,8 +17,8 @@ from extractor.tasks import load_task
 
 
 @click.command("eval")
-@click.argument("predictions", type=click.Path(exists=True, dir_okay=False))
-@click.option("--gold", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.argument("predictions", type=READABLE)
+@click.option("--gold", required=True, type=READABLE,
               help="Gold JSONL/Parquet: {id, gold} lines, predictions lines, or the seed's {context, target}.")
 @click.option("--task", "task_name", required=True, help="Task whose scoring spec to use.")
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False), default=None,
@@ -37,10 +39,12 @@ def eval_(predictions, gold, task_name, metrics_path, report_dir, reparse, examp
       extractor eval preds.jsonl --gold gold.jsonl --task jd_requirements --report report/
     """
     task = load_task(task_name, tasks_dirs)
-    pred_path, gold_path = Path(predictions), Path(gold)
+    pred_path, gold_path = storage.target(predictions), storage.target(gold)
+    if report_dir and storage.is_remote(storage.target(report_dir)):
+        raise InputError(f"--report {report_dir}: the report is a local folder; pass a local path")
     ev = evaluate(task, pred_path, gold_path, reparse=reparse, examples=examples)
     doc = metrics_document(task, ev.result(), pred_path, gold_path)
-    out = Path(metrics_path) if metrics_path else (
+    out = storage.target(metrics_path) if metrics_path else (
         Path(report_dir) / "metrics.json" if report_dir else pred_path.with_name(pred_path.name + ".metrics.json"))
     write_json_atomic(out, doc)
     console = Console()

@@ -3,7 +3,27 @@ from __future__ import annotations
 
 import click
 
+from extractor import storage
 from extractor.tasks import TASKS_DIR_ENV
+
+
+class Readable(click.ParamType):
+    """A local file that exists, or an object-store URI (s3://, gs://, az://, hf://; checked when read, where
+    a missing object or a refusal is one line). The value stays the string given."""
+
+    name = "file|uri"
+
+    def convert(self, value, param, ctx):
+        try:
+            location = storage.target(value)
+        except storage.StorageError as exc:
+            self.fail(str(exc), param, ctx)
+        if not storage.is_remote(location) and not location.is_file():
+            self.fail(f"'{value}': no such file", param, ctx)
+        return value
+
+
+READABLE = Readable()
 
 
 def tasks_dir_option(fn):

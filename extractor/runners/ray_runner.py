@@ -8,19 +8,33 @@ output are filtered out inside the actors. Actors are restarted and their tasks 
 dies. Without ADDRESS a local Ray instance is started; `ray start --head` on one node and
 `ray start --address=HEAD:6379` on the others make a cluster that `--ray HEAD:6379` uses.
 
+Nothing assumes the driver's folder: a local corpus is read by its absolute path on the driver's node (the
+one node sure to have it); an object-store corpus is read on any node, with the driver's store settings
+and credentials passed to the workers. Model and adapter paths are made absolute: each node must read them
+there. The pool is checked against the cluster first (`ray_capacity.py`): never a hang waiting for
+resources no node has. Failures on the workers come back as one line.
+
 Cluster reads cannot see line numbers, so records need their id field; a record without it, or with a
 non-string text, becomes an output row with status `error` naming the problem (nothing is dropped).
 """
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
-from extractor import jsonutil
+from extractor import jsonutil, storage
 from extractor.backends.base import Backend
 from extractor.corpus import corpus_format, id_key
 from extractor.errors import ExtractorError
 from extractor.pipeline import Run
+from extractor.runners import ray_capacity
+
+READ_CPUS = 0.25  # Ray Data's read tasks parse JSON/Parquet blocks: light next to a model
+WORKER_CPUS = 0.5  # a CPU worker: fractional, so a laptop runs two beside the reads
+NODE_LABEL = "ray.io/node-id"  # every Ray node carries its id as this label
+WORKER_MEMORY = 512 * 1024 ** 2  # a CPU worker's process before its weights (Python, the libraries, batches)
 
 
 class PredictActor:
@@ -39,6 +53,7 @@ class PredictActor:
         self.field_map = opts_dict["field_map"]
         self.id_field = opts_dict["id_field"]
         self.done = ray.get(done_ref) if done_ref is not None else set()
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch):
         rows = batch.to_pylist()
@@ -51,8 +66,9 @@ class PredictActor:
                 records.append(rec)
         out = self.predictor.predict(records) if records else []
         out += bad
-        # Nested JSON as text: one fixed Arrow schema whatever the predictions look like.
-        return {"line": [jsonutil.dumps(r) for r in out]}
+        # Nested JSON as text: one fixed Arrow schema whatever the predictions look like. The node column says
+        # where each row was computed (the run's manifest counts rows per node).
+        return {"line": [jsonutil.dumps(r) for r in out], "node": [self.node] * len(out)}
 
     def _record(self, row: dict):
         rid = row.get(self.id_field)
@@ -83,7 +99,7 @@ class DriverView(Backend):
         self.supports_constrained = name in ("hf", "vllm", "echo")
         self.ident = {"backend": name, "runner": "ray", "dtype": dtype}
         if name == "echo":
-            self.ident["gold"] = str(Path(model).resolve())
+            self.ident["gold"] = node_path(model)
             return
         from transformers import AutoTokenizer
         check_model_dir(Path(model))
@@ -106,25 +122,38 @@ class RayRun(Run):
         self.backend_name, self.backend_kwargs = backend_name, backend_kwargs
         self.tasks_dirs = tasks_dirs
         self.ray_tmp, self.num_cpus = ray_tmp, num_cpus
+        self.rows_per_node: Counter = Counter()
+
+    def prepare(self, key: dict) -> set[int]:
+        """Connect and check the pool fits the cluster before anything is written."""
+        import ray
+        self._init_ray(ray)
+        # A local corpus is read on the driver's node, the one node sure to have it.
+        self.read_node = None if storage.is_remote(self.opts.corpus) else ray.get_runtime_context().get_node_id()
+        self._check_capacity(ray, self.read_node)
+        return super().prepare(key)
 
     def execute(self, done: set[int]):
-        if self.complete:
-            return self.summary
         import ray
         start = time.perf_counter()
-        self._init_ray(ray)
         try:
-            self._check_gpus(ray)
-            ds = self._dataset(ray, ray.put(done) if done else None)
-            from extractor.writers import JsonlAppender
-            writer = JsonlAppender(self.journal)
+            if self.complete:
+                return self.summary
+            ds = self._dataset(ray, ray.put(done) if done else None, self.read_node)
+            writer = self.store.appender(self.manifest)
             try:
                 for batch in ds.iter_batches(batch_size=self.opts.window, batch_format="pyarrow"):
                     rows = [jsonutil.loads(x) for x in batch.column("line").to_pylist()]
                     writer.write_batch(rows)
                     self._count(rows)
+                    self.rows_per_node.update(batch.column("node").to_pylist())
+            except ExtractorError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Ray wraps worker failures in several types
+                raise worker_error(exc) from None
             finally:
                 writer.close()
+            self.manifest["ray"] = self._placement(ray)
         finally:
             if not self.address:
                 ray.shutdown()
@@ -141,37 +170,83 @@ class RayRun(Run):
             logging.getLogger("ray").setLevel(logging.WARNING)
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance for this run only
+        # Read tasks on other nodes reach the corpus's store as this process does (endpoint, credentials).
+        env = storage.forwarded_env() if storage.is_remote(self.opts.corpus) else {}
+        runtime_env = {"env_vars": env} if env else None
+        common = dict(log_to_driver=False, runtime_env=runtime_env,
+                      logging_level=logging.WARNING if self.opts.quiet else logging.INFO)
         if self.address:
-            ray.init(address=self.address, log_to_driver=False)
+            check_reachable(self.address)
+            ray.init(address=self.address, **common)
         else:
             ray.init(num_cpus=self.num_cpus, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
-                     _temp_dir=self.ray_tmp, log_to_driver=False)
+                     _temp_dir=self.ray_tmp, **common)
 
     def _uses_gpus(self) -> bool:
         return str(self.backend_kwargs.get("device", "auto")).startswith("cuda")
 
-    def _check_gpus(self, ray) -> None:
-        """Each GPU worker asks Ray for a whole GPU: where the cluster has fewer, the actors would wait for
-        them forever."""
-        if not self._uses_gpus():
-            return
-        have = int(ray.cluster_resources().get("GPU", 0))
-        if have < self.workers:
-            raise ExtractorError(f"--ray-workers {self.workers} with --device cuda needs {self.workers} GPUs; the Ray "
-                                 f"cluster has {have}: pass --ray-workers {have} or fewer" if have else
-                                 "--device cuda: the Ray cluster has no GPUs; pass --device cpu or join GPU nodes")
+    def _worker_demand(self) -> ray_capacity.Demand:
+        """A GPU worker: one GPU and a CPU to drive it. A CPU worker: half a CPU and host memory for its
+        weights (Ray then never packs more models onto a node than it can hold)."""
+        if self._uses_gpus():
+            return ray_capacity.Demand(cpus=1, gpus=1)
+        return ray_capacity.Demand(cpus=WORKER_CPUS, memory=WORKER_MEMORY + weights_bytes(self.backend_kwargs))
 
-    def _dataset(self, ray, done_ref):
+    def _check_capacity(self, ray, read_node: str | None) -> None:
+        nodes = [ray_capacity.Node.from_ray(n) for n in ray.nodes() if n.get("Alive")]
+        problem = ray_capacity.check(nodes, self.workers, self._worker_demand(), ray_capacity.Demand(READ_CPUS),
+                                     read_node)
+        if problem:
+            raise ExtractorError(problem)
+        self._check_paths(ray, [n for n in nodes if n.fits(self._worker_demand())])
+
+    def _check_paths(self, ray, nodes: list) -> None:
+        """Every node that may host a worker must see the model, adapters and tasks folders at the driver's
+        absolute paths; asked of each node up front (a zero-CPU task pinned to it), since a worker that cannot
+        find them fails only after Ray has printed its retries."""
+        kwargs = self.backend_kwargs
+        paths = [p for p in (kwargs.get("model"), *kwargs.get("adapters", ()), *self.tasks_dirs)
+                 if p and Path(p).is_absolute()]
+        if not paths:
+            return
+        probe = ray.remote(num_cpus=0)(_missing)
+        refs = {n.node_id: probe.options(label_selector={NODE_LABEL: n.node_id}).remote(paths) for n in nodes}
+        try:
+            answers = dict(zip(refs, ray.get(list(refs.values()), timeout=120)))
+        except Exception as exc:  # noqa: BLE001 - a node that does not answer: GetTimeoutError, a dead node
+            raise ExtractorError(f"the Ray nodes did not answer whether they see {paths[0]} "
+                                 f"({type(exc).__name__}); check the cluster with `ray status`") from None
+        for node in nodes:
+            if answers[node.node_id]:
+                raise ExtractorError(f"{answers[node.node_id][0]} is not on Ray node {node.address} "
+                                     f"{node.node_id[:8]}: every node that may run a worker must read the model, "
+                                     "adapters and --tasks-dir at the same absolute path (a shared folder, or a "
+                                     "copy on each node)")
+
+    def _placement(self, ray) -> dict:
+        """Where the rows of this pass were computed: rows per node (id and address)."""
+        address = {n["NodeID"]: n.get("NodeManagerAddress") for n in ray.nodes()}
+        return {"address": self.address or "local", "workers": self.workers,
+                "rows_per_node": {f"{address.get(k, '?')} {k[:12]}": v for k, v in self.rows_per_node.items()}}
+
+    def _dataset(self, ray, done_ref, read_node: str | None):
         from ray.data import ActorPoolStrategy
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # output in input order, like a single-process run
         ctx.enable_progress_bars = not self.opts.quiet
-        path = str(self.opts.corpus)
         fmt = corpus_format(self.opts.corpus)
+        read_args = {"num_cpus": READ_CPUS}
+        if storage.is_remote(self.opts.corpus):
+            path = self.opts.corpus.uri
+            read_args["filesystem"] = storage.pyarrow_filesystem(self.opts.corpus)
+        else:
+            # The driver's folder is not the workers': an absolute path, read on the driver's node.
+            path = str(Path(self.opts.corpus).resolve())
+            read_args["label_selector"] = {NODE_LABEL: read_node}
         try:
-            ds = {"jsonl": lambda: ray.data.read_json(path, lines=True),
-                  "parquet": lambda: ray.data.read_parquet(path),
-                  "csv": lambda: ray.data.read_csv(path)}[fmt]()
+            ds = {"jsonl": lambda: ray.data.read_json(path, lines=True, **read_args),
+                  "parquet": lambda: ray.data.read_parquet(path, **read_args),
+                  "csv": lambda: ray.data.read_csv(path, **read_args)}[fmt]()
         except Exception as exc:  # noqa: BLE001 - Ray wraps reader errors in several types
             raise ExtractorError(f"{path}: Ray cannot read it ({str(exc).splitlines()[0][:200]})") from None
         field_map = {f: f for f in self.p.task.spec.input_fields}
@@ -180,18 +255,98 @@ class RayRun(Run):
         opts_dict = {"on_long": self.opts.on_long, "max_input_tokens": self.opts.max_input_tokens,
                      "keep_fields": list(self.opts.keep_fields), "few_shot": self.p.builder.few_shot,
                      "adapter": self.p.adapter, "field_map": field_map, "id_field": self.opts.id_field}
-        gpus = 1 if self._uses_gpus() else 0
+        demand = self._worker_demand()
+        memory = {"memory": demand.memory} if demand.memory else {}
         return ds.map_batches(
             PredictActor, batch_size=self.opts.window, batch_format="pyarrow",
             compute=ActorPoolStrategy(size=self.workers),
             fn_constructor_args=(self.p.task.name, tuple(self.tasks_dirs), self.backend_name, self.backend_kwargs,
                                  self.p.params, opts_dict, done_ref),
-            num_cpus=0.5 if not gpus else 1, num_gpus=gpus, max_restarts=2, max_task_retries=2)
+            num_cpus=demand.cpus, num_gpus=demand.gpus, **memory, max_restarts=2, max_task_retries=2)
 
 
 def ray_settings(address: str | None) -> str | None:
     """`--ray` with no value means a local instance; `--ray auto` or HOST:PORT means a cluster."""
     return None if address in (None, "", "local") else address
+
+
+def check_reachable(address: str) -> None:
+    """Ray waits for ever on an address where nothing listens: a TCP connection first, refused in one line."""
+    import socket
+    if address == "auto" or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ExtractorError(f"--ray {address}: no Ray cluster answers there ({exc}); start one with "
+                             f"`ray start --head --port {port}` or check the address") from None
+
+
+_PROJECT_ERROR = re.compile(r"^extractor\.errors\.\w+: (.+)$", re.M)
+
+
+def worker_error(exc: BaseException) -> ExtractorError:
+    """A failure inside Ray (a read task, an actor's start, a batch) as one line. Ray hands some errors back
+    as objects and others only as their traceback's text (an actor that died starting): the project's own
+    error is looked for in both, else the innermost exception's last line is used."""
+    seen, todo, inner, texts = set(), [exc], exc, []
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ExtractorError):
+            return ExtractorError(f"on a Ray worker: {e}")
+        inner = e
+        texts += [str(e), str(getattr(e, "error_msg", ""))]
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    for text in texts:
+        found = _PROJECT_ERROR.findall(text)
+        if found:
+            return ExtractorError(f"on a Ray worker: {found[-1].strip()}")
+    last = next((line.strip() for line in reversed(str(inner).strip().splitlines()) if line.strip()),
+                type(inner).__name__)
+    return ExtractorError(f"the Ray run failed on a worker: {last[:300]}; what was written is kept — fix it and "
+                          "rerun with --resume")
+
+
+def _missing(paths: list[str]) -> list[str]:
+    """Runs on one node: which of these paths it cannot see."""
+    import os
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def node_path(item: str) -> str:
+    """A model, adapter, gold or tasks path as every node must read it: absolute (the workers' folder is not
+    the driver's). Anything else (a hub id) is passed on as it is."""
+    path = Path(item)
+    return str(path.resolve()) if path.exists() else item
+
+
+def worker_tasks_dirs(tasks_dirs) -> tuple[str, ...]:
+    """--tasks-dir and $EXTRACTOR_TASKS_DIR as the workers must see them (they have neither)."""
+    import os
+    from extractor.tasks import TASKS_DIR_ENV
+    env = [d for d in os.environ.get(TASKS_DIR_ENV, "").split(os.pathsep) if d]
+    return tuple(node_path(d) for d in (*tasks_dirs, *env))
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def weights_bytes(backend_kwargs: dict) -> int:
+    """The weight files' sizes (model and adapters; echo's gold file): what a CPU worker holds in memory at
+    least."""
+    total = 0
+    for item in (backend_kwargs.get("model"), *backend_kwargs.get("adapters", ())):
+        path = Path(item) if item else None
+        if path is None or not path.exists():
+            continue
+        files = [path] if path.is_file() else [f for pattern in WEIGHT_FILES for f in path.glob(pattern)]
+        total += sum(f.stat().st_size for f in files)
+    return total
 
 
 def check_ray_installed() -> None:
@@ -202,7 +357,8 @@ def check_ray_installed() -> None:
         raise ExtractorError("--ray needs Ray Data: pip install 'extractor[ray]'") from None
 
 
-def ray_temp_dir(out: Path) -> str:
+def ray_temp_dir(out) -> str:
     # Ray's socket paths must stay short (107 bytes): a short folder under /tmp, named after the output.
     import hashlib
-    return f"/tmp/ray-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:8]}"
+    name = str(out) if storage.is_remote(out) else str(out.resolve())
+    return f"/tmp/ray-{hashlib.sha1(name.encode()).hexdigest()[:8]}"

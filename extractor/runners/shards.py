@@ -4,26 +4,28 @@ Record i (counting good records in input order, so rejected lines never shift th
 i mod N. Each worker is a plain `extractor run --shard K/N` with its own output journal and manifest, so
 each shard resumes on its own. When all workers finish, row i of the merged output is row i div N of shard
 i mod N: the merge restores input order and checks that every record is there exactly once. A worker that
-dies is reported with its shard; rerunning the same command with --resume continues every shard.
+dies is reported with its shard; rerunning the same command with --resume continues every shard. With an
+object-store output the shards are objects beside it (each committed by its worker, `parts.py`), and the
+merged output is uploaded whole.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import click
 
-from extractor import jsonutil
+from extractor import storage
 from extractor.errors import ExtractorError
 from extractor.provenance import manifest_path, read_manifest, stamp, write_json_atomic
-from extractor.writers import drop_partial_tail, is_parquet, iter_jsonl_rows, jsonl_to_parquet
+from extractor.storage import Location
+from extractor.writers import drop_partial_tail, is_parquet, iter_jsonl_rows, write_jsonl, write_parquet
 
 MERGED_FORMAT = "extractor.merged/1"
 
 
-def shard_path(out: Path, k: int, n: int) -> Path:
+def shard_path(out: Location, k: int, n: int) -> Location:
     stem = out.name[: -len("".join(out.suffixes))] if out.suffixes else out.name
     return out.with_name(f"{stem}.shard{k}of{n}.jsonl")
 
@@ -50,7 +52,7 @@ def argv_from_params(command: click.Command, params: dict, skip: set[str]) -> li
     return args
 
 
-def run_sharded(command: click.Command, params: dict, out: Path, gpus: int, device: str, console) -> None:
+def run_sharded(command: click.Command, params: dict, out: Location, gpus: int, device: str, console) -> None:
     if _already_merged(out, params, gpus, console):
         return
     base = argv_from_params(command, params, skip={"gpus", "out", "device"})
@@ -86,18 +88,18 @@ def run_sharded(command: click.Command, params: dict, out: Path, gpus: int, devi
     console.print(f"merged {summary['records']} records from {gpus} shards into {out}")
 
 
-def _already_merged(out: Path, params: dict, gpus: int, console) -> bool:
+def _already_merged(out: Location, params: dict, gpus: int, console) -> bool:
     """True when a complete merged output is there to keep (--resume); clears it for --overwrite; refuses to
     replace anything else."""
     if params.get("overwrite") and not params.get("resume"):
-        out.unlink(missing_ok=True)
-        manifest_path(out).unlink(missing_ok=True)
+        storage.remove(out)
+        storage.remove(manifest_path(out))
         return False
-    if not out.exists():
+    if not storage.exists(out):
         return False
     manifest = read_manifest(out)
     if not (manifest and manifest.get("format") == MERGED_FORMAT):
-        if not any(shard_path(out, k, gpus).exists() for k in range(gpus)):  # a merge removes its shards last
+        if not any(storage.exists(shard_path(out, k, gpus)) for k in range(gpus)):  # a merge removes shards last
             raise ExtractorError(f"{out} already exists and was not merged by a --gpus run; use another --out or "
                                  "--overwrite")
         if params.get("resume"):
@@ -125,44 +127,46 @@ def _cuda_count() -> int:
         return 0
 
 
-def merge(out: Path, n: int) -> dict:
+def merge(out: Location, n: int) -> dict:
     """Interleave the shards back into input order, checking every shard is complete and ids are unique."""
     shards = [shard_path(out, k, n) for k in range(n)]
     manifests = [read_manifest(s) for s in shards]
     for s, m in zip(shards, manifests):
         if not m or not (m.get("summary") or {}).get("complete"):
             raise ExtractorError(f"{s} is not complete; rerun with --resume before merging")
-        drop_partial_tail(s)
-    iters = [iter_jsonl_rows(s) for s in shards]
-    journal = out.with_name(out.name + ".merge.jsonl") if is_parquet(out) else out.with_name(out.name + ".tmp")
-    count, statuses, seen = 0, {}, set()
-    with open(journal, "w", encoding="utf-8") as fh:
-        while True:
-            item = next(iters[count % n], None)
-            if item is None:
-                break
-            row = item[1]
-            if row["id"] in seen:
-                raise ExtractorError(f"id {row['id']} appears twice across shards; the shards are inconsistent")
-            seen.add(row["id"])
-            fh.write(jsonutil.dumps(row) + "\n")
-            statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-            count += 1
-    leftovers = [shards[k].name for k in range(n) if next(iters[k], None) is not None]
-    if leftovers:
-        journal.unlink()
-        raise ExtractorError(f"shards {', '.join(leftovers)} hold more rows than the interleave allows; they do not "
-                             "come from the same corpus and settings")
-    if is_parquet(out):
-        jsonl_to_parquet(journal, out)
-        journal.unlink()
-    else:
-        journal.replace(out)
+        if not storage.is_remote(s):
+            drop_partial_tail(s)
+    statuses: dict = {}
+    rows = _interleave(shards, statuses)
+    # The merged output appears whole or not at all: an inconsistency found part-way leaves no output.
+    count = write_parquet(rows, out) if is_parquet(out) else write_jsonl(rows, out)
     summary = {"records": count, "statuses": dict(sorted(statuses.items())), "complete": True}
     write_json_atomic(manifest_path(out), {"format": MERGED_FORMAT, "shards": [str(s) for s in shards],
                                            "run_key": {k: v for k, v in manifests[0]["run_key"].items() if k != "shard"},
                                            "shard_manifests": manifests, **stamp(), "summary": summary})
     for s in shards:
-        s.unlink()
-        manifest_path(s).unlink()
+        storage.remove(s)
+        storage.remove(manifest_path(s))
     return summary
+
+
+def _interleave(shards: list, statuses: dict):
+    """Row i of the merge is row i div n of shard i mod n; ids must be unique and every shard used up."""
+    n = len(shards)
+    iters = [iter_jsonl_rows(s) for s in shards]
+    count, seen = 0, set()
+    while True:
+        item = next(iters[count % n], None)
+        if item is None:
+            break
+        row = item[1]
+        if row["id"] in seen:
+            raise ExtractorError(f"id {row['id']} appears twice across shards; the shards are inconsistent")
+        seen.add(row["id"])
+        statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+        count += 1
+        yield row
+    leftovers = [shards[k].name for k in range(n) if next(iters[k], None) is not None]
+    if leftovers:
+        raise ExtractorError(f"shards {', '.join(leftovers)} hold more rows than the interleave allows; they do not "
+                             "come from the same corpus and settings")

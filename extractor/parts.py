@@ -1,0 +1,129 @@
+"""Exactly-once output on an object store, which cannot append: one part object per window, then a commit.
+
+While a run goes, each window of rows is one object `<out>.parts/part-NNNNNNNN.jsonl`, put in one request
+(so it is whole or absent; a kill cannot tear it). The manifest beside the output says which of two states
+holds, and with it where the rows are:
+
+- not committed: the parts are the rows; an output object, if any, is stale and is rewritten at commit;
+- committed: the output object is the rows; any parts are leftovers of a cut-short step and are deleted.
+
+Commit (the run completed): write the output from the parts in order (an upload the store shows only once
+complete) → manifest says committed → delete the parts. A `--resume` that finds more to do after a commit
+first copies the output into part 0, then says not committed in the manifest, and goes on from part 1. A
+kill between any two steps leaves one of the two states, each with every row exactly once.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+from extractor import jsonutil, storage
+from extractor.errors import ManifestError
+from extractor.provenance import manifest_path, write_json_atomic
+from extractor.writers import is_parquet, iter_rows, write_jsonl, write_parquet
+
+_PART = re.compile(r"^part-(\d{8})\.jsonl$")
+
+
+class PartsOutput:
+    """The object-store counterpart of writers.JournalOutput (same methods, same meaning)."""
+
+    def __init__(self, out: storage.Remote):
+        self.out = out
+        self.folder = out.with_name(out.name + ".parts")
+        self.manifest_path = manifest_path(out)
+        self._next = 0
+
+    def exists(self) -> bool:
+        return storage.exists(self.out) or bool(self._parts())
+
+    def clear(self) -> None:
+        for part in self._parts():
+            storage.remove(part)
+        storage.remove(self.out)
+        storage.remove(self.manifest_path)
+
+    def manifest_text(self) -> str:
+        return storage.read_text(self.manifest_path)
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_json_atomic(self.manifest_path, manifest)
+
+    def finished(self) -> bool:
+        return False  # a committed output can still be continued (part 0 takes its rows)
+
+    def done_rows(self, manifest: dict, console=None) -> Iterator[dict]:
+        parts = self._parts()
+        if manifest.get("committed"):
+            if not storage.exists(self.out):
+                raise ManifestError(f"{self.manifest_path} says the run was committed, but {self.out} is gone; "
+                                    "use --overwrite to start over")
+            for part in parts:  # leftovers: parts already in the output, or a part 0 not yet taken over
+                storage.remove(part)
+            self._next = 0
+            for _, row in iter_rows(self.out):
+                yield row
+            return
+        self._next = _number(parts[-1]) + 1 if parts else 0
+        for part in parts:
+            for _, row in iter_rows(part):
+                yield row
+
+    def appender(self, manifest: dict) -> "PartWriter":
+        return PartWriter(self, manifest)
+
+    def finish(self, manifest: dict, complete: bool) -> None:
+        parts = self._parts()
+        if not complete or (manifest.get("committed") and not parts):
+            self.write_manifest(manifest)
+            return
+        rows = (row for part in parts for _, row in iter_rows(part))
+        if is_parquet(self.out):
+            write_parquet(rows, self.out)
+        else:
+            write_jsonl(rows, self.out)
+        manifest["committed"] = True
+        self.write_manifest(manifest)
+        for part in parts:
+            storage.remove(part)
+
+    def uncommit(self, manifest: dict) -> None:
+        """More rows for a committed output: its rows become part 0, then the parts are the rows again."""
+        write_jsonl((row for _, row in iter_rows(self.out)), self._part(0))
+        manifest["committed"] = False
+        self.write_manifest(manifest)
+        self._next = 1
+
+    def put_part(self, rows: list[dict]) -> None:
+        data = "".join(jsonutil.dumps(r) + "\n" for r in rows).encode("utf-8")
+        storage.put(self._part(self._next), data)
+        self._next += 1
+
+    def _part(self, n: int) -> storage.Remote:
+        return self.folder.child(f"part-{n:08d}.jsonl")
+
+    def _parts(self) -> list[storage.Remote]:
+        parts = [p for p in storage.listing(self.folder) if _PART.match(p.name)]
+        return sorted(parts, key=_number)
+
+
+class PartWriter:
+    """`write_batch` as JsonlAppender's: one window's rows, durable when it returns."""
+
+    def __init__(self, output: PartsOutput, manifest: dict):
+        self.output, self.manifest = output, manifest
+
+    def write_batch(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        if self.manifest.get("committed"):
+            self.output.uncommit(self.manifest)
+        self.output.put_part(rows)
+
+    def close(self) -> None:
+        pass
+
+
+def _number(part: storage.Remote) -> int:
+    return int(_PART.match(part.name).group(1))
