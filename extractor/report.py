@@ -1,16 +1,23 @@
 """Self-contained HTML report and Markdown summary of a metrics result.
 
-Charts are PNG (matplotlib, Agg), embedded in the HTML as data URIs and written beside the Markdown.
-All record text goes through html.escape: corpus or model output can never inject markup or script.
+Charts are drawn once with matplotlib (Agg) and written twice: as inline SVG in the HTML, with every label
+a <text> element the viewing browser draws with its own fonts (class names in any script are legible even
+when the machine that wrote the report has no font for them), and as PNG files beside the Markdown
+(rasterised here: Chinese labels need a CJK font on this machine, used when one is installed).
+All record text goes through html.escape, and matplotlib escapes the SVG's text: corpus or model output can
+never inject markup or script.
 """
 from __future__ import annotations
 
-import base64
 import html
 import io
+import warnings
 from pathlib import Path
 
 CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "SimHei")
+# The browser's font stack for chart labels: common CJK fonts on each OS, then the generic family.
+BROWSER_FONTS = ("system-ui, -apple-system, 'Segoe UI', 'Noto Sans', 'Noto Sans CJK SC', 'PingFang SC', "
+                 "'Microsoft YaHei', 'WenQuanYi Zen Hei', 'Source Han Sans SC', sans-serif")
 
 
 def _pyplot():
@@ -22,19 +29,33 @@ def _pyplot():
     import matplotlib.pyplot as plt
     from matplotlib import font_manager
     names = {f.name for f in font_manager.fontManager.ttflist}
-    # Class names are often Chinese: put a CJK font in the fallback chain when one is installed.
+    # PNG only: put a CJK font in the fallback chain when one is installed.
     plt.rcParams["font.sans-serif"] = [n for n in CJK_FONTS if n in names] + ["DejaVu Sans"]
     plt.rcParams["font.family"] = "sans-serif"
+    plt.rcParams["svg.fonttype"] = "none"  # SVG text stays text: the browser draws the glyphs
+    plt.rcParams["svg.hashsalt"] = "extractor-report"  # stable element ids: the same result, the same file
     return plt
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
+class Chart:
+    """One figure as PNG bytes and as an SVG element ready to inline (no XML prolog, an id, a label)."""
+
+    def __init__(self, fig, element_id: str, label: str):
+        with warnings.catch_warnings():  # glyphs missing from the PNG's fonts: the SVG does not need them
+            warnings.filterwarnings("ignore", message="Glyph .* missing from")
+            self.png = self._save(fig, "png", dpi=110)
+            svg = self._save(fig, "svg", metadata={"Date": None}).decode("utf-8")
+        svg = svg[svg.index("<svg"):]
+        self.svg = svg.replace("<svg ", f'<svg id="{element_id}" role="img" aria-label="{html.escape(label)}" ', 1)
+
+    @staticmethod
+    def _save(fig, fmt: str, **kwargs) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, bbox_inches="tight", **kwargs)
+        return buf.getvalue()
 
 
-def f1_chart(result: dict) -> bytes:
+def f1_chart(result: dict) -> Chart:
     plt = _pyplot()
     classes = list(result["classes"])
     f1s = [result["classes"][c]["f1"] for c in classes]
@@ -45,12 +66,12 @@ def f1_chart(result: dict) -> bytes:
     ax.axvline(result["micro"]["f1"], color="#d8553b", linestyle="--", label=f"micro F1 {result['micro']['f1']:.3f}")
     ax.legend(loc="lower right")
     ax.set_title("F1 per class")
-    data = _png(fig)
+    chart = Chart(fig, "f1-chart", "F1 per class")
     plt.close(fig)
-    return data
+    return chart
 
 
-def confusion_chart(result: dict) -> bytes | None:
+def confusion_chart(result: dict) -> Chart | None:
     cells = result.get("confusion")
     if not cells:
         return None
@@ -71,13 +92,9 @@ def confusion_chart(result: dict) -> bytes | None:
             if v:
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
     ax.set_title("Confusion matrix")
-    data = _png(fig)
+    chart = Chart(fig, "confusion", "confusion matrix")
     plt.close(fig)
-    return data
-
-
-def _b64(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
+    return chart
 
 
 def _rows(result: dict) -> list[tuple[str, dict]]:
@@ -94,19 +111,19 @@ def _fmt(v) -> str:
 
 def write_report(result: dict, out_dir: Path, title: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    f1_png = f1_chart(result)
-    conf_png = confusion_chart(result)
-    (out_dir / "f1_per_class.png").write_bytes(f1_png)
-    if conf_png:
-        (out_dir / "confusion.png").write_bytes(conf_png)
+    f1 = f1_chart(result)
+    conf = confusion_chart(result)
+    (out_dir / "f1_per_class.png").write_bytes(f1.png)
+    if conf:
+        (out_dir / "confusion.png").write_bytes(conf.png)
     html_path = out_dir / "report.html"
-    html_path.write_text(_html(result, title, f1_png, conf_png), encoding="utf-8")
+    html_path.write_text(_html(result, title, f1, conf), encoding="utf-8")
     md_path = out_dir / "summary.md"
-    md_path.write_text(_markdown(result, title, conf_png is not None), encoding="utf-8")
+    md_path.write_text(_markdown(result, title, conf is not None), encoding="utf-8")
     return html_path, md_path
 
 
-def _html(result: dict, title: str, f1_png: bytes, conf_png: bytes | None) -> str:
+def _html(result: dict, title: str, f1: Chart, conf: Chart | None) -> str:
     e = html.escape
     head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th><th>TP</th><th>FP</th><th>FN</th></tr>"
     body = "".join(
@@ -124,19 +141,21 @@ def _html(result: dict, title: str, f1_png: bytes, conf_png: bytes | None) -> st
                 examples.append(f"<h3>{e(cls)}: top {label}</h3><ul>{items}</ul>")
     rec = result["records"]
     prov = result.get("provenance", {})
-    conf = f"<h2>Confusion matrix</h2><img id='confusion' alt='confusion matrix' src='{_b64(conf_png)}'>" if conf_png else ""
+    conf_html = f"<h2>Confusion matrix</h2><div class='chart'>{conf.svg}</div>" if conf else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}
-tr.avg{{font-weight:bold;background:#f3f3f3}}.snippet{{color:#555}}img{{max-width:100%}}</style></head>
+tr.avg{{font-weight:bold;background:#f3f3f3}}.snippet{{color:#555}}
+.chart svg{{max-width:100%;height:auto;overflow:visible}}.chart{{padding-left:3em}}
+.chart svg text{{font-family:{BROWSER_FONTS} !important}}</style></head>
 <body><h1>{e(title)}</h1>
 <p>task <b>{e(str(prov.get('task', '')))}</b> v{e(str(prov.get('task_version', '')))} ·
 records scored {rec['scored']} · missing predictions {rec['missing']} · predictions not in gold {rec['extra_predictions']}
 · micro F1 <b id="micro-f1">{result['micro']['f1']:.4f}</b> · lenient (token overlap) micro F1 {lenient['f1']:.4f}</p>
 <h2>Per class</h2><table id="per-class"><thead>{head}</thead><tbody>{body}</tbody></table>
-<h2>F1 per class</h2><img id="f1-chart" alt="F1 per class" src="{_b64(f1_png)}">
-{conf}
+<h2>F1 per class</h2><div class="chart">{f1.svg}</div>
+{conf_html}
 <h2>Statuses</h2><table id="statuses"><tr><th>status</th><th>records</th></tr>{statuses}</table>
 <h2>Errors by class</h2>{''.join(examples) or '<p>none</p>'}
 <h2>Provenance</h2><pre>{e(_prov_text(prov))}</pre>
