@@ -14,7 +14,8 @@ from extractor.provenance import check_writable, stamp, write_json_atomic
 
 
 @click.command()
-@click.option("--model", required=True, type=click.Path(file_okay=False), help="Local model folder (hf).")
+@click.option("--model", required=True, type=click.Path(file_okay=False),
+              help="Local model folder (hf), or a hub id ORG/NAME[@revision] in the local Hugging Face cache.")
 @click.option("--task", "task_name", default="jd_requirements", show_default=True)
 @click.option("--corpus", type=click.Path(dir_okay=False), default=None,
               help="Records to run (JSONL/Parquet/CSV, the task's input fields). Default: synthetic postings.")
@@ -50,6 +51,8 @@ def bench(model, task_name, corpus, n, baseline_n, max_new_tokens, constrained, 
         raise InputError(f"{corpus}: no such file; check the corpus path or leave --corpus out for synthetic postings")
     if out:
         check_writable(Path(out))
+    from extractor.hub import resolve
+    model, _ = resolve(model)  # a hub id -> its cached snapshot
     backend = HFBackend(model=model, dtype=dtype, device=device, batch_size=batch_size, fast="on")
     from extractor.backends.fast import supports
     if not supports(backend.base):

@@ -11,6 +11,7 @@ from extractor.backends.base import GenParams
 from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_option
 from extractor.cli.tables import status_table
 from extractor.errors import InputError
+from extractor.hub import RunSources
 from extractor.pipeline import RESERVED, Predictor, Run, RunOptions, output_for_adapter, run_key
 from extractor.provenance import check_writable
 from extractor.tasks import load_task
@@ -19,14 +20,16 @@ from extractor.tasks import load_task
 @click.command()
 @click.argument("corpus", type=click.Path(dir_okay=False))
 @click.option("--task", "task_name", required=True, help="Task name (see `extractor tasks`).")
-@click.option("--model", required=True, help="Local model folder (hf), or a gold file (echo).")
+@click.option("--model", required=True,
+              help="Local model folder, or a hub id ORG/NAME[@revision] found in the local Hugging Face cache "
+                   "(hf, vllm; never downloaded); a gold file (echo).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions: .jsonl or .parquet.")
 @click.option("--backend", default="hf", show_default=True, help="hf | vllm | echo")
 @click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="vllm: GPUs per model replica.")
-@click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False),
-              help="peft adapter folder (LoRA, P-tuning, prefix, prompt tuning); repeat to score several, "
-                   "one output file each (preds.<adapter>.jsonl).")
+@click.option("--adapter", "adapters", multiple=True,
+              help="peft adapter folder (LoRA, P-tuning, prefix, prompt tuning) or cached hub id; repeat to score "
+                   "several, one output file each (preds.<adapter>.jsonl).")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code (off by default).")
@@ -80,6 +83,7 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
     """
     task = load_task(task_name, tasks_dirs)
     console = Console(stderr=True, quiet=quiet)
+    sources = RunSources.resolve(model, adapters, backend)  # hub ids -> cached snapshots; fails before any work
     if gpus:
         from extractor.runners.shards import run_sharded
         ctx = click.get_current_context()
@@ -100,10 +104,10 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
         raise InputError(f"{corpus}: no such file; check the corpus path")
     check_writable(opts.out)
     if ray_address:
-        _run_on_ray(task, opts, backend, model, adapters, dtype, device, trust_remote_code, batch_size, batch_tokens,
+        _run_on_ray(task, opts, backend, sources, dtype, device, trust_remote_code, batch_size, batch_tokens,
                     few_shot, keep_fields, ray_address, ray_workers, tasks_dirs, console)
         return
-    engine = backend_class(backend)(model=model, adapters=adapters, dtype=dtype, device=device,
+    engine = backend_class(backend)(model=sources.model, adapters=sources.adapters, dtype=dtype, device=device,
                                     trust_remote_code=trust_remote_code, batch_size=batch_size,
                                     batch_tokens=batch_tokens, tensor_parallel=tensor_parallel, seed=seed,
                                     fast=fast)
@@ -111,10 +115,10 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
     for name in names:
         engine.use_adapter(name)
         predictor = Predictor(task, engine, params, on_long, max_input_tokens, tuple(keep_fields), few_shot)
-        predictor.adapter = name
-        target = output_for_adapter(opts.out, name, len(names))
+        predictor.adapter = sources.adapter_labels.get(name, name)
+        target = output_for_adapter(opts.out, predictor.adapter, len(names))
         job = Run(predictor, opts, target, console)
-        done = job.prepare(run_key(task, engine, predictor, opts))
+        done = job.prepare(_key(task, engine, predictor, opts, sources))
         summary = job.execute(done)
         _report(console, target, summary)
         if summary.interrupted:
@@ -122,21 +126,30 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
             raise SystemExit(130)
 
 
-def _run_on_ray(task, opts, backend, model, adapters, dtype, device, trust_remote_code, batch_size, batch_tokens,
-                few_shot, keep_fields, ray_address, ray_workers, tasks_dirs, console) -> None:
+def _key(task, engine, predictor, opts, sources: RunSources) -> dict:
+    """What --resume must match; with hub ids, also the id, revision and snapshot they led to."""
+    key = run_key(task, engine, predictor, opts)
+    if sources.hub:
+        key["hub"] = sources.hub
+    return key
+
+
+def _run_on_ray(task, opts, backend, sources: RunSources, dtype, device, trust_remote_code, batch_size,
+                batch_tokens, few_shot, keep_fields, ray_address, ray_workers, tasks_dirs, console) -> None:
     from extractor.runners.ray_runner import DriverView, RayRun, check_ray_installed, ray_settings, ray_temp_dir
     check_ray_installed()
+    model, adapters = sources.model, sources.adapters
     if len(adapters) > 1:
         raise InputError("--ray runs one adapter at a time; start one run per adapter")
     adapter = adapters[0] if adapters else None
     view = DriverView(backend, model, adapter, dtype, trust_remote_code)
     predictor = Predictor(task, view, opts.params, opts.on_long, opts.max_input_tokens, tuple(keep_fields), few_shot)
-    predictor.adapter = Path(adapter).name if adapter else None
+    predictor.adapter = sources.adapter_labels.get(Path(adapter).name, Path(adapter).name) if adapter else None
     kwargs = dict(model=model, adapters=tuple(adapters), dtype=dtype, device=device,
                   trust_remote_code=trust_remote_code, batch_size=batch_size, batch_tokens=batch_tokens)
     job = RayRun(predictor, opts, opts.out, console, ray_settings(ray_address), ray_workers, backend, kwargs,
                  tasks_dirs, ray_tmp=ray_temp_dir(opts.out), num_cpus=max(2, ray_workers))
-    done = job.prepare(run_key(task, view, predictor, opts))
+    done = job.prepare(_key(task, view, predictor, opts, sources))
     summary = job.execute(done)
     _report(console, opts.out, summary)
 

@@ -11,7 +11,8 @@ from extractor.cli.options import tasks_dir_option
 
 
 @click.command()
-@click.option("--model", required=True, type=click.Path(file_okay=False), help="Base model folder.")
+@click.option("--model", required=True, type=click.Path(file_okay=False),
+              help="Base model folder, or a hub id ORG/NAME[@revision] in the local Hugging Face cache.")
 @click.option("--method", type=click.Choice(["lora", "ptuning", "prefix", "full"]), default="lora", show_default=True)
 @click.option("--train", "train_path", required=True, type=click.Path(dir_okay=False),
               help="{context, target} JSONL, or a corpus with --gold and --task.")
@@ -71,7 +72,10 @@ def train(model, method, train_path, gold, dev, dev_gold, task_name, out, max_so
     if processes > 1 and "LOCAL_RANK" not in os.environ:
         _relaunch(processes)
         return
+    from extractor.hub import resolve
     from extractor.training.loop import TrainConfig, Trainer
+    model, source = resolve(model)
+    hub = {"hub": source.as_dict()} if source else {}
     cfg = TrainConfig(model=model, out=out, method=method, task=task_name, train=train_path, gold=gold, dev=dev,
                       dev_gold=dev_gold, max_source_len=max_source_len, max_target_len=max_target_len, lora_r=lora_r,
                       lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=tuple(lora_targets),
@@ -81,7 +85,7 @@ def train(model, method, train_path, gold, dev, dev_gold, task_name, out, max_so
                       precision=precision, grad_checkpointing=gradient_checkpointing, seed=seed,
                       logging_steps=logging_steps, save_steps=save_steps, eval_limit=eval_limit,
                       eval_max_new_tokens=eval_max_new_tokens, constrained_eval=constrained_eval, few_shot=few_shot, best_by=best_by,
-                      merge_lora=merge_lora, resume=resume, quiet=quiet, extra={"tasks_dirs": tasks_dirs})
+                      merge_lora=merge_lora, resume=resume, quiet=quiet, extra={"tasks_dirs": tasks_dirs, **hub})
     summary = Trainer(cfg, log=lambda m: click.echo(m, err=True)).train()
     best = summary.get("best") or {}
     click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s on {summary['processes']} process(es); "
