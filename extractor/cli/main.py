@@ -20,6 +20,8 @@ COMMANDS = {
     "validate": "extractor.cli.validate_cmd:validate",
     "bench": "extractor.cli.bench_cmd:bench",
 }
+# Commands a nightly job spells out at length: they also take --config FILE (extractor/cli/config_file.py).
+CONFIGURABLE = {"run", "eval", "compare", "train"}
 
 
 class LazyGroup(click.Group):
@@ -31,7 +33,11 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module, attr = target.split(":")
-        return getattr(__import__(module, fromlist=[attr]), attr)
+        command = getattr(__import__(module, fromlist=[attr]), attr)
+        if name in CONFIGURABLE:
+            from extractor.cli.config_file import add_config_option
+            add_config_option(command)
+        return command
 
     def invoke(self, ctx):
         try:
