@@ -13,6 +13,12 @@ Rows, all measured here, same card, same process:
 Also: the compute floor (2 * params * all tokens at a bf16 matmul rate measured here), greedy agreement
 with `generate` (fp32 token for token; bf16 prefix agreement), and where FastDecoder's time goes.
 
+Issue 14 parts: `legacy` (the FastDecoder before it ran the model's own forward, from a copy of that file at
+--legacy, same call: the baseline), `compiled` (torch.compile around the model's forward), `families` (the
+anchor workload on random-weight configs shaped like Gemma-2-2B, GLM-4-9B and Phi-3-mini: tok/s and fraction
+of each one's compute floor), `check_families` (every family on the list, tiny fp32 configs on the GPU with
+graphs and the Triton kernel: token equality with `generate`).
+
     python bench/gpu_fast.py --out $OUT            # everything (~6 min on one H100)
     python bench/gpu_fast.py --out $OUT --parts anchor,fast
 """
@@ -82,11 +88,13 @@ def matmul_tflops() -> float:
     return 10 * 2 * size ** 3 / dt / 1e12
 
 
-def workload(n: int, seed: int = 0):
+def workload(n: int, seed: int = 0, vocab: int | None = None):
+    """The anchor's token ids (ids folded into `vocab` for a model with a smaller vocabulary)."""
     rng = random.Random(seed)
-    prefix = [rng.randrange(1000, 100000) for _ in range(PREFIX)]
+    fold = (lambda i: i % vocab) if vocab else (lambda i: i)
+    prefix = [fold(rng.randrange(1000, 100000)) for _ in range(PREFIX)]
     lo, hi = (64, 448) if NEW == 128 else (4, 40)
-    suffixes = [[rng.randrange(1000, 100000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    suffixes = [[fold(rng.randrange(1000, 100000)) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
     stops = [random.Random(1000 + i).randint(min(16, NEW), NEW) for i in range(n)]  # the EOS variant's lengths
     return prefix, suffixes, stops
 
@@ -163,15 +171,19 @@ CONSTRAINED_KEYS = {"auto": "fast_constrained", "0": "fast_constrained_no_worker
 
 
 # -- FastDecoder ---------------------------------------------------------------------------------------
-def fast_run(model, prefix, suffixes, budgets, slots=None, grammar=None, workers="auto"):
+def fast_run(model, prefix, suffixes, budgets, slots=None, grammar=None, workers="auto", decoder_cls=None,
+             **decoder_kw):
     """FastDecoder on token ids; with `grammar`, every output is constrained to it (a fresh BatchConstraint
-    per call, `workers` grammar processes) and the grammar's stop token ends a row."""
+    per call, `workers` grammar processes) and the grammar's stop token ends a row. decoder_cls: another
+    decoder class with the same interface (the legacy one)."""
     from extractor.backends.fast import FastDecoder, slots_for_memory
     from extractor.constrain_batch import BatchConstraint
+    decoder_cls = decoder_cls or FastDecoder
     unique = max(len(s) for s in suffixes) + NEW
     slots = slots or (slots_for_memory(model, unique, DEVICE) if DEVICE == "cuda" else 16)
     eos = grammar.stop_token_ids if grammar is not None else []
-    (dec, build_s) = timed(lambda: FastDecoder(model, prefix, slots=slots, unique_len=unique, eos_ids=eos))
+    (dec, build_s) = timed(lambda: decoder_cls(model, prefix, slots=slots, unique_len=unique, eos_ids=eos,
+                                               **decoder_kw))
     dec.capture()
     constraint = (lambda: BatchConstraint(grammar, workers)) if grammar is not None else (lambda: None)
     # Warm-up: compiles (torch.compile, Triton) and captures the graphs a run of this shape needs.
@@ -297,6 +309,101 @@ def profile(model, prefix, suffixes, out: Path) -> dict:
     return {"written": "profile.txt"}
 
 
+# -- families (issue 14) ----------------------------------------------------------------------------------
+FAMILY_SHAPES = {  # random weights, shapes of the public checkpoints' configs
+    "gemma2-2b": ("gemma2", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                                 sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                 hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    "glm4-9b": ("glm4", dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+                             num_attention_heads=32, num_key_value_heads=2, head_dim=128, attention_bias=True,
+                             rms_norm_eps=1.5625e-07, tie_word_embeddings=False)),
+    "phi3-mini": ("phi3", dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=32, original_max_position_embeddings=4096,
+                               sliding_window=2047, tie_word_embeddings=False)),
+}
+
+
+def build_family(name: str):
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    model_type, shape = FAMILY_SHAPES[name]
+    cfg = CONFIG_MAPPING[model_type](**shape, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    return model
+
+
+def linear_floor(model, n: int, all_tokens: int, tflops: float) -> float:
+    """Output tok/s if every token's linear layers (and each output token's head) ran at the matmul rate."""
+    layers = sum(p.numel() for name, p in model.named_parameters() if "layers." in name and p.dim() == 2)
+    head = model.get_output_embeddings().weight.numel()
+    return n * NEW / ((2 * layers * all_tokens + 2 * head * n * NEW) / (tflops * 1e12))
+
+
+def families(res: Results, n: int) -> None:
+    for name in FAMILY_SHAPES:
+        try:
+            model = build_family(name)
+            prefix, suffixes, _ = workload(n, vocab=model.config.vocab_size)
+            all_tokens = sum(len(prefix) + len(s) for s in suffixes) + n * NEW
+            _, r = fast_run(model, prefix, suffixes, NEW)
+            r["floor_tok_s"] = linear_floor(model, n, all_tokens, res["bf16_tflops"])
+            r["of_floor"] = r["tok_s"] / r["floor_tok_s"]
+            r["params"] = sum(p.numel() for p in model.parameters())
+            res[f"family_{name}"] = r
+        except Exception as exc:  # noqa: BLE001 - one family's failure must not lose the others
+            res[f"family_{name}"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+        model = None
+        import gc
+        gc.collect()
+        empty_cache()
+
+
+def check_families() -> dict:
+    """Every family on the list, tiny fp32 configs on this device with graphs and the Triton kernel: FastDecoder
+    token for token equal to `generate` (shared prefix, refills, budgets)."""
+    from transformers import AutoModelForCausalLM
+
+    from extractor.backends.fast import FastDecoder
+    from tests.families import OVERRIDES, family_config
+    out = {}
+    rng = random.Random(0)
+    for model_type in OVERRIDES:
+        cfg = family_config(model_type, 1024, eos=2, pad=0)
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        prefix = [rng.randrange(5, 1000) for _ in range(40)]
+        suffixes = [[rng.randrange(5, 1000) for _ in range(rng.randint(2, 40))] for _ in range(6)]
+        budgets = [rng.randint(4, 24) for _ in suffixes]
+        try:
+            dec = FastDecoder(model, prefix, slots=3, unique_len=72, eos_ids=[2])
+            dec.capture()
+            got = dec.generate(suffixes, budgets, refill=2)
+            equal = 0
+            with torch.inference_mode():
+                for s, b, (toks, _) in zip(suffixes, budgets, got):
+                    ids = torch.tensor([prefix + s], device=DEVICE)
+                    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=b, do_sample=False,
+                                         pad_token_id=0, eos_token_id=[2])[0, ids.shape[1]:].tolist()
+                    equal += toks == (ref[: ref.index(2) + 1] if 2 in ref else ref)
+            out[model_type] = {"equal": equal, "of": len(suffixes), "graphs": len(dec._graphs),
+                               "attention": dec.attention}
+        except Exception as exc:  # noqa: BLE001
+            out[model_type] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return out
+
+
+def legacy_decoder(path: str):
+    """The FastDecoder class of another version of fast.py (the same-call baseline)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("legacy_fast", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FastDecoder
+
+
 # -- the run path ----------------------------------------------------------------------------------------
 def run_backend(model, work: Path):
     """The hf backend `extractor run` builds, around the model already in memory (fast path on)."""
@@ -375,7 +482,9 @@ def table(res: Results) -> str:
     for key, label, wl in [("sequential", "sequential `generate`, batch 1", "fixed"),
                            ("static_bs128", "static `generate`, batch 128", "fixed"),
                            ("generate_batch", "`generate_batch` (continuous batching)", "fixed"),
+                           ("fast_legacy", "FastDecoder before issue 14 (own Llama layer)", "fixed"),
                            ("fast", "FastDecoder", "fixed"),
+                           ("fast_compiled", "FastDecoder, torch.compile", "fixed"),
                            ("run_path", "`extractor run` path (hf, fast)", "fixed, text"),
                            ("run_path_constrained", "`extractor run` path, --constrained", "text, JSON"),
                            ("run_path_constrained_switch", "`extractor run` path, --constrained, other GIL switch interval",
@@ -386,15 +495,26 @@ def table(res: Results) -> str:
                            ("fast_constrained_no_workers", "FastDecoder, constrained, grammar in-process", "JSON"),
                            *[(k, f"FastDecoder, constrained, {n} grammar workers", "JSON") for k, n in by_workers],
                            ("static_bs128_eos", "static `generate`, batch 128", "EOS at 16-128"),
+                           ("fast_eos_legacy", "FastDecoder before issue 14", "EOS at 16-128"),
                            ("fast_eos", "FastDecoder", "EOS at 16-128"),
+                           ("fast_eos_compiled", "FastDecoder, torch.compile", "EOS at 16-128"),
                            ("fast_7b", "FastDecoder, 7B config", "fixed")]:
         r = d.get(key)
         if not r:
             continue
         ref = base_eos if "eos" in key else base
         ratio = f"{r['tok_s'] / ref:.1f}x" if ref and "7b" not in key else "-"
-        of_floor = f"{r['tok_s'] / floor:.0%}" if floor and key in ("sequential", "static_bs128", "generate_batch", "fast") else "-"
+        of_floor = f"{r['tok_s'] / floor:.0%}" if floor and key in ("sequential", "static_bs128", "generate_batch", "fast",
+                                                                      "fast_legacy", "fast_compiled") else "-"
         lines.append(f"| {label} | {wl} | {r['tok_s']:,.0f} | {r['records_s']:,.1f} | {ratio} | {of_floor} |")
+    for name in FAMILY_SHAPES:
+        r = d.get(f"family_{name}")
+        if r and "tok_s" in r:
+            lines.append(f"| FastDecoder, {name} config ({r['params'] / 1e9:.2f} B) | fixed | {r['tok_s']:,.0f} | "
+                         f"{r['records_s']:,.1f} | - | {r['of_floor']:.0%} of its linear-layer floor "
+                         f"({r['floor_tok_s']:,.0f}) |")
+        elif r:
+            lines.append(f"| FastDecoder, {name} config | fixed | {r.get('error')} | | | |")
     pairs = [("run_path", "run_path_constrained", "run path"), ("fast", "fast_constrained", "FastDecoder"),
              ("fast_same_lengths", "fast_constrained", "FastDecoder, same output lengths"),
              ("run_path", "run_path_constrained_switch", "run path, other GIL switch interval"),
@@ -421,6 +541,7 @@ def main() -> None:
                         help="also time the constrained run path with this GIL switch interval while decoding "
                              "(seconds; 0: Python's own 5 ms; the default is hf.CONSTRAINED_SWITCH_INTERVAL)")
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU: checks the harness, not speed")
+    parser.add_argument("--legacy", default=None, help="fast.py of an earlier version: the `legacy` part's decoder")
     args = parser.parse_args()
     if args.smoke:
         global DEVICE, PREFIX, NEW
@@ -472,6 +593,13 @@ def main() -> None:
         got, r = fast_run(model, prefix, suffixes, stops)
         r["stops_honoured"] = sum(len(t) == s for (t, _), s in zip(got, stops))
         res["fast_eos"] = r
+    if "legacy" in parts and args.legacy:
+        legacy = legacy_decoder(args.legacy)
+        _, res["fast_legacy"] = fast_run(model, prefix, suffixes, NEW, decoder_cls=legacy)
+        _, res["fast_eos_legacy"] = fast_run(model, prefix, suffixes, stops, decoder_cls=legacy)
+    if "compiled" in parts:
+        _, res["fast_compiled"] = fast_run(model, prefix, suffixes, NEW, compile=True)
+        _, res["fast_eos_compiled"] = fast_run(model, prefix, suffixes, stops, compile=True)
     if "profile" in parts:
         res["profile"] = profile(model, prefix, suffixes, Path(args.out))
     if "check" in parts:
@@ -517,6 +645,11 @@ def main() -> None:
     import gc
     gc.collect()  # the run path's decoder (its KV cache) sits in reference cycles: free it before the 7B model
     empty_cache()
+    if "check_families" in parts:
+        res["check_families"] = check_families()
+    if "families" in parts:
+        torch._dynamo.reset()
+        families(res, args.n)
     if "7b" in parts:
         torch._dynamo.reset()  # the 1.5B decoders' compiled code is of no use to the 7B model
         model, params7 = build("7b")

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from extractor.backends import fast_attention
 from extractor.backends.fast_families import FastPathError, check_attention_kwargs
@@ -337,11 +338,23 @@ class FastDecoder:
                     self._step(b)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-                self._step(b)
+            try:
+                with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+                    self._step(b)
+            except RuntimeError as exc:  # the family's code syncs with the host (e.g. an MoE's expert loop)
+                return self._no_graphs(exc)
             self._pool = graph.pool()
             self._graphs[b] = graph
         return graph
+
+    def _no_graphs(self, exc: Exception) -> None:
+        """This model's decode step cannot be captured: decode eagerly from now on (same tokens, slower)."""
+        import warnings
+        torch.cuda.synchronize()
+        self._use_graphs = False
+        warnings.warn(f"{type(self.model).__name__}'s decode step cannot run as a CUDA graph "
+                      f"({str(exc).splitlines()[0][:160]}); the fast path decodes without graphs", stacklevel=3)
+        return None
 
     # -- the scheduler -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -468,8 +481,9 @@ class FastDecoder:
         previous = self._tok_dev[parity ^ 1]
         self._ids[:b] = torch.where(staged[0] >= 0, previous[staged[0].clamp(min=0)], staged[3])
         self._slot[:b], self._pos[:b] = staged[1], staged[2]
-        if self._use_graphs:
-            self._graph(b).replay()
+        graph = self._graph(b) if self._use_graphs else None
+        if graph is not None:
+            graph.replay()
         else:
             self._step(b)
         return self._logits[:n]

@@ -44,7 +44,10 @@ def works_on(device, dtype) -> bool:
     slot, n = torch.tensor([2, 0, 3], device=device), torch.tensor([1, 40, 17], device=device)
     try:
         got = decode_attention_triton(q, kc, vc, pk, pv, slot, n, 0.125)
-    except Exception:  # noqa: BLE001 - an unsupported GPU or Triton build: use the torch path
+    except Exception as exc:  # noqa: BLE001 - an unsupported GPU or Triton build: use the torch path
+        import warnings
+        warnings.warn(f"the Triton decode kernel does not run here ({type(exc).__name__}: {str(exc)[:200]}); "
+                      "decode attention runs in torch (slower)", stacklevel=2)
         return False
     ref = decode_attention_torch(q, kc, vc, pk, pv, slot, n, 0.125)
     return bool((got.float() - ref.float()).abs().max() < 0.05)
@@ -114,16 +117,13 @@ if triton is not None:
                 v_base = PV + kvh * s_ph
                 s_l = s_pl
                 length = P
-                lo = P + n - WINDOW
+                lo = tl.maximum(P + n - WINDOW, 0)
             else:
                 k_base = K + slot * s_ks + kvh * s_kh
                 v_base = V + slot * s_ks + kvh * s_kh
                 s_l = s_kl
                 length = n
-                lo = n - WINDOW
-            if WINDOW <= 0:
-                lo = 0
-            lo = tl.maximum(lo, 0)
+                lo = tl.maximum(n - WINDOW, 0)
             for start in range((lo // BLOCK_N) * BLOCK_N, length, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 valid = (cols < length) & (cols >= lo)
@@ -168,7 +168,8 @@ def decode_attention_triton(q, k_cache, v_cache, pk, pv, slot, n, scale: float, 
     group = heads // kv_heads
     out = torch.empty_like(q)
     assert k_cache.stride() == v_cache.stride() and pk.stride() == pv.stride() and k_cache.stride(-1) == 1
-    args = (q, k_cache, v_cache, pk, pv, slot, n, out, pk.shape[1], scale, int(window or 0),
+    # No window: one wider than any cache (the kernel has no branch on it, so both cases compile alike).
+    args = (q, k_cache, v_cache, pk, pv, slot, n, out, pk.shape[1], scale, int(window or 1 << 30),
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             pk.stride(0), pk.stride(1), out.stride(0), out.stride(1))
     shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, IEEE=q.dtype == torch.float32,

@@ -27,6 +27,18 @@ def check_model_dir(path: Path) -> None:
         raise ModelError(f"{path}: no tokenizer files; save the tokenizer beside the model")
 
 
+def _attention_for(path: Path, trust_remote_code: bool) -> dict:
+    """Attention scores softcapped (Gemma-2): eager attention, since transformers' sdpa drops the softcap
+    where it is the default (seen with 5.17), and the plain path must compute what the model defines."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return {}  # from_pretrained reports it
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"attn_implementation": "eager"} if getattr(text, "attn_logit_softcapping", None) else {}
+
+
 def check_adapter_dir(path: Path) -> None:
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"adapter '{path}' has no adapter_config.json; pass a folder saved by peft's save_pretrained")
@@ -72,7 +84,8 @@ class HFBackend(TokenizerBackend):
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
             self.base = AutoModelForCausalLM.from_pretrained(
                 self.model_path, dtype=self.dtype, trust_remote_code=trust_remote_code,
-                use_safetensors=any(self.model_path.glob("*.safetensors")) or None).to(self.device)
+                use_safetensors=any(self.model_path.glob("*.safetensors")) or None,
+                **_attention_for(self.model_path, trust_remote_code)).to(self.device)
         except (OSError, ValueError, AttributeError, ImportError, KeyError, RuntimeError) as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ModelError(f"{self.model_path}: cannot load ({first})") from None
