@@ -6,8 +6,12 @@
          uninterrupted run's within a tolerance.
 - shard: `extractor run --gpus 2 --device cpu` killed K times (parent and workers), resumed → merged
          output identical to the single-process run.
+- store: `extractor run` (echo backend) writing to an object store (S3-compatible, from the environment:
+         AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) killed K times at random moments of the whole run, the
+         commit included, resumed → every id exactly once, identical to a local run; where each kill landed.
 
     python bench/reliability.py --kills 20 --out bench/out/reliability.json
+    python bench/reliability.py --store-kills 20   # starts moto's S3 server on loopback for it
 The test suite runs the same functions (tests/test_reliability.py).
 """
 from __future__ import annotations
@@ -117,6 +121,76 @@ def run_kills(root: Path, kills: int, seed: int = 0, extra: tuple = (), label: s
             **_check_exactly_once(out, corpus, ref)}
 
 
+def store_phase(out: str) -> str:
+    """Where a killed store run stopped, from what it left (parts.py's states)."""
+    from extractor import storage
+    from extractor.provenance import read_manifest
+    target = storage.target(out)
+    parts = storage.listing(target.with_name(target.name + ".parts"))
+    manifest = read_manifest(target) or {}
+    if manifest.get("committed"):
+        return "committed, deleting parts" if parts else "complete"
+    if storage.exists(target):
+        return "output uploaded, commit not recorded"
+    return "writing parts" if parts else "before the first part"
+
+
+def run_kills_store(root: Path, prefix: str, kills: int, seed: int = 0, n: int = 400) -> dict:
+    """Kills of a run whose output is `prefix`/killed.jsonl on an object store (this process's environment
+    says which and how). The first two thirds land while parts are being written (soon after one appears),
+    the rest during the commit (soon after the output object appears); then a resume to the end."""
+    from extractor import storage
+    from extractor.synth import write_corpus
+    corpus, gold = root / "store-corpus.jsonl", root / "store-gold.jsonl"
+    write_corpus(corpus, gold, n, seed=11)
+
+    def args(out):
+        return EXTRACTOR + ["run", str(corpus), "--task", "jd_requirements", "--backend", "echo", "--model", str(gold),
+                            "--out", str(out), "--quiet", "--window", "4"]
+    ref = root / "store-ref.jsonl"
+    _check_ran(_run_to_end(args(ref)))
+    out = f"{prefix}/killed.jsonl"
+    target = storage.target(out)
+    parts = target.with_name(target.name + ".parts")
+    rng = random.Random(seed)
+    landed, phases = 0, {}
+    for i in range(kills):
+        in_commit = i >= (2 * kills) // 3
+        started = time.time()
+        ready = (lambda: _uploaded_since(target, started)) if in_commit else _polled(lambda: storage.listing(parts))
+        if _kill_at_random(args(out) + ["--resume"], ready, rng, max_delay=0.05 if in_commit else 0.3):
+            landed += 1
+            phase = store_phase(out)
+            phases[phase] = phases.get(phase, 0) + 1
+    _check_ran(_run_to_end(args(out) + ["--resume"]))
+    local = root / "store-killed.jsonl"
+    local.write_bytes(storage.filesystem(target).cat_file(out))
+    return {"suite": "store", "kills_attempted": kills, "kills_landed": landed, "where_kills_landed": phases,
+            **_check_exactly_once(local, corpus, ref)}
+
+
+def _polled(probe, every: float = 0.05):
+    """A readiness test that asks the store at most every `every` seconds (each ask is a request)."""
+    state = {"next": 0.0}
+
+    def ready():
+        if time.time() < state["next"]:
+            return False
+        state["next"] = time.time() + every
+        return bool(probe())
+    return ready
+
+
+def _uploaded_since(target, since: float) -> bool:
+    from extractor import storage
+    try:
+        info = storage.filesystem(target).info(target.uri, refresh=True)
+    except FileNotFoundError:
+        return False
+    modified = info.get("LastModified")
+    return modified is not None and modified.timestamp() >= since - 1
+
+
 def train_kill(root: Path, seed: int = 0) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -146,17 +220,33 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--shard-kills", type=int, default=6)
+    parser.add_argument("--store-kills", type=int, default=0, help="object-store suite (starts moto's S3 server)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        results = [run_kills(root, args.kills), train_kill(root),
-                   run_kills(root, args.shard_kills, extra=("--gpus", "2", "--device", "cpu"), label="shard")]
+        if args.store_kills:
+            results = [_store_suite(root, args.store_kills)]
+        else:
+            results = [run_kills(root, args.kills), train_kill(root),
+                       run_kills(root, args.shard_kills, extra=("--gpus", "2", "--device", "cpu"), label="shard")]
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+
+
+def _store_suite(root: Path, kills: int) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.s3server import S3Server
+    server = S3Server(root / "moto.log")
+    try:
+        os.environ.update(server.env)
+        server.bucket("reliability")
+        return run_kills_store(root, "s3://reliability/run", kills)
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -93,3 +93,20 @@ def synth_corpus(tmp_path, n=24, seed=0, lang="zh"):
     corpus, gold = tmp_path / f"corpus{seed}.jsonl", tmp_path / f"gold{seed}.jsonl"
     write_corpus(corpus, gold, n, seed=seed, lang=lang)
     return corpus, gold
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto's server mode) on loopback, with authentication on; one per session."""
+    from tests.s3server import S3Server
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The server's endpoint and credentials in this process's environment, as a user would export them."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    return s3
