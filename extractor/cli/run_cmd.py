@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from extractor import storage
 from extractor.backends import backend_class
 from extractor.backends.base import GenParams
 from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_option
@@ -18,12 +19,13 @@ from extractor.tasks import load_task
 
 
 @click.command()
-@click.argument("corpus", type=click.Path(dir_okay=False))
+@click.argument("corpus", type=click.Path(dir_okay=False))  # or a URI: s3://, gs://, az://, hf://
 @click.option("--task", "task_name", required=True, help="Task name (see `extractor tasks`).")
 @click.option("--model", required=True,
               help="Local model folder, or a hub id ORG/NAME[@revision] found in the local Hugging Face cache "
                    "(hf, vllm; never downloaded); a gold file (echo).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions: .jsonl or .parquet.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Predictions: .jsonl or .parquet, a local path or an s3:// gs:// az:// URI.")
 @click.option("--backend", default="hf", show_default=True, help="hf | vllm | echo")
 @click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="vllm: GPUs per model replica.")
@@ -87,7 +89,7 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
     if gpus:
         from extractor.runners.shards import run_sharded
         ctx = click.get_current_context()
-        run_sharded(ctx.command, ctx.params, Path(out), gpus, device, console)
+        run_sharded(ctx.command, ctx.params, storage.target(out), gpus, device, console)
         return
     clash = RESERVED.intersection(keep_fields)
     if clash:
@@ -96,11 +98,12 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
     params = GenParams(max_new_tokens=max_new_tokens or gen.max_new_tokens,
                        temperature=gen.temperature if temperature is None else temperature,
                        top_p=gen.top_p if top_p is None else top_p, seed=seed, constrained=constrained)
-    opts = RunOptions(corpus=Path(corpus), out=Path(out), params=params, id_field=id_field, text_field=text_field,
-                      keep_fields=tuple(keep_fields), on_bad=on_bad_record, rejects=Path(rejects) if rejects else None,
+    opts = RunOptions(corpus=storage.target(corpus), out=storage.target(out), params=params, id_field=id_field,
+                      text_field=text_field, keep_fields=tuple(keep_fields), on_bad=on_bad_record,
+                      rejects=storage.target(rejects) if rejects else None,
                       resume=resume, overwrite=overwrite, on_long=on_long, max_input_tokens=max_input_tokens,
                       window=window, quiet=quiet, limit=limit, shard=_parse_shard(shard))
-    if not opts.corpus.is_file():
+    if not storage.is_file(opts.corpus):
         raise InputError(f"{corpus}: no such file; check the corpus path")
     check_writable(opts.out)
     if ray_address:
@@ -136,7 +139,8 @@ def _key(task, engine, predictor, opts, sources: RunSources) -> dict:
 
 def _run_on_ray(task, opts, backend, sources: RunSources, dtype, device, trust_remote_code, batch_size,
                 batch_tokens, few_shot, keep_fields, ray_address, ray_workers, tasks_dirs, console) -> None:
-    from extractor.runners.ray_runner import DriverView, RayRun, check_ray_installed, ray_settings, ray_temp_dir
+    from extractor.runners.ray_runner import (DriverView, RayRun, check_ray_installed, node_path, ray_settings,
+                                              ray_temp_dir, worker_tasks_dirs)
     check_ray_installed()
     model, adapters = sources.model, sources.adapters
     if len(adapters) > 1:
@@ -145,10 +149,11 @@ def _run_on_ray(task, opts, backend, sources: RunSources, dtype, device, trust_r
     view = DriverView(backend, model, adapter, dtype, trust_remote_code)
     predictor = Predictor(task, view, opts.params, opts.on_long, opts.max_input_tokens, tuple(keep_fields), few_shot)
     predictor.adapter = sources.adapter_labels.get(Path(adapter).name, Path(adapter).name) if adapter else None
-    kwargs = dict(model=model, adapters=tuple(adapters), dtype=dtype, device=device,
+    # The workers' folder is not this one: paths go to them absolute.
+    kwargs = dict(model=node_path(model), adapters=tuple(node_path(a) for a in adapters), dtype=dtype, device=device,
                   trust_remote_code=trust_remote_code, batch_size=batch_size, batch_tokens=batch_tokens)
     job = RayRun(predictor, opts, opts.out, console, ray_settings(ray_address), ray_workers, backend, kwargs,
-                 tasks_dirs, ray_tmp=ray_temp_dir(opts.out), num_cpus=max(2, ray_workers))
+                 worker_tasks_dirs(tasks_dirs), ray_tmp=ray_temp_dir(opts.out), num_cpus=max(2, ray_workers))
     done = job.prepare(_key(task, view, predictor, opts, sources))
     summary = job.execute(done)
     _report(console, opts.out, summary)
