@@ -41,10 +41,18 @@ class FastPathError(RuntimeError):
     """The fast path cannot decode this model exactly; the message says why (one line)."""
 
 
+# peft adapter types whose injected layers the fast path runs as part of the model's own forward, each proven
+# by tests/test_fast_adapters.py (outputs equal to peft's own forward).
+ADAPTER_TYPES = {"LORA"}
+
+
 def refusal(model) -> str | None:
     """Why the fast path does not take this model (None: it does)."""
-    if hasattr(model, "peft_config"):
-        return "peft adapters decode with plain generate"
+    adapters = getattr(model, "peft_config", None) or {}
+    kinds = sorted({getattr(c.peft_type, "value", str(c.peft_type)) for c in adapters.values()})
+    unproven = [k for k in kinds if k not in ADAPTER_TYPES]
+    if unproven:
+        return f"peft adapters of type {', '.join(unproven)} decode with plain generate"
     model_type = getattr(model.config, "model_type", None)
     if model_type not in FAMILIES:
         return f"model type '{model_type}' is not on the fast path's list ({', '.join(sorted(FAMILIES))})"

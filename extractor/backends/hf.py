@@ -170,6 +170,7 @@ class HFBackend(TokenizerBackend):
     def use_adapter(self, name: str | None) -> None:
         """Swap adapters on the one base model: LoRA layers are unloaded, prompt-learning wrappers dropped."""
         from peft import PeftModel
+        self._fast_decoder = None  # its prefix K/V and graphs belong to the weights it was built on
         if self.adapter is not None:
             self.base = self.model.unload() if hasattr(self.model, "unload") and not self._prompt_learning() \
                 else self.model.get_base_model()
@@ -222,10 +223,11 @@ class HFBackend(TokenizerBackend):
             return "--fast off"
         if params.temperature > 0:
             return "sampling (--temperature > 0) decodes with plain generate"
-        if self.adapter is not None:
-            return "peft adapters decode with plain generate"
+        if self._prompt_learning():
+            kind = self.model.peft_config["default"].peft_type
+            return f"peft adapters of type {getattr(kind, 'value', kind)} decode with plain generate"
         from extractor.backends.fast_families import refusal
-        return refusal(self.base)
+        return refusal(self.base)  # a LoRA adapter's layers are injected into the base: its own forward runs them
 
     def _use_fast(self, params: GenParams) -> bool:
         reason = self._fast_refusal(params)
