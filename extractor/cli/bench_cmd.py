@@ -54,10 +54,11 @@ def bench(model, task_name, corpus, n, baseline_n, max_new_tokens, constrained, 
     from extractor.hub import resolve
     model, _ = resolve(model)  # a hub id -> its cached snapshot
     backend = HFBackend(model=model, dtype=dtype, device=device, batch_size=batch_size, fast="on")
-    from extractor.backends.fast import supports
-    if not supports(backend.base):
-        raise InputError(f"{model}: the fast path supports Llama/Qwen2-style decoder models; this one is "
-                         f"{type(backend.base).__name__} — plain `extractor run` is all it gets")
+    from extractor.backends.fast_families import refusal
+    why = refusal(backend.base)
+    if why:
+        raise InputError(f"{model}: nothing to compare, the fast path does not take it ({why}); plain "
+                         "`extractor run` is all it gets")
     new = max_new_tokens or task.spec.generation.max_new_tokens
     with tempfile.TemporaryDirectory(prefix="extractor-bench-") as tmp:
         work = Path(tmp)
