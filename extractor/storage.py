@@ -272,9 +272,3 @@ def check_writable(location: Remote) -> None:
     probe = location.with_name(f".{location.name}.probe")
     put(probe, b"")
     remove(probe)
-
-
-def pyarrow_filesystem(remote: Remote):
-    """The same fsspec filesystem as a pyarrow filesystem (what Ray Data's readers take)."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-    return PyFileSystem(FSSpecHandler(filesystem(remote)))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -230,15 +231,15 @@ class RayRun(Run):
                 "rows_per_node": {f"{address.get(k, '?')} {k[:12]}": v for k, v in self.rows_per_node.items()}}
 
     def _dataset(self, ray, done_ref, read_node: str | None):
-        from ray.data import ActorPoolStrategy
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # output in input order, like a single-process run
         ctx.enable_progress_bars = not self.opts.quiet
         fmt = corpus_format(self.opts.corpus)
         read_args = {"num_cpus": READ_CPUS}
         if storage.is_remote(self.opts.corpus):
+            # Ray resolves the URI itself (pyarrow's S3/GCS/Azure filesystems, else fsspec's), on each worker
+            # from the variables forwarded at init; its line-JSON reader takes no filesystem of ours.
             path = self.opts.corpus.uri
-            read_args["filesystem"] = storage.pyarrow_filesystem(self.opts.corpus)
         else:
             # The driver's folder is not the workers': an absolute path, read on the driver's node.
             path = str(Path(self.opts.corpus).resolve())
@@ -255,14 +256,21 @@ class RayRun(Run):
         opts_dict = {"on_long": self.opts.on_long, "max_input_tokens": self.opts.max_input_tokens,
                      "keep_fields": list(self.opts.keep_fields), "few_shot": self.p.builder.few_shot,
                      "adapter": self.p.adapter, "field_map": field_map, "id_field": self.opts.id_field}
+        return self._map(ds, opts_dict, done_ref)
+
+    def _map(self, ds, opts_dict: dict, done_ref):
+        from ray.data import ActorPoolStrategy
         demand = self._worker_demand()
         memory = {"memory": demand.memory} if demand.memory else {}
-        return ds.map_batches(
-            PredictActor, batch_size=self.opts.window, batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=self.workers),
-            fn_constructor_args=(self.p.task.name, tuple(self.tasks_dirs), self.backend_name, self.backend_kwargs,
-                                 self.p.params, opts_dict, done_ref),
-            num_cpus=demand.cpus, num_gpus=demand.gpus, **memory, max_restarts=2, max_task_retries=2)
+        with warnings.catch_warnings():
+            # max_restarts/max_task_retries have no named parameter yet; Ray warns about passing them at all.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return ds.map_batches(
+                PredictActor, batch_size=self.opts.window, batch_format="pyarrow",
+                compute=ActorPoolStrategy(size=self.workers),
+                fn_constructor_args=(self.p.task.name, tuple(self.tasks_dirs), self.backend_name,
+                                     self.backend_kwargs, self.p.params, opts_dict, done_ref),
+                num_cpus=demand.cpus, num_gpus=demand.gpus, **memory, max_restarts=2, max_task_retries=2)
 
 
 def ray_settings(address: str | None) -> str | None:
