@@ -4,7 +4,8 @@ Records are taken in windows (input order) and streamed through the backend, whi
 windows at once (hf's fast path refills its slots from the next window) or on one at a time (the default);
 rows are put back in input order and written `window` at a time, appended, flushed and fsynced. A killed
 run leaves at most a half-written last line, dropped on resume; ids already written under the same
-manifest are skipped, so every input id ends up in the output exactly once.
+manifest are skipped, so every input id ends up in the output exactly once. An output in an object store,
+which cannot append, gets the same guarantee from part objects and a commit (`parts.py`).
 """
 from __future__ import annotations
 
