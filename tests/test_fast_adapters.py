@@ -1,7 +1,8 @@
 """Adapters on the fast path: a LoRA adapter's layers are part of the model's own forward, so FastDecoder runs
 them as peft does. fp32 outputs of `--fast on` equal the plain path (peft's own forward through `generate`),
 constrained and not, with refills; several adapters in one run each equal their own single-adapter run; the
-manifest counts every record as `fast`. Adapter types not yet proven go the plain way and say so."""
+manifest counts every record as `fast`. Prompt tuning, P-tuning (MLP and LSTM) and prefix tuning (with and
+without projection) on both paths equal peft's own forward over the whole sequence."""
 import json
 
 import pytest
@@ -104,10 +105,114 @@ def test_lora_on_fused_projections(tmp_path, tiny_model, run_cli):
     assert _decoder(tmp_path / "on.jsonl") == {"fast": 5}
 
 
+def _prompt_adapter(model_dir, out, kind, seed):
+    """One SGD step (large learning rate) on a prompt-learning adapter of `kind`."""
+    import torch
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    config = {
+        "prompt": lambda: PromptTuningConfig(num_virtual_tokens=5),
+        "ptuning-mlp": lambda: PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=32),
+        "ptuning-lstm": lambda: PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=32,
+                                                    encoder_reparameterization_type="LSTM"),
+        "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=6),
+        "prefix-projection": lambda: PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True,
+                                                        encoder_hidden_size=32),
+    }[kind]()
+    config.task_type = "CAUSAL_LM"
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    batch = tok(["本科，java" + '{"学历要求": ["本科"]}'], return_tensors="pt")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=5.0)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    opt.step()
+    model.save_pretrained(out)
+    return out
+
+
+PROMPT_KINDS = ["prompt", "ptuning-mlp", "ptuning-lstm", "prefix", "prefix-projection"]
+
+
+@pytest.fixture(scope="module")
+def prompt_adapters(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prompt_adapters")
+    return {k: _prompt_adapter(tiny_model, root / k, k, seed=i) for i, k in enumerate(PROMPT_KINDS)}
+
+
+def _peft_forward_greedy(model_dir, adapter, ids, n, eos):
+    """The reference: peft's own forward over the whole sequence at every step (no cache, no generate)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()
+    seq, out = list(ids), []
+    with torch.no_grad():
+        while len(out) < n:
+            token = int(model(input_ids=torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long))
+                        .logits[0, -1].argmax())
+            out.append(token)
+            seq.append(token)
+            if token in eos:
+                break
+    return out
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "no-prefix"])
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_prompt_learning_equals_peft_forward(tiny_model, prompt_adapters, kind, shared):
+    """Both paths, token for token, equal peft's forward: virtual tokens (or prefix K/V) once, the prompt after
+    them; with a shared prompt prefix across records and without one; three slots refilled."""
+    import random
+
+    from extractor.backends.base import GenParams, Request
+    from extractor.backends.hf import HFBackend
+    rng = random.Random(7)
+    head = [rng.randrange(5, 1000) for _ in range(12)] if shared else []
+    prompts = [head + [rng.randrange(5, 1000) for _ in range(rng.randint(3, 12))] for _ in range(5)]
+    backend = HFBackend(str(tiny_model), adapters=[str(prompt_adapters[kind])], dtype="fp32", device="cpu",
+                        batch_size=3)
+    backend.use_adapter(backend.adapters()[0])
+    params = GenParams(max_new_tokens=10)
+    got = {}
+    for mode in ("off", "on"):
+        backend.fast_mode = mode
+        requests = [Request("", str(i), {"ids": ids, "seq": i}) for i, ids in enumerate(prompts)]
+        pairs = [p for batch in backend.generate_stream([requests], params) for p in batch]
+        got[mode] = {int(r.record_id): g for r, g in pairs}
+        assert {g.decoder for g in got[mode].values()} == {"plain" if mode == "off" else "fast"}
+    for i, ids in enumerate(prompts):
+        want = _peft_forward_greedy(tiny_model, prompt_adapters[kind], ids, 10, backend.eos_ids)
+        text = backend.tokenizer.decode([t for t in want if t not in backend.eos_ids], skip_special_tokens=True)
+        assert got["off"][i].text.rstrip("\ufffd") == text.rstrip("\ufffd"), (kind, i)
+        assert (got["on"][i].text, got["on"][i].output_tokens) == (got["off"][i].text, got["off"][i].output_tokens)
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+def test_prompt_learning_run_fast_equals_plain(tmp_path, tiny_model, prompt_adapters, run_cli, constrained):
+    corpus, _ = synth_corpus(tmp_path, n=5)
+    extra = ["--constrained"] if constrained else []
+    for kind in ("ptuning-mlp", "prefix"):
+        outs = {}
+        for fast in ("off", "on"):
+            out = tmp_path / f"{kind}.{fast}.jsonl"
+            _run(run_cli, corpus, tiny_model, out, fast, [prompt_adapters[kind]], *extra,
+                 tokens=48 if constrained else 16)
+            outs[fast] = _raw(out)
+            assert _decoder(out) == {"fast" if fast == "on" else "plain": 5}
+        assert outs["on"] == outs["off"], kind
+
+
 def test_unproven_adapter_type_goes_plain_and_says_why(tmp_path, tiny_model, run_cli):
-    adapter = make_adapter(tiny_model, "prompt", tmp_path / "prompt")
+    """IA3 injects layers too, but no test proves it on the fast path: plain, with one line saying why."""
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                                     feedforward_modules=["down_proj"]))
+    model.save_pretrained(tmp_path / "ia3")
     corpus, _ = synth_corpus(tmp_path, n=3)
     out = tmp_path / "p.jsonl"
-    result = _run(run_cli, corpus, tiny_model, out, "auto", [adapter])
-    assert "fast path: peft adapters of type PROMPT_TUNING decode with plain generate" in result.stderr
+    result = _run(run_cli, corpus, tiny_model, out, "auto", [tmp_path / "ia3"])
+    assert "fast path: peft adapters of type IA3 decode with plain generate" in result.stderr
     assert _decoder(out) == {"plain": 3}

@@ -60,6 +60,20 @@ def _register() -> None:
     AttentionInterface.register(ATTENTION, _attention)
 
 
+class VirtualPrefix:
+    """What a prompt-learning adapter puts before every prompt, computed once per adapter. Either `embeds`
+    [V, hidden] (prompt tuning, P-tuning: virtual tokens at positions 0..V-1 through every layer) or `keys` and
+    `values`, one [KV heads, V, head dim] tensor per layer (prefix tuning: K/V that carry no position). The
+    prompt's own tokens follow at positions V.., as peft's forward places them."""
+
+    def __init__(self, embeds=None, keys=None, values=None):
+        self.embeds, self.keys, self.values = embeds, keys, values
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[0] if self.embeds is not None else self.keys[0].shape[1]
+
+
 def common_prefix(seqs: list[list[int]]) -> list[int]:
     """The longest common prefix, leaving every sequence at least one token of its own."""
     first = seqs[0]
@@ -117,7 +131,8 @@ class FastDecoder:
     run on this path (checked on a short probe against the model's own forward)."""
 
     def __init__(self, model, prefix: list[int], slots: int, unique_len: int, eos_ids: list[int],
-                 attention: str = "auto", prefill_tokens: int = 32768, compile: bool | None = None):
+                 attention: str = "auto", prefill_tokens: int = 32768, compile: bool | None = None,
+                 virtual: VirtualPrefix | None = None):
         _register()
         self.model = model
         cfg = _text_config(model)
@@ -153,11 +168,12 @@ class FastDecoder:
         self._pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._logits = torch.zeros(slots, self.vocab, dtype=self.dtype, device=self.device)
         self.prefix: list[int] = []
+        self.virtual, self.n_prefix = None, 0  # n_prefix: positions before a record's own (virtual + prefix)
         self.pk = self.pv = None
         if self.compiled and not self._compiles():
             self._forward, self.compiled = self.model, False
         self._probe()
-        self.prefix = list(prefix)
+        self.prefix, self.virtual = list(prefix), virtual
         self._set_prefix(self.prefix)
         pinned = self.device.type == "cuda"
         # Host staging and token buffers of a step, two sets used in turn (the pipelined loop has one step in
@@ -200,10 +216,12 @@ class FastDecoder:
                 c._attn_implementation = before[k]
             _active.decoder, self._mode = previous, {}
 
-    def _logits_of(self, ids, positions, **mode) -> torch.Tensor:
-        """The model's logits at each row's last position (`mode["last"]` in prefill, else the last column)."""
+    def _logits_of(self, ids, positions, embeds=None, **mode) -> torch.Tensor:
+        """The model's logits at each row's last position (`mode["last"]` in prefill, else the last column);
+        `embeds` instead of `ids`: input embeddings (a prompt-learning adapter's virtual tokens)."""
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
         with self._native(**mode):
-            out = self._forward(input_ids=ids, position_ids=positions, use_cache=False)
+            out = self._forward(**inputs, position_ids=positions, use_cache=False)
         return out.logits[:, -1]
 
     def _compile(self) -> None:
@@ -233,14 +251,18 @@ class FastDecoder:
                                 f"{self.kv_heads} heads of {self.head_dim}")
         mode = self._mode
         kind = mode.get("kind")
-        if kind == "prefix":
-            self.pk[layer], self.pv[layer] = k[0], v[0]
+        if kind == "prefix":  # after `start` entries already there (prefix tuning's virtual K/V)
+            start, t = mode.get("start", 0), k.shape[2]
+            self.pk[layer, :, start:start + t], self.pv[layer, :, start:start + t] = k[0], v[0]
+            if start:
+                k = torch.cat((self.pk[layer, :, :start].unsqueeze(0), k), dim=2)
+                v = torch.cat((self.pv[layer, :, :start].unsqueeze(0), v), dim=2)
             return fast_attention.prefill_attention(q, k, v, scale, softcap, window, self._flash_gqa)
         if kind == "prefill":
             rows, width = mode["rows"], mode["width"]
             self.k[layer, rows, :, :width] = k
             self.v[layer, rows, :, :width] = v
-            if len(self.prefix):
+            if self.n_prefix:
                 n = len(rows)
                 k = torch.cat((self.pk[layer].unsqueeze(0).expand(n, -1, -1, -1), k), dim=2)
                 v = torch.cat((self.pv[layer].unsqueeze(0).expand(n, -1, -1, -1), v), dim=2)
@@ -285,13 +307,28 @@ class FastDecoder:
     # -- the shared prefix -----------------------------------------------------------------------------
     @torch.inference_mode()
     def _set_prefix(self, prefix: list[int]) -> None:
-        empty = (self.n_layers, self.kv_heads, len(prefix), self.head_dim)
+        """The shared prefix's K/V, once: a prompt-learning adapter's virtual part first, then the tokens."""
+        virtual = self.virtual
+        v_len = virtual.length if virtual is not None else 0
+        self.n_prefix = v_len + len(prefix)
+        empty = (self.n_layers, self.kv_heads, self.n_prefix, self.head_dim)
         self.pk = torch.zeros(empty, device=self.device, dtype=self.dtype)
         self.pv = torch.zeros(empty, device=self.device, dtype=self.dtype)
-        if not prefix:
+        ids = torch.tensor([prefix], device=self.device, dtype=torch.long)
+        if virtual is not None and virtual.embeds is not None:  # virtual tokens through every layer
+            embeds = torch.cat((virtual.embeds.to(self.dtype).unsqueeze(0), self.model.get_input_embeddings()(ids)), 1)
+            positions = torch.arange(self.n_prefix, device=self.device).unsqueeze(0)
+            self._logits_of(None, positions, embeds=embeds, kind="prefix")
             return
-        ids = torch.tensor([prefix], device=self.device)
-        self._logits_of(ids, torch.arange(len(prefix), device=self.device).unsqueeze(0), kind="prefix")
+        if virtual is not None:  # prefix tuning: its K/V are the first entries, as they are
+            for layer, (k, v) in enumerate(zip(virtual.keys, virtual.values)):
+                if tuple(k.shape) != (self.kv_heads, v_len, self.head_dim):
+                    raise FastPathError(f"the adapter's prefix K/V of layer {layer} have shape {tuple(k.shape)}, "
+                                        f"not {self.kv_heads} heads of {self.head_dim}")
+                self.pk[layer, :, :v_len], self.pv[layer, :, :v_len] = k, v
+        if prefix:
+            positions = (v_len + torch.arange(len(prefix), device=self.device)).unsqueeze(0)
+            self._logits_of(ids, positions, kind="prefix", start=v_len)
 
     # -- prefill of new records ------------------------------------------------------------------------
     def _prefill(self, slots: list[int], suffixes: list[list[int]]) -> torch.Tensor:
@@ -307,7 +344,7 @@ class FastDecoder:
 
     def _prefill_logits(self, rows, ids, last: np.ndarray) -> torch.Tensor:
         width = ids.shape[1]
-        positions = (len(self.prefix) + torch.arange(width, device=self.device)).unsqueeze(0).expand(len(ids), -1)
+        positions = (self.n_prefix + torch.arange(width, device=self.device)).unsqueeze(0).expand(len(ids), -1)
         return self._logits_of(ids, positions, kind="prefill", rows=rows, width=width,
                                last=torch.from_numpy(last).to(self.device))
 
@@ -315,7 +352,7 @@ class FastDecoder:
     def _step(self, b: int) -> None:
         """One token for the first `b` rows of the static inputs; their logits into self._logits."""
         slot, pos = self._slot[:b], self._pos[:b]
-        own = pos - len(self.prefix)  # position inside the slot
+        own = pos - self.n_prefix  # position inside the slot
         trim = {}
         if self.attention == "torch" and self.device.type == "cpu":  # no graphs: read up to the longest row only
             trim["max_len"] = int(own.max()) + 1
@@ -474,9 +511,9 @@ class FastDecoder:
             self._events[parity].synchronize()  # the copy that last used this staging buffer is done
         stage[0, :n] = torch.from_numpy(src)
         stage[1, :n] = torch.from_numpy(rows)
-        stage[2, :n] = torch.from_numpy(own + len(self.prefix))
+        stage[2, :n] = torch.from_numpy(own + self.n_prefix)
         stage[3, :n] = torch.from_numpy(st.last[rows])
-        stage[0, n:], stage[1, n:], stage[2, n:], stage[3, n:] = -1, self.slots, len(self.prefix), 0
+        stage[0, n:], stage[1, n:], stage[2, n:], stage[3, n:] = -1, self.slots, self.n_prefix, 0
         staged = stage.to(self.device, non_blocking=True)
         previous = self._tok_dev[parity ^ 1]
         self._ids[:b] = torch.where(staged[0] >= 0, previous[staged[0].clamp(min=0)], staged[3])

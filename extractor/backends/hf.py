@@ -224,8 +224,9 @@ class HFBackend(TokenizerBackend):
         if params.temperature > 0:
             return "sampling (--temperature > 0) decodes with plain generate"
         if self._prompt_learning():
-            kind = self.model.peft_config["default"].peft_type
-            return f"peft adapters of type {getattr(kind, 'value', kind)} decode with plain generate"
+            from extractor.backends.prompt_learning import KINDS, kind
+            if kind(self.model) not in KINDS:
+                return f"peft adapters of type {kind(self.model)} decode with plain generate"
         from extractor.backends.fast_families import refusal
         return refusal(self.base)  # a LoRA adapter's layers are injected into the base: its own forward runs them
 
@@ -382,7 +383,12 @@ class HFBackend(TokenizerBackend):
         # Off CUDA the cache is host memory: --batch-size rows, at most --batch-tokens positions in all.
         slots = slots_for_memory(self.base, unique_len, self.device) if cuda else \
             max(1, min(self.batch_size, self.batch_tokens // unique_len))
-        dec = FastDecoder(self.base, prefix, slots=slots, unique_len=unique_len, eos_ids=self.eos_ids)
+        virtual = None
+        if self._prompt_learning():  # its virtual tokens or K/V go first in the shared prefix
+            from extractor.backends.prompt_learning import virtual_prefix
+            virtual = virtual_prefix(self.model, self.dtype)
+        dec = FastDecoder(self.base, prefix, slots=slots, unique_len=unique_len, eos_ids=self.eos_ids,
+                          virtual=virtual)
         dec.capture()
         self._fast_decoder = dec
         return dec
@@ -412,6 +418,8 @@ class HFBackend(TokenizerBackend):
             return self._generate_safe(batch[:mid], params, schema) + self._generate_safe(batch[mid:], params, schema)
 
     def _generate_batch(self, batch: list[list[int]], params: GenParams, schema) -> list[Generation]:
+        if self._prompt_learning():
+            return self._generate_prompt_learning(batch, params, schema)
         torch = self.torch
         width = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id
@@ -430,6 +438,23 @@ class HFBackend(TokenizerBackend):
             out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         new_tokens = out[:, width:].tolist()
         return [self._finish(ids, tokens) for ids, tokens in zip(batch, new_tokens)]
+
+    def _generate_prompt_learning(self, batch: list[list[int]], params: GenParams, schema) -> list[Generation]:
+        """Prompt tuning, P-tuning, prefix tuning: one record at a time as peft's forward defines them
+        (prompt_learning.py says why not `generate`)."""
+        from extractor.backends.prompt_learning import decode
+        if params.temperature > 0:
+            self.torch.manual_seed(params.seed)
+        gens = []
+        for ids in batch:
+            processor = None
+            if params.constrained:
+                from extractor.constrain import SchemaLogitsProcessor
+                processor = SchemaLogitsProcessor(self.grammar(schema), params.max_new_tokens)
+            tokens = decode(self.model, ids, params.max_new_tokens, self.eos_ids, params.temperature, params.top_p,
+                            processor)
+            gens.append(self._finish(ids, tokens))
+        return gens
 
     def _finish(self, prompt: list[int], tokens: list[int]) -> Generation:
         for n, tok in enumerate(tokens):
