@@ -22,6 +22,7 @@ SCHEMES = {"s3": ("s3", "s3fs"), "gs": ("gs", "gcsfs"), "gcs": ("gs", "gcsfs"), 
 CREDENTIALS = {"s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a non-AWS store)",
                "gs": "GOOGLE_APPLICATION_CREDENTIALS", "az": "AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY "
                "or AZURE_STORAGE_CONNECTION_STRING", "hf": "HF_TOKEN"}
+ENDPOINTS = {"s3": " (AWS_ENDPOINT_URL for S3-compatible stores)", "hf": " (HF_ENDPOINT, HF_HUB_OFFLINE)"}
 # What a process on another machine (a Ray worker) needs to reach the same store as this one.
 ENV_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "AZURE_STORAGE_", "HF_TOKEN",
                 "HF_ENDPOINT")
@@ -134,8 +135,9 @@ def error(location: Remote, exc: BaseException, doing: str) -> StorageError:
         creds = CREDENTIALS.get(location.protocol, "the store's credentials")
         return StorageError(f"cannot {doing} {location}: access denied ({first}); check the credentials "
                             f"({creds}) and the bucket's permissions")
-    return StorageError(f"cannot {doing} {location}: {type(exc).__name__}: {first}; check the endpoint "
-                        "(AWS_ENDPOINT_URL for S3-compatible stores), the network and the URI")
+    endpoint = ENDPOINTS.get(location.protocol, "")
+    return StorageError(f"cannot {doing} {location}: {type(exc).__name__}: {first}; check the endpoint"
+                        f"{endpoint}, the network and the URI")
 
 
 @contextlib.contextmanager

@@ -119,6 +119,8 @@ def test_refused_credentials_and_missing_buckets_are_one_line(bucket, s3_env, tm
     one_error_line(run_cli("eval", f"{b}/out/none.jsonl", "--gold", gold, "--task", "jd_requirements"),
                    "no such object")
     one_error_line(run_cli(*echo_args(corpus, gold, "gopher://host/p.jsonl")), "unknown storage scheme")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hf:// through the same code; no hub is reachable from here
+    one_error_line(run_cli("data", "check", "hf://datasets/org/name/c.jsonl"), "cannot read hf://", "HF_ENDPOINT")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     one_error_line(run_cli(*echo_args(f"{b}/in/corpus.jsonl", gold, tmp_path / "o.jsonl")), "access denied",
                    "AWS_ACCESS_KEY_ID")
