@@ -93,8 +93,9 @@ class HFBackend(TokenizerBackend):
 
     @classmethod
     def from_loaded(cls, model, tokenizer, model_path: str | Path, batch_size: int = 32,
-                    batch_tokens: int = 32768) -> "HFBackend":
-        """Wrap a model already in memory (training's F1 evaluation) in the same generation code."""
+                    batch_tokens: int = 32768, fast: str = "auto") -> "HFBackend":
+        """Wrap a model already in memory (training's F1 evaluation) in the same generation code, fast path
+        included: a peft model being trained (LoRA, P-tuning, prefix or prompt tuning) is its adapter."""
         import torch
         self = cls.__new__(cls)
         self.torch = torch
@@ -104,8 +105,10 @@ class HFBackend(TokenizerBackend):
         self.dtype = next(model.parameters()).dtype
         self.trust_remote_code = False
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
-        self.fast_mode = "off"
+        self.fast_mode = fast
         self._attach(model, tokenizer)
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            self.base, self.adapter = model.get_base_model(), "default"
         return self
 
     def _attach(self, model, tokenizer) -> None:
@@ -163,7 +166,7 @@ class HFBackend(TokenizerBackend):
         must resume with --fast off. Which path each record took is in the manifest's summary."""
         ident = {"backend": self.name, "model": file_fingerprint(self.model_path),
                  "dtype": str(self.dtype).replace("torch.", ""), "trust_remote_code": self.trust_remote_code}
-        if self.adapter is not None:
+        if self.adapter in self.adapter_paths:
             ident["adapter"] = {"name": self.adapter, **file_fingerprint(self.adapter_paths[self.adapter])}
         return ident
 
