@@ -11,21 +11,26 @@ from tests.conftest import make_adapter, read_jsonl, synth_corpus
 from tests.families import build_family_model
 
 
-def _lora(model_dir, out, seed, **config):
-    """One SGD step with a large learning rate (so outputs change) on a LoRA adapter of this config."""
+def _one_step(model_dir, config, out, seed):
+    """One SGD step with a large learning rate (so outputs change) on a fresh adapter of this peft config."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    config.task_type = "CAUSAL_LM"
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(task_type="CAUSAL_LM", **config))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
     batch = tok(["本科，java" + '{"学历要求": ["本科"]}'], return_tensors="pt")
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=5.0)
     model(**batch, labels=batch["input_ids"]).loss.backward()
     opt.step()
     model.save_pretrained(out)
     return out
+
+
+def _lora(model_dir, out, seed, **config):
+    from peft import LoraConfig
+    return _one_step(model_dir, LoraConfig(**config), out, seed)
 
 
 def _run(run_cli, corpus, model, out, fast, adapters, *extra, tokens=20):
@@ -106,10 +111,7 @@ def test_lora_on_fused_projections(tmp_path, tiny_model, run_cli):
 
 
 def _prompt_adapter(model_dir, out, kind, seed):
-    """One SGD step (large learning rate) on a prompt-learning adapter of `kind`."""
-    import torch
-    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
     config = {
         "prompt": lambda: PromptTuningConfig(num_virtual_tokens=5),
         "ptuning-mlp": lambda: PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=32),
@@ -119,16 +121,7 @@ def _prompt_adapter(model_dir, out, kind, seed):
         "prefix-projection": lambda: PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True,
                                                         encoder_hidden_size=32),
     }[kind]()
-    config.task_type = "CAUSAL_LM"
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
-    batch = tok(["本科，java" + '{"学历要求": ["本科"]}'], return_tensors="pt")
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=5.0)
-    model(**batch, labels=batch["input_ids"]).loss.backward()
-    opt.step()
-    model.save_pretrained(out)
-    return out
+    return _one_step(model_dir, config, out, seed)
 
 
 PROMPT_KINDS = ["prompt", "ptuning-mlp", "ptuning-lstm", "prefix", "prefix-projection"]
