@@ -92,18 +92,28 @@ def _values(rng: random.Random, lang: str, fld: str, split: str) -> list[str]:
     return rng.sample(pool, k)
 
 
-def posting(rng: random.Random, lang: str, split: str = "in") -> tuple[str, dict]:
-    """One posting text and its gold labels."""
+def requirement_clauses(rng: random.Random, clause) -> tuple[list[str], dict]:
+    """Each field is absent (labelled with the absent marker) one time in five, else `clause(field)` gives
+    its clause text and values."""
     gold: dict[str, list[str]] = {}
     clauses = []
     for fld in FIELDS:
         if rng.random() < 0.2:
             gold[fld] = [ABSENT]
             continue
+        text, gold[fld] = clause(fld)
+        clauses.append(text)
+    return clauses, gold
+
+
+def posting(rng: random.Random, lang: str, split: str = "in") -> tuple[str, dict]:
+    """One posting text and its gold labels."""
+    def clause(fld: str) -> tuple[str, list[str]]:
         vals = _values(rng, lang, fld, split)
         sep = LIST_SEP[lang][rng.randrange(len(LIST_SEP[lang]))]
-        clauses.append(_pick(rng, CLAUSES[lang][fld], split).format(v=sep.join(vals)))
-        gold[fld] = vals
+        return _pick(rng, CLAUSES[lang][fld], split).format(v=sep.join(vals)), vals
+
+    clauses, gold = requirement_clauses(rng, clause)
     for _ in range(rng.randrange(3)):
         text = _pick(rng, DISTRACTORS[lang], split)
         n = rng.randrange(2, 90)
@@ -132,13 +142,18 @@ def generate(n: int, seed: int = 0, lang: str = "zh", split: str = "in", start: 
 def write_corpus(out: Path, gold_out: Path | None, n: int, seed: int = 0, lang: str = "zh",
                  split: str = "in", prefix: str = "jd") -> int:
     """Stream n postings to `out` (and gold labels to `gold_out`) in 64k-line chunks."""
+    return write_pairs(out, gold_out, generate(n, seed, lang, split, prefix=prefix))
+
+
+def write_pairs(out: Path, gold_out: Path | None, pairs) -> int:
+    """Write ({"id", "text"}, {"id", "gold"}) pairs as a corpus and its gold file; returns the count."""
     out.parent.mkdir(parents=True, exist_ok=True)
     gold_fh = open(gold_out, "w", encoding="utf-8") if gold_out else None
     count = 0
     try:
         with open(out, "w", encoding="utf-8") as fh:
             texts, golds = [], []
-            for rec, gold in generate(n, seed, lang, split, prefix=prefix):
+            for rec, gold in pairs:
                 texts.append(jsonutil.dumps(rec))
                 golds.append(jsonutil.dumps(gold))
                 count += 1

@@ -112,15 +112,34 @@ def test_two_process_training(tmp_path, tiny_model, data):
 def test_short_demo_end_to_end(tmp_path):
     """The demo, shortened: every stage runs; `best` is the checkpoint with the highest dev F1."""
     out = tmp_path / "demo"
-    outcome = run_demo(DemoConfig(out=out, train_n=400, dev_n=20, test_n=20, max_steps=120, save_steps=40,
-                                  max_seconds=120, hidden=64, vocab=600))
+    outcome = run_demo(DemoConfig(out=out, train_n=200, dev_n=10, test_n=10, max_steps=40, save_steps=20,
+                                  max_seconds=120, hidden=64, vocab=600, max_new_tokens=24))
     assert (out / "report-test" / "report.html").exists() and (out / "report-test" / "metrics.json").exists()
     assert 0.0 <= outcome["test_micro_f1"] <= 1.0 and outcome["regression_gate"].startswith("skipped")
     evals = [r for r in read_jsonl(out / "train" / "metrics.jsonl") if r["kind"] == "eval"]
     best = json.loads((out / "train" / "best.json").read_text())
-    top = max(evals, key=lambda r: r["micro_f1"])
+    top = max(evals, key=lambda r: (r["micro_f1"], -r["dev_loss"]))  # ties: the lower dev loss
     assert best["step"] == top["step"] and best["score"] == top["micro_f1"]
     assert (out / "train" / "best" / "model.safetensors").exists()
+
+
+def test_time_aware_schedule_follows_the_faster_budget():
+    """anneal_by_time: warmup and cosine follow max(steps spent, seconds spent), so a run the clock cuts
+    short still ends annealed."""
+    import math
+    from extractor.training.loop import TrainConfig, Trainer
+    t = Trainer(TrainConfig(model="m", out="o", max_steps=1000, max_seconds=100.0, warmup=0.1, anneal_by_time=True))
+    t.total_steps = 1000
+
+    def cosine(p):
+        return 0.5 * (1 + math.cos(math.pi * (p - 0.1) / 0.9))
+    assert t._time_aware_lr(0) == 0.0 and t._time_aware_lr(50) == pytest.approx(0.5)  # warmup by steps
+    t._clock = time.perf_counter() - 50  # half the seconds spent, a tenth of the steps: the clock leads
+    assert t._time_aware_lr(100) == pytest.approx(cosine(0.5), abs=1e-3)
+    t._clock = time.perf_counter()  # no time spent: the steps lead
+    assert t._time_aware_lr(900) == pytest.approx(cosine(0.9), abs=1e-3)
+    t._clock = time.perf_counter() - 100
+    assert t._time_aware_lr(10) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_nightly_gate_against_committed_baseline(tmp_path, run_cli):

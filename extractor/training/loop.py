@@ -49,6 +49,9 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     max_seconds: float | None = None
+    # With max_seconds: warmup and cosine decay follow whichever budget, steps or seconds, is spent faster,
+    # so a run cut short by the clock (a busy machine) still ends with the learning rate annealed.
+    anneal_by_time: bool = False
     target_f1: float | None = None  # stop once dev micro F1 reaches this
     precision: str = "fp32"
     grad_checkpointing: bool = False
@@ -71,6 +74,7 @@ class Trainer:
         self.cfg = cfg
         self.log = log if not cfg.quiet else (lambda *a, **k: None)
         self.out = Path(cfg.out)
+        self._clock: float | None = None  # when the loop started (the time-aware schedule reads it)
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -170,10 +174,23 @@ class Trainer:
         self.optim = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(self.loader) / max(1, self.acc.num_processes) / cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
-        self.sched = get_cosine_schedule_with_warmup(self.optim, int(cfg.warmup * self.total_steps), self.total_steps)
+        if cfg.anneal_by_time and cfg.max_seconds:
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, self._time_aware_lr)
+        else:
+            self.sched = get_cosine_schedule_with_warmup(self.optim, int(cfg.warmup * self.total_steps),
+                                                         self.total_steps)
         # The scheduler is not handed to accelerate, which would step it once per process per step.
         self.model, self.optim, self.loader = self.acc.prepare(self.model, self.optim, self.loader)
         self.dev_encoded = [encode(e, self.tokenizer, cfg.max_source_len, cfg.max_target_len) for e in self.dev_examples]
+
+    def _time_aware_lr(self, step: int) -> float:
+        """The LR factor at the progress of the faster-spent budget (steps or seconds): linear warmup, then
+        cosine to 0. Before the loop starts the clock reads 0."""
+        elapsed = time.perf_counter() - self._clock if self._clock is not None else 0.0
+        progress = min(1.0, max(step / self.total_steps, elapsed / self.cfg.max_seconds))
+        if progress < self.cfg.warmup:
+            return progress / self.cfg.warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (progress - self.cfg.warmup) / max(1e-9, 1.0 - self.cfg.warmup)))
 
     # -- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -184,7 +201,7 @@ class Trainer:
         if self.acc.is_main_process:
             write_json_atomic(self.out / "train_args.json", {**asdict(self.cfg), **stamp(),
                                                              "processes": self.acc.num_processes})
-        start = time.perf_counter()
+        start = self._clock = time.perf_counter()
         tokens = 0
         window = {"loss": 0.0, "n": 0, "t": start, "tokens": 0}
         self.model.train()
@@ -359,7 +376,7 @@ class Trainer:
         value = record[key] if key == "micro_f1" else -record[key]
         best_file = self.out / "best.json"
         best = json.loads(best_file.read_text()) if best_file.exists() else None
-        if best is not None and best["score"] >= value:
+        if best is not None and _rank(best["score"], best["metrics"]) >= _rank(value, record):
             return
         target = self.out / "best"
         tmp = self.out / "best.tmp"
@@ -430,6 +447,11 @@ class Trainer:
         if self.acc.is_main_process:
             write_json_atomic(self.out / "summary.json", summary)
         return summary
+
+
+def _rank(score: float, metrics: dict) -> tuple:
+    """Checkpoints by score; equal scores (dev F1 often saturates) by lower dev loss."""
+    return score, -metrics.get("dev_loss", math.inf)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
