@@ -36,9 +36,10 @@ from extractor.tasks import load_task
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code (off by default).")
 @click.option("--fast", type=click.Choice(["off", "auto", "on"]), default="auto", show_default=True,
-              help="hf: FastDecoder (shared-prefix KV, continuous batching across windows; on CUDA also graphs "
-                   "and torch.compile) for greedy base-weight runs of Llama/Qwen2-style models, constrained or not; "
-                   "auto = on; off: plain generate.")
+              help="hf: FastDecoder (shared-prefix KV, continuous batching across windows; CUDA graphs on CUDA) "
+                   "for greedy base-weight runs of the model types on its list (README), constrained or not. "
+                   "auto: where it applies, else plain generate with one line saying why; on: FastDecoder or "
+                   "exit 2; off: plain generate.")
 @click.option("--constrained", is_flag=True, help="Constrain decoding to the task's JSON Schema (xgrammar).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the task's.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="0 = greedy (the task's default).")
