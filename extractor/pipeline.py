@@ -92,7 +92,8 @@ class Predictor:
         self.on_long = on_long
         self.limit = max_input_tokens or backend.max_input_tokens(params)
         self.keep_fields = keep_fields
-        self.adapter: str | None = None
+        self.adapter: str | None = None  # the label output rows carry
+        self.adapter_key: str | None = None  # the backend's name of it, sent with every request
         if params.constrained:
             if not backend.supports_constrained:
                 raise InputError(f"backend '{backend.name}' does not support --constrained")
@@ -123,7 +124,8 @@ class Predictor:
                     if i in skipped:
                         waiting[seq] = (rec, None, skipped[i])
                     else:
-                        batch.append(Request(prompts[i], rec["id"], {"seq": seq, "ids": ids[i]}))
+                        batch.append(Request(prompts[i], rec["id"], {"seq": seq, "ids": ids[i]},
+                                             adapter=self.adapter_key))
                 yield batch
 
         for pairs in self.backend.generate_stream(requests(), self.params, self.task.schema, self.probes()):

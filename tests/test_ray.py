@@ -19,14 +19,19 @@ def run(corpus, model, out, *extra):
 
 
 def test_ray_run_equals_single_process(tmp_path, tiny_model):
-    """The hf backend on Ray actors of a local instance. Resume after a kill, object storage, a real
-    two-node cluster and the refusals are in test_ray_cluster.py (echo backend)."""
+    """The hf backend on Ray actors of a local instance, with a LoRA adapter: the workers decode with it (each
+    request names it), equal to the single-process run. Resume after a kill, object storage, a real two-node
+    cluster and the refusals are in test_ray_cluster.py (echo backend)."""
+    from tests.conftest import make_adapter
+    adapter = make_adapter(tiny_model, "lora", tmp_path / "lora")
     corpus, _ = synth_corpus(tmp_path, n=40, seed=9)
-    single, distributed = tmp_path / "single.jsonl", tmp_path / "ray.jsonl"
-    assert run(corpus, tiny_model, single).returncode == 0
-    result = run(corpus, tiny_model, distributed, "--ray", "--ray-workers", "2")
+    base, single, distributed = tmp_path / "base.jsonl", tmp_path / "single.jsonl", tmp_path / "ray.jsonl"
+    assert run(corpus, tiny_model, base).returncode == 0
+    assert run(corpus, tiny_model, single, "--adapter", adapter).returncode == 0
+    result = run(corpus, tiny_model, distributed, "--adapter", adapter, "--ray", "--ray-workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = read_jsonl(single), read_jsonl(distributed)
     assert [r["id"] for r in b] == [r["id"] for r in a]
     assert [(r["status"], r["raw"], r["output_tokens"]) for r in b] == [(r["status"], r["raw"], r["output_tokens"])
                                                                          for r in a]
+    assert [r["raw"] for r in read_jsonl(base)] != [r["raw"] for r in a], "the adapter must change outputs"

@@ -23,6 +23,7 @@ class Request:
     prompt: str
     record_id: str = ""  # lets a backend such as `echo` look a record up; others ignore it
     options: dict = field(default_factory=dict)
+    adapter: str | None = None  # the backend's name of the adapter to decode with; None: the one in use
 
 
 @dataclass

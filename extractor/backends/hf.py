@@ -201,7 +201,16 @@ class HFBackend(TokenizerBackend):
         return None if limit is None else limit - params.max_new_tokens - self._virtual_tokens()
 
     # -- generation ----------------------------------------------------------------------------------
+    def _take_adapter(self, requests) -> None:
+        """Decode with the adapter the requests name (all of them the same one: a run is one adapter)."""
+        names = {r.adapter for r in requests if r.adapter is not None}
+        if len(names) > 1:
+            raise ValueError(f"one adapter per call, got {sorted(names)}")
+        if names and names != {self.adapter}:
+            self.use_adapter(names.pop())
+
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
+        self._take_adapter(requests)
         encoded = [self._ids(r) for r in requests]
         if encoded and self._use_fast(params):
             return self._generate_fast(encoded, params, schema)
@@ -293,6 +302,7 @@ class HFBackend(TokenizerBackend):
         first = next(batches, None)
         if first is None:
             return
+        self._take_adapter(first)
         if not first or not self._use_fast(params):
             yield from self._plain_stream(itertools.chain([first], batches), params, schema)
             return

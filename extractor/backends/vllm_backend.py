@@ -100,12 +100,14 @@ class VLLMBackend(TokenizerBackend):
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
                                   structured_outputs=structured)
-        lora = None
-        if self.adapter is not None:
-            index = list(self.adapter_paths).index(self.adapter) + 1
-            lora = LoRARequest(self.adapter, index, str(self.adapter_paths[self.adapter]))
+        def lora(name):  # each request's own adapter (vLLM batches rows of different adapters together)
+            if name is None:
+                return None
+            return LoRARequest(name, list(self.adapter_paths).index(name) + 1, str(self.adapter_paths[name]))
+        names = [r.adapter if r.adapter is not None else self.adapter for r in requests]
+        loras = lora(names[0]) if len(set(names)) == 1 else [lora(n) for n in names]
         prompts = [{"prompt_token_ids": self._encode(r.prompt)} for r in requests]
-        outputs = self.llm.generate(prompts, sampling, use_tqdm=False, lora_request=lora)
+        outputs = self.llm.generate(prompts, sampling, use_tqdm=False, lora_request=loras)
         results = []
         for out in outputs:  # vLLM returns outputs in request order
             choice = out.outputs[0]

@@ -120,6 +120,7 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
         engine.use_adapter(name)
         predictor = Predictor(task, engine, params, on_long, max_input_tokens, tuple(keep_fields), few_shot)
         predictor.adapter = sources.adapter_labels.get(name, name)
+        predictor.adapter_key = name
         target = output_for_adapter(opts.out, predictor.adapter, len(names))
         job = Run(predictor, opts, target, console)
         done = job.prepare(_key(task, engine, predictor, opts, sources))

@@ -51,6 +51,9 @@ class PredictActor:
         self.predictor = Predictor(self.task, backend, params, opts_dict["on_long"], opts_dict["max_input_tokens"],
                                    tuple(opts_dict["keep_fields"]), opts_dict["few_shot"])
         self.predictor.adapter = opts_dict["adapter"]
+        # The worker's backend was built with the run's one adapter: every request names it (without this
+        # the workers decoded with base weights).
+        self.predictor.adapter_key = backend.adapters()[0] if opts_dict["adapter"] else None
         self.field_map = opts_dict["field_map"]
         self.id_field = opts_dict["id_field"]
         self.done = ray.get(done_ref) if done_ref is not None else set()
