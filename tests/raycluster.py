@@ -22,10 +22,18 @@ HOST = "127.0.0.2"
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+_given: set[int] = set()  # ports handed out in this process: the OS may offer a just-closed one again
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A port free on HOST and not handed out before (Ray refuses two components on one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _given:
+            _given.add(port)
+            return port
 
 
 def ray_env() -> dict:
