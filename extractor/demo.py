@@ -5,9 +5,9 @@ from many cue pairs, so that copying the posting's spans is what pays), the toke
 `tokenizers` (one token per character, so a value is the same tokens in the posting as in the answer, and
 an unseen value is made of known tokens; the prompt's fixed lines and the answer's JSON skeleton are single
 tokens, which keeps sequences short), the model is a small Qwen2-style network trained from scratch with
-full fine-tuning. Training runs for a step budget or a time budget, whichever is spent first, with the
-learning rate annealed by the same progress (CPU contention makes seconds unreliable; the schedule still
-ends annealed). The test split uses the training distribution; the held-out split uses values and clause
+full fine-tuning. Training runs for a step budget, capped by a time budget for a busy machine (CPU
+contention makes seconds unreliable), with the learning rate annealed by whichever is spent faster, so
+a run the clock cuts short still ends annealed. The test split uses the training distribution; the held-out split uses values and clause
 phrasings that never occur in training, and its score is printed beside, as the measure of generalisation.
 """
 from __future__ import annotations
@@ -26,8 +26,10 @@ class DemoConfig:
     train_n: int = 20000  # many distinct postings: the model cannot memorise its way through them
     dev_n: int = 100
     test_n: int = 300
-    max_steps: int = 4000
-    max_seconds: float = 240.0
+    # Steps are the budget: 2,500 (~160 s on 2 idle cores, 16 steps/s) put held-out F1 past 0.8 (0.85); the
+    # seconds only cap a busy machine (at a twentieth of the speed, 600 s is ~500 steps and a poor model).
+    max_steps: int = 2500
+    max_seconds: float = 600.0
     target_f1: float | None = None  # held-out F1 keeps rising after dev F1 saturates: use the whole budget
     save_steps: int = 1000  # each dev evaluation costs training time
     hidden: int = 128
@@ -140,6 +142,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     _say(f"[3/5] training (full fine-tuning; stops at {goal}{cfg.max_steps} steps or {cfg.max_seconds:.0f}s, "
          "whichever comes first)")
     summary = train_model(cfg, base, paths)
+    cut_short = summary["steps"] < cfg.max_steps and not cfg.target_f1
+    if cut_short:
+        _say(f"note: the {cfg.max_seconds:.0f}s cap stopped training at {summary['steps']} of {cfg.max_steps} steps "
+             "(the CPU is busy); the scores below are a shorter run's: rerun when the machine is idle, or pass a "
+             "larger --max-seconds")
     best = cfg.out / "train" / "best"
     constrained = ["--constrained"] if cfg.constrained else []
     if cfg.max_new_tokens:
@@ -158,7 +165,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         results[split] = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
     results["regression"] = nightly_check(cfg, cfg.out / "test.preds.jsonl", paths["test"][1])
     elapsed = time.perf_counter() - start
-    outcome = {"elapsed_s": round(elapsed, 1), "train_steps": summary["steps"],
+    outcome = {"elapsed_s": round(elapsed, 1), "train_steps": summary["steps"], "cut_short_by_time": cut_short,
                "train_seconds": round(summary["seconds"], 1),
                "test_micro_f1": results["test"]["micro"]["f1"],
                "heldout_micro_f1": results["test_heldout"]["micro"]["f1"],
@@ -167,6 +174,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     (cfg.out / "demo_summary.json").write_text(json.dumps(outcome, indent=2) + "\n", encoding="utf-8")
     _say(f"test micro F1 {outcome['test_micro_f1']:.4f}; held-out micro F1 (values and phrasings never in "
          f"training) {outcome['heldout_micro_f1']:.4f}; {summary['steps']} training steps in "
-         f"{summary['seconds']:.0f}s; demo took {elapsed:.0f}s")
+         f"{summary['seconds']:.0f}s{' (cut short by the time cap: a busy CPU)' if cut_short else ''}; "
+         f"demo took {elapsed:.0f}s")
     _say(f"report: {outcome['report']}")
     return outcome

@@ -10,10 +10,11 @@ import click
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the data, model, checkpoints, predictions and reports.")
 @click.option("--train-n", type=int, default=20000, show_default=True, help="Training postings.")
-@click.option("--max-steps", type=int, default=4000, show_default=True, help="Training step budget.")
-@click.option("--max-seconds", type=float, default=240.0, show_default=True,
-              help="Training time budget; the first budget spent ends training, and the learning rate is "
-                   "annealed by it.")
+@click.option("--max-steps", type=int, default=2500, show_default=True,
+              help="Training step budget (about 160 s on 2 idle cores).")
+@click.option("--max-seconds", type=float, default=600.0, show_default=True,
+              help="Training time cap for a busy machine; the first budget spent ends training, and the learning "
+                   "rate is annealed by it.")
 @click.option("--target-f1", type=float, default=None,
               help="Also stop once dev micro F1 reaches this (default: use the whole budget).")
 @click.option("--test-n", type=int, default=300, show_default=True)
