@@ -37,7 +37,9 @@ def free_port() -> int:
 
 
 def ray_env() -> dict:
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Echo answers instantly: the first worker up would take every batch before the other node's starts.
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "EXTRACTOR_ECHO_LATENCY_S": "0.1"}
 
 
 class RayCluster:

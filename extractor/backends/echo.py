@@ -2,9 +2,13 @@
 
 --model points at a gold file ({id, gold} lines) or a predictions file, whose `raw` text (and finish
 reason) is returned verbatim, so a run re-parses another run's outputs. Unknown ids echo `{}`.
+EXTRACTOR_ECHO_LATENCY_S (seconds per call, default 0) stands in for a model's time, so that work spreads over
+several workers as it would with a real model (the Ray cluster tests).
 """
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from extractor import jsonutil
@@ -34,6 +38,9 @@ class EchoBackend(Backend):
         return {"backend": self.name, "gold": str(self.path.resolve()), "size": self.path.stat().st_size}
 
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
+        latency = float(os.environ.get("EXTRACTOR_ECHO_LATENCY_S", "0") or 0)
+        if latency > 0:
+            time.sleep(latency)
         out = []
         for r in requests:
             text, finish = self.texts.get(r.record_id, ("{}", STOP))

@@ -273,7 +273,9 @@ class RayRun(Run):
                 compute=ActorPoolStrategy(size=self.workers),
                 fn_constructor_args=(self.p.task.name, tuple(self.tasks_dirs), self.backend_name,
                                      self.backend_kwargs, self.p.params, opts_dict, done_ref),
-                num_cpus=demand.cpus, num_gpus=demand.gpus, **memory, max_restarts=2, max_task_retries=2)
+                num_cpus=demand.cpus, num_gpus=demand.gpus, **memory, max_restarts=2, max_task_retries=2,
+                # Across the nodes, as the capacity check placed them (Ray would otherwise pack a node first).
+                scheduling_strategy="SPREAD")
 
 
 def ray_settings(address: str | None) -> str | None:
