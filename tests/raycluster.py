@@ -107,6 +107,14 @@ class RayCluster:
                 pass
         for proc in self.procs:
             proc.wait()
+        deadline = time.monotonic() + 10  # a SIGKILLed process takes a moment to be gone from /proc
+        while (left := self.leftover_pids()) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def leftover_pids(self) -> list[int]:
