@@ -95,10 +95,13 @@ def _head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def _kv_heads(cfg) -> int:
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
 def kv_bytes_per_token(model) -> int:
     cfg = _text_config(model)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * kv_heads * _head_dim(cfg) * next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * _kv_heads(cfg) * _head_dim(cfg) * next(model.parameters()).element_size()
 
 
 def slots_for_memory(model, unique_len: int, device, fraction: float = 0.75, cap: int = 1024) -> int:
@@ -131,14 +134,14 @@ class FastDecoder:
     run on this path (checked on a short probe against the model's own forward)."""
 
     def __init__(self, model, prefix: list[int], slots: int, unique_len: int, eos_ids: list[int],
-                 attention: str = "auto", prefill_tokens: int = 32768, compile: bool | None = None,
+                 attention: str = "auto", prefill_tokens: int = 32768, compile: bool = False,
                  virtual: VirtualPrefix | None = None):
         _register()
         self.model = model
         cfg = _text_config(model)
         self.n_layers = cfg.num_hidden_layers
         self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.kv_heads = _kv_heads(cfg)
         self.head_dim = _head_dim(cfg)
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.slots, self.unique_len = slots, unique_len
@@ -158,6 +161,10 @@ class FastDecoder:
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self._flash_gqa = self.device.type == "cuda" and _flash_takes_gqa(self.device, self.dtype, self.head_dim)
         self._mode: dict = {}
+        # Every config object the model's modules read `_attn_implementation` from (sub-configs included):
+        # found once, switched to our attention for each forward pass.
+        self._configs = list({id(m.config): m.config for m in model.modules()
+                              if hasattr(getattr(m, "config", None), "_attn_implementation")}.values())
         self._forward = self.model
         self.compiled = bool(compile)  # off by default: CUDA graphs already remove the decode step's launches
         if self.compiled:
@@ -170,9 +177,9 @@ class FastDecoder:
         self.prefix: list[int] = []
         self.virtual, self.n_prefix = None, 0  # n_prefix: positions before a record's own (virtual + prefix)
         self.pk = self.pv = None
-        if self.compiled and not self._compiles():
+        if not (self.compiled and self._compiles()):  # _compiles probes the compiled forward itself
             self._forward, self.compiled = self.model, False
-        self._probe()
+            self._probe()
         self.prefix, self.virtual = list(prefix), virtual
         self._set_prefix(self.prefix)
         pinned = self.device.type == "cuda"
@@ -194,12 +201,10 @@ class FastDecoder:
     def _native(self, **mode):
         """The model's forward runs with `_attention` in this block; `mode` tells it what the pass is:
         prefix, prefill (rows, width) or decode (slot, own)."""
-        configs = {id(m.config): m.config for m in self.model.modules()
-                   if getattr(m, "config", None) is not None and hasattr(m.config, "_attn_implementation")}
-        before = {k: c._attn_implementation for k, c in configs.items()}
+        before = [c._attn_implementation for c in self._configs]
         previous = getattr(_active, "decoder", None)
         _active.decoder, self._mode = self, mode
-        for c in configs.values():
+        for c in self._configs:
             c._attn_implementation = ATTENTION
         hook = None
         if mode.get("last") is not None:  # prefill: the head sees each row's last position only
@@ -212,8 +217,8 @@ class FastDecoder:
         finally:
             if hook is not None:
                 hook.remove()
-            for k, c in configs.items():
-                c._attn_implementation = before[k]
+            for c, implementation in zip(self._configs, before):
+                c._attn_implementation = implementation
             _active.decoder, self._mode = previous, {}
 
     def _logits_of(self, ids, positions, embeds=None, **mode) -> torch.Tensor:

@@ -21,6 +21,7 @@ P + n - 1: the prefix's P positions come first, then the row's own.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 try:  # Triton comes with CUDA builds of torch; absent (or unusable) elsewhere
     import triton
@@ -190,7 +191,6 @@ def prefill_attention(q, k, v, scale: float, softcap: float | None = None, windo
     """Many queries at once (a prefill chunk, or the shared prefix itself): q [B, H, T, D]; k/v [B, KVH, K, D]
     with the shared prefix's K - T keys first, then the rows' own T. Key j sits at position j and query t at
     K - T + t: each query sees the prefix and its own earlier tokens, within the window. Returns [B, H, T, D]."""
-    import torch.nn.functional as F
     t, total = q.shape[2], k.shape[2]
     group = q.shape[1] // k.shape[1]
     if not softcap and (not window or window >= total):
