@@ -123,6 +123,7 @@ class HFBackend(TokenizerBackend):
         self.adapter = None
         self._grammars: dict[str, object] = {}
         self._fast_decoder = None
+        self._virtual = None  # the prompt-learning adapter's virtual part, once computed
         self.plain_reason: str | None = None  # why records last went the plain way (None: --fast off)
         self._said: set[str] = set()
 
@@ -173,7 +174,7 @@ class HFBackend(TokenizerBackend):
     def use_adapter(self, name: str | None) -> None:
         """Swap adapters on the one base model: LoRA layers are unloaded, prompt-learning wrappers dropped."""
         from peft import PeftModel
-        self._fast_decoder = None  # its prefix K/V and graphs belong to the weights it was built on
+        self._fast_decoder = self._virtual = None  # both belong to the weights they were built from
         if self.adapter is not None:
             self.base = self.model.unload() if hasattr(self.model, "unload") and not self._prompt_learning() \
                 else self.model.get_base_model()
@@ -396,12 +397,8 @@ class HFBackend(TokenizerBackend):
         # Off CUDA the cache is host memory: --batch-size rows, at most --batch-tokens positions in all.
         slots = slots_for_memory(self.base, unique_len, self.device) if cuda else \
             max(1, min(self.batch_size, self.batch_tokens // unique_len))
-        virtual = None
-        if self._prompt_learning():  # its virtual tokens or K/V go first in the shared prefix
-            from extractor.backends.prompt_learning import virtual_prefix
-            virtual = virtual_prefix(self.model, self.dtype)
         dec = FastDecoder(self.base, prefix, slots=slots, unique_len=unique_len, eos_ids=self.eos_ids,
-                          virtual=virtual)
+                          virtual=self._virtual_prefix())
         dec.capture()
         self._fast_decoder = dec
         return dec
@@ -452,20 +449,30 @@ class HFBackend(TokenizerBackend):
         new_tokens = out[:, width:].tolist()
         return [self._finish(ids, tokens) for ids, tokens in zip(batch, new_tokens)]
 
+    def _virtual_prefix(self):
+        """A prompt-learning adapter's virtual part (None without one), computed once per adapter for both
+        paths: its tokens or K/V go first in the fast path's shared prefix and before each plain record."""
+        if not self._prompt_learning():
+            return None
+        if self._virtual is None:
+            from extractor.backends.prompt_learning import virtual_prefix
+            self._virtual = virtual_prefix(self.model, self.dtype)
+        return self._virtual
+
     def _generate_prompt_learning(self, batch: list[list[int]], params: GenParams, schema) -> list[Generation]:
         """Prompt tuning, P-tuning, prefix tuning: one record at a time as peft's forward defines them
         (prompt_learning.py says why not `generate`)."""
         from extractor.backends.prompt_learning import decode
         if params.temperature > 0:
             self.torch.manual_seed(params.seed)
+        if params.constrained:
+            from extractor.constrain import SchemaLogitsProcessor
         gens = []
-        for ids in batch:
-            processor = None
-            if params.constrained:
-                from extractor.constrain import SchemaLogitsProcessor
-                processor = SchemaLogitsProcessor(self.grammar(schema), params.max_new_tokens)
-            tokens = decode(self.model, ids, params.max_new_tokens, self.eos_ids, params.temperature, params.top_p,
-                            processor)
+        for ids in batch:  # a processor holds one row's grammar state: one per record
+            processor = SchemaLogitsProcessor(self.grammar(schema), params.max_new_tokens) \
+                if params.constrained else None
+            tokens = decode(self.model, self._virtual_prefix(), ids, params.max_new_tokens, self.eos_ids,
+                            params.temperature, params.top_p, processor)
             gens.append(self._finish(ids, tokens))
         return gens
 

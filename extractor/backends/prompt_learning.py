@@ -43,20 +43,20 @@ def virtual_prefix(peft_model, dtype):
 
 
 @torch.inference_mode()
-def decode(peft_model, ids: list[int], max_new: int, eos_ids: list[int], temperature: float = 0.0,
+def decode(peft_model, virtual, ids: list[int], max_new: int, eos_ids: list[int], temperature: float = 0.0,
            top_p: float = 1.0, processor=None) -> list[int]:
-    """One record's new tokens (its EOS included), through the base model with transformers' cache."""
+    """One record's new tokens (its EOS included), through the base model with transformers' cache.
+    `virtual`: the adapter's virtual part (virtual_prefix), computed once for all records."""
     from transformers import DynamicCache
     base = peft_model.get_base_model()
     device = next(base.parameters()).device
-    virtual = virtual_prefix(peft_model, next(base.parameters()).dtype)
     v_len, prompt = virtual.length, torch.tensor([ids], device=device)
     if virtual.embeds is not None:
         cache = DynamicCache(config=base.config)
         embeds = torch.cat((virtual.embeds.unsqueeze(0), base.get_input_embeddings()(prompt)), 1)
         out = base(inputs_embeds=embeds, position_ids=torch.arange(v_len + len(ids), device=device).unsqueeze(0),
                    past_key_values=cache, use_cache=True)
-    else:
+    else:  # a fresh cache holding the prefix K/V (the forward appends to it)
         cache = peft_model.get_prompt(batch_size=1)
         out = base(input_ids=prompt, position_ids=(v_len + torch.arange(len(ids), device=device)).unsqueeze(0),
                    attention_mask=torch.ones(1, v_len + len(ids), dtype=torch.long, device=device),
