@@ -150,3 +150,16 @@ def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choo
     return {"tokens": [out[k] for k in keys], "reasons": [reasons[k] for k in keys], "decoded": decoded,
             "seconds": seconds, "stats": dict(constraint.stats), "step_cpu_s": step_cpu,
             "texts": [b"".join(grammar.token_bytes[t] for t in out[k]).decode("utf-8", "replace") for k in keys]}
+
+
+def generate_reference(model, ids: list[int], max_new: int, eos_ids: list[int]) -> list[int]:
+    """The reference a decoder is held to: `generate`'s greedy tokens for one prompt (batch 1), cut after
+    the first EOS (kept), as FastDecoder returns them."""
+    import torch
+    device = next(model.parameters()).device
+    prompt = torch.tensor([ids], device=device)
+    with torch.inference_mode():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new,
+                             do_sample=False, eos_token_id=list(eos_ids), pad_token_id=0)[0, len(ids):].tolist()
+    stop = next((i for i, t in enumerate(out) if t in eos_ids), None)
+    return out if stop is None else out[: stop + 1]

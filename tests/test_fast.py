@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from extractor.backends.fast import FastDecoder
+from extractor.testing import generate_reference
 
 
 @pytest.mark.parametrize("slots,refill,prefix_len,budgets", [(3, 2, 25, 14), (8, 8, 25, "mixed"),
@@ -22,12 +23,7 @@ def test_fast_decoder_equals_generate(tiny_model, slots, refill, prefix_len, bud
     decoder = FastDecoder(model, prefix, slots=slots, unique_len=30 + 14, eos_ids=eos)
     got = decoder.generate(suffixes, max_new=budget, refill=refill)
     for suffix, n, (tokens, finish) in zip(suffixes, budget, got):
-        ids = torch.tensor([prefix + suffix])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=eos, pad_token_id=0)[0, ids.shape[1]:].tolist()
-        if eos[0] in ref:
-            ref = ref[: ref.index(eos[0]) + 1]
-        assert tokens == ref
+        assert tokens == generate_reference(model, prefix + suffix, n, eos)
         assert finish == ("stop" if tokens[-1] == eos[0] else "length")
     assert decoder.stats["steps"] > 0 and decoder.stats["prefills"] >= -(-len(suffixes) // slots)
 

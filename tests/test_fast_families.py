@@ -60,6 +60,7 @@ def test_decoder_equals_generate(family_dir, model_type):
     from transformers import AutoModelForCausalLM
 
     from extractor.backends.fast import FastDecoder
+    from extractor.testing import generate_reference
     model = AutoModelForCausalLM.from_pretrained(family_dir(model_type), dtype=torch.float32).eval()
     rng = random.Random(1)
     prefix = [rng.randrange(5, 1000) for _ in range(30)]
@@ -68,10 +69,7 @@ def test_decoder_equals_generate(family_dir, model_type):
     eos = [model.config.eos_token_id]
     got = FastDecoder(model, prefix, slots=3, unique_len=64, eos_ids=eos).generate(suffixes, budgets, refill=2)
     for suffix, n, (tokens, _) in zip(suffixes, budgets, got):
-        ids = torch.tensor([prefix + suffix])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=eos, pad_token_id=0)[0, ids.shape[1]:].tolist()
-        assert tokens == (ref[: ref.index(eos[0]) + 1] if eos[0] in ref else ref)
+        assert tokens == generate_reference(model, prefix + suffix, n, eos)
 
 
 @pytest.fixture(scope="module")
