@@ -172,28 +172,34 @@ CONSTRAINED_KEYS = {"auto": "fast_constrained", "0": "fast_constrained_no_worker
 
 # -- FastDecoder ---------------------------------------------------------------------------------------
 def fast_run(model, prefix, suffixes, budgets, slots=None, grammar=None, workers="auto", decoder_cls=None,
-             **decoder_kw):
+             warm=True, **decoder_kw):
     """FastDecoder on token ids; with `grammar`, every output is constrained to it (a fresh BatchConstraint
     per call, `workers` grammar processes) and the grammar's stop token ends a row. decoder_cls: another
-    decoder class with the same interface (the legacy one)."""
+    decoder class with the same interface (the legacy one). warm=False: no warm-up run, and the decoder's
+    build and graph capture count in the timed span (an adapter switch's whole cost)."""
     from extractor.backends.fast import FastDecoder, slots_for_memory
     from extractor.constrain_batch import BatchConstraint
     decoder_cls = decoder_cls or FastDecoder
     unique = max(len(s) for s in suffixes) + NEW
+    sync()
+    start = time.perf_counter()
     slots = slots or (slots_for_memory(model, unique, DEVICE) if DEVICE == "cuda" else 16)
     eos = grammar.stop_token_ids if grammar is not None else []
     (dec, build_s) = timed(lambda: decoder_cls(model, prefix, slots=slots, unique_len=unique, eos_ids=eos,
                                                **decoder_kw))
     dec.capture()
     constraint = (lambda: BatchConstraint(grammar, workers)) if grammar is not None else (lambda: None)
-    # Warm-up: compiles (torch.compile, Triton) and captures the graphs a run of this shape needs.
-    _, warmup_s = timed(lambda: dec.generate(suffixes[:2 * slots] if slots < len(suffixes) else suffixes, max_new=budgets
-                                            if isinstance(budgets, int) else budgets[:2 * slots],
-                                            constraint=constraint()))
-    dec.stats = {k: 0 for k in dec.stats}
+    warmup_s = 0.0
+    if warm:  # compiles (torch.compile, Triton) and captures the graphs a run of this shape needs
+        _, warmup_s = timed(lambda: dec.generate(suffixes[:2 * slots] if slots < len(suffixes) else suffixes,
+                                                 max_new=budgets if isinstance(budgets, int) else budgets[:2 * slots],
+                                                 constraint=constraint()))
+        dec.stats = {k: 0 for k in dec.stats}
     dec.trace = []
     last = constraint()
     got, dt = timed(lambda: dec.generate(suffixes, max_new=budgets, constraint=last))
+    if not warm:
+        dt = time.perf_counter() - start
     tokens = sum(len(t) for t, _ in got)
     info = {"slots": slots, "buckets_captured": len(dec._graphs), "attention": dec.attention,
             "compiled": dec.compiled, "flash_gqa": dec._flash_gqa, "setup_s": build_s, "warmup_s": warmup_s,
@@ -347,7 +353,7 @@ def families(res: Results, n: int) -> None:
             model = build_family(name)
             prefix, suffixes, _ = workload(n, vocab=model.config.vocab_size)
             all_tokens = sum(len(prefix) + len(s) for s in suffixes) + n * NEW
-            _, r = fast_run(model, prefix, suffixes, NEW)
+            _, r = fast_run(model, prefix, suffixes, NEW, compile=True)  # as the hf backend runs it on CUDA
             r["floor_tok_s"] = linear_floor(model, n, all_tokens, res["bf16_tflops"])
             r["of_floor"] = r["tok_s"] / r["floor_tok_s"]
             r["params"] = sum(p.numel() for p in model.parameters())
@@ -360,7 +366,7 @@ def families(res: Results, n: int) -> None:
         empty_cache()
 
 
-def check_families() -> dict:
+def check_families(compile: bool = False) -> dict:
     """Every family on the list, tiny fp32 configs on this device with graphs and the Triton kernel: FastDecoder
     token for token equal to `generate` (shared prefix, refills, budgets)."""
     from transformers import AutoModelForCausalLM
@@ -381,13 +387,13 @@ def check_families() -> dict:
         suffixes = [[rng.randrange(5, 1000) for _ in range(rng.randint(2, 40))] for _ in range(6)]
         budgets = [rng.randint(4, 24) for _ in suffixes]
         try:
-            dec = FastDecoder(model, prefix, slots=3, unique_len=72, eos_ids=[2])
+            dec = FastDecoder(model, prefix, slots=3, unique_len=72, eos_ids=[2], compile=compile)
             dec.capture()
             got = dec.generate(suffixes, budgets, refill=2)
             equal = sum(toks == generate_reference(model, prefix + s, b, [2])
                         for s, b, (toks, _) in zip(suffixes, budgets, got))
             out[model_type] = {"equal": equal, "of": len(suffixes), "graphs": len(dec._graphs),
-                               "attention": dec.attention}
+                               "attention": dec.attention, "compiled": dec.compiled}
         except Exception as exc:  # noqa: BLE001
             out[model_type] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     return out
@@ -402,12 +408,88 @@ def legacy_decoder(path: str):
     return module.FastDecoder
 
 
+# -- adapters (issue 15) ---------------------------------------------------------------------------------
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_config(seed: int):
+    from peft import LoraConfig
+    torch.manual_seed(seed)  # init_lora_weights=False: B is random too, so the adapter changes the outputs
+    return LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, init_lora_weights=False,
+                      task_type="CAUSAL_LM")
+
+
+def lora_compiled(res: Results, model, prefix, suffixes) -> None:
+    from peft import get_peft_model
+    peft_model = get_peft_model(model, _lora_config(1), adapter_name="a0", autocast_adapter_dtype=False).eval()
+    _, res["lora_r16_compiled"] = fast_run(model, prefix, suffixes, NEW, compile=True)
+    peft_model.unload()
+
+
+def adapters(res: Results, model, prefix, suffixes) -> None:
+    """The adapter rows beside the base row of the same call: one rank-16 LoRA on every linear layer (adapter
+    weights in the model's dtype, as --dtype loads them; in float32, peft's default; merged into the weights;
+    compiled), four LoRA adapters with the records spread evenly (one decoder per adapter, as `--adapter`
+    repeated runs them: its build and graph capture inside the timed span), P-tuning with 128 virtual tokens
+    (MLP encoder) and prefix tuning with 128 virtual tokens."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
+
+    from extractor.backends.prompt_learning import virtual_prefix
+    n = len(suffixes)
+    peft_model = get_peft_model(model, _lora_config(1), adapter_name="a0", autocast_adapter_dtype=False)
+    peft_model.eval()
+    _, res["lora_r16"] = fast_run(model, prefix, suffixes, NEW)
+    for name in ("a1", "a2", "a3"):
+        peft_model.add_adapter(name, _lora_config(int(name[1]) + 1), autocast_adapter_dtype=False)
+    # Four adapters, records spread evenly: each adapter's quarter through its own decoder, timed end to end.
+    tokens, start = 0, time.perf_counter()
+    for i, name in enumerate(("a0", "a1", "a2", "a3")):
+        peft_model.set_adapter(name)
+        mine = suffixes[i::4]
+        got, r = fast_run(model, prefix, mine, NEW, warm=False)
+        tokens += r["tokens"]
+    sync()
+    res["lora_x4"] = row(tokens, n, time.perf_counter() - start, adapters=4)
+    peft_model.set_adapter("a0")
+    peft_model.delete_adapter("a1"), peft_model.delete_adapter("a2"), peft_model.delete_adapter("a3")
+    # peft's default (autocast_adapter_dtype=True): float32 adapter weights on a bf16 model.
+    for module in model.modules():
+        for attr in ("lora_A", "lora_B"):
+            if hasattr(module, attr) and "a0" in getattr(module, attr):
+                getattr(module, attr)["a0"].float()
+    _, res["lora_r16_fp32_weights"] = fast_run(model, prefix, suffixes, NEW)
+    for module in model.modules():
+        for attr in ("lora_A", "lora_B"):
+            if hasattr(module, attr) and "a0" in getattr(module, attr):
+                getattr(module, attr)["a0"].to(torch.bfloat16)
+    peft_model.merge_adapter()
+    _, res["lora_r16_merged"] = fast_run(model, prefix, suffixes, NEW)
+    peft_model.unmerge_adapter()
+    peft_model.unload()
+    for key, config in (("ptuning_128", PromptEncoderConfig(num_virtual_tokens=128, encoder_hidden_size=1536,
+                                                              task_type="CAUSAL_LM")),
+                        ("prefix_128", PrefixTuningConfig(num_virtual_tokens=128, task_type="CAUSAL_LM")),
+                        ("prefix_128_projection", PrefixTuningConfig(num_virtual_tokens=128, prefix_projection=True,
+                                                                     encoder_hidden_size=1536, task_type="CAUSAL_LM"))):
+        torch.manual_seed(2)
+        wrapped = get_peft_model(model, config).to(DEVICE).eval()
+        (virtual, virtual_s) = timed(lambda: virtual_prefix(wrapped, torch.bfloat16))
+        _, r = fast_run(model, prefix, suffixes, NEW, virtual=virtual)
+        r["virtual_tokens"], r["virtual_s"] = virtual.length, virtual_s
+        res[key] = r
+        model = wrapped.get_base_model()
+    base = res.get("fast", {}).get("tok_s")
+    if base:
+        res["adapter_ratios"] = {k: res[k]["tok_s"] / base for k in
+                                 ("lora_r16", "lora_r16_compiled", "lora_x4", "lora_r16_fp32_weights", "lora_r16_merged",
+                                  "ptuning_128", "prefix_128", "prefix_128_projection") if res.get(k)}
+
+
 # -- the run path ----------------------------------------------------------------------------------------
 def run_backend(model, work: Path):
     """The hf backend `extractor run` builds, around the model already in memory (fast path on)."""
     from extractor.backends.hf import HFBackend
-    backend = HFBackend.from_loaded(model, _tokenizer(work), work / "model")
-    backend.fast_mode = "on"
+    backend = HFBackend.from_loaded(model, _tokenizer(work), work / "model", fast="on", compile=DEVICE == "cuda")
     return backend
 
 
@@ -435,6 +517,64 @@ def run_path(backend, work: Path, n: int, constrained: bool, window: int = 256, 
     constraint = getattr(backend, "last_constraint", None) if constrained else None
     return {**r, "constraint": dict(constraint.stats) if constraint is not None else None,
             "prefix_tokens": len(dec.prefix), "slots": dec.slots, "compiled": dec.compiled, "window": window}
+
+
+def adapters_run(res: Results, model, work: Path, n: int) -> None:
+    """`extractor run`'s path with four rank-16 LoRA adapters loaded from disk, as `--adapter` repeated runs
+    them: each adapter's quarter of the records (merged into the base weights, one decoder for all four),
+    timed end to end with every switch; beside the base weights over all the records, same backend."""
+    from peft import get_peft_model
+
+    from extractor.backends.base import GenParams
+    from extractor.backends.hf import HFBackend
+    from extractor.benchmark import time_run
+    from extractor.pipeline import Predictor
+    from extractor.tasks import load_task
+    tok = _tokenizer(work)
+    full = work / "model_full"
+    model.save_pretrained(full)
+    tok.save_pretrained(full)
+    dirs = []
+    for i in range(4):
+        wrapped = get_peft_model(model, _lora_config(i + 1), autocast_adapter_dtype=False)
+        wrapped.save_pretrained(work / f"lora{i}")
+        wrapped.unload()
+        dirs.append(str(work / f"lora{i}"))
+    backend = HFBackend(str(full), adapters=dirs, dtype="bf16", device=DEVICE, fast="on",
+                        compile=DEVICE == "cuda")
+    corpus = _corpus(work, backend.tokenizer, n)
+    lines = corpus.read_text(encoding="utf-8").splitlines(keepends=True)
+    quarters = []
+    for i in range(4):
+        quarters.append(work / f"quarter{i}.jsonl")
+        quarters[-1].write_text("".join(lines[i::4]), encoding="utf-8")
+    predictor = Predictor(load_task("jd_requirements"), backend, GenParams(max_new_tokens=NEW), max_input_tokens=4096)
+    _, res["adapters_run_warmup_s"] = timed(lambda: time_run(predictor, corpus, work / "warm.jsonl", limit=64))
+    res["adapters_run_base"] = time_run(predictor, corpus, work / "base.jsonl")
+    start, tokens, rows = time.perf_counter(), 0, []
+    for name, quarter in zip(backend.adapters(), quarters):
+        backend.use_adapter(name)
+        predictor.adapter_key = name
+        r = time_run(predictor, quarter, work / f"{name}.jsonl")
+        tokens += r["tokens"]
+        rows.append({k: r[k] for k in ("seconds", "tokens", "records")})
+    seconds = time.perf_counter() - start
+    res["adapters_run_x4"] = {**row(tokens, n, seconds), "per_adapter": rows,
+                              "merged_layers": len(backend._merged or ())}
+    # As `--adapter` x4 runs a corpus: every adapter over all the records, one output each.
+    start, tokens, rows = time.perf_counter(), 0, []
+    for name in backend.adapters():
+        backend.use_adapter(name)
+        predictor.adapter_key = name
+        r = time_run(predictor, corpus, work / f"{name}.all.jsonl")
+        tokens += r["tokens"]
+        rows.append({k: r[k] for k in ("seconds", "tokens", "records")})
+    res["adapters_run_x4_all"] = {**row(tokens, 4 * n, time.perf_counter() - start), "per_adapter": rows}
+    base = res["adapters_run_base"]["tok_s"]
+    res["adapters_run_ratios"] = {"x4_spread": res["adapters_run_x4"]["tok_s"] / base,
+                                  "x4_all_records": res["adapters_run_x4_all"]["tok_s"] / base}
+    backend.use_adapter(None)
+    del backend
 
 
 def _tokenizer(work: Path):
@@ -483,7 +623,12 @@ def table(res: Results) -> str:
                            ("fast_legacy", "FastDecoder before issue 14 (own Llama layer)", "fixed"),
                            ("fast", "FastDecoder", "fixed"),
                            ("fast_compiled", "FastDecoder, torch.compile", "fixed"),
+                           ("run_path_legacy", "`extractor run` path, FastDecoder before issue 14", "fixed, text"),
                            ("run_path", "`extractor run` path (hf, fast)", "fixed, text"),
+                           ("adapters_run_base", "`extractor run` path, base weights (adapter backend)", "fixed, text"),
+                           ("adapters_run_x4", "`extractor run` path, 4 LoRA adapters, a quarter each", "fixed, text"),
+                           ("adapters_run_x4_all", "`extractor run` path, 4 LoRA adapters, all records each",
+                            "fixed, text"),
                            ("run_path_constrained", "`extractor run` path, --constrained", "text, JSON"),
                            ("run_path_constrained_switch", "`extractor run` path, --constrained, other GIL switch interval",
                             "text, JSON"),
@@ -496,6 +641,14 @@ def table(res: Results) -> str:
                            ("fast_eos_legacy", "FastDecoder before issue 14", "EOS at 16-128"),
                            ("fast_eos", "FastDecoder", "EOS at 16-128"),
                            ("fast_eos_compiled", "FastDecoder, torch.compile", "EOS at 16-128"),
+                           ("lora_r16", "FastDecoder, one rank-16 LoRA (all linear layers, unmerged)", "fixed"),
+                           ("lora_r16_compiled", "FastDecoder, rank-16 LoRA, torch.compile", "fixed"),
+                           ("lora_r16_fp32_weights", "FastDecoder, rank-16 LoRA, float32 adapter weights", "fixed"),
+                           ("lora_r16_merged", "FastDecoder, rank-16 LoRA merged into the weights", "fixed"),
+                           ("lora_x4", "FastDecoder, 4 LoRA adapters, records spread evenly", "fixed"),
+                           ("ptuning_128", "FastDecoder, P-tuning, 128 virtual tokens", "fixed"),
+                           ("prefix_128", "FastDecoder, prefix tuning, 128 virtual tokens", "fixed"),
+                           ("prefix_128_projection", "FastDecoder, prefix tuning with projection, 128", "fixed"),
                            ("fast_7b", "FastDecoder, 7B config", "fixed")]:
         r = d.get(key)
         if not r:
@@ -513,6 +666,9 @@ def table(res: Results) -> str:
                          f"({r['floor_tok_s']:,.0f}) |")
         elif r:
             lines.append(f"| FastDecoder, {name} config | fixed | {r.get('error')} | | | |")
+    if d.get("adapter_ratios"):
+        lines.append("adapter rows / base FastDecoder, same call: " +
+                     ", ".join(f"{k} {v:.2f}x" for k, v in d["adapter_ratios"].items()))
     pairs = [("run_path", "run_path_constrained", "run path"), ("fast", "fast_constrained", "FastDecoder"),
              ("fast_same_lengths", "fast_constrained", "FastDecoder, same output lengths"),
              ("run_path", "run_path_constrained_switch", "run path, other GIL switch interval"),
@@ -591,6 +747,8 @@ def main() -> None:
         got, r = fast_run(model, prefix, suffixes, stops)
         r["stops_honoured"] = sum(len(t) == s for (t, _), s in zip(got, stops))
         res["fast_eos"] = r
+    if "adapters" in parts:
+        adapters(res, model, prefix, suffixes)
     if "legacy" in parts and args.legacy:
         legacy = legacy_decoder(args.legacy)
         _, res["fast_legacy"] = fast_run(model, prefix, suffixes, NEW, decoder_cls=legacy)
@@ -598,6 +756,8 @@ def main() -> None:
     if "compiled" in parts:
         _, res["fast_compiled"] = fast_run(model, prefix, suffixes, NEW, compile=True)
         _, res["fast_eos_compiled"] = fast_run(model, prefix, suffixes, stops, compile=True)
+    if "lora_compiled" in parts:
+        lora_compiled(res, model, prefix, suffixes)
     if "profile" in parts:
         res["profile"] = profile(model, prefix, suffixes, Path(args.out))
     if "check" in parts:
@@ -639,12 +799,26 @@ def main() -> None:
             _, r = fast_run(model, prefix, suffixes, [len(t) for t, _ in first])
             res["fast_same_lengths"] = r
         del backend
+    if "run_legacy" in parts and args.legacy:  # the same run path with the pre-issue-14 decoder: the baseline
+        import extractor.backends.fast as fast_module
+        legacy, current = legacy_decoder(args.legacy), fast_module.FastDecoder
+        fast_module.FastDecoder = lambda *a, virtual=None, compile=False, **kw: legacy(*a, **kw)
+        work = Path(args.out) / "work"
+        backend = run_backend(model, work)
+        _, res["run_path_legacy_warmup_s"] = timed(lambda: run_path(backend, work, 64, constrained=False))
+        res["run_path_legacy"] = run_path(backend, work, args.n, constrained=False)
+        fast_module.FastDecoder = current
+        del backend
+    if "adapters_run" in parts:
+        adapters_run(res, model, Path(args.out) / "work", args.n)
     del model
     import gc
     gc.collect()  # the run path's decoder (its KV cache) sits in reference cycles: free it before the 7B model
     empty_cache()
     if "check_families" in parts:
         res["check_families"] = check_families()
+    if "check_families_compiled" in parts:
+        res["check_families_compiled"] = check_families(compile=True)
     if "families" in parts:
         torch._dynamo.reset()
         families(res, args.n)

@@ -95,6 +95,35 @@ def test_several_loras_in_one_run_each_equal_its_own_run(tmp_path, tiny_model, l
             assert _decoder(path) == {"fast": 6}
 
 
+def test_loras_merge_for_the_fast_path_and_share_one_decoder(tiny_model, loras):
+    """Each LoRA adapter the backend loads decodes merged into the base weights, through one decoder (its
+    cache kept, the prefix K/V recomputed per adapter), equal to its unmerged plain output; taking the
+    adapter out gives back the base weights bit for bit."""
+    import torch
+
+    from extractor.backends.base import GenParams, Request
+    from extractor.backends.hf import HFBackend
+    backend = HFBackend(str(tiny_model), adapters=[str(a) for a in loras], device="cpu", batch_size=4, fast="on")
+    base = {k: v.clone() for k, v in backend.base.state_dict().items()}
+    prompts = [f"岗位：工程师{i}，要求本科，熟悉java" for i in range(5)]
+    params = GenParams(max_new_tokens=12)
+    decoders = set()
+    for adapter in loras:
+        requests = [Request(p, adapter=adapter.name) for p in prompts]
+        backend.fast_mode = "off"
+        plain = [g.text for g in backend.generate(requests, params)]
+        backend.fast_mode = "on"
+        fast = [g for g in backend.generate(requests, params)]
+        assert [g.text for g in fast] == plain, adapter.name
+        assert {g.decoder for g in fast} == {"fast"}
+        assert len(backend._merged) > 0, "the adapter's layers were merged"
+        decoders.add(id(backend._fast_decoder))
+    assert len(decoders) == 1, "one decoder for every adapter"
+    backend.use_adapter(None)
+    after = backend.base.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+
+
 def test_lora_on_fused_projections(tmp_path, tiny_model, run_cli):
     """Phi-3's fused qkv and gate_up projections, as peft saves LoRA on them."""
     model = build_family_model(tiny_model, "phi3", tmp_path / "phi3")

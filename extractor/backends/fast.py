@@ -55,6 +55,26 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out.transpose(1, 2), None
 
 
+@torch._dynamo.disable
+def _last_positions(_head, args):
+    """Forward pre-hook of the head: in a prefill pass, each row's hidden state at its last real position."""
+    decoder = getattr(_active, "decoder", None)
+    last = decoder._mode.get("last") if decoder is not None else None
+    if last is None:
+        return None
+    hidden = args[0]
+    return (hidden[torch.arange(len(last), device=hidden.device), last].unsqueeze(1), *args[1:])
+
+
+def _hook_head(model) -> None:
+    """The head sees each prefill row's last position only. One hook per model, for good (a no-op outside
+    our prefill passes): a hook made per pass would make compiled code recompile at every prefill chunk."""
+    head = model.get_output_embeddings()
+    if not getattr(head, "_extractor_last_positions", False):
+        head.register_forward_pre_hook(_last_positions)
+        head._extractor_last_positions = True
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     AttentionInterface.register(ATTENTION, _attention)
@@ -165,6 +185,7 @@ class FastDecoder:
         # found once, switched to our attention for each forward pass.
         self._configs = list({id(m.config): m.config for m in model.modules()
                               if hasattr(getattr(m, "config", None), "_attn_implementation")}.values())
+        _hook_head(model)
         self._forward = self.model
         self.compiled = bool(compile)  # off by default: CUDA graphs already remove the decode step's launches
         if self.compiled:
@@ -200,23 +221,15 @@ class FastDecoder:
     @contextmanager
     def _native(self, **mode):
         """The model's forward runs with `_attention` in this block; `mode` tells it what the pass is:
-        prefix, prefill (rows, width) or decode (slot, own)."""
+        prefix, prefill (rows, width, last) or decode (slot, own)."""
         before = [c._attn_implementation for c in self._configs]
         previous = getattr(_active, "decoder", None)
         _active.decoder, self._mode = self, mode
         for c in self._configs:
             c._attn_implementation = ATTENTION
-        hook = None
-        if mode.get("last") is not None:  # prefill: the head sees each row's last position only
-            last = mode["last"]
-            rows = torch.arange(len(last), device=self.device)
-            hook = self.model.get_output_embeddings().register_forward_pre_hook(
-                lambda _m, args: (args[0][rows, last].unsqueeze(1), *args[1:]))
         try:
             yield
         finally:
-            if hook is not None:
-                hook.remove()
             for c, implementation in zip(self._configs, before):
                 c._attn_implementation = implementation
             _active.decoder, self._mode = previous, {}
@@ -316,9 +329,10 @@ class FastDecoder:
         virtual = self.virtual
         v_len = virtual.length if virtual is not None else 0
         self.n_prefix = v_len + len(prefix)
-        empty = (self.n_layers, self.kv_heads, self.n_prefix, self.head_dim)
-        self.pk = torch.zeros(empty, device=self.device, dtype=self.dtype)
-        self.pv = torch.zeros(empty, device=self.device, dtype=self.dtype)
+        shape = (self.n_layers, self.kv_heads, self.n_prefix, self.head_dim)
+        if self.pk is None or tuple(self.pk.shape) != shape:  # else in place: captured graphs read these buffers
+            self.pk = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            self.pv = torch.zeros(shape, device=self.device, dtype=self.dtype)
         ids = torch.tensor([prefix], device=self.device, dtype=torch.long)
         if virtual is not None and virtual.embeds is not None:  # virtual tokens through every layer
             embeds = torch.cat((virtual.embeds.to(self.dtype).unsqueeze(0), self.model.get_input_embeddings()(ids)), 1)
@@ -334,6 +348,19 @@ class FastDecoder:
         if prefix:
             positions = (v_len + torch.arange(len(prefix), device=self.device)).unsqueeze(0)
             self._logits_of(ids, positions, kind="prefix", start=v_len)
+
+    def reuse_for(self, virtual: VirtualPrefix | None) -> bool:
+        """Take other weights of the same model (another LoRA adapter, merged into the same tensors in place)
+        or another virtual part of the same length: the shared prefix's K/V are recomputed in place, the
+        cache, compiled code and CUDA graphs are kept. False when the shapes differ (build a new decoder)."""
+        v_len = virtual.length if virtual is not None else 0
+        was = self.virtual.length if self.virtual is not None else 0
+        if v_len != was or (virtual is None) != (self.virtual is None) or \
+                (virtual is not None and (virtual.embeds is None) != (self.virtual.embeds is None)):
+            return False
+        self.virtual = virtual
+        self._set_prefix(self.prefix)
+        return True
 
     # -- prefill of new records ------------------------------------------------------------------------
     def _prefill(self, slots: list[int], suffixes: list[list[int]]) -> torch.Tensor:

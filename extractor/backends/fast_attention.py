@@ -43,15 +43,22 @@ def works_on(device, dtype) -> bool:
                  ((3, 4, 64), (4, 2, 40, 64), (4, 2, 40, 64)))
     pk, pv = (torch.randn((2, 9, 64), generator=gen).to(device, dtype) for _ in range(2))
     slot, n = torch.tensor([2, 0, 3], device=device), torch.tensor([1, 40, 17], device=device)
-    try:
-        got = decode_attention_triton(q, kc, vc, pk, pv, slot, n, 0.125)
-    except Exception as exc:  # noqa: BLE001 - an unsupported GPU or Triton build: use the torch path
-        import warnings
-        warnings.warn(f"the Triton decode kernel does not run here ({type(exc).__name__}: {str(exc)[:200]}); "
-                      "decode attention runs in torch (slower)", stacklevel=2)
-        return False
-    ref = decode_attention_torch(q, kc, vc, pk, pv, slot, n, 0.125)
-    return bool((got.float() - ref.float()).abs().max() < 0.05)
+    # Plain, softcapped, and a window that leaves the whole prefix (and some own keys) behind.
+    for softcap, window in ((None, None), (5.0, None), (None, 4)):
+        try:
+            got = decode_attention_triton(q, kc, vc, pk, pv, slot, n, 0.125, softcap=softcap, window=window)
+        except Exception as exc:  # noqa: BLE001 - an unsupported GPU or Triton build: use the torch path
+            import warnings
+            warnings.warn(f"the Triton decode kernel does not run here ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "decode attention runs in torch (slower)", stacklevel=2)
+            return False
+        ref = decode_attention_torch(q, kc, vc, pk, pv, slot, n, 0.125, softcap=softcap, window=window)
+        if not bool((got.float() - ref.float()).abs().max() < 0.05):
+            import warnings
+            warnings.warn(f"the Triton decode kernel disagrees with the reference here (softcap {softcap}, "
+                          f"window {window}); decode attention runs in torch (slower)", stacklevel=2)
+            return False
+    return True
 
 
 def _softcap(scores, softcap):
@@ -140,8 +147,11 @@ if triton is not None:
                     s = SOFTCAP * tl.where(x >= 0, 1.0, -1.0) * (1.0 - t) / (1.0 + t)
                 s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, 1))
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s - m_new[:, None])
+                # A block with no key in the window while none came before: m_new is -inf, and -inf - -inf
+                # would be NaN. Subtracting 0 instead leaves every term 0, as it should be.
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
                 l_sum = l_sum * alpha + tl.sum(p, 1)
                 v = tl.load(v_base + cols[:, None] * s_l + d[None, :], mask=valid[:, None], other=0.0)
                 if IEEE:
