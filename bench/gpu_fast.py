@@ -347,13 +347,13 @@ def linear_floor(model, n: int, all_tokens: int, tflops: float) -> float:
     return n * NEW / ((2 * layers * all_tokens + 2 * head * n * NEW) / (tflops * 1e12))
 
 
-def families(res: Results, n: int) -> None:
-    for name in FAMILY_SHAPES:
+def families(res: Results, n: int, names: list[str] | None = None, compile: bool = True) -> None:
+    for name in names or FAMILY_SHAPES:
         try:
             model = build_family(name)
             prefix, suffixes, _ = workload(n, vocab=model.config.vocab_size)
             all_tokens = sum(len(prefix) + len(s) for s in suffixes) + n * NEW
-            _, r = fast_run(model, prefix, suffixes, NEW, compile=True)  # as the hf backend runs it on CUDA
+            _, r = fast_run(model, prefix, suffixes, NEW, compile=compile)  # compiled: as the hf backend runs on CUDA
             r["floor_tok_s"] = linear_floor(model, n, all_tokens, res["bf16_tflops"])
             r["of_floor"] = r["tok_s"] / r["floor_tok_s"]
             r["params"] = sum(p.numel() for p in model.parameters())
@@ -695,6 +695,7 @@ def main() -> None:
                         help="also time the constrained run path with this GIL switch interval while decoding "
                              "(seconds; 0: Python's own 5 ms; the default is hf.CONSTRAINED_SWITCH_INTERVAL)")
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU: checks the harness, not speed")
+    parser.add_argument("--families", default=None, help="the `families` part: these shapes only (comma-separated)")
     parser.add_argument("--legacy", default=None, help="fast.py of an earlier version: the `legacy` part's decoder")
     args = parser.parse_args()
     if args.smoke:
@@ -821,7 +822,7 @@ def main() -> None:
         res["check_families_compiled"] = check_families(compile=True)
     if "families" in parts:
         torch._dynamo.reset()
-        families(res, args.n)
+        families(res, args.n, args.families.split(",") if args.families else None, compile="eager" not in parts)
     if "7b" in parts:
         torch._dynamo.reset()  # the 1.5B decoders' compiled code is of no use to the 7B model
         model, params7 = build("7b")

@@ -63,7 +63,7 @@ def test_torch_decode_attention_equals_sdpa_reference():
 def test_decode_attention_kernels_agree():
     """The Triton decode kernel (run by Triton's interpreter on CPU) equals the SDPA reference: per-row
     lengths, scattered slots, grouped heads, with and without a shared prefix, softcaps, and sliding windows
-    that cut into the prefix or leave all of it (and some own keys) behind."""
+    that cut into the prefix or leave all of it (and some own keys) behind, a head dim not a power of two."""
     fa = pytest.importorskip("extractor.backends.fast_attention")
     if not fa.available():
         pytest.skip("triton is not installed")
@@ -74,12 +74,13 @@ import torch
 from extractor.backends import fast_attention as fa
 torch.manual_seed(0)
 # windows: wider than everything, cutting into the prefix, past the whole prefix and into the own keys
-for heads, kv_heads, p, softcap, window in [(12, 2, 20, None, None), (7, 1, 0, None, None), (4, 4, 5, None, None),
+for heads, kv_heads, p, softcap, window, *rest in [(12, 2, 20, None, None), (7, 1, 0, None, None), (4, 4, 5, None, None),
                                             (12, 2, 20, 5.0, None), (4, 2, 20, None, 200), (4, 2, 20, None, 30),
-                                            (4, 2, 20, 2.0, 8), (4, 1, 70, None, 3)]:
-    q = torch.randn(4, heads, 32) * 3
-    kc, vc = torch.randn(5, kv_heads, 70, 32), torch.randn(5, kv_heads, 70, 32)
-    pk, pv = torch.randn(kv_heads, p, 32), torch.randn(kv_heads, p, 32)
+                                            (4, 2, 20, 2.0, 8), (4, 1, 70, None, 3), (6, 2, 9, None, 12, 48)]:
+    dim = rest[0] if rest else 32  # 48: a head dim that is not a power of two (Phi-3's is 96)
+    q = torch.randn(4, heads, dim) * 3
+    kc, vc = torch.randn(5, kv_heads, 70, dim), torch.randn(5, kv_heads, 70, dim)
+    pk, pv = torch.randn(kv_heads, p, dim), torch.randn(kv_heads, p, dim)
     slot, n = torch.tensor([3, 0, 4, 1]), torch.tensor([1, 70, 33, 64])
     a = fa.decode_attention_torch(q, kc, vc, pk, pv, slot, n, 0.17, softcap=softcap, window=window)
     b = fa.decode_attention_triton(q, kc, vc, pk, pv, slot, n, 0.17, softcap=softcap, window=window)

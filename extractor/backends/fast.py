@@ -170,8 +170,8 @@ class FastDecoder:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         if attention == "auto":
-            attention = "triton" if self.device.type == "cuda" and fast_attention.works_on(self.device, self.dtype) \
-                else "torch"
+            attention = "triton" if self.device.type == "cuda" and fast_attention.works_on(
+                self.device, self.dtype, self.head_dim, self.heads, self.kv_heads) else "torch"
         self._attn_fn = fast_attention.decode_attention_triton if attention == "triton" \
             else fast_attention.decode_attention_torch
         self.attention = attention

@@ -34,14 +34,15 @@ def available() -> bool:
     return triton is not None
 
 
-def works_on(device, dtype) -> bool:
-    """Triton is importable and the kernel runs here and agrees with the reference on a small case."""
+def works_on(device, dtype, head_dim: int = 64, heads: int = 4, kv_heads: int = 2) -> bool:
+    """Triton is importable and the kernel runs here, for this head shape, and agrees with the reference on a
+    small case."""
     if triton is None:
         return False
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, kc, vc = (torch.randn(shape, generator=gen).to(device, dtype) for shape in
-                 ((3, 4, 64), (4, 2, 40, 64), (4, 2, 40, 64)))
-    pk, pv = (torch.randn((2, 9, 64), generator=gen).to(device, dtype) for _ in range(2))
+                 ((3, heads, head_dim), (4, kv_heads, 40, head_dim), (4, kv_heads, 40, head_dim)))
+    pk, pv = (torch.randn((kv_heads, 9, head_dim), generator=gen).to(device, dtype) for _ in range(2))
     slot, n = torch.tensor([2, 0, 3], device=device), torch.tensor([1, 40, 17], device=device)
     # Plain, softcapped, and a window that leaves the whole prefix (and some own keys) behind.
     for softcap, window in ((None, None), (5.0, None), (None, 4)):
@@ -104,19 +105,21 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(Q, K, V, PK, PV, SLOT, N, OUT, P, sm_scale, WINDOW,
                        s_qb, s_qh, s_ks, s_kh, s_kl, s_ph, s_pl, s_ob, s_oh,
-                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
+                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         slot = tl.load(SLOT + row)
         n = tl.load(N + row)
         g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, D)
+        d = tl.arange(0, BLOCK_D)  # a head dim that is not a power of two (Phi-3's 96) is padded and masked
+        in_d = d < D
         heads = kvh * G + g
-        q = tl.load(Q + row * s_qb + heads[:, None] * s_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+        q = tl.load(Q + row * s_qb + heads[:, None] * s_qh + d[None, :], mask=(g < G)[:, None] & in_d[None, :],
+                    other=0.0)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         # Two key ranges with one loop body: the shared prefix, then this row's own slot. With a sliding
         # window, each range starts at its first key within the window (the query sits at position P + n - 1).
         for part in tl.static_range(2):
@@ -135,7 +138,7 @@ if triton is not None:
             for start in range((lo // BLOCK_N) * BLOCK_N, length, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 valid = (cols < length) & (cols >= lo)
-                k = tl.load(k_base + cols[:, None] * s_l + d[None, :], mask=valid[:, None], other=0.0)
+                k = tl.load(k_base + cols[:, None] * s_l + d[None, :], mask=valid[:, None] & in_d[None, :], other=0.0)
                 if IEEE:
                     s = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
@@ -153,7 +156,7 @@ if triton is not None:
                 alpha = tl.exp2(m - m_safe)
                 p = tl.exp2(s - m_safe[:, None])
                 l_sum = l_sum * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + cols[:, None] * s_l + d[None, :], mask=valid[:, None], other=0.0)
+                v = tl.load(v_base + cols[:, None] * s_l + d[None, :], mask=valid[:, None] & in_d[None, :], other=0.0)
                 if IEEE:
                     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
                 else:
@@ -161,7 +164,7 @@ if triton is not None:
                 m = m_new
         out = acc / tl.maximum(l_sum, 1e-30)[:, None]
         tl.store(OUT + row * s_ob + heads[:, None] * s_oh + d[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(g < G)[:, None])
+                 mask=(g < G)[:, None] & in_d[None, :])
 
 
     # On the GPU the block size and pipelining are tuned once per model shape, at the first decode step
@@ -169,7 +172,7 @@ if triton is not None:
     _decode_kernel_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
                  for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)],
-        key=["G", "D", "IEEE", "SOFTCAP"])(_decode_kernel)
+        key=["G", "D", "BLOCK_D", "IEEE", "SOFTCAP"])(_decode_kernel)
 
 
 def decode_attention_triton(q, k_cache, v_cache, pk, pv, slot, n, scale: float, softcap: float | None = None,
@@ -183,8 +186,8 @@ def decode_attention_triton(q, k_cache, v_cache, pk, pv, slot, n, scale: float, 
     args = (q, k_cache, v_cache, pk, pv, slot, n, out, pk.shape[1], scale, int(window or 1 << 30),
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             pk.stride(0), pk.stride(1), out.stride(0), out.stride(1))
-    shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, IEEE=q.dtype == torch.float32,
-                 SOFTCAP=float(softcap or 0.0))
+    shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d,
+                 BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap or 0.0))
     if q.is_cuda:
         _decode_kernel_tuned[(b, kv_heads)](*args, **shape)
     else:  # Triton's CPU interpreter (tests): one fixed configuration
