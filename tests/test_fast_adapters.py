@@ -124,6 +124,36 @@ def test_loras_merge_for_the_fast_path_and_share_one_decoder(tiny_model, loras):
     assert all(torch.equal(after[k], v) for k, v in base.items())
 
 
+def test_lora_on_moe_experts(tmp_path, tiny_model):
+    """LoRA on Qwen3-MoE's stacked expert tensors (peft's target_parameters) and its attention: the fast path
+    (merged) equals the plain path (peft's unmerged forward); taking the adapter out restores every base
+    tensor bit for bit (two parameter wrappers merge into the same experts module)."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from extractor.backends.base import GenParams, Request
+    from extractor.backends.hf import HFBackend
+    model = build_family_model(tiny_model, "qwen3_moe", tmp_path / "moe")
+    adapter = _lora(model, tmp_path / "moe-lora", 4, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    backend = HFBackend(str(model), adapters=[str(adapter)], device="cpu", batch_size=4, fast="on")
+    requests = [Request(f"岗位：工程师{i}，要求本科，熟悉java", adapter=adapter.name) for i in range(5)]
+    params = GenParams(max_new_tokens=12)
+    backend.fast_mode = "off"
+    plain = [g.text for g in backend.generate(requests, params)]
+    backend.fast_mode = "on"
+    fast = backend.generate(requests, params)
+    assert [g.text for g in fast] == plain
+    assert {g.decoder for g in fast} == {"fast"} and len(backend._merged) > 0
+    backend.use_adapter(None)
+    base = [g.text for g in backend.generate([Request(r.prompt) for r in requests], params)]
+    assert base != plain, "the adapter must change the outputs"
+    want = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    now = backend.base.state_dict()
+    assert set(now) == set(want) and all(torch.equal(now[k], want[k]) for k in want)
+
+
 def test_lora_on_fused_projections(tmp_path, tiny_model, run_cli):
     """Phi-3's fused qkv and gate_up projections, as peft saves LoRA on them."""
     model = build_family_model(tiny_model, "phi3", tmp_path / "phi3")

@@ -187,7 +187,7 @@ class HFBackend(TokenizerBackend):
         elif self.adapter is not None:
             self.base = self.model.unload() if hasattr(self.model, "unload") and not self._prompt_learning() \
                 else self.model.get_base_model()
-            self.model, self.adapter = self.base, None
+        self.model, self.adapter = self.base, None
         if name is None:
             return
         try:
@@ -290,7 +290,7 @@ class HFBackend(TokenizerBackend):
     def _constraint(self, params: GenParams, schema):
         if not params.constrained:
             return None
-        from extractor.constrain_batch import BatchConstraint
+        from extractor.constrain.batch import BatchConstraint
         self.last_constraint = BatchConstraint(self.grammar(schema))  # its stats: where the CPU time went
         return self.last_constraint
 
@@ -485,7 +485,7 @@ class HFBackend(TokenizerBackend):
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.constrained:
-            from extractor.constrain import SchemaLogitsProcessor
+            from extractor.backends.hf_constrain import SchemaLogitsProcessor
             kwargs["logits_processor"] = [SchemaLogitsProcessor(self.grammar(schema), params.max_new_tokens)]
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
@@ -509,7 +509,7 @@ class HFBackend(TokenizerBackend):
         if params.temperature > 0:
             self.torch.manual_seed(params.seed)
         if params.constrained:
-            from extractor.constrain import SchemaLogitsProcessor
+            from extractor.backends.hf_constrain import SchemaLogitsProcessor
         gens = []
         for ids in batch:  # a processor holds one row's grammar state: one per record
             processor = SchemaLogitsProcessor(self.grammar(schema), params.max_new_tokens) \
@@ -532,7 +532,7 @@ class HFBackend(TokenizerBackend):
     def grammar(self, schema: dict):
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
-            from extractor.constrain import Grammar
+            from extractor.constrain.grammar import Grammar
             vocab = self.base.get_output_embeddings().weight.shape[0]
             self._grammars[key] = Grammar(schema, self.tokenizer, vocab, self.eos_ids)
         return self._grammars[key]

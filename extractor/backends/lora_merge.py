@@ -17,32 +17,38 @@ def lora_layers(model) -> list:
 
 
 class MergedLoRA:
-    """The active LoRA adapter of `model` merged into its base layers until `restore()`."""
+    """The active LoRA adapter of `model` merged into its base layers until `restore()`. What is kept is each
+    base module's own parameters (a Linear's weight and bias; an MoE experts module's stacked expert tensors,
+    which peft's parameter wrappers merge into, one wrapper per tensor around the same module), once per module,
+    before anything is merged into it."""
 
     def __init__(self, model):
-        self._saved = []
+        self._layers: list = []
+        self._saved: dict[int, tuple] = {}
         try:
             for layer in lora_layers(model):
                 if layer.merged or not layer.active_adapters:
                     continue
                 base = layer.get_base_layer()
-                names = [n for n in ("weight", "bias") if getattr(base, n, None) is not None]
-                self._saved.append((layer, {n: getattr(base, n).detach().to("cpu", copy=True) for n in names}))
+                if id(base) not in self._saved:
+                    self._saved[id(base)] = (base, {name: p.detach().to("cpu", copy=True)
+                                                    for name, p in base.named_parameters(recurse=False)})
+                self._layers.append(layer)
                 layer.merge()
         except Exception:
             self.restore()  # all or nothing: no layer left merged
             raise
 
     def __len__(self) -> int:
-        return len(self._saved)
+        return len(self._layers)
 
     def restore(self) -> None:
         """The base weights as they were before the merge, bit for bit; the layers unmerged."""
         import torch
         with torch.no_grad():
-            for layer, saved in self._saved:
-                base = layer.get_base_layer()
+            for base, saved in self._saved.values():
                 for name, value in saved.items():
                     getattr(base, name).copy_(value)
+            for layer in self._layers:
                 layer.merged_adapters.clear()
-        self._saved = []
+        self._layers, self._saved = [], {}
