@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=128)
     parser.add_argument("--task", default="jd_requirements")
     args = parser.parse_args()
-    from extractor.constrain import Grammar
+    from extractor.constrain.grammar import Grammar
     from extractor.outputs import Validator, judge
     from extractor.tasks import load_task
     from extractor.testing import stand_in_decode, tokenizer_corpus, train_tokenizer

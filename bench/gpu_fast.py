@@ -178,7 +178,7 @@ def fast_run(model, prefix, suffixes, budgets, slots=None, grammar=None, workers
     decoder class with the same interface (the legacy one). warm=False: no warm-up run, and the decoder's
     build and graph capture count in the timed span (an adapter switch's whole cost)."""
     from extractor.backends.fast import FastDecoder, slots_for_memory
-    from extractor.constrain_batch import BatchConstraint
+    from extractor.constrain.batch import BatchConstraint
     decoder_cls = decoder_cls or FastDecoder
     unique = max(len(s) for s in suffixes) + NEW
     sync()

@@ -97,7 +97,7 @@ class Predictor:
         if params.constrained:
             if not backend.supports_constrained:
                 raise InputError(f"backend '{backend.name}' does not support --constrained")
-            from extractor.constrain import check_expressible
+            from extractor.constrain.grammar import check_expressible
             check_expressible(task.schema)
 
     def predict(self, records: list[dict]) -> list[dict]:

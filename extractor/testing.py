@@ -102,7 +102,7 @@ def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choo
     import numpy as np
     import torch
 
-    from extractor.constrain_batch import BatchConstraint
+    from extractor.constrain.batch import BatchConstraint
     constraint = BatchConstraint(grammar, workers=workers)
     choose_from = choose_from or width
     pref = np.random.default_rng(seed).random((rows, choose_from)).astype(np.float32)

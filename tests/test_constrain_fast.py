@@ -3,7 +3,7 @@ closing costs) must not change a single token: the same seeded stand-in model, r
 off, gives identical outputs, every one schema-valid."""
 import pytest
 
-from extractor.constrain import Grammar, utf8_missing, utf8_tail
+from extractor.constrain.grammar import Grammar, utf8_missing, utf8_tail
 from extractor.outputs import Validator, judge
 from extractor.tasks import load_task
 from extractor.testing import stand_in_decode
@@ -47,7 +47,7 @@ def test_utf8_tail():
 def test_when_cost_checks_start_changes_no_token(tokenizer, monkeypatch):
     """Rows spread their first closing-cost checks over STAGGER steps (so a batch does not simulate all its
     costs in one step); a check started early must not change any token."""
-    import extractor.constrain_rows as rows
+    import extractor.constrain.rows as rows
     schema = load_task("jd_requirements").schema
     runs = {}
     for stagger in (1, 24):
@@ -61,7 +61,7 @@ def test_when_cost_checks_start_changes_no_token(tokenizer, monkeypatch):
 def test_closing_cost_cap_is_a_minimum(tokenizer):
     """closing_cost(cap=k) is min(cost, k): the engine caps simulations at the remaining budget, where any
     larger cost means the same thing (close now)."""
-    from extractor.constrain import JsonScanner
+    from extractor.constrain.grammar import JsonScanner
     grammar = Grammar(load_task("jd_requirements").schema, tokenizer, VOCAB, [tokenizer.eos_token_id])
     matcher, scanner = grammar.matcher(), JsonScanner()
     for text in ('{"', '学历要求": ["', '本科'):

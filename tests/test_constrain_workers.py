@@ -1,4 +1,4 @@
-"""Grammar work in worker processes (constrain_workers.py): the same tokens as in one process, with refilled
+"""Grammar work in worker processes (constrain/workers.py): the same tokens as in one process, with refilled
 slots and rows finishing at different steps; a killed worker ends the run with one clear error."""
 import os
 import signal
@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from extractor.backends.fast import FastDecoder
-from extractor.constrain import Grammar
-from extractor.constrain_batch import BatchConstraint
-from extractor.constrain_workers import WorkerError, auto_workers
+from extractor.constrain.batch import BatchConstraint, shard_pool
+from extractor.constrain.grammar import Grammar
+from extractor.constrain.workers import WorkerError, auto_workers
 from extractor.outputs import Validator, judge
 from extractor.tasks import load_task
 
@@ -64,7 +64,7 @@ def test_abandoned_run_leaves_the_pool_clean(setup):
                             constraint=BatchConstraint(grammar, workers=2))
     next(stream)
     stream.close()
-    assert sum(grammar.shard_pool(2).unanswered) > 0  # the case under test: a step's answers never read
+    assert sum(shard_pool(grammar, 2).unanswered) > 0  # the case under test: a step's answers never read
     again, _ = _decode(model, tokenizer, grammar, workers=2)
     alone, _ = _decode(model, tokenizer, grammar, workers=0)
     assert again == alone
@@ -77,14 +77,14 @@ def test_killed_worker_is_one_clear_error(setup):
     constraint.start([0, 1, 2, 3], [20] * 4)
     constraint.mask_first([0, 1, 2, 3], logits, [0, 1, 2, 3])
     first = logits.argmax(-1).tolist()
-    victim = grammar.shard_pool(2).procs[1]
+    victim = shard_pool(grammar, 2).procs[1]
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=10)
     with pytest.raises(WorkerError) as err:
         constraint.hook([0, 1, 2, 3], first, [0, 1, 2, 3])(torch.zeros(4, grammar.vocab_size))
     message = str(err.value)
     assert "\n" not in message and "grammar worker" in message and "EXTRACTOR_GRAMMAR_WORKERS=0" in message
-    assert grammar.shard_pool(2).procs[1] is not victim  # a broken pool is replaced
+    assert shard_pool(grammar, 2).procs[1] is not victim  # a broken pool is replaced
 
 
 def test_worker_count_from_the_environment(monkeypatch):
@@ -125,7 +125,7 @@ def test_tables_grow_mid_run(setup):
 
 def test_worker_that_cannot_start_is_one_clear_error():
     """A worker that fails while building its grammar reports it; the workers already started are stopped."""
-    from extractor.constrain_workers import ShardPool
+    from extractor.constrain.workers import ShardPool
     with pytest.raises(WorkerError) as err:
         ShardPool(({"type": "object"}, None, 10, []), 2)  # no tokenizer: Grammar() fails in the worker
     assert "\n" not in str(err.value) and "grammar worker failed" in str(err.value)

@@ -17,7 +17,7 @@ What makes it fast (issue 6):
   one launch per token; decode attention reads only each row's own length (fast_attention.py);
 - the loop runs one step ahead of the host: step k+1 takes its input tokens from step k's output on the
   GPU while the host books step k; with a constraint, the grammar work for step k+1's masks (in worker
-  processes, constrain_workers.py) runs while the GPU runs step k+1's forward pass.
+  processes, constrain/workers.py) runs while the GPU runs step k+1's forward pass.
 
 Greedy outputs equal `generate` (tests/test_fast.py and tests/test_fast_families.py on CPU in fp32;
 bench/gpu_fast.py on the GPU).
@@ -443,7 +443,7 @@ class FastDecoder:
         """Decode records pulled from `source` — (key, suffix, budget) triples — yielding (key, tokens,
         finish_reason) as each finishes. Records are pulled only when slots free up (at most `lookahead`
         waiting), admitted first come first served once `refill` slots are free (default: an eighth), and
-        prefilled in length-sorted chunks. constraint: per-row token masks (constrain.BatchConstraint)."""
+        prefilled in length-sorted chunks. constraint: per-row token masks (constrain.batch.BatchConstraint)."""
         source = iter(source)
         refill = refill or max(1, self.slots // 8)
         lookahead = lookahead or 2 * self.slots

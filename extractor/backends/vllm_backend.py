@@ -88,7 +88,7 @@ class VLLMBackend(TokenizerBackend):
         `", "` and `": "` separators of the task's output format. (vLLM's own disable_any_whitespace
         switches to compact separators, which a model trained on the task's format does not produce.)"""
         import xgrammar as xgr
-        from extractor.constrain import check_expressible
+        from extractor.constrain.grammar import check_expressible
         check_expressible(schema)
         return str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
 

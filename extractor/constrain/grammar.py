@@ -1,16 +1,14 @@
-"""JSON-Schema-constrained decoding with xgrammar.
+"""A JSON schema compiled into an xgrammar grammar for one tokenizer, and the closing-mode logic on top.
 
 xgrammar silently ignores schema keywords it cannot express (uniqueItems, multipleOf, not, if/then,
 ...), which would let "constrained" outputs violate the schema. So the schema is checked against an
 allowlist first and refused at start with the keyword and its JSON path.
 
 A random or weak model inside a grammar can wander until max-new-tokens and stop mid-value. Near the
-end of the budget the processor therefore switches to closing mode: it follows the grammar's forced
+end of the budget a constraint therefore switches to closing mode: it follows the grammar's forced
 continuation (`find_jump_forward_string`) or picks the allowed token made only of closing characters,
-so outputs finish as complete, valid JSON whenever the budget leaves room to close.
-
-Note: transformers' continuous batching (`generate_batch`) ignores `logits_processor`; this module is used
-with `generate` and with the project's own decode loop.
+so outputs finish as complete, valid JSON whenever the budget leaves room to close. The constraints that
+use this: `backends/hf_constrain.py` (transformers' `generate`) and `batch.py` (the fast path's loop).
 """
 from __future__ import annotations
 
@@ -67,7 +65,7 @@ class Grammar:
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError variants
             raise TaskError(f"the task's schema cannot be compiled into a grammar ({exc}); "
                             "simplify it or run without --constrained") from None
-        self._spec = (schema, tokenizer, vocab_size, list(stop_token_ids))  # what a worker process rebuilds it from
+        self.spec = (schema, tokenizer, vocab_size, list(stop_token_ids))  # what a worker process rebuilds it from
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
         self.token_texts = _token_texts(tokenizer, vocab_size)
@@ -90,24 +88,6 @@ class Grammar:
 
     def matcher(self):
         return self.xgr.GrammarMatcher(self.compiled)
-
-    def thread_pool(self):
-        """Threads for batched matcher work (one pool per grammar, kept with it); None on 1-2 cores."""
-        if not hasattr(self, "_pool"):
-            import os
-            from concurrent.futures import ThreadPoolExecutor
-            workers = min(8, (os.cpu_count() or 1) - 1)
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="grammar") if workers >= 2 else None
-        return self._pool
-
-    def shard_pool(self, n: int):
-        """Worker processes holding this grammar (constrain_workers.ShardPool), started on first use and
-        kept with the grammar; a different count, or a failed worker, starts new ones."""
-        pool = getattr(self, "_shards", None)
-        if pool is None or pool.n != n or pool.broken:
-            from extractor.constrain_workers import ShardPool
-            self._shards = pool = ShardPool(self._spec, n)
-        return pool
 
     def _init_string_fast_path(self, schema: dict, special: set) -> None:
         """What lets BatchConstraint skip the grammar inside free-form strings. A "safe" token is whole
@@ -392,56 +372,3 @@ def unpack_bitmask_row(bitmask, row: int, vocab_size: int) -> np.ndarray:
     """A bool array over the vocab from xgrammar's packed int32 bitmask (bit i of word w: token 32w+i)."""
     words = bitmask[row].numpy().astype("<i4", copy=False)
     return np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab_size].astype(bool)
-
-
-class SchemaLogitsProcessor:
-    """A transformers LogitsProcessor for one `generate` call: the grammar mask per row, then closing
-    mode for a row once its remaining budget is about what closing its open value costs."""
-
-    def __init__(self, grammar: Grammar, max_new_tokens: int):
-        self.grammar = grammar
-        self.max_new_tokens = max_new_tokens
-        self.matchers = None
-        self.scanners = None
-        self.closing = None
-        self.bitmask = None
-        self.prompt_len = None
-
-    def __call__(self, input_ids, scores):
-        rows = input_ids.shape[0]
-        if self.matchers is None:
-            self.matchers = [self.grammar.matcher() for _ in range(rows)]
-            self.scanners = [JsonScanner() for _ in range(rows)]
-            self.closing = [False] * rows
-            self.bitmask = self.grammar.allocate_bitmask(rows)
-            self.prompt_len = input_ids.shape[1]
-        else:
-            for i, m in enumerate(self.matchers):
-                if not m.is_terminated():
-                    token = int(input_ids[i, -1])
-                    m.accept_token(token)
-                    self.scanners[i].feed(self.grammar.token_texts[token])
-        remaining = self.max_new_tokens - (input_ids.shape[1] - self.prompt_len)
-        for i, m in enumerate(self.matchers):
-            if not m.is_terminated():
-                m.fill_next_token_bitmask(self.bitmask, i)
-        work = scores if scores.device.type in ("cuda", "cpu") else scores.cpu()
-        self.grammar.apply_bitmask(work, self.bitmask)
-        if remaining <= self.grammar.watch_window:
-            self._close(work, remaining)
-        return work.to(scores.device)
-
-    def _close(self, work, remaining: int) -> None:
-        import torch
-        for i, m in enumerate(self.matchers):
-            if m.is_terminated():
-                continue
-            if not self.closing[i]:
-                cost = self.grammar.closing_cost(m, self.scanners[i], cap=max(1, remaining))  # >= remaining: close
-                self.closing[i] = remaining <= cost + self.grammar.item_cost
-            if self.closing[i]:
-                allowed = unpack_bitmask_row(self.bitmask, i, self.grammar.vocab_size)
-                token = self.grammar.closing_token(m, allowed, self.scanners[i])
-                if token is not None:
-                    work[i] = torch.finfo(work.dtype).min
-                    work[i, token] = 0

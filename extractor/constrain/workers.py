@@ -19,7 +19,8 @@ from multiprocessing.connection import wait as connection_wait
 
 import numpy as np
 
-from extractor.constrain_rows import StepMasks
+from extractor.constrain.grammar import Grammar
+from extractor.constrain.rows import RowEngine, StepMasks
 from extractor.errors import ExtractorError
 
 
@@ -48,8 +49,8 @@ HINT = ("rerun (with --resume, keeping what was written), or set EXTRACTOR_GRAMM
 
 
 class ShardPool:
-    """`n` worker processes holding the grammar, started once and kept with the Grammar across runs. One
-    BatchConstraint uses the pool at a time (`reset` at its start).
+    """`n` worker processes holding the grammar, started once and kept for the Grammar across runs
+    (batch.shard_pool). One BatchConstraint uses the pool at a time (`reset` at its start).
 
     Each worker keeps its rows' masks in a table of its own and copies the rows a message changed into its
     staging area, two buffers in shared memory used in turn; the parent uploads them from there (pinned
@@ -79,7 +80,7 @@ class ShardPool:
         self.parity = [0] * n
         self.guards: list = [[None, None] for _ in range(n)]  # per worker and buffer: the last upload's event
         self.unanswered = [0] * n  # messages sent to each worker and not answered yet
-        self.broken = False  # a worker failed or is gone: the Grammar starts a new pool
+        self.broken = False  # a worker failed or is gone: batch.shard_pool starts a new pool
         self.owner: dict = {}   # request -> worker
         self.releases: list[list] = [[] for _ in range(n)]
         self.stats: list[dict] = [{} for _ in range(n)]
@@ -220,9 +221,10 @@ def _start_worker():
     that re-imports the caller's main script in the child, which breaks scripts without a main guard; nor
     fork: the parent may hold CUDA and many threads."""
     ours, theirs = mp.Pipe()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `extractor` imports from
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # extractor/
+    root = os.path.dirname(package)  # where `extractor` imports from
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.Popen([sys.executable, "-m", "extractor.constrain_workers", str(theirs.fileno())],
+    proc = subprocess.Popen([sys.executable, "-m", "extractor.constrain.workers", str(theirs.fileno())],
                             pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
     theirs.close()  # the child holds its end; a child that dies makes our recv raise EOFError
     return ours, proc
@@ -267,8 +269,6 @@ def _shutdown(conns, procs, shms, registered) -> None:
 def _serve(conn, spec) -> None:
     """A worker: build the grammar, then answer messages until told to stop."""
     try:
-        from extractor.constrain import Grammar
-        from extractor.constrain_rows import RowEngine
         engine = RowEngine(Grammar(*spec), threads=1)
         conn.send(("ready", None))
     except Exception:  # noqa: BLE001 - reported to the parent, which raises it

@@ -1,15 +1,15 @@
 """The host side of batched constrained decoding: each row's grammar state and its mask, written into a
-host table with one row per cache slot. No device work here: BatchConstraint (constrain_batch.py) uploads
+host table with one row per cache slot. No device work here: BatchConstraint (batch.py) uploads
 and applies the masks, with this engine in its own process or one engine per worker process
-(constrain_workers.py), so that the rows' Python and xgrammar work runs in parallel.
+(workers.py), so that the rows' Python and xgrammar work runs in parallel.
 
 Each step, rows whose new token is ordinary text inside a free-form string keep their mask (the grammar
 state does not change: see Grammar._init_string_fast_path) and only queue the token for their matcher;
 the other rows accept their tokens and get new masks in one batched xgrammar call. Closing mode is
-SchemaLogitsProcessor's: a row closes once its remaining budget is about its closing cost plus one array
-item. Costs are simulated only when a row could have to close soon: a token raises the cost by at most
-`item_cost`, so after a check the next one waits for the slack to run out, and inside a free string the cost
-is computed once."""
+SchemaLogitsProcessor's (backends/hf_constrain.py): a row closes once its remaining budget is about its
+closing cost plus one array item. Costs are simulated only when a row could have to close soon: a token
+raises the cost by at most `item_cost`, so after a check the next one waits for the slack to run out, and
+inside a free string the cost is computed once."""
 from __future__ import annotations
 
 import time
@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from extractor.constrain import Grammar, JsonScanner, PackedAllowed, utf8_missing, utf8_tail
+from extractor.constrain.grammar import Grammar, JsonScanner, PackedAllowed, utf8_missing, utf8_tail
 
 
 class StepMasks(NamedTuple):

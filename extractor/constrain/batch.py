@@ -1,33 +1,58 @@
 """Grammar masks for FastDecoder's packed rows, kept per cache slot on the GPU.
 
 The grammar work (each row's matcher, its mask in a host table row per slot, closing mode) is a RowEngine's
-(constrain_rows.py): in this process, or spread over worker processes (constrain_workers.py). Here: only
-changed mask rows travel to the device table; a step's masks are gathered from it by slot, mid-character
-rows take theirs from a small table of such masks, closing rows get their forced token."""
+(rows.py): in this process, or spread over worker processes (workers.py). Here: only changed mask rows
+travel to the device table; a step's masks are gathered from it by slot, mid-character rows take theirs
+from a small table of such masks, closing rows get their forced token. The worker processes and threads
+are this module's, kept per grammar across runs (`shard_pool`, `thread_pool`)."""
 from __future__ import annotations
 
+import os
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from extractor.constrain import Grammar
-from extractor.constrain_rows import RowEngine, StepMasks
-from extractor.constrain_workers import auto_workers
+from extractor.constrain.grammar import Grammar
+from extractor.constrain.rows import RowEngine, StepMasks
+from extractor.constrain.workers import ShardPool, auto_workers
+
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Grammar -> {"threads": ..., "shards": ...}
+
+
+def thread_pool(grammar: Grammar) -> ThreadPoolExecutor | None:
+    """Threads for batched matcher work (one pool per grammar, kept while it lives); None on 1-2 cores."""
+    pools = _POOLS.setdefault(grammar, {})
+    if "threads" not in pools:
+        workers = min(8, (os.cpu_count() or 1) - 1)
+        pools["threads"] = ThreadPoolExecutor(workers, thread_name_prefix="grammar") if workers >= 2 else None
+    return pools["threads"]
+
+
+def shard_pool(grammar: Grammar, n: int) -> ShardPool:
+    """Worker processes holding this grammar, started on first use and kept while the grammar lives; a
+    different count, or a failed worker, starts new ones."""
+    pools = _POOLS.setdefault(grammar, {})
+    pool = pools.get("shards")
+    if pool is None or pool.n != n or pool.broken:
+        pools["shards"] = pool = ShardPool(grammar.spec, n)
+    return pool
 
 
 class BatchConstraint:
-    """`workers`: grammar worker processes ("auto": constrain_workers.auto_workers; 0: this process).
+    """`workers`: grammar worker processes ("auto": workers.auto_workers; 0: this process).
     Interface used by FastDecoder: start, mask_first, hook, release."""
 
     def __init__(self, grammar: Grammar, workers="auto"):
         self.g = grammar
         n = auto_workers() if workers == "auto" else int(workers)
-        self.shards = grammar.shard_pool(n) if n > 0 else None
+        self.shards = shard_pool(grammar, n) if n > 0 else None
         if self.shards is not None:
             self.shards.reset()
             self.engine = None
         else:
-            self.engine = RowEngine(grammar, pool=grammar.thread_pool())
+            self.engine = RowEngine(grammar, pool=thread_pool(grammar))
         self.workers = n if self.shards is not None else 0
         self.device_table = None
         self.rows = 0  # slots the tables hold
