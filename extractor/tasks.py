@@ -10,7 +10,7 @@ import difflib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from extractor.errors import TaskError
+from extractor.templates import Templates
 
 TASKS_DIR_ENV = "EXTRACTOR_TASKS_DIR"
 PROMPT_SUFFIX = ".yaml"
@@ -88,7 +89,6 @@ class Task:
     schema: dict
     prompt_path: Path
     schema_path: Path
-    _templates: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -174,9 +174,7 @@ def load_task_file(path: Path) -> Task:
     schema_path = _schema_path(path, spec.schema_file)
     schema = _load_schema(schema_path)
     task = Task(spec=spec, schema=schema, prompt_path=path, schema_path=schema_path)
-    # Imported here: prompting needs Task, and compiling templates now reports syntax errors at load time.
-    from extractor.prompting import compile_templates
-    object.__setattr__(task, "_templates", compile_templates(task))
+    _check_templates(task)
     _check_few_shot(task)
     return task
 
@@ -249,6 +247,14 @@ def _load_schema(path: Path) -> dict:
         where = "/".join(str(p) for p in exc.path) or "(root)"
         raise TaskError(f"{path}: invalid JSON Schema at {where}: {exc.message}") from None
     return schema
+
+
+def _check_templates(task: Task) -> None:
+    """Compile the templates now, so a syntax error fails at load; render the few-shot inputs, so a template
+    that needs a field the examples lack fails at load too."""
+    templates = Templates(task.spec.messages, task.prompt_path, task.spec.input_fields)
+    for shot in task.spec.few_shot:
+        templates.render(shot.input, where=f"{task.prompt_path}: few_shot")
 
 
 def _check_few_shot(task: Task) -> None:
