@@ -3,8 +3,8 @@
 Merged, a LoRA model decodes at the base model's speed: on one H200 (anchor workload, rank 16 on every
 linear layer) merged weights ran 1.00x the base fast path, unmerged layers 0.77x eager and 0.83x compiled
 (docs/benchmarks.md). peft's own `merge` computes the merged weight; `unmerge` would subtract it again,
-which in bf16 does not give back the base weights bit for bit, so the base weights are kept on the host and
-copied back: the next adapter merges into exactly the weights the first one did, and a run with several
+which in bf16 does not give back the base weights bit for bit, so the base weights are kept (on the GPU
+when there is room, else on the host) and copied back: the next adapter merges into exactly the weights the first one did, and a run with several
 adapters decodes each one as its own run would. The weights change in place (same tensors), so a decoder's
 compiled code and CUDA graphs stay valid across adapters.
 """
@@ -16,6 +16,21 @@ def lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def _keep_on(layers) -> str | None:
+    """Where the base tensors wait: beside them on the GPU when twice their size is free there (a copy back
+    is then a device copy, not a trip over PCIe each way), else in host memory."""
+    import torch
+    tensors = {id(p): p for layer in layers for p in layer.get_base_layer().parameters(recurse=False)}
+    if not tensors:
+        return None
+    device = next(iter(tensors.values())).device
+    if device.type != "cuda":
+        return "cpu"
+    need = sum(p.numel() * p.element_size() for p in tensors.values())
+    free, _ = torch.cuda.mem_get_info(device)
+    return None if free > 2 * need else "cpu"  # None: the tensor's own device
+
+
 class MergedLoRA:
     """The active LoRA adapter of `model` merged into its base layers until `restore()`. What is kept is each
     base module's own parameters (a Linear's weight and bias; an MoE experts module's stacked expert tensors,
@@ -25,13 +40,13 @@ class MergedLoRA:
     def __init__(self, model):
         self._layers: list = []
         self._saved: dict[int, tuple] = {}
+        layers = [layer for layer in lora_layers(model) if not layer.merged and layer.active_adapters]
+        keep = _keep_on(layers)
         try:
-            for layer in lora_layers(model):
-                if layer.merged or not layer.active_adapters:
-                    continue
+            for layer in layers:
                 base = layer.get_base_layer()
                 if id(base) not in self._saved:
-                    self._saved[id(base)] = (base, {name: p.detach().to("cpu", copy=True)
+                    self._saved[id(base)] = (base, {name: p.detach().to(keep or p.device, copy=True)
                                                     for name, p in base.named_parameters(recurse=False)})
                 self._layers.append(layer)
                 layer.merge()
