@@ -4,9 +4,9 @@ Merged, a LoRA model decodes at the base model's speed: on one H200 (anchor work
 linear layer) merged weights ran 1.00x the base fast path, unmerged layers 0.77x eager and 0.83x compiled
 (docs/benchmarks.md). peft's own `merge` computes the merged weight; `unmerge` would subtract it again,
 which in bf16 does not give back the base weights bit for bit, so the base weights are kept (on the GPU
-when there is room, else on the host) and copied back: the next adapter merges into exactly the weights the first one did, and a run with several
-adapters decodes each one as its own run would. The weights change in place (same tensors), so a decoder's
-compiled code and CUDA graphs stay valid across adapters.
+when there is room, else on the host) and copied back: the next adapter merges into exactly the weights
+the first one did, and a run with several adapters decodes each one as its own run would. The weights
+change in place (same tensors), so a decoder's compiled code and CUDA graphs stay valid across adapters.
 """
 from __future__ import annotations
 
