@@ -78,6 +78,28 @@ def test_constrained_run_with_trained_demo_model(tmp_path):
     assert ours >= baseline - 0.01, (ours, baseline)
 
 
+def test_stream_keeps_the_engine_fed_across_windows(engines):
+    """generate_stream adds later windows' requests while earlier ones decode (no drain per window): the same
+    outputs as one generate call, with more requests in the engine at once than one window holds; a consumer
+    that stops early leaves nothing queued in the engine."""
+    backend = engines["vllm"]
+    backend.use_adapter(None)
+    params = GenParams(max_new_tokens=16)
+    requests = [Request(p + "，" * i) for i, p in enumerate(PROMPTS * 3)]
+    want = [g.text for g in backend.generate(requests, params)]
+    got = {}
+    windows = [requests[i:i + 2] for i in range(0, len(requests), 2)]
+    for pairs in backend.generate_stream(windows, params):
+        got.update({id(r): g.text for r, g in pairs})
+    assert [got[id(r)] for r in requests] == want
+    assert backend.stats["max_in_flight"] > 2
+    stream = backend.generate_stream(windows, params)
+    next(stream)
+    stream.close()
+    assert not backend.llm.llm_engine.has_unfinished_requests()
+    assert [g.text for g in backend.generate(requests[:3], params)] == want[:3]
+
+
 def test_prompt_learning_adapters_refused(tiny_model, tmp_path):
     from extractor.backends.vllm_backend import VLLMBackend
     from extractor.errors import ModelError

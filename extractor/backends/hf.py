@@ -91,6 +91,9 @@ class HFBackend(TokenizerBackend):
         except (OSError, ValueError, AttributeError, ImportError, KeyError, RuntimeError) as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ModelError(f"{self.model_path}: cannot load ({first})") from None
+        # Inference only; and peft freezes the base when an adapter loads: frozen from the start, the model
+        # an adapter leaves behind is the one compiled code was traced on (requires_grad is in its guards).
+        self.base.requires_grad_(False)
         self._attach(self.base, self.tokenizer)
 
     @classmethod

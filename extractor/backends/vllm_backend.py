@@ -65,6 +65,8 @@ class VLLMBackend(TokenizerBackend):
             raise ModelError(f"{self.model_path}: vLLM cannot load it ({str(exc).splitlines()[0][:200]})") from None
         self.tensor_parallel = tensor_parallel
         self.adapter: str | None = None
+        self._next_id = 0  # request ids for the engine, unique over the backend's life
+        self.stats: dict = {}
 
     def _max_rank(self) -> int:
         ranks = [json.loads((p / "adapter_config.json").read_text()).get("r", 8) for p in self.adapter_paths.values()]
@@ -92,25 +94,75 @@ class VLLMBackend(TokenizerBackend):
         check_expressible(schema)
         return str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
 
-    def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
+    def _sampling(self, params: GenParams, schema: dict | None):
         from vllm import SamplingParams
-        from vllm.lora.request import LoRARequest
         from vllm.sampling_params import StructuredOutputsParams
         structured = StructuredOutputsParams(grammar=self._grammar(schema)) if params.constrained and schema else None
-        sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
-                                  top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
-                                  structured_outputs=structured)
-        def lora(name):  # each request's own adapter (vLLM batches rows of different adapters together)
-            if name is None:
-                return None
-            return LoRARequest(name, list(self.adapter_paths).index(name) + 1, str(self.adapter_paths[name]))
+        return SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
+                              top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
+                              structured_outputs=structured)
+
+    def _lora(self, name: str | None):
+        """A request's own adapter (vLLM batches rows of different adapters together)."""
+        from vllm.lora.request import LoRARequest
+        if name is None:
+            return None
+        return LoRARequest(name, list(self.adapter_paths).index(name) + 1, str(self.adapter_paths[name]))
+
+    def _prompt(self, request: Request) -> dict:
+        """The token ids the pipeline encoded (a TokensPrompt), else the prompt encoded as hf would."""
+        ids = request.options.get("ids")
+        return {"prompt_token_ids": ids if ids is not None else self._encode(request.prompt)}
+
+    @staticmethod
+    def _generation(out) -> Generation:
+        choice = out.outputs[0]
+        finish = LENGTH if choice.finish_reason == "length" else STOP
+        return Generation(choice.text, len(out.prompt_token_ids), len(choice.token_ids), finish)
+
+    def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
         names = [r.adapter if r.adapter is not None else self.adapter for r in requests]
-        loras = lora(names[0]) if len(set(names)) == 1 else [lora(n) for n in names]
-        prompts = [{"prompt_token_ids": self._encode(r.prompt)} for r in requests]
-        outputs = self.llm.generate(prompts, sampling, use_tqdm=False, lora_request=loras)
-        results = []
-        for out in outputs:  # vLLM returns outputs in request order
-            choice = out.outputs[0]
-            finish = LENGTH if choice.finish_reason == "length" else STOP
-            results.append(Generation(choice.text, len(out.prompt_token_ids), len(choice.token_ids), finish))
-        return results
+        loras = self._lora(names[0]) if len(set(names)) == 1 else [self._lora(n) for n in names]
+        outputs = self.llm.generate([self._prompt(r) for r in requests], self._sampling(params, schema),
+                                    use_tqdm=False, lora_request=loras)
+        return [self._generation(out) for out in outputs]  # vLLM returns outputs in request order
+
+    def generate_stream(self, batches, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
+        """The whole run through vLLM's engine: requests from later batches join while earlier ones decode
+        (no drain at every window); each finished request is yielded as soon as the engine returns it. The
+        engine is kept `in_flight()` requests deep (twice what its scheduler runs at once), so it never
+        waits for the next window to be read and rendered."""
+        engine = self.llm.llm_engine
+        sampling = self._sampling(params, schema)
+        pending: dict[str, Request] = {}
+        batches = iter(batches)
+        exhausted, depth = False, self.in_flight()
+        self.stats["max_in_flight"] = 0
+        try:
+            while True:
+                while not exhausted and len(pending) < depth:
+                    batch = next(batches, None)
+                    if batch is None:
+                        exhausted = True
+                        break
+                    for request in batch:
+                        rid = f"s{self._next_id}"
+                        self._next_id += 1
+                        adapter = request.adapter if request.adapter is not None else self.adapter
+                        engine.add_request(rid, self._prompt(request), sampling, lora_request=self._lora(adapter))
+                        pending[rid] = request
+                self.stats["max_in_flight"] = max(self.stats["max_in_flight"], len(pending))
+                if not pending:
+                    if exhausted:
+                        return
+                    continue
+                done = [(pending.pop(out.request_id), self._generation(out)) for out in engine.step()
+                        if out.finished]
+                if done:
+                    yield done
+        finally:
+            if pending:  # the consumer stopped early (Ctrl-C, an error): nothing may stay queued in the engine
+                engine.abort_request(list(pending))
+
+    def in_flight(self) -> int:
+        return 2 * self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
