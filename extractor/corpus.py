@@ -114,10 +114,7 @@ class CorpusReader:
             raise InputError(f"{self.path}: no such file; check the corpus path")
         self.format = corpus_format(self.path)
         self.input_fields = list(input_fields)
-        # --text-field renames the corpus column feeding the task's first input field.
-        self.field_map = {f: f for f in self.input_fields}
-        if text_field:
-            self.field_map[self.input_fields[0]] = text_field
+        self.field_map = input_columns(self.input_fields, text_field)
         self.id_field = id_field
         self.on_bad = on_bad
         self.rejects = rejects
@@ -158,42 +155,22 @@ class CorpusReader:
 
     def _check(self, line: int, row) -> dict:
         src = str(self.path)
-        if not isinstance(row, dict):
-            raise BadRecord(src, line, f"expected a JSON object, got {type(row).__name__}", _raw(row))
-        fields = self.stats.fields
-        for key in row:
-            fields[key] = fields.get(key, 0) + 1
-        record_id = self._record_id(line, row)
-        values = {}
-        for task_field, column in self.field_map.items():
-            value = row.get(column)
-            if value is None and column == "text" and SEED_CONTEXT_FIELD in row:
-                value = _seed_text(row, src, line, record_id)
-            if value is None:
-                raise BadRecord(src, line, f"missing field '{column}' (fields present: "
-                                f"{', '.join(map(str, row)) or 'none'}); choose one with --text-field",
-                                _raw(row), record_id)
-            if not isinstance(value, str):
-                raise BadRecord(src, line, f"field '{column}' must be a string, got {type(value).__name__}",
-                                _raw(row), record_id)
-            values[task_field] = value
+        if isinstance(row, dict):
+            fields = self.stats.fields
+            for key in row:
+                fields[key] = fields.get(key, 0) + 1
+        try:
+            record = check_record(row, self.field_map, self.id_field, line)
+        except RecordProblem as problem:
+            raise BadRecord(src, line, problem.reason, _raw(row), problem.record_id) from None
         if self.check_duplicates:
-            key = id_key(record_id)
+            key = id_key(record["id"])
             if key in self._seen:
-                raise BadRecord(src, line, f"duplicate id '{record_id}'; ids must be unique "
-                                "(or drop the id field to number records by line)", _raw(row), record_id)
+                raise BadRecord(src, line, f"duplicate id '{record['id']}'; ids must be unique "
+                                "(or drop the id field to number records by line)", _raw(row), record["id"])
             self._seen.add(key)
         self.stats.records += 1
-        return {"id": record_id, "line": line, "values": values, "row": row}
-
-    def _record_id(self, line: int, row: dict) -> str:
-        value = row.get(self.id_field)
-        if value is None:
-            return str(line)  # deterministic: the 1-based line (or row) number
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise BadRecord(str(self.path), line, f"id field '{self.id_field}' must be a string or integer, "
-                            f"got {type(value).__name__}", _raw(row))
-        return str(value)
+        return record
 
     def _rows(self):
         if self.format == "jsonl":
@@ -204,10 +181,60 @@ class CorpusReader:
             yield from _iter_table(self.path, "csv", first_line=2)  # line 1 is the header
 
 
-def _seed_text(row: dict, src: str, line: int, record_id: str) -> str:
+def input_columns(input_fields, text_field: str | None = None) -> dict[str, str]:
+    """Task input field -> corpus column: each its own name, except that --text-field renames the column
+    feeding the first."""
+    columns = {f: f for f in input_fields}
+    if text_field:
+        columns[list(input_fields)[0]] = text_field
+    return columns
+
+
+class RecordProblem(ValueError):
+    """What is wrong with one source object as a record (and its id, when it has a usable one)."""
+
+    def __init__(self, reason: str, record_id: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.record_id = record_id
+
+
+def check_record(row, field_map: dict, id_field: str = "id", line: int = 0, ids_required: bool = False) -> dict:
+    """The record checks, for every reader (`CorpusReader`, the Ray actors): a source object -> a record
+    {id, line, values, row}, or RecordProblem. `field_map` maps each task input field to its column; without
+    an id field the id is the line number, unless `ids_required` (a Ray read, which sees no line numbers)."""
+    if not isinstance(row, dict):
+        raise RecordProblem(f"expected a JSON object, got {type(row).__name__}")
+    record_id = _record_id(row, id_field, line, ids_required)
+    values = {}
+    for task_field, column in field_map.items():
+        value = row.get(column)
+        if value is None and column == "text" and SEED_CONTEXT_FIELD in row:
+            value = _seed_text(row, record_id)
+        if value is None:
+            raise RecordProblem(f"missing field '{column}' (fields present: {', '.join(map(str, row)) or 'none'}); "
+                                "choose one with --text-field", record_id)
+        if not isinstance(value, str):
+            raise RecordProblem(f"field '{column}' must be a string, got {type(value).__name__}", record_id)
+        values[task_field] = value
+    return {"id": record_id, "line": line, "values": values, "row": row}
+
+
+def _record_id(row: dict, id_field: str, line: int, ids_required: bool) -> str:
+    value = row.get(id_field)
+    if value is None:
+        if ids_required:
+            raise RecordProblem(f"missing id field '{id_field}' (a Ray run needs ids in the data)")
+        return str(line)  # deterministic: the 1-based line (or row) number
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RecordProblem(f"id field '{id_field}' must be a string or integer, got {type(value).__name__}")
+    return str(value)
+
+
+def _seed_text(row: dict, record_id: str) -> str:
     context = row[SEED_CONTEXT_FIELD]
     if not isinstance(context, str):
-        raise BadRecord(src, line, f"field '{SEED_CONTEXT_FIELD}' must be a string", _raw(row), record_id)
+        raise RecordProblem(f"field '{SEED_CONTEXT_FIELD}' must be a string", record_id)
     return seed_passage(context)
 
 

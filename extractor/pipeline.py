@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 from extractor.backends.base import Backend, GenParams, Generation, Request
 from extractor.corpus import CorpusReader, RejectsWriter, count_records, id_key
 from extractor.errors import InputError, LongInputError, ManifestError
-from extractor.outputs import ERROR, SCORED_STATUSES, Validator, judge
+from extractor.outputs import SCORED_STATUSES, Validator, judge
 from extractor.prompting import PromptBuilder
 from extractor.provenance import manifest_path, stamp
+from extractor.rows import RESERVED, error_row, keep_fields, prediction_row  # noqa: F401 - RESERVED re-exported
 from extractor.storage import Location, is_remote, remove
 from extractor.writers import JournalOutput
 
 MANIFEST_FORMAT = "extractor.manifest/1"
-RESERVED = {"id", "task", "prediction", "status", "error", "raw", "prompt_tokens", "output_tokens",
-            "finish_reason", "adapter"}
 
 
 @dataclass
@@ -70,6 +69,13 @@ class Summary:
                 "interrupted": self.interrupted, "complete": not self.interrupted,
                 **({"decoder": dict(sorted(self.decoders.items()))} if self.decoders else {}),
                 **({"decoder_reason": "; ".join(self.decoder_reasons)} if self.decoder_reasons else {})}
+
+    def count(self, rows: list[dict]) -> None:
+        """Rows written by this run."""
+        for row in rows:
+            self.statuses[row["status"]] += 1
+            self.output_tokens += row["output_tokens"] or 0
+        self.new += len(rows)
 
     def count_decoders(self, triples) -> None:
         for _, gen, _ in triples:
@@ -198,19 +204,13 @@ class Predictor:
                              f"{self.limit} tokens; raise --max-input-tokens or shorten the task's prompt")
 
     def _row(self, rec: dict, gen: Generation | None, skip_reason: str | None) -> dict:
-        row = {"id": rec["id"], "task": self.task.name}
         if gen is None or gen.error:
-            row.update(prediction=None, status=ERROR, error=skip_reason or gen.error, raw="",
-                       prompt_tokens=gen.prompt_tokens if gen else None, output_tokens=0, finish_reason=None)
+            row = error_row(rec["id"], self.task.name, skip_reason or gen.error, self.adapter,
+                            gen.prompt_tokens if gen else None)
         else:
-            parsed = judge(gen.text, gen.finish_reason, self.validator)
-            row.update(prediction=parsed.prediction, status=parsed.status, error=parsed.error, raw=gen.text,
-                       prompt_tokens=gen.prompt_tokens, output_tokens=gen.output_tokens,
-                       finish_reason=gen.finish_reason)
-        row["adapter"] = self.adapter
-        for f in self.keep_fields:
-            row[f] = rec["row"].get(f)
-        return row
+            row = prediction_row(rec["id"], self.task.name, gen, judge(gen.text, gen.finish_reason, self.validator),
+                                 self.adapter)
+        return keep_fields(row, rec["row"], self.keep_fields)
 
 
 def output_for_adapter(out: Location, adapter: str | None, n_adapters: int) -> Location:
@@ -296,40 +296,47 @@ class Run:
         return done
 
     def execute(self, done: set[int]) -> Summary:
-        """Windows are read on a thread ahead of the backend; rows are parsed, validated and written on
-        another thread behind it, in input order, `window` rows per append (what a kill can lose); the
-        backend keeps the GPU busy in between."""
+        """Rows go to a writer thread (`RowSink`) that parses, validates and writes them in input order,
+        `window` rows per append (what a kill can lose); Ctrl-C stops taking new records and drains what is in
+        flight. Where the rows come from is `_produce`'s (here: the corpus, read on a thread ahead of the
+        backend, which keeps the GPU busy in between)."""
         if self.complete:
             return self.summary
         start = time.perf_counter()
-        rejects = RejectsWriter(self._rejects_path()) if self.opts.on_bad == "skip" else None
-        if rejects is not None:
-            remove(rejects.path)  # derived from the input: rebuilt on every pass
-        reader = CorpusReader(self.opts.corpus, self.p.task.spec.input_fields, self.opts.id_field,
-                              self.opts.text_field, self.opts.on_bad, rejects, batch_size=self.opts.window)
-        bar = self._progress()
+        progress = self._progress(start)
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         writer = self.store.appender(self.manifest)
-        sink = RowSink(self, writer, bar, start)
+        sink = RowSink(writer, self.p.rows, self.opts.window, self.summary, progress)
         try:
-            with prefetch(self._windows(reader, done, sink)) as windows:
-                for triples in self.p.stream(windows):
-                    self.summary.count_decoders(triples)
-                    sink.put(triples)
+            self._produce(done, sink)
             sink.close()
         finally:
             sink.close(raise_errors=False)
             writer.close()
             signal.signal(signal.SIGINT, previous)
-            if bar is not None:
-                bar.close()
-            if rejects is not None:
-                rejects.close()
-            self.summary.rejected = reader.stats.rejected
+            if progress is not None:
+                progress.close()
             self.summary.elapsed = time.perf_counter() - start
         self.summary.interrupted = self._stop
         self._finish()
         return self.summary
+
+    def _produce(self, done: set[int], sink: "RowSink") -> None:
+        """Read the corpus (windows on a thread ahead of the backend), generate, hand the rows to the sink."""
+        rejects = RejectsWriter(self._rejects_path()) if self.opts.on_bad == "skip" else None
+        if rejects is not None:
+            remove(rejects.path)  # derived from the input: rebuilt on every pass
+        reader = CorpusReader(self.opts.corpus, self.p.task.spec.input_fields, self.opts.id_field,
+                              self.opts.text_field, self.opts.on_bad, rejects, batch_size=self.opts.window)
+        try:
+            with prefetch(self._windows(reader, done, sink)) as windows:
+                for triples in self.p.stream(windows):
+                    self.summary.count_decoders(triples)
+                    sink.put(triples)
+        finally:
+            if rejects is not None:
+                rejects.close()
+            self.summary.rejected = reader.stats.rejected
 
     def _windows(self, reader, done: set[int], sink: "RowSink"):
         """Windows of records still to do (this shard's, not yet written, within --limit), until Ctrl-C."""
@@ -359,23 +366,12 @@ class Run:
         if self.console:
             self.console.print("Ctrl-C: stopping after the current batch (again to stop now)")
 
-    def _count(self, rows: list[dict]) -> None:
-        for row in rows:
-            self.summary.statuses[row["status"]] += 1
-            self.summary.output_tokens += row["output_tokens"] or 0
-        self.summary.new += len(rows)
-
-    def _progress(self):
+    def _progress(self, start: float) -> "Progress | None":
         if self.opts.quiet:
             return None
         from tqdm import tqdm
-        return tqdm(total=count_records(self.opts.corpus), unit="rec", desc=self.out.name, dynamic_ncols=True)
-
-    def _postfix(self, bar, start: float) -> None:
-        secs = max(time.perf_counter() - start, 1e-9)
-        invalid = sum(n for s, n in self.summary.statuses.items() if s not in SCORED_STATUSES)
-        bar.set_postfix_str(f"{self.summary.new / secs:.1f} rec/s, {self.summary.output_tokens / secs:.0f} tok/s, "
-                            f"invalid {invalid}", refresh=False)
+        bar = tqdm(total=count_records(self.opts.corpus), unit="rec", desc=self.out.name, dynamic_ncols=True)
+        return Progress(bar, self.summary, start)
 
     def _finish(self) -> None:
         self.manifest["summary"] = self.summary.as_dict()
@@ -383,13 +379,37 @@ class Run:
         self.store.finish(self.manifest, complete=not self.summary.interrupted)
 
 
-class RowSink:
-    """Parses, validates and writes released rows on a thread of its own, `window` rows per append."""
+class Progress:
+    """The progress bar: records written or skipped, with the rates and the invalid count of a summary."""
 
-    def __init__(self, run: Run, writer, bar, start: float):
+    def __init__(self, bar, summary: Summary, start: float):
+        self.bar, self.summary, self.start = bar, summary, start
+
+    def skipped(self, n: int) -> None:
+        self.bar.update(n)
+
+    def written(self, count: int) -> None:
+        self.bar.update(count)
+        secs = max(time.perf_counter() - self.start, 1e-9)
+        s = self.summary
+        invalid = sum(n for status, n in s.statuses.items() if status not in SCORED_STATUSES)
+        self.bar.set_postfix_str(f"{s.new / secs:.1f} rec/s, {s.output_tokens / secs:.0f} tok/s, invalid {invalid}",
+                                 refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class RowSink:
+    """Builds and writes released rows on a thread of its own, `window` rows per append, counting them in
+    `summary` and on `progress`. `put` takes what `to_rows` turns into rows (the predictor's triples, parsed and
+    validated here, off the generating thread); `put_rows` takes rows already built (a Ray actor's)."""
+
+    def __init__(self, writer, to_rows, window: int, summary: Summary, progress: Progress | None = None):
         import queue
         import threading
-        self.run, self.writer, self.bar, self.start = run, writer, bar, start
+        self.writer, self.to_rows, self.window = writer, to_rows, window
+        self.summary, self.progress = summary, progress
         self.queue: queue.Queue = queue.Queue(maxsize=64)
         self.error: BaseException | None = None
         self._closed = False
@@ -397,9 +417,15 @@ class RowSink:
         self.thread.start()
 
     def put(self, triples) -> None:
+        self._put("triples", triples)
+
+    def put_rows(self, rows: list[dict]) -> None:
+        self._put("rows", rows)
+
+    def _put(self, kind: str, item) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put(("rows", triples))
+        self.queue.put((kind, item))
 
     def skipped(self, n: int) -> None:
         if n:
@@ -422,13 +448,13 @@ class RowSink:
                     return
                 continue
             try:
-                if kind == "rows":
-                    pending.extend(self.run.p.rows(item))
-                    if len(pending) >= self.run.opts.window:
+                if kind in ("triples", "rows"):
+                    pending.extend(self.to_rows(item) if kind == "triples" else item)
+                    if len(pending) >= self.window:
                         self._write(pending)
                         pending = []
-                elif kind == "skipped" and self.bar is not None:
-                    self.bar.update(item)
+                elif kind == "skipped" and self.progress is not None:
+                    self.progress.skipped(item)
                 elif kind == "end":
                     self._write(pending)
                     return
@@ -439,10 +465,9 @@ class RowSink:
         if not rows:
             return
         self.writer.write_batch(rows)
-        self.run._count(rows)
-        if self.bar is not None:
-            self.bar.update(len(rows))
-            self.run._postfix(self.bar, self.start)
+        self.summary.count(rows)
+        if self.progress is not None:
+            self.progress.written(len(rows))
 
 
 class prefetch:

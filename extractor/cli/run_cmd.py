@@ -13,8 +13,9 @@ from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_
 from extractor.cli.tables import status_table
 from extractor.errors import InputError
 from extractor.hub import RunSources
-from extractor.pipeline import RESERVED, Predictor, Run, RunOptions, output_for_adapter, run_key
+from extractor.pipeline import Predictor, Run, RunOptions, output_for_adapter, run_key
 from extractor.provenance import check_writable
+from extractor.rows import RESERVED
 from extractor.tasks import load_task
 
 
@@ -122,13 +123,7 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
         predictor.adapter = sources.adapter_labels.get(name, name)
         predictor.adapter_key = name
         target = output_for_adapter(opts.out, predictor.adapter, len(names))
-        job = Run(predictor, opts, target, console)
-        done = job.prepare(_key(task, engine, predictor, opts, sources))
-        summary = job.execute(done)
-        _report(console, target, summary)
-        if summary.interrupted:
-            console.print("stopped early; rerun the same command with --resume to continue")
-            raise SystemExit(130)
+        _execute(Run(predictor, opts, target, console), _key(task, engine, predictor, opts, sources), console)
 
 
 def _key(task, engine, predictor, opts, sources: RunSources) -> dict:
@@ -156,9 +151,16 @@ def _run_on_ray(task, opts, backend, sources: RunSources, dtype, device, trust_r
                   trust_remote_code=trust_remote_code, batch_size=batch_size, batch_tokens=batch_tokens)
     job = RayRun(predictor, opts, opts.out, console, ray_settings(ray_address), ray_workers, backend, kwargs,
                  worker_tasks_dirs(tasks_dirs), ray_tmp=ray_temp_dir(opts.out), num_cpus=max(2, ray_workers))
-    done = job.prepare(_key(task, view, predictor, opts, sources))
-    summary = job.execute(done)
-    _report(console, opts.out, summary)
+    _execute(job, _key(task, view, predictor, opts, sources), console)
+
+
+def _execute(job: Run, key: dict, console) -> None:
+    """Prepare (manifest, resume), run, print the summary; Ctrl-C ends with exit code 130."""
+    summary = job.execute(job.prepare(key))
+    _report(console, job.out, summary)
+    if summary.interrupted:
+        console.print("stopped early; rerun the same command with --resume to continue")
+        raise SystemExit(130)
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -14,22 +14,24 @@ and credentials passed to the workers. Model and adapter paths are made absolute
 there. The pool is checked against the cluster first (`ray_capacity.py`): never a hang waiting for
 resources no node has. Failures on the workers come back as one line.
 
-Cluster reads cannot see line numbers, so records need their id field; a record without it, or with a
-non-string text, becomes an output row with status `error` naming the problem (nothing is dropped).
+Cluster reads cannot see line numbers, so records need their id field; a record without it, or one that
+fails the corpus reader's checks (`corpus.check_record`), becomes an output row with status `error` naming
+the problem (nothing is dropped). The driver writes the rows through the single-process run's own sink, with
+its Ctrl-C handling (stop taking batches, write what came back, summary marked interrupted) and finish.
 """
 from __future__ import annotations
 
 import re
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
 from extractor import jsonutil, storage
 from extractor.backends.base import Backend
-from extractor.corpus import corpus_format, id_key
+from extractor.corpus import RecordProblem, check_record, corpus_format, id_key, input_columns
 from extractor.errors import ExtractorError
 from extractor.pipeline import Run
+from extractor.rows import error_row
 from extractor.runners import ray_capacity
 
 READ_CPUS = 0.25  # Ray Data's read tasks parse JSON/Parquet blocks: light next to a model
@@ -63,34 +65,19 @@ class PredictActor:
         rows = batch.to_pylist()
         records, bad = [], []
         for row in rows:
-            rec, problem = self._record(row)
-            if problem:
-                bad.append(self._error_row(row, problem))
-            elif id_key(rec["id"]) not in self.done:
+            try:
+                rec = check_record(row, self.field_map, self.id_field, ids_required=True)
+            except RecordProblem as problem:
+                bad.append(error_row(problem.record_id, self.task.name, f"bad input record: {problem.reason}",
+                                     self.predictor.adapter))
+                continue
+            if id_key(rec["id"]) not in self.done:
                 records.append(rec)
         out = self.predictor.predict(records) if records else []
         out += bad
         # Nested JSON as text: one fixed Arrow schema whatever the predictions look like. The node column says
         # where each row was computed (the run's manifest counts rows per node).
         return {"line": [jsonutil.dumps(r) for r in out], "node": [self.node] * len(out)}
-
-    def _record(self, row: dict):
-        rid = row.get(self.id_field)
-        if rid is None:
-            return None, f"missing id field '{self.id_field}' (a Ray run needs ids in the data)"
-        values = {}
-        for task_field, column in self.field_map.items():
-            value = row.get(column)
-            if not isinstance(value, str):
-                return None, f"field '{column}' must be a string, got {type(value).__name__}"
-            values[task_field] = value
-        return {"id": str(rid), "line": 0, "values": values, "row": row}, None
-
-    def _error_row(self, row: dict, problem: str) -> dict:
-        rid = row.get(self.id_field)
-        return {"id": None if rid is None else str(rid), "task": self.task.name, "prediction": None, "status": "error",
-                "error": f"bad input record: {problem}", "raw": "", "prompt_tokens": None, "output_tokens": 0,
-                "finish_reason": None, "adapter": self.predictor.adapter}
 
 
 class DriverView(Backend):
@@ -139,31 +126,31 @@ class RayRun(Run):
 
     def execute(self, done: set[int]):
         import ray
-        start = time.perf_counter()
         try:
-            if self.complete:
-                return self.summary
-            ds = self._dataset(ray, ray.put(done) if done else None, self.read_node)
-            writer = self.store.appender(self.manifest)
-            try:
-                for batch in ds.iter_batches(batch_size=self.opts.window, batch_format="pyarrow"):
-                    rows = [jsonutil.loads(x) for x in batch.column("line").to_pylist()]
-                    writer.write_batch(rows)
-                    self._count(rows)
-                    self.rows_per_node.update(batch.column("node").to_pylist())
-            except ExtractorError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Ray wraps worker failures in several types
-                raise worker_error(exc) from None
-            finally:
-                writer.close()
-            self.manifest["ray"] = self._placement(ray)
+            return super().execute(done)
         finally:
             if not self.address:
                 ray.shutdown()
-        self.summary.elapsed = time.perf_counter() - start
-        self._finish()
-        return self.summary
+
+    def _produce(self, done: set[int], sink) -> None:
+        """Rows computed by the actor pool, streamed back in input order, into the run's sink; Ctrl-C stops
+        taking batches."""
+        import ray
+        try:
+            ds = self._dataset(ray, ray.put(done) if done else None, self.read_node)
+            for batch in ds.iter_batches(batch_size=self.opts.window, batch_format="pyarrow"):
+                sink.put_rows([jsonutil.loads(x) for x in batch.column("line").to_pylist()])
+                self.rows_per_node.update(batch.column("node").to_pylist())
+                if self._stop:
+                    break
+            self.manifest["ray"] = self._placement(ray)
+        except ExtractorError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray wraps worker failures in several types
+            raise worker_error(exc) from None
+
+    def _progress(self, start: float):
+        return None  # Ray Data draws its own
 
     def _init_ray(self, ray) -> None:
         import logging
@@ -253,9 +240,7 @@ class RayRun(Run):
                   "csv": lambda: ray.data.read_csv(path, **read_args)}[fmt]()
         except Exception as exc:  # noqa: BLE001 - Ray wraps reader errors in several types
             raise ExtractorError(f"{path}: Ray cannot read it ({str(exc).splitlines()[0][:200]})") from None
-        field_map = {f: f for f in self.p.task.spec.input_fields}
-        if self.opts.text_field:
-            field_map[self.p.task.spec.input_fields[0]] = self.opts.text_field
+        field_map = input_columns(self.p.task.spec.input_fields, self.opts.text_field)
         opts_dict = {"on_long": self.opts.on_long, "max_input_tokens": self.opts.max_input_tokens,
                      "keep_fields": list(self.opts.keep_fields), "few_shot": self.p.builder.few_shot,
                      "adapter": self.p.adapter, "field_map": field_map, "id_field": self.opts.id_field}
