@@ -3,7 +3,7 @@ as training/loop.py runs it) with the plain path (`fast="off"`, what training di
 the fast path, on the same records, for the demo's full checkpoint and for a LoRA and a P-tuning adapter on it.
 Both paths' outputs are compared record by record.
 
-    python bench/bench_train_eval.py [--model eval/demo/model] [--records eval/demo/test.jsonl] [--n 300]
+    python bench/bench_train_eval.py [--model eval/demo/model] [--records eval/demo/test.jsonl] [--n 300] [--device cuda]
 """
 from __future__ import annotations
 
@@ -55,18 +55,21 @@ def main() -> None:
     parser.add_argument("--records", default="eval/demo/test.jsonl")
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the checkpoint is evaluated")
     args = parser.parse_args()
     model_dir = Path(args.model)
     records = [r for window in CorpusReader(Path(args.records), ["text"]) for r in window][: args.n]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    result = {"machine": f"{platform.node()} ({torch.get_num_threads()} threads)", "date": time.strftime("%Y-%m-%d"),
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"{platform.node()} ({torch.get_num_threads()} threads)"
+    result = {"machine": machine, "date": time.strftime("%Y-%m-%d"),
               "model": str(model_dir), "records": len(records), "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("full", "lora", "ptuning"):
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             if kind != "full":
                 model = PeftModel.from_pretrained(model, adapter(model_dir, kind, Path(tmp) / kind))
-            model.eval()
+            model.to(args.device).eval()
             plain, plain_s = evaluate(model, tokenizer, model_dir, records, "off")
             fast, fast_s = evaluate(model, tokenizer, model_dir, records, "auto")
             row = {"plain_s": round(plain_s, 2), "fast_s": round(fast_s, 2), "speedup": round(plain_s / fast_s, 2),
