@@ -8,12 +8,12 @@ from rich.console import Console
 
 from extractor import storage
 from extractor.backends import backend_class
-from extractor.backends.base import GenParams
 from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_option
 from extractor.cli.tables import status_table
 from extractor.errors import InputError
 from extractor.hub import RunSources
 from extractor.pipeline import Predictor, Run, RunOptions, output_for_adapter, run_key
+from extractor.pipeline.config import RunConfig
 from extractor.provenance import check_writable
 from extractor.rows import RESERVED
 from extractor.tasks import load_task
@@ -73,10 +73,7 @@ from extractor.tasks import load_task
 @corpus_options
 @bad_record_options
 @tasks_dir_option
-def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype, device, trust_remote_code, fast,
-        constrained,
-        max_new_tokens, temperature, top_p, seed, batch_size, batch_tokens, window, max_input_tokens, on_long,
-        few_shot, keep_fields, resume, overwrite, limit, quiet, gpus, shard, ray_address, ray_workers, id_field, text_field, on_bad_record, rejects, tasks_dirs):
+def run(**params):
     """Extract from CORPUS with a model; one validated prediction per record in --out.
 
     \b
@@ -85,45 +82,39 @@ def run(corpus, task_name, model, out, backend, tensor_parallel, adapters, dtype
       extractor run corpus.jsonl --task jd_requirements --model ./model --adapter ./lora --constrained \\
           --out preds.jsonl --resume
     """
-    task = load_task(task_name, tasks_dirs)
-    console = Console(stderr=True, quiet=quiet)
-    sources = RunSources.resolve(model, adapters, backend)  # hub ids -> cached snapshots; fails before any work
-    if gpus:
+    cfg = RunConfig.from_params(params)
+    task = load_task(cfg.task_name, cfg.tasks_dirs)
+    console = Console(stderr=True, quiet=cfg.quiet)
+    sources = RunSources.resolve(cfg.model, cfg.adapters, cfg.backend)  # hub ids -> cached snapshots; fails first
+    if cfg.gpus:
         from extractor.runners.shards import run_sharded
         ctx = click.get_current_context()
-        run_sharded(ctx.command, ctx.params, storage.target(out), gpus, device, console)
+        run_sharded(ctx.command, ctx.params, storage.target(cfg.out), cfg.gpus, cfg.device, console)
         return
-    clash = RESERVED.intersection(keep_fields)
+    clash = RESERVED.intersection(cfg.keep_fields)
     if clash:
         raise InputError(f"--keep-field {', '.join(sorted(clash))} would overwrite an output field; keep others")
-    gen = task.spec.generation
-    params = GenParams(max_new_tokens=max_new_tokens or gen.max_new_tokens,
-                       temperature=gen.temperature if temperature is None else temperature,
-                       top_p=gen.top_p if top_p is None else top_p, seed=seed, constrained=constrained)
-    opts = RunOptions(corpus=storage.target(corpus), out=storage.target(out), params=params, id_field=id_field,
-                      text_field=text_field, keep_fields=tuple(keep_fields), on_bad=on_bad_record,
-                      rejects=storage.target(rejects) if rejects else None,
-                      resume=resume, overwrite=overwrite, on_long=on_long, max_input_tokens=max_input_tokens,
-                      window=window, quiet=quiet, limit=limit, shard=_parse_shard(shard))
+    opts = cfg.run_options(task)
     if not storage.is_file(opts.corpus):
-        raise InputError(f"{corpus}: no such file; check the corpus path")
+        raise InputError(f"{cfg.corpus}: no such file; check the corpus path")
     check_writable(opts.out)
-    if ray_address:
-        _run_on_ray(task, opts, backend, sources, dtype, device, trust_remote_code, batch_size, batch_tokens,
-                    few_shot, keep_fields, ray_address, ray_workers, tasks_dirs, console)
+    if cfg.ray_address:
+        _run_on_ray(cfg, task, opts, sources, console)
         return
-    engine = backend_class(backend)(model=sources.model, adapters=sources.adapters, dtype=dtype, device=device,
-                                    trust_remote_code=trust_remote_code, batch_size=batch_size,
-                                    batch_tokens=batch_tokens, tensor_parallel=tensor_parallel, seed=seed,
-                                    fast=fast)
+    engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
     names = engine.adapters()
     for name in names:
         engine.use_adapter(name)
-        predictor = Predictor(task, engine, params, on_long, max_input_tokens, tuple(keep_fields), few_shot)
+        predictor = _predictor(cfg, task, engine, opts)
         predictor.adapter = sources.adapter_labels.get(name, name)
         predictor.adapter_key = name
         target = output_for_adapter(opts.out, predictor.adapter, len(names))
         _execute(Run(predictor, opts, target, console), _key(task, engine, predictor, opts, sources), console)
+
+
+def _predictor(cfg: RunConfig, task, backend, opts: RunOptions) -> Predictor:
+    return Predictor(task, backend, opts.params, cfg.on_long, cfg.max_input_tokens, tuple(cfg.keep_fields),
+                     cfg.few_shot)
 
 
 def _key(task, engine, predictor, opts, sources: RunSources) -> dict:
@@ -134,23 +125,16 @@ def _key(task, engine, predictor, opts, sources: RunSources) -> dict:
     return key
 
 
-def _run_on_ray(task, opts, backend, sources: RunSources, dtype, device, trust_remote_code, batch_size,
-                batch_tokens, few_shot, keep_fields, ray_address, ray_workers, tasks_dirs, console) -> None:
-    from extractor.runners.ray_runner import (DriverView, RayRun, check_ray_installed, node_path, ray_settings,
-                                              ray_temp_dir, worker_tasks_dirs)
+def _run_on_ray(cfg: RunConfig, task, opts: RunOptions, sources: RunSources, console) -> None:
+    from extractor.runners.ray_runner import DriverView, RayRun, check_ray_installed
     check_ray_installed()
-    model, adapters = sources.model, sources.adapters
-    if len(adapters) > 1:
+    if len(sources.adapters) > 1:
         raise InputError("--ray runs one adapter at a time; start one run per adapter")
-    adapter = adapters[0] if adapters else None
-    view = DriverView(backend, model, adapter, dtype, trust_remote_code)
-    predictor = Predictor(task, view, opts.params, opts.on_long, opts.max_input_tokens, tuple(keep_fields), few_shot)
+    adapter = sources.adapters[0] if sources.adapters else None
+    view = DriverView(cfg.backend, sources.model, adapter, cfg.dtype, cfg.trust_remote_code)
+    predictor = _predictor(cfg, task, view, opts)
     predictor.adapter = sources.adapter_labels.get(Path(adapter).name, Path(adapter).name) if adapter else None
-    # The workers' folder is not this one: paths go to them absolute.
-    kwargs = dict(model=node_path(model), adapters=tuple(node_path(a) for a in adapters), dtype=dtype, device=device,
-                  trust_remote_code=trust_remote_code, batch_size=batch_size, batch_tokens=batch_tokens)
-    job = RayRun(predictor, opts, opts.out, console, ray_settings(ray_address), ray_workers, backend, kwargs,
-                 worker_tasks_dirs(tasks_dirs), ray_tmp=ray_temp_dir(opts.out), num_cpus=max(2, ray_workers))
+    job = RayRun(predictor, opts, console, cfg, sources)
     _execute(job, _key(task, view, predictor, opts, sources), console)
 
 
@@ -161,18 +145,6 @@ def _execute(job: Run, key: dict, console) -> None:
     if summary.interrupted:
         console.print("stopped early; rerun the same command with --resume to continue")
         raise SystemExit(130)
-
-
-def _parse_shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise InputError(f"--shard must look like K/N, got '{text}'") from None
-    if not 0 <= k < n:
-        raise InputError(f"--shard {text}: K must be in 0..N-1")
-    return k, n
 
 
 def _report(console, target: Path, summary) -> None:

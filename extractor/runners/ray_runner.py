@@ -31,6 +31,7 @@ from extractor.backends.base import Backend
 from extractor.corpus import RecordProblem, check_record, corpus_format, id_key, input_columns
 from extractor.errors import ExtractorError
 from extractor.pipeline import Run
+from extractor.pipeline.config import RunConfig
 from extractor.rows import error_row
 from extractor.runners import ray_capacity
 
@@ -106,13 +107,17 @@ class DriverView(Backend):
 class RayRun(Run):
     """A Run whose records flow through Ray Data; manifest, resume and summary are the single-process ones."""
 
-    def __init__(self, predictor, opts, out, console, address, workers, backend_name, backend_kwargs, tasks_dirs,
-                 ray_tmp=None, num_cpus=None):
-        super().__init__(predictor, opts, out, console)
-        self.address, self.workers = address, workers
-        self.backend_name, self.backend_kwargs = backend_name, backend_kwargs
-        self.tasks_dirs = tasks_dirs
-        self.ray_tmp, self.num_cpus = ray_tmp, num_cpus
+    def __init__(self, predictor, opts, console, cfg: RunConfig, sources):
+        super().__init__(predictor, opts, opts.out, console)
+        self.address, self.workers = ray_settings(cfg.ray_address), cfg.ray_workers
+        self.backend_name = cfg.backend
+        # The workers' folder is not this one: paths go to them absolute.
+        self.backend_kwargs = dict(model=node_path(sources.model),
+                                   adapters=tuple(node_path(a) for a in sources.adapters), dtype=cfg.dtype,
+                                   device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                                   batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens)
+        self.tasks_dirs = worker_tasks_dirs(cfg.tasks_dirs)
+        self.ray_tmp, self.num_cpus = ray_temp_dir(opts.out), max(2, cfg.ray_workers)
         self.rows_per_node: Counter = Counter()
 
     def prepare(self, key: dict) -> set[int]:

@@ -1,0 +1,97 @@
+"""`extractor run`'s settings as one typed object, built once from the command line and passed down (to the
+backend, the `Run`, the Ray runner) instead of threading each option through every call."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from extractor import storage
+from extractor.backends.base import GenParams
+from extractor.errors import InputError
+from extractor.pipeline.run import RunOptions
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One field per `extractor run` option (`--help` says what each means); `from_params` takes click's."""
+
+    corpus: str
+    task_name: str
+    model: str
+    out: str
+    backend: str = "hf"
+    tensor_parallel: int = 1
+    adapters: tuple[str, ...] = ()
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    fast: str = "auto"
+    constrained: bool = False
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int = 0
+    batch_size: int = 32
+    batch_tokens: int = 32768
+    window: int = 256
+    max_input_tokens: int | None = None
+    on_long: str = "fail"
+    few_shot: int | None = None
+    keep_fields: tuple[str, ...] = ()
+    resume: bool = False
+    overwrite: bool = False
+    limit: int | None = None
+    quiet: bool = False
+    gpus: int | None = None
+    shard: str | None = None
+    ray_address: str | None = None
+    ray_workers: int = 2
+    id_field: str = "id"
+    text_field: str | None = None
+    on_bad_record: str = "fail"
+    rejects: str | None = None
+    tasks_dirs: tuple[str, ...] = ()
+
+    @classmethod
+    def from_params(cls, params: dict) -> "RunConfig":
+        """From click's parsed parameters (a name the config does not know is a bug, raised here)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise TypeError(f"RunConfig has no field for {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+
+    def gen_params(self, task) -> GenParams:
+        """The generation settings: the command line's where given, else the task's."""
+        gen = task.spec.generation
+        return GenParams(max_new_tokens=self.max_new_tokens or gen.max_new_tokens,
+                         temperature=gen.temperature if self.temperature is None else self.temperature,
+                         top_p=gen.top_p if self.top_p is None else self.top_p, seed=self.seed,
+                         constrained=self.constrained)
+
+    def run_options(self, task) -> RunOptions:
+        return RunOptions(corpus=storage.target(self.corpus), out=storage.target(self.out),
+                          params=self.gen_params(task), id_field=self.id_field, text_field=self.text_field,
+                          keep_fields=tuple(self.keep_fields), on_bad=self.on_bad_record,
+                          rejects=storage.target(self.rejects) if self.rejects else None, resume=self.resume,
+                          overwrite=self.overwrite, on_long=self.on_long, max_input_tokens=self.max_input_tokens,
+                          window=self.window, quiet=self.quiet, limit=self.limit, shard=parse_shard(self.shard))
+
+    def backend_kwargs(self, model: str, adapters: tuple[str, ...]) -> dict:
+        """What the backend class is built with (model and adapters as local folders)."""
+        return dict(model=model, adapters=adapters, dtype=self.dtype, device=self.device,
+                    trust_remote_code=self.trust_remote_code, batch_size=self.batch_size,
+                    batch_tokens=self.batch_tokens, tensor_parallel=self.tensor_parallel, seed=self.seed,
+                    fast=self.fast)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`--shard K/N` (set by --gpus for its workers)."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard must look like K/N, got '{text}'") from None
+    if not 0 <= k < n:
+        raise InputError(f"--shard {text}: K must be in 0..N-1")
+    return k, n

@@ -1,0 +1,137 @@
+"""Records -> output rows for one task and backend: render (few-shot, long-input policy), tokenize, generate
+(streamed, put back in input order), judge. Shared by `extractor run` and training's F1 evaluation."""
+from __future__ import annotations
+
+from extractor.backends.base import Backend, GenParams, Generation, Request
+from extractor.errors import InputError, LongInputError
+from extractor.outputs import Validator, judge
+from extractor.prompting import PromptBuilder
+from extractor.rows import error_row, keep_fields, prediction_row
+
+
+class Predictor:
+    """Records -> output rows for one task and backend. Shared by `run` and by training's F1 evaluation."""
+
+    def __init__(self, task, backend: Backend, params: GenParams, on_long: str = "fail",
+                 max_input_tokens: int | None = None, keep_fields: tuple = (), few_shot: int | None = None):
+        self.task = task
+        self.backend = backend
+        self.params = params
+        self.builder = PromptBuilder(task, backend.tokenizer, few_shot)
+        self.validator = Validator(task.schema)
+        self.on_long = on_long
+        self.limit = max_input_tokens or backend.max_input_tokens(params)
+        self.keep_fields = keep_fields
+        self.adapter: str | None = None  # the label output rows carry
+        self.adapter_key: str | None = None  # the backend's name of it, sent with every request
+        if params.constrained:
+            if not backend.supports_constrained:
+                raise InputError(f"backend '{backend.name}' does not support --constrained")
+            from extractor.constrain.grammar import check_expressible
+            check_expressible(task.schema)
+
+    def predict(self, records: list[dict]) -> list[dict]:
+        """Output rows for one batch of records, in order (training's evaluation, Ray workers)."""
+        return [row for triples in self.stream([records]) for row in self.rows(triples)]
+
+    def stream(self, windows):
+        """Windows of records in; lists of (record, generation, skip_reason) out, in input order, as the
+        backend finishes them (rows are built from these by `rows`, off the generating thread). The backend
+        may work on several windows at once (hf's fast path keeps its slots full across windows)."""
+        waiting: dict[int, tuple] = {}
+        in_flight: dict[int, dict] = {}  # records sent and not yet released, by sequence number
+        seq_counter = iter(range(1 << 62))
+        next_out = 0
+
+        def requests():
+            for records in windows:
+                prompts, skipped = self._prompts(records)
+                ids = self._token_ids(prompts, skipped)
+                batch = []
+                for i, rec in enumerate(records):
+                    seq = next(seq_counter)
+                    in_flight[seq] = rec
+                    if i in skipped:
+                        waiting[seq] = (rec, None, skipped[i])
+                    else:
+                        batch.append(Request(prompts[i], rec["id"], {"seq": seq, "ids": ids[i]},
+                                             adapter=self.adapter_key))
+                yield batch
+
+        for pairs in self.backend.generate_stream(requests(), self.params, self.task.schema, self.probes()):
+            for request, gen in pairs:
+                seq = request.options["seq"]
+                waiting[seq] = (in_flight[seq], gen, None)
+            released = []
+            while next_out in waiting:
+                released.append(waiting.pop(next_out))
+                del in_flight[next_out]
+                next_out += 1
+            if released:
+                yield released
+        tail = [waiting.pop(k) for k in sorted(waiting)]  # skipped records after the last generation
+        if tail:
+            yield tail
+
+    def _token_ids(self, prompts: list[str], skipped: dict) -> list:
+        """Prompt token ids, encoded here in one batched call per window for backends that take them (the
+        backend then encodes nothing itself); None where the backend encodes itself."""
+        encode = getattr(self.backend, "encode_batch", None)
+        if encode is None:
+            return [None] * len(prompts)
+        todo = [i for i in range(len(prompts)) if i not in skipped]
+        ids: list = [None] * len(prompts)
+        for i, e in zip(todo, encode([prompts[i] for i in todo])):
+            ids[i] = e
+        return ids
+
+    def rows(self, triples) -> list[dict]:
+        return [self._row(rec, gen, skip) for rec, gen, skip in triples]
+
+    def probes(self) -> list[str]:
+        """The prompt rendered with placeholder values: where they differ, the task's shared prefix ends."""
+        fields = self.task.spec.input_fields
+        return [self.builder.build({f: probe for f in fields}) for probe in ("0", "A", "中", "{", " x")]
+
+    def _prompts(self, records: list[dict]) -> tuple[list[str], dict[int, str]]:
+        prompts = [self.builder.build(r["values"], where=f"record {r['id']}") for r in records]
+        skipped: dict[int, str] = {}
+        if self.limit is None:
+            return prompts, skipped
+        lengths = self.backend.count_tokens(prompts)
+        for i, n in enumerate(lengths):
+            if n <= self.limit:
+                continue
+            message = f"record {records[i]['id']}: prompt has {n} tokens, more than the limit {self.limit}"
+            if self.on_long == "fail":
+                raise LongInputError(f"{message}; pass --on-long truncate or --on-long skip, or raise "
+                                     "--max-input-tokens")
+            if self.on_long == "skip":
+                skipped[i] = f"{message}; skipped (--on-long skip)"
+            else:
+                prompts[i] = self._truncate(records[i], n)
+        return prompts, skipped
+
+    def _truncate(self, record: dict, n_tokens: int) -> str:
+        """Cut the record's first input field until the whole prompt fits the limit."""
+        field0 = self.task.spec.input_fields[0]
+        values = dict(record["values"])
+        over = n_tokens - self.limit
+        for _ in range(4):
+            text_tokens = self.backend.count_tokens([values[field0]])[0]
+            values[field0] = self.backend.truncate_tokens(values[field0], text_tokens - over - 2)
+            prompt = self.builder.build(values)
+            over = self.backend.count_tokens([prompt])[0] - self.limit
+            if over <= 0:
+                return prompt
+        raise LongInputError(f"record {record['id']}: the prompt without its text is already longer than "
+                             f"{self.limit} tokens; raise --max-input-tokens or shorten the task's prompt")
+
+    def _row(self, rec: dict, gen: Generation | None, skip_reason: str | None) -> dict:
+        if gen is None or gen.error:
+            row = error_row(rec["id"], self.task.name, skip_reason or gen.error, self.adapter,
+                            gen.prompt_tokens if gen else None)
+        else:
+            row = prediction_row(rec["id"], self.task.name, gen, judge(gen.text, gen.finish_reason, self.validator),
+                                 self.adapter)
+        return keep_fields(row, rec["row"], self.keep_fields)
