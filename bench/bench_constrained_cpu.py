@@ -43,7 +43,8 @@ def main() -> None:
     from extractor.constrain.grammar import Grammar
     from extractor.outputs import Validator, judge
     from extractor.tasks import load_task
-    from extractor.testing import stand_in_decode, tokenizer_corpus, train_tokenizer
+    from extractor.tiny_models import tokenizer_corpus, train_tokenizer
+    from tests.helpers import stand_in_decode
     tokenizer = train_tokenizer(tokenizer_corpus(3000), vocab_size=4096)
     task = load_task(args.task)
     validator = Validator(task.schema)

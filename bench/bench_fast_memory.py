@@ -56,7 +56,7 @@ def main() -> None:
         return
     sizes = sorted(int(x) for x in args.n.split(","))
     from extractor.synth import write_corpus
-    from extractor.testing import build_tiny_model
+    from extractor.tiny_models import build_tiny_model
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

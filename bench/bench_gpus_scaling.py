@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     from extractor.synth import write_corpus
-    from extractor.testing import build_tiny_model, tokenizer_corpus
+    from extractor.tiny_models import build_tiny_model, tokenizer_corpus
     root = Path(args.out)
     work = root / "work"
     work.mkdir(parents=True, exist_ok=True)

@@ -372,7 +372,7 @@ def check_families(compile: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
     from extractor.backends.fast import FastDecoder
-    from extractor.testing import generate_reference
+    from tests.helpers import generate_reference
     from tests.families import OVERRIDES, family_config
     out = {}
     rng = random.Random(0)
@@ -578,7 +578,7 @@ def adapters_run(res: Results, model, work: Path, n: int) -> None:
 
 
 def _tokenizer(work: Path):
-    from extractor.testing import tokenizer_corpus, train_tokenizer
+    from extractor.tiny_models import tokenizer_corpus, train_tokenizer
     path = work / "model"
     if not (path / "tokenizer.json").exists():
         tok = train_tokenizer(tokenizer_corpus(3000), vocab_size=4096)

@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     from extractor.synth import write_corpus
-    from extractor.testing import build_tiny_model, tokenizer_corpus
+    from extractor.tiny_models import build_tiny_model, tokenizer_corpus
     work = Path(args.out) / "work"
     work.mkdir(parents=True, exist_ok=True)
     model = build_tiny_model(work / "model", vocab_size=2048, hidden=896, layers=24, heads=14, kv_heads=2,

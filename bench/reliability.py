@@ -89,7 +89,7 @@ def _check_exactly_once(out: Path, corpus: Path, ref: Path) -> dict:
 
 def make_fixture(root: Path, n: int = 1000) -> tuple[Path, Path, Path]:
     from extractor.synth import write_corpus
-    from extractor.testing import build_tiny_model
+    from extractor.tiny_models import build_tiny_model
     model = root / "model"
     if not model.exists():
         build_tiny_model(model)

@@ -76,7 +76,7 @@ def make_model(cfg: DemoConfig, train: tuple[Path, Path]) -> Path:
     """A per-character tokenizer trained on the training split; a small random Qwen2 model."""
     from extractor.prompting import PromptBuilder
     from extractor.tasks import load_task
-    from extractor.testing import build_tiny_model
+    from extractor.tiny_models import build_tiny_model
     task = load_task(TASK)
     texts = []
     with open(train[0], encoding="utf-8") as fh, open(train[1], encoding="utf-8") as gh:

@@ -53,14 +53,14 @@ def user_tasks(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random Qwen2 model with a locally trained tokenizer and chat template."""
-    from extractor.testing import build_tiny_model
+    from extractor.tiny_models import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_raw_model(tmp_path_factory):
     """The same kind of model without a chat template: prompts use the seed's raw format."""
-    from extractor.testing import build_tiny_model
+    from extractor.tiny_models import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny_raw", chat_template=False, seed=1)
 
 

@@ -6,14 +6,14 @@ import pytest
 from extractor.constrain.grammar import Grammar, utf8_missing, utf8_tail
 from extractor.outputs import Validator, judge
 from extractor.tasks import load_task
-from extractor.testing import stand_in_decode
+from tests.helpers import stand_in_decode
 
 VOCAB = 4096 + 904  # the model's head is larger than the tokenizer, as with real checkpoints
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from extractor.testing import tokenizer_corpus, train_tokenizer
+    from extractor.tiny_models import tokenizer_corpus, train_tokenizer
     return train_tokenizer(tokenizer_corpus(600), vocab_size=4096)
 
 

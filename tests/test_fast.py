@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from extractor.backends.fast import FastDecoder
-from extractor.testing import generate_reference
+from tests.helpers import generate_reference
 
 
 @pytest.mark.parametrize("slots,refill,prefix_len,budgets", [(3, 2, 25, 14), (8, 8, 25, "mixed"),

@@ -60,7 +60,7 @@ def test_decoder_equals_generate(family_dir, model_type):
     from transformers import AutoModelForCausalLM
 
     from extractor.backends.fast import FastDecoder
-    from extractor.testing import generate_reference
+    from tests.helpers import generate_reference
     model = AutoModelForCausalLM.from_pretrained(family_dir(model_type), dtype=torch.float32).eval()
     rng = random.Random(1)
     prefix = [rng.randrange(5, 1000) for _ in range(30)]

@@ -83,7 +83,7 @@ def test_permission_denied_fails_before_work(tmp_path):
 
 
 def test_mismatched_tokenizer_is_refused(tmp_path, tiny_model, run_cli):
-    from extractor.testing import build_tiny_model
+    from extractor.tiny_models import build_tiny_model
     other = build_tiny_model(tmp_path / "big_vocab", vocab_size=1600)
     mixed = tmp_path / "mixed"
     shutil.copytree(tiny_model, mixed)

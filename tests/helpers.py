@@ -1,0 +1,78 @@
+"""Test helpers (the GPU harness, bench/gpu_fast.py, and bench/bench_constrained_cpu.py use them too):
+constrained decoding without a model, and the greedy reference a decoder is held to."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from extractor.constrain.batch import BatchConstraint
+
+
+def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choose_from: int | None = None,
+                    workers: int = 0) -> dict:
+    """Constrained decoding without a model, as FastDecoder's packed rows do it: each row takes its
+    preferred allowed token (a seeded random preference over the first `choose_from` ids, rotated every
+    step), like a random-weight model. `width` is the logits' width (the model's head); `workers`: grammar
+    worker processes (BatchConstraint's). Returns each row's tokens and finish reason, the tokens decoded,
+    the seconds spent in the constraint, its stats and the engine's seconds per step."""
+    constraint = BatchConstraint(grammar, workers=workers)
+    choose_from = choose_from or width
+    pref = np.random.default_rng(seed).random((rows, choose_from)).astype(np.float32)
+    keys = list(range(rows))
+    constraint.start(keys, [budget] * rows)
+    out: dict[int, list[int]] = {k: [] for k in keys}
+    reasons: dict[int, str] = {}
+
+    def choose(alive, logits) -> list[int]:
+        picks = []
+        for i, k in enumerate(alive):  # masked logits: allowed tokens kept their 0
+            picks.append(int(np.argmax(np.where(logits[i, :choose_from] > -1, pref[k], -2))))
+            pref[k] = np.roll(pref[k], 7)
+        return picks
+
+    logits = torch.zeros(rows, width)
+    start = time.perf_counter()
+    constraint.mask_first(keys, logits, keys)
+    seconds = time.perf_counter() - start
+    alive, last = keys, choose(keys, logits.numpy())
+    decoded = 0
+    step_cpu: list[float] = []  # the grammar engine's seconds in each step (a slow step stalls the GPU)
+    while alive:
+        keep = []
+        for k, tok in zip(alive, last):
+            decoded += 1
+            if tok in grammar.stop_token_ids:
+                reasons[k] = "stop"
+            else:
+                out[k].append(tok)
+                if len(out[k]) < budget:
+                    keep.append((k, tok))
+                    continue
+                reasons[k] = "length"
+            constraint.release(k)
+        if not keep:
+            break
+        alive, last = [k for k, _ in keep], [t for _, t in keep]
+        logits = torch.zeros(len(alive), width)
+        start, engine_before = time.perf_counter(), constraint.stats["cpu_s"]
+        constraint.hook(alive, last, alive)(logits)
+        seconds += time.perf_counter() - start
+        step_cpu.append(constraint.stats["cpu_s"] - engine_before)
+        last = choose(alive, logits.numpy())
+    return {"tokens": [out[k] for k in keys], "reasons": [reasons[k] for k in keys], "decoded": decoded,
+            "seconds": seconds, "stats": dict(constraint.stats), "step_cpu_s": step_cpu,
+            "texts": [b"".join(grammar.token_bytes[t] for t in out[k]).decode("utf-8", "replace") for k in keys]}
+
+
+def generate_reference(model, ids: list[int], max_new: int, eos_ids: list[int]) -> list[int]:
+    """The reference a decoder is held to: `generate`'s greedy tokens for one prompt (batch 1), cut after
+    the first EOS (kept), as FastDecoder returns them."""
+    device = next(model.parameters()).device
+    prompt = torch.tensor([ids], device=device)
+    with torch.inference_mode():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new,
+                             do_sample=False, eos_token_id=list(eos_ids), pad_token_id=0)[0, len(ids):].tolist()
+    stop = next((i for i, t in enumerate(out) if t in eos_ids), None)
+    return out if stop is None else out[: stop + 1]
