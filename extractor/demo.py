@@ -9,6 +9,9 @@ full fine-tuning. Training runs for a step budget, capped by a time budget for a
 contention makes seconds unreliable), with the learning rate annealed by whichever is spent faster, so
 a run the clock cuts short still ends annealed. The test split uses the training distribution; the held-out split uses values and clause
 phrasings that never occur in training, and its score is printed beside, as the measure of generalisation.
+
+Running, scoring and comparing go through the CLI's own commands, in this process: the caller (the `demo`
+command, cli/demo_cmd.py) hands `run_demo` the `invoke` that runs one, so this module never imports the CLI.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 TASK = "jd_requirements"
 
@@ -102,20 +106,13 @@ def train_model(cfg: DemoConfig, base: Path, paths: dict) -> dict:
     return Trainer(tcfg, log=_say).train()
 
 
-def invoke(args: list[str]) -> None:
-    """Run an extractor command in this process, exactly as from the shell."""
-    from extractor.cli.main import cli
-    try:
-        cli.main([str(a) for a in args], prog_name="extractor", standalone_mode=False)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
+Invoke = Callable[[list], None]  # runs an extractor command (its arguments) in this process, as from the shell
 
 
 BASELINE = Path(__file__).resolve().parent.parent / "eval" / "demo"
 
 
-def nightly_check(cfg: DemoConfig, preds: Path, gold: Path) -> str:
+def nightly_check(cfg: DemoConfig, preds: Path, gold: Path, invoke: Invoke) -> str:
     """The nightly-regression workflow for real: compare this run with the committed baseline
     (eval/demo, same seed and test split) and report the gate's verdict; the demo itself does not fail."""
     baseline = BASELINE / "baseline.preds.jsonl"
@@ -131,7 +128,7 @@ def nightly_check(cfg: DemoConfig, preds: Path, gold: Path) -> str:
     return "pass"
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def run_demo(cfg: DemoConfig, invoke: Invoke) -> dict:
     start = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     _say(f"[1/5] generating synthetic job postings in {cfg.out / 'data'}")
@@ -163,7 +160,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         invoke(["eval", preds, "--gold", paths[split][1], "--task", TASK, "--report", report,
                 *(["--quiet"] if split != "test" else [])])
         results[split] = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
-    results["regression"] = nightly_check(cfg, cfg.out / "test.preds.jsonl", paths["test"][1])
+    results["regression"] = nightly_check(cfg, cfg.out / "test.preds.jsonl", paths["test"][1], invoke)
     elapsed = time.perf_counter() - start
     outcome = {"elapsed_s": round(elapsed, 1), "train_steps": summary["steps"], "cut_short_by_time": cut_short,
                "train_seconds": round(summary["seconds"], 1),

@@ -1,4 +1,4 @@
-"""compare.py: the paired tests, the family-wise adjustment, the drop seen with 80% power, and the CLI."""
+"""scoring/compare.py: the paired tests, the family-wise adjustment, the drop seen with 80% power, and the CLI."""
 import json
 import random
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from extractor.compare import (DROP, MICRO, TWO_SIDED, RunCounts, CompareSettings, compare_pair, maxt_stepdown,
+from extractor.scoring.compare import (DROP, MICRO, TWO_SIDED, RunCounts, CompareSettings, compare_pair, maxt_stepdown,
                                regressions, too_small)
 from extractor.synth import generate
 from tests.conftest import write_jsonl

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from extractor.demo import DemoConfig, run_demo
+from extractor.cli.demo_cmd import run_demo
+from extractor.demo import DemoConfig
 from tests.conftest import read_jsonl, synth_corpus
 
 EXTRACTOR = [sys.executable, "-m", "extractor"]

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from extractor import storage
 from extractor.cli.options import READABLE, tasks_dir_option
-from extractor.compare import (DROP, MICRO, POWER, TWO_SIDED, CompareSettings, align, compare_pair, flipped,
+from extractor.scoring.compare import (DROP, MICRO, POWER, TWO_SIDED, CompareSettings, align, compare_pair, flipped,
                                regressions, significant, too_small)
 from extractor.errors import InputError
 from extractor.provenance import stamp, write_json_atomic

@@ -5,6 +5,10 @@ from pathlib import Path
 
 import click
 
+from extractor import demo as _demo
+from extractor.cli.main import cli
+from extractor.demo import DemoConfig
+
 
 @click.command()
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False),
@@ -26,6 +30,19 @@ def demo(out, train_n, max_steps, max_seconds, target_f1, test_n, seed):
     Example:
       extractor demo --out demo-output
     """
-    from extractor.demo import DemoConfig, run_demo
     run_demo(DemoConfig(out=Path(out), train_n=train_n, max_steps=max_steps, max_seconds=max_seconds,
                         target_f1=target_f1, test_n=test_n, seed=seed))
+
+
+def invoke(args: list) -> None:
+    """Run an extractor command in this process, exactly as from the shell."""
+    try:
+        cli.main([str(a) for a in args], prog_name="extractor", standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """The demo (extractor/demo.py), its runs, evaluations and comparison through this CLI's own commands."""
+    return _demo.run_demo(cfg, invoke)

@@ -55,7 +55,7 @@ def eval_(predictions, gold, task_name, metrics_path, report_dir, reparse, examp
     console.print(f"micro F1 {doc['micro']['f1']:.4f} (lenient {doc['lenient']['micro']['f1']:.4f}); "
                   f"metrics: {out}", highlight=False)
     if report_dir:
-        from extractor.report import write_report
+        from extractor.scoring.report import write_report
         html_path, md_path = write_report(doc, Path(report_dir), f"{task.name}: {pred_path.name}")
         console.print(f"report: {html_path} (summary {md_path})", highlight=False)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def draw_curves(metrics_path: Path, out_dir: Path) -> None:
-    from extractor.report import _pyplot
+    from extractor.scoring.report import _pyplot
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]

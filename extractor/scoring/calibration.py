@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from extractor.compare import DROP, MICRO, CompareSettings, align, compare_pair, regressions
+from extractor.scoring.compare import DROP, MICRO, CompareSettings, align, compare_pair, regressions
 from extractor.scoring.evaluate import Evaluator, GoldRecord, PredRecord
 from extractor.synth import ABSENT, FIELDS, generate
 from extractor.tasks import load_task
