@@ -53,20 +53,27 @@ def time_run(predictor: Predictor, corpus: Path, out: Path, limit: int | None = 
             "mean_output_tokens": sum(r["output_tokens"] or 0 for r in rows) / n}
 
 
-def compare_paths(backend, task, corpus: Path, work: Path, n: int, baseline_n: int, max_new_tokens: int,
+def compare_paths(make_backend, task, corpus: Path, work: Path, n: int, baseline_n: int, max_new_tokens: int,
                   constrained: bool = False, warmup: int = 16) -> dict:
     """The fast path over `n` records and the plain path over the first `baseline_n`, each after an untimed
-    warm-up run; their ratios, and how many of the first `baseline_n` raw outputs agree."""
+    warm-up run; their ratios, and how many of the first `baseline_n` raw outputs agree. make_backend(fast)
+    builds the backend with `--fast` set to `fast` (a knob of its construction); each is dropped before the
+    next is built."""
+    import gc
     params = GenParams(max_new_tokens=max_new_tokens, constrained=constrained)
-    predictor = Predictor(task, backend, params)
     result: dict = {}
     # Plain first: the fast path sizes its KV cache from the GPU memory free when it starts.
     for name, mode, count in (("plain", "off", baseline_n), ("fast", "on", n)):
-        backend.fast_mode = mode
+        backend = make_backend(mode)
+        predictor = Predictor(task, backend, params)
         start = time.perf_counter()
         time_run(predictor, corpus, work / f"{name}-warmup.jsonl", limit=min(warmup, count))
         warmup_s = time.perf_counter() - start
         result[name] = {**time_run(predictor, corpus, work / f"{name}.jsonl", limit=count), "warmup_s": warmup_s}
+        result["device"] = getattr(backend, "device", None)
+        result["dtype"] = str(getattr(backend, "dtype", "")).replace("torch.", "")
+        del predictor, backend
+        gc.collect()
     fast = _raw_by_id(work / "fast.jsonl")
     plain = _raw_by_id(work / "plain.jsonl")
     result["same_raw_output"] = sum(fast.get(k) == v for k, v in plain.items())

@@ -150,7 +150,8 @@ def test_cpu_default_takes_the_fast_path_within_the_token_budget(tmp_path, tiny_
     fast = predictor.predict(records)
     dec = backend._fast_decoder
     assert dec is not None and dec.slots * dec.unique_len <= 2048 and dec.slots >= 1
-    backend.fast_mode = "off"
+    plain = HFBackend(model=str(tiny_model), device="cpu", batch_size=32, batch_tokens=2048, fast="off")
+    predictor = Predictor(load_task("jd_requirements"), plain, GenParams(max_new_tokens=12))
     assert [r["raw"] for r in predictor.predict(records)] == [r["raw"] for r in fast]
 
 
@@ -225,3 +226,40 @@ def test_compile_failure_falls_back_to_eager(tiny_model, monkeypatch):
     assert decoder.compiled is False
     tokens, _ = decoder.generate([[8, 9, 10]], max_new=4)[0]
     assert len(tokens) == 4
+
+
+def test_compile_policy(tiny_model, monkeypatch):
+    """torch.compile around the model's forward: on CUDA by default, never by default on CPU;
+    EXTRACTOR_FAST_COMPILE overrides the default, an explicit `compile=` overrides both."""
+    from extractor.backends.hf import HFBackend
+    backend = HFBackend(str(tiny_model), device="cpu")
+    monkeypatch.delenv("EXTRACTOR_FAST_COMPILE", raising=False)
+    assert backend._compiles(cuda=True) and not backend._compiles(cuda=False)
+    monkeypatch.setenv("EXTRACTOR_FAST_COMPILE", "0")
+    assert not backend._compiles(cuda=True)
+    monkeypatch.setenv("EXTRACTOR_FAST_COMPILE", "1")
+    assert backend._compiles(cuda=False)
+    backend.compile = False
+    assert not backend._compiles(cuda=True)
+    assert not any(p.requires_grad for p in backend.base.parameters()), "inference only: the base is frozen"
+
+
+@pytest.mark.parametrize("fast", ["on", "off"])
+def test_each_request_keeps_its_own_budget(tiny_model, fast):
+    """Request.budget: a request's own cap on new tokens, in one call beside requests without one, on both
+    paths, batch and stream; each output equals that request decoded alone with max_new_tokens = its budget."""
+    from extractor.backends.base import GenParams, Request
+    from extractor.backends.hf import HFBackend
+    backend = HFBackend(str(tiny_model), device="cpu", batch_size=3, fast=fast)
+    prompts = [f"岗位：工程师{i}，要求本科，熟悉java" for i in range(6)]
+    budgets = [3, None, 7, 3, 1, None]
+    params = GenParams(max_new_tokens=10)
+    requests = [Request(p, str(i), seq=i, budget=b) for i, (p, b) in enumerate(zip(prompts, budgets))]
+    alone = [backend.generate([Request(p)], GenParams(max_new_tokens=b or 10))[0] for p, b in zip(prompts, budgets)]
+    batch = backend.generate(requests, params)
+    streamed = {r.seq: g for pairs in backend.generate_stream(iter(requests), params) for r, g in pairs}
+    for i, want in enumerate(alone):
+        assert (batch[i].text, batch[i].output_tokens) == (want.text, want.output_tokens), i
+        assert (streamed[i].text, streamed[i].output_tokens) == (want.text, want.output_tokens), i
+        assert want.output_tokens <= (budgets[i] or 10)
+    assert {g.decoder for g in batch} == {"fast" if fast == "on" else "plain"}

@@ -104,15 +104,14 @@ def test_loras_merge_for_the_fast_path_and_share_one_decoder(tiny_model, loras):
     from extractor.backends.base import GenParams, Request
     from extractor.backends.hf import HFBackend
     backend = HFBackend(str(tiny_model), adapters=[str(a) for a in loras], device="cpu", batch_size=4, fast="on")
+    reference = HFBackend(str(tiny_model), adapters=[str(a) for a in loras], device="cpu", batch_size=4, fast="off")
     base = {k: v.clone() for k, v in backend.base.state_dict().items()}
     prompts = [f"岗位：工程师{i}，要求本科，熟悉java" for i in range(5)]
     params = GenParams(max_new_tokens=12)
     decoders = set()
     for adapter in loras:
         requests = [Request(p, adapter=adapter.name) for p in prompts]
-        backend.fast_mode = "off"
-        plain = [g.text for g in backend.generate(requests, params)]
-        backend.fast_mode = "on"
+        plain = [g.text for g in reference.generate(requests, params)]
         fast = [g for g in backend.generate(requests, params)]
         assert [g.text for g in fast] == plain, adapter.name
         assert {g.decoder for g in fast} == {"fast"}
@@ -138,11 +137,10 @@ def test_lora_on_moe_experts(tmp_path, tiny_model):
     adapter = _lora(model, tmp_path / "moe-lora", 4, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     backend = HFBackend(str(model), adapters=[str(adapter)], device="cpu", batch_size=4, fast="on")
+    reference = HFBackend(str(model), adapters=[str(adapter)], device="cpu", batch_size=4, fast="off")
     requests = [Request(f"岗位：工程师{i}，要求本科，熟悉java", adapter=adapter.name) for i in range(5)]
     params = GenParams(max_new_tokens=12)
-    backend.fast_mode = "off"
-    plain = [g.text for g in backend.generate(requests, params)]
-    backend.fast_mode = "on"
+    plain = [g.text for g in reference.generate(requests, params)]
     fast = backend.generate(requests, params)
     assert [g.text for g in fast] == plain
     assert {g.decoder for g in fast} == {"fast"} and len(backend._merged) > 0
@@ -222,15 +220,14 @@ def test_prompt_learning_equals_peft_forward(tiny_model, prompt_adapters, kind, 
     rng = random.Random(7)
     head = [rng.randrange(5, 1000) for _ in range(12)] if shared else []
     prompts = [head + [rng.randrange(5, 1000) for _ in range(rng.randint(3, 12))] for _ in range(5)]
-    backend = HFBackend(str(tiny_model), adapters=[str(prompt_adapters[kind])], dtype="fp32", device="cpu",
-                        batch_size=3)
-    backend.use_adapter(backend.adapters()[0])
     params = GenParams(max_new_tokens=10)
     got = {}
     for mode in ("off", "on"):
-        backend.fast_mode = mode
-        requests = [Request("", str(i), {"ids": ids, "seq": i}) for i, ids in enumerate(prompts)]
-        pairs = [p for batch in backend.generate_stream([requests], params) for p in batch]
+        backend = HFBackend(str(tiny_model), adapters=[str(prompt_adapters[kind])], dtype="fp32", device="cpu",
+                            batch_size=3, fast=mode)
+        backend.use_adapter(backend.adapters()[0])
+        requests = [Request("", str(i), ids=ids, seq=i) for i, ids in enumerate(prompts)]
+        pairs = [p for batch in backend.generate_stream(requests, params) for p in batch]
         got[mode] = {int(r.record_id): g for r, g in pairs}
         assert {g.decoder for g in got[mode].values()} == {"plain" if mode == "off" else "fast"}
     for i, ids in enumerate(prompts):

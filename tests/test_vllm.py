@@ -79,21 +79,23 @@ def test_constrained_run_with_trained_demo_model(tmp_path):
 
 
 def test_stream_keeps_the_engine_fed_across_windows(engines):
-    """generate_stream adds later windows' requests while earlier ones decode (no drain per window): the same
-    outputs as one generate call, with more requests in the engine at once than one window holds; a consumer
-    that stops early leaves nothing queued in the engine."""
+    """generate_stream pulls requests while earlier ones decode (no drain per window or batch): the same
+    outputs as one generate call, every request in the engine at once; a request's own budget holds; a
+    consumer that stops early leaves nothing queued in the engine."""
     backend = engines["vllm"]
     backend.use_adapter(None)
     params = GenParams(max_new_tokens=16)
     requests = [Request(p + "，" * i) for i, p in enumerate(PROMPTS * 3)]
     want = [g.text for g in backend.generate(requests, params)]
     got = {}
-    windows = [requests[i:i + 2] for i in range(0, len(requests), 2)]
-    for pairs in backend.generate_stream(windows, params):
+    for pairs in backend.generate_stream(iter(requests), params):
         got.update({id(r): g.text for r, g in pairs})
     assert [got[id(r)] for r in requests] == want
-    assert backend.stats["max_in_flight"] > 2
-    stream = backend.generate_stream(windows, params)
+    assert backend.stats["max_in_flight"] == len(requests)
+    short = [Request(r.prompt, budget=5) for r in requests[:4]]
+    pairs = [p for batch in backend.generate_stream(short, params) for p in batch]
+    assert len(pairs) == 4 and all(g.output_tokens <= 5 for _, g in pairs)
+    stream = backend.generate_stream(iter(requests), params)
     next(stream)
     stream.close()
     assert not backend.llm.llm_engine.has_unfinished_requests()

@@ -1,7 +1,13 @@
-"""The backend contract: a batch of prompts in, the same number of generations out, in the same order."""
+"""The backend contract, streaming first: `generate_stream` takes an iterator of typed `Request`s and yields
+(request, generation) pairs as they finish, in any order; `generate` is the batch form (same number out, in
+order). The pipeline's view of a backend's tokenizer is a `TextEncoder`, taken once (`backend.encoder()`),
+so nothing calls back into a backend while it pulls requests. Knobs are constructor arguments.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
 
 STOP, LENGTH = "stop", "length"
 
@@ -22,8 +28,65 @@ class GenParams:
 class Request:
     prompt: str
     record_id: str = ""  # lets a backend such as `echo` look a record up; others ignore it
-    options: dict = field(default_factory=dict)
+    ids: list[int] | None = None  # the prompt's token ids, where the caller encoded them (else the backend does)
+    seq: int | None = None  # the caller's sequence number: a stream's results come back in any order
     adapter: str | None = None  # the backend's name of the adapter to decode with; None: the one in use
+    budget: int | None = None  # new tokens for this request at most; None: the call's params.max_new_tokens
+
+    def new_tokens(self, params: GenParams) -> int:
+        """This request's budget of new tokens: its own, else the call's."""
+        return self.budget if self.budget is not None else params.max_new_tokens
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    items = iter(items)
+    while batch := list(itertools.islice(items, max(1, size))):
+        yield batch
+
+
+class TextEncoder:
+    """What the pipeline needs of a backend's tokenizer: token counts, truncation, and the token ids it hands
+    over in each request. This one counts characters and hands over no ids (backends without a tokenizer)."""
+
+    def encode_batch(self, prompts: list[str]) -> list[list[int]] | None:
+        return None
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [len(p) for p in prompts]
+
+    def truncate_tokens(self, text: str, n_tokens: int) -> str:
+        """`text` cut to its first n_tokens tokens (for --on-long truncate)."""
+        return text[:max(0, n_tokens)]
+
+
+class TokenizerEncoder(TextEncoder):
+    """A transformers tokenizer's encoding, the same for every backend that holds one (hf, vllm), so the same
+    inputs reach either engine."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode_batch(self, prompts: list[str]) -> list[list[int]]:
+        """Prompts to token ids in one tokenizer call (the Rust tokenizer spreads it over threads)."""
+        if not prompts:
+            return []
+        bos = self.tokenizer.bos_token
+        special = [not (bos and p.startswith(bos)) for p in prompts]  # chat templates hold them already
+        out: list = [None] * len(prompts)
+        for flag in (True, False):
+            index = [i for i, s in enumerate(special) if s == flag]
+            if index:
+                encoded = self.tokenizer([prompts[i] for i in index], add_special_tokens=flag)["input_ids"]
+                for i, e in zip(index, encoded):
+                    out[i] = e
+        return out
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [len(e) for e in self.encode_batch(prompts)]
+
+    def truncate_tokens(self, text: str, n_tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer.decode(ids[:max(0, n_tokens)])
 
 
 @dataclass
@@ -59,61 +122,49 @@ class Backend:
     def max_input_tokens(self, params: GenParams) -> int | None:
         return None
 
-    def count_tokens(self, prompts: list[str]) -> list[int]:
-        return [len(p) for p in prompts]
+    stream_batch = 32  # requests per `generate` call of the default stream
 
-    def truncate_tokens(self, text: str, n_tokens: int) -> str:
-        """`text` cut to its first n_tokens tokens (for --on-long truncate)."""
-        return text[:n_tokens]
+    def encoder(self) -> TextEncoder:
+        """The pipeline's view of this backend's tokenizer (counts characters here)."""
+        return TextEncoder()
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return self.encoder().count_tokens(prompts)
 
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
         raise NotImplementedError
 
-    def generate_stream(self, batches, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
-        """Batches of requests in, lists of (request, generation) out as they finish. This default serves one
-        batch at a time; a backend that keeps its GPU busy across batches (hf's fast path) overrides it.
-        probes: prompts rendered with placeholder values, marking where the task's shared prefix ends."""
-        for batch in batches:
-            if batch:
-                yield list(zip(batch, self.generate(batch, params, schema)))
+    def generate_stream(self, requests: Iterable[Request], params: GenParams, schema: dict | None = None,
+                        probes: list[str] = ()) -> Iterator[list[tuple[Request, Generation]]]:
+        """Requests in (pulled as the backend is ready for them), lists of (request, generation) out as they
+        finish, in any order. This default serves `stream_batch` requests per `generate` call; a backend that
+        keeps its engine busy across them (hf's fast path, vllm) overrides it. probes: prompts rendered with
+        placeholder values, marking where the task's shared prefix ends."""
+        for batch in batched(requests, self.stream_batch):
+            yield list(zip(batch, self.generate(batch, params, schema)))
 
     def close(self) -> None:
         pass
 
 
 class TokenizerBackend(Backend):
-    """Token handling shared by backends that hold a transformers tokenizer (hf, vllm): both must encode a
-    prompt the same way, so that the same inputs reach either engine. Both keep `adapter_paths` by name."""
+    """Backends that hold a transformers tokenizer (hf, vllm): both encode a prompt the same way
+    (TokenizerEncoder). Both keep `adapter_paths` by name."""
 
     adapter_paths: dict = {}
+    _text_encoder: TokenizerEncoder | None = None
 
     def adapters(self) -> list[str | None]:
         return list(self.adapter_paths) or [None]
 
-    def _encode(self, prompt: str) -> list[int]:
-        return self.encode_batch([prompt])[0]
+    def encoder(self) -> TokenizerEncoder:
+        if self._text_encoder is None or self._text_encoder.tokenizer is not self.tokenizer:
+            self._text_encoder = TokenizerEncoder(self.tokenizer)
+        return self._text_encoder
 
-    def encode_batch(self, prompts: list[str]) -> list[list[int]]:
-        """Prompts to token ids in one tokenizer call (the Rust tokenizer spreads it over threads)."""
-        if not prompts:
-            return []
-        bos = self.tokenizer.bos_token
-        special = [not (bos and p.startswith(bos)) for p in prompts]  # chat templates hold them already
-        out: list = [None] * len(prompts)
-        for flag in (True, False):
-            index = [i for i, s in enumerate(special) if s == flag]
-            if index:
-                encoded = self.tokenizer([prompts[i] for i in index], add_special_tokens=flag)["input_ids"]
-                for i, e in zip(index, encoded):
-                    out[i] = e
-        return out
-
-    def count_tokens(self, prompts: list[str]) -> list[int]:
-        return [len(e) for e in self.encode_batch(prompts)]
-
-    def truncate_tokens(self, text: str, n_tokens: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer.decode(ids[:max(0, n_tokens)])
+    def _ids(self, request: Request) -> list[int]:
+        """The request's token ids: the caller's, or encoded here exactly as the pipeline encodes them."""
+        return request.ids if request.ids is not None else self.encoder().encode_batch([request.prompt])[0]
 
 
 def name_adapters(paths, check) -> dict:

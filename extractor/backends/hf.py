@@ -9,7 +9,10 @@ import os
 import sys
 from pathlib import Path
 
-from extractor.backends.base import LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, name_adapters
+from dataclasses import replace
+
+from extractor.backends.base import (LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, batched,
+                                     name_adapters)
 from extractor.errors import ModelError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -226,20 +229,25 @@ class HFBackend(TokenizerBackend):
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
         self._take_adapter(requests)
         encoded = [self._ids(r) for r in requests]
+        budgets = [r.new_tokens(params) for r in requests]
         if encoded and self._use_fast(params):
-            return self._generate_fast(encoded, params, schema)
-        return self._generate_plain(encoded, params, schema)
+            return self._generate_fast(encoded, budgets, params, schema)
+        return self._generate_plain(encoded, params, schema, budgets=budgets)
 
-    def _generate_plain(self, encoded: list[list[int]], params: GenParams, schema,
-                        reason: str | None = None) -> list[Generation]:
-        """`generate` in length-sorted batches; each generation says it went the plain way, and why."""
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    def _generate_plain(self, encoded: list[list[int]], params: GenParams, schema, reason: str | None = None,
+                        budgets: list[int] | None = None) -> list[Generation]:
+        """`generate` in length-sorted batches, one budget of new tokens per batch; each generation says it
+        went the plain way, and why."""
+        budgets = budgets or [params.max_new_tokens] * len(encoded)
         results: list[Generation | None] = [None] * len(encoded)
         reason = reason or self.plain_reason
-        for batch in self._batches(order, encoded, params.max_new_tokens):
-            for i, gen in zip(batch, self._generate_safe([encoded[i] for i in batch], params, schema)):
-                gen.decoder, gen.decoder_reason = "plain", reason
-                results[i] = gen
+        for budget in dict.fromkeys(budgets):
+            own = replace(params, max_new_tokens=budget)
+            order = sorted((i for i, b in enumerate(budgets) if b == budget), key=lambda i: len(encoded[i]))
+            for batch in self._batches(order, encoded, budget):
+                for i, gen in zip(batch, self._generate_safe([encoded[i] for i in batch], own, schema)):
+                    gen.decoder, gen.decoder_reason = "plain", reason
+                    results[i] = gen
         return results
 
     # -- the fast path: --fast auto (default): wherever proven, else plain; on: fast or exit 2; off ------------
@@ -272,23 +280,19 @@ class HFBackend(TokenizerBackend):
         self._said.add(reason)
         print(f"fast path: {reason}; decoding with plain generate", file=sys.stderr, flush=True)
 
-    def _generate_fast(self, encoded: list[list[int]], params: GenParams, schema=None) -> list[Generation]:
+    def _generate_fast(self, encoded: list[list[int]], budgets: list[int], params: GenParams,
+                       schema=None) -> list[Generation]:
         from extractor.backends.fast import common_prefix
         from extractor.backends.fast_families import FastPathError
         prefix = common_prefix(encoded)
-        need = max(len(e) for e in encoded) - len(prefix) + params.max_new_tokens
+        need = max(len(e) + b for e, b in zip(encoded, budgets)) - len(prefix)
         try:
             decoder = self._decoder(prefix, need)
         except FastPathError as exc:
             self._go_plain(str(exc))
-            return self._generate_plain(encoded, params, schema)
-        outs = decoder.generate([e[len(prefix):] for e in encoded], params.max_new_tokens,
-                                constraint=self._constraint(params, schema))
+            return self._generate_plain(encoded, params, schema, budgets=budgets)
+        outs = decoder.generate([e[len(prefix):] for e in encoded], budgets, constraint=self._constraint(params, schema))
         return [self._generation(len(ids), tokens, finish) for ids, (tokens, finish) in zip(encoded, outs)]
-
-    def _ids(self, request: Request) -> list[int]:
-        ids = request.options.get("ids")
-        return ids if ids is not None else self._encode(request.prompt)
 
     def _constraint(self, params: GenParams, schema):
         if not params.constrained:
@@ -302,33 +306,35 @@ class HFBackend(TokenizerBackend):
         return Generation(text if finish == STOP else text.rstrip("\ufffd"), prompt_tokens, len(tokens), finish,
                           decoder="fast")
 
-    def generate_stream(self, batches, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
-        """The fast path over a whole run: records from later batches enter slots freed by earlier ones, so
-        the GPU never drains between batches. The shared prefix is the task template's (from the probes and
-        the first batch); a record that does not start with it, or is longer than the cache, goes through
-        the plain path, in batches. A failure of the fast path before any record is out hands every record
-        to the plain path (--fast on: one line, exit 2); after that, one line and exit 2, the output kept."""
+    PEEK = 256  # requests looked at before the run starts: the shared prefix and the cache length come from them
+
+    def generate_stream(self, requests, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
+        """The fast path over a whole run: later requests enter slots freed by earlier ones, so the GPU never
+        drains. The shared prefix is the task template's (from the probes and the first requests); a record
+        that does not start with it, or is longer than the cache, goes through the plain path, in batches.
+        A failure of the fast path before any record is out hands every record to the plain path (--fast on:
+        one line, exit 2); after that, one line and exit 2, the output kept."""
         import itertools
 
         from extractor.backends.fast import common_prefix
         from extractor.backends.fast_families import FastPathError
-        batches = iter(batches)
-        first = next(batches, None)
-        if first is None:
+        requests = iter(requests)
+        first = list(itertools.islice(requests, self.PEEK))
+        if not first:
             return
         self._take_adapter(first)
-        if not first or not self._use_fast(params):
-            yield from self._plain_stream(itertools.chain([first], batches), params, schema)
+        flat = itertools.chain(first, requests)
+        if not self._use_fast(params):
+            yield from self._plain_stream(flat, params, schema)
             return
-        flat = itertools.chain(first, (r for batch in batches for r in batch))
         encoded_first = [self._ids(r) for r in first]
-        prefix = common_prefix(encoded_first + [self._encode(p) for p in probes])
-        own = max(len(e) for e in encoded_first) - len(prefix) + params.max_new_tokens
+        prefix = common_prefix(encoded_first + self.encoder().encode_batch(list(probes)))
+        own = max(len(e) + r.new_tokens(params) for e, r in zip(encoded_first, first)) - len(prefix)
         try:
             decoder = self._decoder(prefix, max(2 * own, 1024))
         except FastPathError as exc:
             self._go_plain(str(exc))
-            yield from self._plain_stream(_batched(flat, self.batch_size), params, schema)
+            yield from self._plain_stream(flat, params, schema)
             return
         misfits: list[tuple[Request, list[int], str]] = []
         pending: dict[int, tuple[Request, int]] = {}
@@ -337,19 +343,20 @@ class HFBackend(TokenizerBackend):
             key = 0
             for request in flat:
                 ids = self._ids(request)
-                why = self._misfit(ids, prefix, params, decoder.unique_len)
+                why = self._misfit(ids, prefix, request.new_tokens(params), decoder.unique_len)
                 if why:
                     misfits.append((request, ids, why))
                     continue
                 pending[key] = (request, len(ids))
-                yield key, ids[len(prefix):], params.max_new_tokens
+                yield key, ids[len(prefix):], request.new_tokens(params)
                 key += 1
 
         def plain(items):
             out = []
             for why in dict.fromkeys(w for _, _, w in items):  # one plain pass per reason
                 group = [(r, ids) for r, ids, w in items if w == why]
-                gens = self._generate_plain([ids for _, ids in group], params, schema, reason=why)
+                gens = self._generate_plain([ids for _, ids in group], params, schema, reason=why,
+                                            budgets=[r.new_tokens(params) for r, _ in group])
                 out += [(request, gen) for (request, _), gen in zip(group, gens)]
             return out
 
@@ -382,18 +389,19 @@ class HFBackend(TokenizerBackend):
             yield plain(misfits[start:start + max(1, self.batch_size)])
 
     @staticmethod
-    def _misfit(ids: list[int], prefix: list[int], params: GenParams, unique_len: int) -> str | None:
+    def _misfit(ids: list[int], prefix: list[int], budget: int, unique_len: int) -> str | None:
         """Why this record cannot go through the decoder (None: it can)."""
         if ids[: len(prefix)] != prefix or len(ids) == len(prefix):
             return "the record does not start with the task's shared prompt prefix"
-        if len(ids) - len(prefix) + params.max_new_tokens > unique_len:
+        if len(ids) - len(prefix) + budget > unique_len:
             return "the record is longer than the fast path's cache"
         return None
 
-    def _plain_stream(self, batches, params: GenParams, schema):
-        for batch in batches:
-            if batch:
-                yield list(zip(batch, self._generate_plain([self._ids(r) for r in batch], params, schema)))
+    def _plain_stream(self, requests, params: GenParams, schema):
+        for batch in batched(requests, self.batch_size):
+            gens = self._generate_plain([self._ids(r) for r in batch], params, schema,
+                                        budgets=[r.new_tokens(params) for r in batch])
+            yield list(zip(batch, gens))
 
     def _decoder(self, prefix: list[int], need: int):
         """One decoder per shared prefix, kept across calls (its cache, prefix KV and CUDA graphs are the
@@ -540,13 +548,3 @@ class HFBackend(TokenizerBackend):
             self._grammars[key] = Grammar(schema, self.tokenizer, vocab, self.eos_ids)
         return self._grammars[key]
 
-
-def _batched(items, size: int):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

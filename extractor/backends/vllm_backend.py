@@ -94,11 +94,11 @@ class VLLMBackend(TokenizerBackend):
         check_expressible(schema)
         return str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
 
-    def _sampling(self, params: GenParams, schema: dict | None):
+    def _sampling(self, params: GenParams, schema: dict | None, budget: int | None = None):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
         structured = StructuredOutputsParams(grammar=self._grammar(schema)) if params.constrained and schema else None
-        return SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
+        return SamplingParams(max_tokens=budget or params.max_new_tokens, temperature=params.temperature,
                               top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
                               structured_outputs=structured)
 
@@ -111,8 +111,7 @@ class VLLMBackend(TokenizerBackend):
 
     def _prompt(self, request: Request) -> dict:
         """The token ids the pipeline encoded (a TokensPrompt), else the prompt encoded as hf would."""
-        ids = request.options.get("ids")
-        return {"prompt_token_ids": ids if ids is not None else self._encode(request.prompt)}
+        return {"prompt_token_ids": self._ids(request)}
 
     @staticmethod
     def _generation(out) -> Generation:
@@ -123,34 +122,37 @@ class VLLMBackend(TokenizerBackend):
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
         names = [r.adapter if r.adapter is not None else self.adapter for r in requests]
         loras = self._lora(names[0]) if len(set(names)) == 1 else [self._lora(n) for n in names]
-        outputs = self.llm.generate([self._prompt(r) for r in requests], self._sampling(params, schema),
-                                    use_tqdm=False, lora_request=loras)
+        sampling = self._sampling(params, schema)
+        if any(r.budget is not None for r in requests):  # each request's own budget
+            sampling = [self._sampling(params, schema, r.new_tokens(params)) for r in requests]
+        outputs = self.llm.generate([self._prompt(r) for r in requests], sampling, use_tqdm=False,
+                                    lora_request=loras)
         return [self._generation(out) for out in outputs]  # vLLM returns outputs in request order
 
-    def generate_stream(self, batches, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
-        """The whole run through vLLM's engine: requests from later batches join while earlier ones decode
-        (no drain at every window); each finished request is yielded as soon as the engine returns it. The
+    def generate_stream(self, requests, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
+        """The whole run through vLLM's engine: later requests join while earlier ones decode (no drain at
+        every window); each finished request is yielded as soon as the engine returns it. The
         engine is kept `in_flight()` requests deep (twice what its scheduler runs at once), so it never
         waits for the next window to be read and rendered."""
         engine = self.llm.llm_engine
         sampling = self._sampling(params, schema)
         pending: dict[str, Request] = {}
-        batches = iter(batches)
+        requests = iter(requests)
         exhausted, depth = False, self.in_flight()
         self.stats["max_in_flight"] = 0
         try:
             while True:
                 while not exhausted and len(pending) < depth:
-                    batch = next(batches, None)
-                    if batch is None:
+                    request = next(requests, None)
+                    if request is None:
                         exhausted = True
                         break
-                    for request in batch:
-                        rid = f"s{self._next_id}"
-                        self._next_id += 1
-                        adapter = request.adapter if request.adapter is not None else self.adapter
-                        engine.add_request(rid, self._prompt(request), sampling, lora_request=self._lora(adapter))
-                        pending[rid] = request
+                    rid = f"s{self._next_id}"
+                    self._next_id += 1
+                    adapter = request.adapter if request.adapter is not None else self.adapter
+                    own = sampling if request.budget is None else self._sampling(params, schema, request.budget)
+                    engine.add_request(rid, self._prompt(request), own, lora_request=self._lora(adapter))
+                    pending[rid] = request
                 self.stats["max_in_flight"] = max(self.stats["max_in_flight"], len(pending))
                 if not pending:
                     if exhausted:

@@ -42,7 +42,7 @@ def bench(model, task_name, corpus, n, baseline_n, max_new_tokens, constrained, 
     Example:
       extractor bench --model ./model --n 1024 --baseline-n 128 --max-new-tokens 128 --out bench.json
     """
-    from extractor.backends.hf import HFBackend
+    from extractor.backends.hf import HFBackend, check_model_dir
     from extractor.benchmark import FORMAT, compare_paths
     from extractor.synth import write_corpus
     from extractor.tasks import load_task
@@ -53,9 +53,15 @@ def bench(model, task_name, corpus, n, baseline_n, max_new_tokens, constrained, 
         check_writable(Path(out))
     from extractor.hub import resolve
     model, _ = resolve(model)  # a hub id -> its cached snapshot
-    backend = HFBackend(model=model, dtype=dtype, device=device, batch_size=batch_size, fast="on")
+    def make_backend(fast: str) -> HFBackend:
+        return HFBackend(model=model, dtype=dtype, device=device, batch_size=batch_size, fast=fast)
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
     from extractor.backends.fast_families import refusal
-    why = refusal(backend.base)
+    check_model_dir(Path(model))
+    why = refusal(SimpleNamespace(config=AutoConfig.from_pretrained(model)))  # the model's type decides
     if why:
         raise InputError(f"{model}: nothing to compare, the fast path does not take it ({why}); plain "
                          "`extractor run` is all it gets")
@@ -65,9 +71,9 @@ def bench(model, task_name, corpus, n, baseline_n, max_new_tokens, constrained, 
         source = Path(corpus) if corpus else work / "postings.jsonl"
         if corpus is None:
             write_corpus(source, None, max(n, baseline_n), seed=0, lang="mix")
-        figures = compare_paths(backend, task, source, work, n, min(baseline_n, n), new, constrained)
-    result = {"format": FORMAT, "model": str(model), "task": task.name, "device": backend.device,
-              "dtype": str(backend.base.dtype).replace("torch.", ""), "max_new_tokens": new,
+        figures = compare_paths(make_backend, task, source, work, n, min(baseline_n, n), new, constrained)
+    result = {"format": FORMAT, "model": str(model), "task": task.name, "device": figures.pop("device"),
+              "dtype": figures.pop("dtype"), "max_new_tokens": new,
               "constrained": constrained, "corpus": str(corpus) if corpus else "synthetic postings (seed 0)",
               **figures, **stamp()}
     _print(result)

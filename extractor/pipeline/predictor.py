@@ -18,6 +18,7 @@ class Predictor:
         self.backend = backend
         self.params = params
         self.builder = PromptBuilder(task, backend.tokenizer, few_shot)
+        self.encoder = backend.encoder()  # token counts and ids, taken once: no calls back into the backend
         self.validator = Validator(task.schema)
         self.on_long = on_long
         self.limit = max_input_tokens or backend.max_input_tokens(params)
@@ -37,7 +38,8 @@ class Predictor:
     def stream(self, windows):
         """Windows of records in; lists of (record, generation, skip_reason) out, in input order, as the
         backend finishes them (rows are built from these by `rows`, off the generating thread). The backend
-        may work on several windows at once (hf's fast path keeps its slots full across windows)."""
+        pulls requests one at a time, so it may work on several windows at once (hf's fast path keeps its
+        slots full across windows); each window is rendered and tokenized in one call as it is reached."""
         waiting: dict[int, tuple] = {}
         in_flight: dict[int, dict] = {}  # records sent and not yet released, by sequence number
         seq_counter = iter(range(1 << 62))
@@ -47,20 +49,17 @@ class Predictor:
             for records in windows:
                 prompts, skipped = self._prompts(records)
                 ids = self._token_ids(prompts, skipped)
-                batch = []
                 for i, rec in enumerate(records):
                     seq = next(seq_counter)
                     in_flight[seq] = rec
                     if i in skipped:
                         waiting[seq] = (rec, None, skipped[i])
                     else:
-                        batch.append(Request(prompts[i], rec["id"], {"seq": seq, "ids": ids[i]},
-                                             adapter=self.adapter_key))
-                yield batch
+                        yield Request(prompts[i], rec["id"], ids=ids[i], seq=seq, adapter=self.adapter_key)
 
         for pairs in self.backend.generate_stream(requests(), self.params, self.task.schema, self.probes()):
             for request, gen in pairs:
-                seq = request.options["seq"]
+                seq = request.seq
                 waiting[seq] = (in_flight[seq], gen, None)
             released = []
             while next_out in waiting:
@@ -76,12 +75,10 @@ class Predictor:
     def _token_ids(self, prompts: list[str], skipped: dict) -> list:
         """Prompt token ids, encoded here in one batched call per window for backends that take them (the
         backend then encodes nothing itself); None where the backend encodes itself."""
-        encode = getattr(self.backend, "encode_batch", None)
-        if encode is None:
-            return [None] * len(prompts)
         todo = [i for i in range(len(prompts)) if i not in skipped]
+        encoded = self.encoder.encode_batch([prompts[i] for i in todo])
         ids: list = [None] * len(prompts)
-        for i, e in zip(todo, encode([prompts[i] for i in todo])):
+        for i, e in zip(todo, encoded or ()):
             ids[i] = e
         return ids
 
@@ -98,7 +95,7 @@ class Predictor:
         skipped: dict[int, str] = {}
         if self.limit is None:
             return prompts, skipped
-        lengths = self.backend.count_tokens(prompts)
+        lengths = self.encoder.count_tokens(prompts)
         for i, n in enumerate(lengths):
             if n <= self.limit:
                 continue
@@ -118,10 +115,10 @@ class Predictor:
         values = dict(record["values"])
         over = n_tokens - self.limit
         for _ in range(4):
-            text_tokens = self.backend.count_tokens([values[field0]])[0]
-            values[field0] = self.backend.truncate_tokens(values[field0], text_tokens - over - 2)
+            text_tokens = self.encoder.count_tokens([values[field0]])[0]
+            values[field0] = self.encoder.truncate_tokens(values[field0], text_tokens - over - 2)
             prompt = self.builder.build(values)
-            over = self.backend.count_tokens([prompt])[0] - self.limit
+            over = self.encoder.count_tokens([prompt])[0] - self.limit
             if over <= 0:
                 return prompt
         raise LongInputError(f"record {record['id']}: the prompt without its text is already longer than "
