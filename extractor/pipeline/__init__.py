@@ -8,12 +8,14 @@ manifest are skipped, so every input id ends up in the output exactly once. An o
 which cannot append, gets the same guarantee from part objects and a commit (`parts.py`).
 
 The package is split by job: `predictor.py` (records -> rows), `run.py` (one output: manifest, run key,
-resume, windows, summary), `sink.py` (the writer thread, the progress bar, the reader thread) and `config.py`
+resume, windows), `summary.py` (what the run did), `sink.py` (the writer thread, the progress bar, the
+reader thread) and `config.py`
 (`RunConfig`: `extractor run`'s settings, built once from the command line and passed down).
 """
 from extractor.pipeline.predictor import Predictor
-from extractor.pipeline.run import MANIFEST_FORMAT, Run, RunOptions, Summary, output_for_adapter, output_store, run_key
+from extractor.pipeline.run import MANIFEST_FORMAT, Run, RunOptions, output_for_adapter, output_store, run_key
 from extractor.pipeline.sink import Progress, RowSink, prefetch
+from extractor.pipeline.summary import Summary
 from extractor.rows import RESERVED
 
 __all__ = ["MANIFEST_FORMAT", "RESERVED", "Predictor", "Progress", "RowSink", "Run", "RunOptions", "Summary",

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import signal
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from extractor.backends.base import Backend, GenParams
 from extractor.corpus import CorpusReader, RejectsWriter, count_records, id_key
 from extractor.errors import ManifestError
 from extractor.pipeline.predictor import Predictor
 from extractor.pipeline.sink import Progress, RowSink, prefetch
+from extractor.pipeline.summary import Summary
 from extractor.provenance import manifest_path, stamp
 from extractor.storage import Location, is_remote, remove
 from extractor.writers import JournalOutput
@@ -37,44 +37,6 @@ class RunOptions:
     quiet: bool = False
     limit: int | None = None
     shard: tuple[int, int] | None = None  # (k, n): only records whose index mod n is k
-
-
-@dataclass
-class Summary:
-    statuses: Counter = field(default_factory=Counter)
-    new: int = 0
-    already_done: int = 0
-    rejected: int = 0
-    output_tokens: int = 0
-    elapsed: float = 0.0
-    interrupted: bool = False
-    decoders: Counter = field(default_factory=Counter)  # records of this run per decoding path
-    decoder_reasons: Counter = field(default_factory=Counter)
-
-    def as_dict(self) -> dict:
-        return {"records": sum(self.statuses.values()), "new_this_run": self.new,
-                "already_done": self.already_done, "rejected_input": self.rejected,
-                "statuses": dict(sorted(self.statuses.items())), "output_tokens_this_run": self.output_tokens,
-                "elapsed_s": round(self.elapsed, 3),
-                "records_per_s": round(self.new / self.elapsed, 3) if self.elapsed else None,
-                "output_tokens_per_s": round(self.output_tokens / self.elapsed, 3) if self.elapsed else None,
-                "interrupted": self.interrupted, "complete": not self.interrupted,
-                **({"decoder": dict(sorted(self.decoders.items()))} if self.decoders else {}),
-                **({"decoder_reason": "; ".join(self.decoder_reasons)} if self.decoder_reasons else {})}
-
-    def count(self, rows: list[dict]) -> None:
-        """Rows written by this run."""
-        for row in rows:
-            self.statuses[row["status"]] += 1
-            self.output_tokens += row["output_tokens"] or 0
-        self.new += len(rows)
-
-    def count_decoders(self, triples) -> None:
-        for _, gen, _ in triples:
-            if gen is not None and gen.decoder:
-                self.decoders[gen.decoder] += 1
-                if gen.decoder_reason:
-                    self.decoder_reasons[gen.decoder_reason] += 1
 
 
 def output_for_adapter(out: Location, adapter: str | None, n_adapters: int) -> Location:

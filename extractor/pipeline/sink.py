@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from extractor.outputs import SCORED_STATUSES
 
 if TYPE_CHECKING:
-    from extractor.pipeline.run import Summary
+    from extractor.pipeline.summary import Summary
 
 
 class Progress:
