@@ -93,6 +93,8 @@ def test_several_loras_in_one_run_each_equal_its_own_run(tmp_path, tiny_model, l
             path = out.with_name(f"multi{len(group)}.{adapter.name}.jsonl")
             assert _raw(path) == single[adapter.name]
             assert _decoder(path) == {"fast": 6}
+            manifest = json.loads(path.with_name(path.name + ".manifest.json").read_text())
+            assert manifest["run_key"]["backend"]["adapter"]["name"] == adapter.name  # the requests' adapter
 
 
 def test_loras_merge_for_the_fast_path_and_share_one_decoder(tiny_model, loras):

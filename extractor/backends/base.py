@@ -107,8 +107,9 @@ class Backend:
     tokenizer = None  # a transformers tokenizer when the backend has one (chat template, token counts)
     supports_constrained = False
 
-    def identity(self) -> dict:
-        """What identifies the weights and settings that produced outputs (goes into the manifest)."""
+    def identity(self, adapter: str | None = None) -> dict:
+        """What identifies the weights and settings that produce outputs for requests naming `adapter`
+        (None: base weights); it goes into the manifest."""
         raise NotImplementedError
 
     def adapters(self) -> list[str | None]:
@@ -119,7 +120,7 @@ class Backend:
         if name is not None:
             raise NotImplementedError(f"backend {self.name} has no adapters")
 
-    def max_input_tokens(self, params: GenParams) -> int | None:
+    def max_input_tokens(self, params: GenParams, adapter: str | None = None) -> int | None:
         return None
 
     stream_batch = 32  # requests per `generate` call of the default stream

@@ -34,7 +34,7 @@ class EchoBackend(Backend):
             else:
                 self.texts[rid] = (jsonutil.dumps(row.get("gold", row.get("prediction"))), STOP)
 
-    def identity(self) -> dict:
+    def identity(self, adapter: str | None = None) -> dict:
         return {"backend": self.name, "gold": str(self.path.resolve()), "size": self.path.stat().st_size}
 
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:

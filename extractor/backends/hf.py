@@ -173,13 +173,14 @@ class HFBackend(TokenizerBackend):
         return ids
 
     # -- identity and adapters ----------------------------------------------------------------------------
-    def identity(self) -> dict:
-        """--fast is left out: both paths decode the same tokens, and a run the fast path stopped part-way
-        must resume with --fast off. Which path each record took is in the manifest's summary."""
+    def identity(self, adapter: str | None = None) -> dict:
+        """The weights requests naming `adapter` decode with (None: base weights). --fast is left out: both
+        paths decode the same tokens, and a run the fast path stopped part-way must resume with --fast off.
+        Which path each record took is in the manifest's summary."""
         ident = {"backend": self.name, "model": file_fingerprint(self.model_path),
                  "dtype": str(self.dtype).replace("torch.", ""), "trust_remote_code": self.trust_remote_code}
-        if self.adapter in self.adapter_paths:
-            ident["adapter"] = {"name": self.adapter, **file_fingerprint(self.adapter_paths[self.adapter])}
+        if adapter in self.adapter_paths:
+            ident["adapter"] = {"name": adapter, **file_fingerprint(self.adapter_paths[adapter])}
         return ident
 
     def use_adapter(self, name: str | None) -> None:
@@ -209,13 +210,19 @@ class HFBackend(TokenizerBackend):
         config = getattr(self.model, "peft_config", {}).get("default")
         return bool(config and config.is_prompt_learning)
 
-    def _virtual_tokens(self) -> int:
+    def _virtual_tokens(self, adapter: str | None = None) -> int:
+        """Positions a prompt-learning adapter puts before every prompt: the named adapter's (read from its
+        config, nothing loaded), else the one in the model (training's)."""
+        if adapter in self.adapter_paths:
+            config = json.loads((self.adapter_paths[adapter] / "adapter_config.json").read_text(encoding="utf-8"))
+            from extractor.backends.prompt_learning import KINDS
+            return int(config.get("num_virtual_tokens") or 0) if config.get("peft_type") in KINDS else 0
         return self.model.peft_config["default"].num_virtual_tokens if self._prompt_learning() else 0
 
     # -- tokens --------------------------------------------------------------------------------------
-    def max_input_tokens(self, params: GenParams) -> int | None:
+    def max_input_tokens(self, params: GenParams, adapter: str | None = None) -> int | None:
         limit = getattr(self.base.config, "max_position_embeddings", None)
-        return None if limit is None else limit - params.max_new_tokens - self._virtual_tokens()
+        return None if limit is None else limit - params.max_new_tokens - self._virtual_tokens(adapter)
 
     # -- generation ----------------------------------------------------------------------------------
     def _take_adapter(self, requests) -> None:

@@ -72,17 +72,17 @@ class VLLMBackend(TokenizerBackend):
         ranks = [json.loads((p / "adapter_config.json").read_text()).get("r", 8) for p in self.adapter_paths.values()]
         return max(8, *ranks)
 
-    def identity(self) -> dict:
+    def identity(self, adapter: str | None = None) -> dict:
         ident = {"backend": self.name, "model": file_fingerprint(self.model_path), "dtype": str(self.dtype),
                  "trust_remote_code": self.trust_remote_code, "tensor_parallel": self.tensor_parallel}
-        if self.adapter is not None:
-            ident["adapter"] = {"name": self.adapter, **file_fingerprint(self.adapter_paths[self.adapter])}
+        if adapter in self.adapter_paths:
+            ident["adapter"] = {"name": adapter, **file_fingerprint(self.adapter_paths[adapter])}
         return ident
 
     def use_adapter(self, name: str | None) -> None:
         self.adapter = name
 
-    def max_input_tokens(self, params: GenParams) -> int | None:
+    def max_input_tokens(self, params: GenParams, adapter: str | None = None) -> int | None:
         return self.llm.llm_engine.model_config.max_model_len - params.max_new_tokens
 
     def _grammar(self, schema: dict) -> str:

@@ -103,18 +103,16 @@ def run(**params):
         return
     engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
     names = engine.adapters()
-    for name in names:
-        engine.use_adapter(name)
-        predictor = _predictor(cfg, task, engine, opts)
+    for name in names:  # each run's requests name its adapter; the backend switches when it sees them
+        predictor = _predictor(cfg, task, engine, opts, name)
         predictor.adapter = sources.adapter_labels.get(name, name)
-        predictor.adapter_key = name
         target = output_for_adapter(opts.out, predictor.adapter, len(names))
         _execute(Run(predictor, opts, target, console), _key(task, engine, predictor, opts, sources), console)
 
 
-def _predictor(cfg: RunConfig, task, backend, opts: RunOptions) -> Predictor:
+def _predictor(cfg: RunConfig, task, backend, opts: RunOptions, adapter_key: str | None = None) -> Predictor:
     return Predictor(task, backend, opts.params, cfg.on_long, cfg.max_input_tokens, tuple(cfg.keep_fields),
-                     cfg.few_shot)
+                     cfg.few_shot, adapter_key)
 
 
 def _key(task, engine, predictor, opts, sources: RunSources) -> dict:

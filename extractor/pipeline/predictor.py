@@ -13,7 +13,8 @@ class Predictor:
     """Records -> output rows for one task and backend. Shared by `run` and by training's F1 evaluation."""
 
     def __init__(self, task, backend: Backend, params: GenParams, on_long: str = "fail",
-                 max_input_tokens: int | None = None, keep_fields: tuple = (), few_shot: int | None = None):
+                 max_input_tokens: int | None = None, keep_fields: tuple = (), few_shot: int | None = None,
+                 adapter_key: str | None = None):
         self.task = task
         self.backend = backend
         self.params = params
@@ -21,10 +22,10 @@ class Predictor:
         self.encoder = backend.encoder()  # token counts and ids, taken once: no calls back into the backend
         self.validator = Validator(task.schema)
         self.on_long = on_long
-        self.limit = max_input_tokens or backend.max_input_tokens(params)
+        self.adapter_key = adapter_key  # the backend's name of the adapter, sent with every request
+        self.limit = max_input_tokens or backend.max_input_tokens(params, adapter_key)
         self.keep_fields = keep_fields
         self.adapter: str | None = None  # the label output rows carry
-        self.adapter_key: str | None = None  # the backend's name of it, sent with every request
         if params.constrained:
             if not backend.supports_constrained:
                 raise InputError(f"backend '{backend.name}' does not support --constrained")

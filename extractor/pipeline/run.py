@@ -49,7 +49,7 @@ def output_for_adapter(out: Location, adapter: str | None, n_adapters: int) -> L
 
 def run_key(task, backend: Backend, predictor: Predictor, opts: RunOptions) -> dict:
     """What must match for --resume to continue an output."""
-    return {**task.provenance(), "backend": backend.identity(), "params": opts.params.as_dict(),
+    return {**task.provenance(), "backend": backend.identity(predictor.adapter_key), "params": opts.params.as_dict(),
             "prompt_format": "chat" if predictor.builder.chat else "raw", "few_shot": predictor.builder.few_shot,
             "id_field": opts.id_field,
             "text_field": opts.text_field, "on_long": opts.on_long, "max_input_tokens": predictor.limit,

@@ -51,12 +51,12 @@ class PredictActor:
         from extractor.tasks import load_task
         self.task = load_task(task_name, tasks_dirs)
         backend = backend_class(backend_name)(**backend_kwargs)
-        self.predictor = Predictor(self.task, backend, params, opts_dict["on_long"], opts_dict["max_input_tokens"],
-                                   tuple(opts_dict["keep_fields"]), opts_dict["few_shot"])
-        self.predictor.adapter = opts_dict["adapter"]
         # The worker's backend was built with the run's one adapter: every request names it (without this
         # the workers decoded with base weights).
-        self.predictor.adapter_key = backend.adapters()[0] if opts_dict["adapter"] else None
+        self.predictor = Predictor(self.task, backend, params, opts_dict["on_long"], opts_dict["max_input_tokens"],
+                                   tuple(opts_dict["keep_fields"]), opts_dict["few_shot"],
+                                   backend.adapters()[0] if opts_dict["adapter"] else None)
+        self.predictor.adapter = opts_dict["adapter"]
         self.field_map = opts_dict["field_map"]
         self.id_field = opts_dict["id_field"]
         self.done = ray.get(done_ref) if done_ref is not None else set()
@@ -100,8 +100,8 @@ class DriverView(Backend):
         if adapter:
             self.ident["adapter"] = file_fingerprint(Path(adapter))
 
-    def identity(self) -> dict:
-        return self.ident
+    def identity(self, adapter: str | None = None) -> dict:
+        return self.ident  # the run's one adapter is in it already
 
 
 class RayRun(Run):
