@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from extractor.errors import TaskError
+from extractor.errors import ExtractorError, TaskError
 from extractor.templates import Templates
 
 TASKS_DIR_ENV = "EXTRACTOR_TASKS_DIR"
@@ -47,7 +47,7 @@ class Generation(_Strict):
 
 
 class Scoring(_Strict):
-    kind: Literal["fields", "tuples", "labels"]
+    kind: str  # a registered scoring kind (scoring/facts.py): fields, tuples, labels, or a plugin's
     fields: list[str] | None = None  # kind=fields: the list-valued fields to score
     class_field: str | None = None  # kind=tuples: which key names the class (e.g. predicate)
     key_fields: list[str] | None = None  # kind=tuples: the keys that identify a fact
@@ -57,7 +57,11 @@ class Scoring(_Strict):
 
     @model_validator(mode="after")
     def _kind_needs(self):
-        needs = {"fields": ["fields"], "tuples": ["class_field", "key_fields"], "labels": []}[self.kind]
+        from extractor.scoring.facts import scoring_kind
+        try:
+            needs = scoring_kind(self.kind).needs
+        except ExtractorError as exc:
+            raise ValueError(str(exc)) from None
         missing = [k for k in needs if getattr(self, k) is None]
         if missing:
             raise ValueError(f"scoring kind '{self.kind}' needs {', '.join(missing)}")

@@ -1,10 +1,9 @@
 """Backend registry: names map to "module:Class" strings, imported only when chosen, so `extractor --help`
-and `extractor eval` never import torch or vLLM."""
+and `extractor eval` never import torch or vLLM. Another package adds a backend through the entry-point group
+`extractor.backends` (`plugins.py`); the bundled ones are declared there too (pyproject.toml)."""
 from __future__ import annotations
 
-import difflib
-from importlib import import_module
-
+from extractor import plugins
 from extractor.errors import ExtractorError
 
 BACKENDS = {
@@ -13,16 +12,12 @@ BACKENDS = {
     "vllm": "extractor.backends.vllm_backend:VLLMBackend",
 }
 
+REGISTRY = plugins.Registry("extractor.backends", "backend", BACKENDS)
+
 
 def backend_class(name: str):
-    target = BACKENDS.get(name)
-    if target is None:
-        close = difflib.get_close_matches(name, list(BACKENDS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ExtractorError(f"unknown backend '{name}'.{hint} Available: {', '.join(sorted(BACKENDS))}")
-    module, cls = target.split(":")
     try:
-        return getattr(import_module(module), cls)
+        return REGISTRY.load(name)
     except ImportError as exc:
         raise ExtractorError(f"backend '{name}' needs a package that is not installed ({exc.name}); "
                              f"install the matching extra, e.g. pip install 'extractor[{name}]'") from None
