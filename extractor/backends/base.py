@@ -32,6 +32,7 @@ class Request:
     seq: int | None = None  # the caller's sequence number: a stream's results come back in any order
     adapter: str | None = None  # the backend's name of the adapter to decode with; None: the one in use
     budget: int | None = None  # new tokens for this request at most; None: the call's params.max_new_tokens
+    window: int | None = None  # the caller's reading window it came in (the default stream serves one per call)
 
     def new_tokens(self, params: GenParams) -> int:
         """This request's budget of new tokens: its own, else the call's."""
@@ -41,6 +42,19 @@ class Request:
 def batched(items: Iterable, size: int) -> Iterator[list]:
     items = iter(items)
     while batch := list(itertools.islice(items, max(1, size))):
+        yield batch
+
+
+def by_window(requests: Iterable[Request], size: int) -> Iterator[list[Request]]:
+    """Consecutive requests of one window (`Request.window`), at most `size` at a time: a batch is served as
+    soon as its window is complete, without waiting for later windows to be read."""
+    batch: list[Request] = []
+    for request in requests:
+        if batch and (len(batch) >= size or request.window != batch[-1].window):
+            yield batch
+            batch = []
+        batch.append(request)
+    if batch:
         yield batch
 
 
@@ -123,7 +137,7 @@ class Backend:
     def max_input_tokens(self, params: GenParams, adapter: str | None = None) -> int | None:
         return None
 
-    stream_batch = 32  # requests per `generate` call of the default stream
+    stream_batch = 256  # requests per `generate` call of the default stream, at most (one window's)
 
     def encoder(self) -> TextEncoder:
         """The pipeline's view of this backend's tokenizer (counts characters here)."""
@@ -138,10 +152,10 @@ class Backend:
     def generate_stream(self, requests: Iterable[Request], params: GenParams, schema: dict | None = None,
                         probes: list[str] = ()) -> Iterator[list[tuple[Request, Generation]]]:
         """Requests in (pulled as the backend is ready for them), lists of (request, generation) out as they
-        finish, in any order. This default serves `stream_batch` requests per `generate` call; a backend that
-        keeps its engine busy across them (hf's fast path, vllm) overrides it. probes: prompts rendered with
-        placeholder values, marking where the task's shared prefix ends."""
-        for batch in batched(requests, self.stream_batch):
+        finish, in any order. This default serves one window's requests (at most `stream_batch`) per `generate`
+        call; a backend that keeps its engine busy across them (hf's fast path, vllm) overrides it. probes:
+        prompts rendered with placeholder values, marking where the task's shared prefix ends."""
+        for batch in by_window(requests, self.stream_batch):
             yield list(zip(batch, self.generate(batch, params, schema)))
 
     def close(self) -> None:

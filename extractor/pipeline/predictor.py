@@ -47,7 +47,7 @@ class Predictor:
         next_out = 0
 
         def requests():
-            for records in windows:
+            for window, records in enumerate(windows):
                 prompts, skipped = self._prompts(records)
                 ids = self._token_ids(prompts, skipped)
                 for i, rec in enumerate(records):
@@ -56,7 +56,8 @@ class Predictor:
                     if i in skipped:
                         waiting[seq] = (rec, None, skipped[i])
                     else:
-                        yield Request(prompts[i], rec["id"], ids=ids[i], seq=seq, adapter=self.adapter_key)
+                        yield Request(prompts[i], rec["id"], ids=ids[i], seq=seq, adapter=self.adapter_key,
+                                      window=window)
 
         for pairs in self.backend.generate_stream(requests(), self.params, self.task.schema, self.probes()):
             for request, gen in pairs:
