@@ -419,6 +419,14 @@ def _lora_config(seed: int):
                       task_type="CAUSAL_LM")
 
 
+def _adapter_dtype(model, name: str, dtype) -> None:
+    """One LoRA adapter's A and B weights in `dtype`, in place."""
+    for module in model.modules():
+        for attr in ("lora_A", "lora_B"):
+            if name in getattr(module, attr, {}):
+                getattr(module, attr)[name].to(dtype)
+
+
 def lora_compiled(res: Results, model, prefix, suffixes) -> None:
     from peft import get_peft_model
     peft_model = get_peft_model(model, _lora_config(1), adapter_name="a0", autocast_adapter_dtype=False).eval()
@@ -453,15 +461,9 @@ def adapters(res: Results, model, prefix, suffixes) -> None:
     peft_model.set_adapter("a0")
     peft_model.delete_adapter("a1"), peft_model.delete_adapter("a2"), peft_model.delete_adapter("a3")
     # peft's default (autocast_adapter_dtype=True): float32 adapter weights on a bf16 model.
-    for module in model.modules():
-        for attr in ("lora_A", "lora_B"):
-            if hasattr(module, attr) and "a0" in getattr(module, attr):
-                getattr(module, attr)["a0"].float()
+    _adapter_dtype(model, "a0", torch.float32)
     _, res["lora_r16_fp32_weights"] = fast_run(model, prefix, suffixes, NEW)
-    for module in model.modules():
-        for attr in ("lora_A", "lora_B"):
-            if hasattr(module, attr) and "a0" in getattr(module, attr):
-                getattr(module, attr)["a0"].to(torch.bfloat16)
+    _adapter_dtype(model, "a0", torch.bfloat16)
     peft_model.merge_adapter()
     _, res["lora_r16_merged"] = fast_run(model, prefix, suffixes, NEW)
     peft_model.unmerge_adapter()

@@ -7,9 +7,8 @@ import hashlib
 import json
 import os
 import sys
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 from extractor.backends.base import (LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, batched,
                                      name_adapters)

@@ -67,6 +67,7 @@ class VLLMBackend(TokenizerBackend):
         self.adapter: str | None = None
         self._next_id = 0  # request ids for the engine, unique over the backend's life
         self.stats: dict = {}
+        self._grammars: dict[str, str] = {}  # schema (as JSON) -> its grammar string
 
     def _max_rank(self) -> int:
         ranks = [json.loads((p / "adapter_config.json").read_text()).get("r", 8) for p in self.adapter_paths.values()]
@@ -88,11 +89,15 @@ class VLLMBackend(TokenizerBackend):
     def _grammar(self, schema: dict) -> str:
         """The schema as the same xgrammar grammar the hf backend uses: no free whitespace, but the
         `", "` and `": "` separators of the task's output format. (vLLM's own disable_any_whitespace
-        switches to compact separators, which a model trained on the task's format does not produce.)"""
-        import xgrammar as xgr
-        from extractor.constrain.grammar import check_expressible
-        check_expressible(schema)
-        return str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
+        switches to compact separators, which a model trained on the task's format does not produce.)
+        Built once per schema: every call, and every request with a budget of its own, reuses it."""
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            import xgrammar as xgr
+            from extractor.constrain.grammar import check_expressible
+            check_expressible(schema)
+            self._grammars[key] = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
+        return self._grammars[key]
 
     def _sampling(self, params: GenParams, schema: dict | None, budget: int | None = None):
         from vllm import SamplingParams
