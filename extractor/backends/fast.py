@@ -93,6 +93,11 @@ class VirtualPrefix:
     def length(self) -> int:
         return self.embeds.shape[0] if self.embeds is not None else self.keys[0].shape[1]
 
+    @staticmethod
+    def shape(virtual: "VirtualPrefix | None") -> tuple | None:
+        """What a decoder's buffers depend on: none, or the length and whether embeddings or K/V."""
+        return None if virtual is None else (virtual.length, virtual.embeds is None)
+
 
 def common_prefix(seqs: list[list[int]]) -> list[int]:
     """The longest common prefix, leaving every sequence at least one token of its own."""
@@ -353,10 +358,7 @@ class FastDecoder:
         """Take other weights of the same model (another LoRA adapter, merged into the same tensors in place)
         or another virtual part of the same length: the shared prefix's K/V are recomputed in place, the
         cache, compiled code and CUDA graphs are kept. False when the shapes differ (build a new decoder)."""
-        v_len = virtual.length if virtual is not None else 0
-        was = self.virtual.length if self.virtual is not None else 0
-        if v_len != was or (virtual is None) != (self.virtual is None) or \
-                (virtual is not None and (virtual.embeds is None) != (self.virtual.embeds is None)):
+        if VirtualPrefix.shape(virtual) != VirtualPrefix.shape(self.virtual):
             return False
         self.virtual = virtual
         self._set_prefix(self.prefix)
