@@ -134,6 +134,7 @@ class HFBackend(TokenizerBackend):
         self._spare = None  # the last adapter's decoder, kept for the next one (its cache, compiled code, graphs)
         self._virtual = None  # the prompt-learning adapter's virtual part, once computed
         self._merged = None  # a LoRA adapter this backend loaded, merged into the base for the fast path
+        self._unmergeable: str | None = None  # the adapter whose merge failed (its layers run unmerged)
         self.plain_reason: str | None = None  # why records last went the plain way (None: --fast off)
         self._said: set[str] = set()
 
@@ -414,15 +415,16 @@ class HFBackend(TokenizerBackend):
         expensive part); rebuilt when a call needs a longer cache."""
         from extractor.backends.fast import FastDecoder, slots_for_memory
         self._merge_lora()
-        dec = self._fast_decoder
-        if dec is not None and dec.prefix == prefix and dec.unique_len >= need:
-            return dec
+
+        def fits(dec) -> bool:
+            return dec is not None and dec.prefix == prefix and dec.unique_len >= need
+        if fits(self._fast_decoder):
+            return self._fast_decoder
         spare, self._spare = self._spare, None
-        if spare is not None and spare.prefix == prefix and spare.unique_len >= need and \
-                spare.reuse_for(self._virtual_prefix()):  # another adapter: same cache, prefix K/V recomputed
+        if fits(spare) and spare.reuse_for(self._virtual_prefix()):  # another adapter: same cache, K/V recomputed
             self._fast_decoder = spare
             return spare
-        self._fast_decoder = dec = spare = None
+        self._fast_decoder = spare = None
         cuda = self.device.startswith("cuda")
         if cuda:
             self.torch.cuda.empty_cache()
@@ -449,14 +451,16 @@ class HFBackend(TokenizerBackend):
         """A LoRA adapter this backend loaded decodes merged into the base weights (base speed; the weights
         come back exactly at the next use_adapter). A model handed over by training stays unmerged: its
         adapter is still being trained."""
-        if self._merged is not None or self.adapter not in self.adapter_paths or self._prompt_learning():
-            return  # merged already, no adapter, or not one this backend loaded (training's)
+        if self._merged is not None or self.adapter not in self.adapter_paths or self._prompt_learning() or \
+                self.adapter == self._unmergeable:
+            return  # merged already, no adapter, not one this backend loaded (training's), or tried and failed
         from extractor.backends.lora_merge import MergedLoRA
         try:
             merged = MergedLoRA(self.model)
         except (RuntimeError, ValueError, NotImplementedError, AttributeError) as exc:
             print(f"fast path: the LoRA adapter cannot be merged ({str(exc).splitlines()[0][:160]}); its layers "
                   "run unmerged", file=sys.stderr, flush=True)
+            self._unmergeable = self.adapter  # said once, not tried again at every call
             return
         # Merged, the LoRA layers only pass through to their base layers: take them out, so the model is
         # the very modules it was before (code compiled for it, or for an earlier adapter, still applies).
