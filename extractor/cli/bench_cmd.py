@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from extractor.cli.options import tasks_dir_option
-from extractor.errors import InputError
+from extractor.errors import InputError, ModelError
 from extractor.provenance import check_writable, stamp, write_json_atomic
 
 
@@ -53,18 +53,14 @@ def bench(model, task_name, corpus, n, baseline_n, max_new_tokens, constrained, 
         check_writable(Path(out))
     from extractor.hub import resolve
     model, _ = resolve(model)  # a hub id -> its cached snapshot
-    def make_backend(fast: str) -> HFBackend:
-        return HFBackend(model=model, dtype=dtype, device=device, batch_size=batch_size, fast=fast)
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    from extractor.backends.fast_families import refusal
     check_model_dir(Path(model))
-    why = refusal(SimpleNamespace(config=AutoConfig.from_pretrained(model)))  # the model's type decides
+    why = _fast_refusal(model)
     if why:
         raise InputError(f"{model}: nothing to compare, the fast path does not take it ({why}); plain "
                          "`extractor run` is all it gets")
+
+    def make_backend(fast: str) -> HFBackend:  # --fast is a knob of the backend's construction
+        return HFBackend(model=model, dtype=dtype, device=device, batch_size=batch_size, fast=fast)
     new = max_new_tokens or task.spec.generation.max_new_tokens
     with tempfile.TemporaryDirectory(prefix="extractor-bench-") as tmp:
         work = Path(tmp)
@@ -79,6 +75,20 @@ def bench(model, task_name, corpus, n, baseline_n, max_new_tokens, constrained, 
     _print(result)
     if out:
         write_json_atomic(Path(out), result)
+
+
+def _fast_refusal(model: str) -> str | None:
+    """Why the fast path would not take this model, from its config alone (no weights loaded)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from extractor.backends.fast_families import refusal
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{model}: cannot read its config ({str(exc).splitlines()[0][:200]})") from None
+    return refusal(SimpleNamespace(config=config))
 
 
 def _print(r: dict) -> None:
