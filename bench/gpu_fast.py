@@ -279,14 +279,16 @@ def agreement(got, ref) -> dict:
     return {"equal": same, "of": len(ref), "median_agreeing_prefix": prefix_len[len(prefix_len) // 2]}
 
 
-def profile(model, prefix, suffixes, out: Path) -> dict:
-    """Kernel time of one eager decode step (1024 rows) and one full prefill chunk, top kernels first."""
+def profile(model, prefix, suffixes, out: Path, compile: bool = False) -> dict:
+    """Kernel time of one decode step (1024 rows, eager) and one full prefill chunk (compiled with
+    `compile`, as on CUDA by default), top kernels first."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from extractor.backends.fast import FastDecoder
     unique = max(len(s) for s in suffixes) + NEW
-    dec = FastDecoder(model, prefix, slots=min(1024, len(suffixes)), unique_len=unique, eos_ids=[])
+    dec = FastDecoder(model, prefix, slots=min(1024, len(suffixes)), unique_len=unique, eos_ids=[],
+                      compile=compile)
     middle = sorted(suffixes, key=len)[len(suffixes) // 2:]
     take = 1
     while take < len(middle) and len(middle[take]) * (take + 1) <= dec.prefill_tokens:
@@ -651,7 +653,9 @@ def table(res: Results) -> str:
                            ("ptuning_128", "FastDecoder, P-tuning, 128 virtual tokens", "fixed"),
                            ("prefix_128", "FastDecoder, prefix tuning, 128 virtual tokens", "fixed"),
                            ("prefix_128_projection", "FastDecoder, prefix tuning with projection, 128", "fixed"),
-                           ("fast_7b", "FastDecoder, 7B config", "fixed")]:
+                           ("fast_7b", "FastDecoder, 7B config", "fixed"),
+                           ("fast_7b_compiled", "FastDecoder, 7B config, torch.compile", "fixed"),
+                           ("fast_7b_eos_compiled", "FastDecoder, 7B config, torch.compile", "EOS at 16-128")]:
         r = d.get(key)
         if not r:
             continue
@@ -762,7 +766,7 @@ def main() -> None:
     if "lora_compiled" in parts:
         lora_compiled(res, model, prefix, suffixes)
     if "profile" in parts:
-        res["profile"] = profile(model, prefix, suffixes, Path(args.out))
+        res["profile"] = profile(model, prefix, suffixes, Path(args.out), compile="compiled" in parts)
     if "check" in parts:
         res["fp32_check"] = fp32_check(model, prefix, suffixes[:8])
     if "run" in parts or "constrained" in parts:
@@ -828,9 +832,11 @@ def main() -> None:
     if "7b" in parts:
         torch._dynamo.reset()  # the 1.5B decoders' compiled code is of no use to the 7B model
         model, params7 = build("7b")
-        _, r = fast_run(model, prefix, suffixes, NEW)
-        r["params"] = params7
-        res["fast_7b"] = r
+        # Compiled, as HFBackend builds the decoder on CUDA; fixed and EOS variant on the same weights.
+        for key, budgets in (("fast_7b_compiled", NEW), ("fast_7b_eos_compiled", stops)):
+            _, r = fast_run(model, prefix, suffixes, budgets, compile=True)
+            r["params"] = params7
+            res[key] = r
     text = table(res)
     print(text, flush=True)
     (Path(args.out) / "gpu_fast.md").write_text(text + "\n")

@@ -10,7 +10,10 @@ from its prefix cache: GPU.md's pitfall), prefix caching on, random weights (`lo
                         jd_requirements schema with the grammar our backends use (xgrammar), records/s;
   lora                  one rank-16 LoRA on every linear layer (random weights, saved by peft);
   run_path              `extractor run --backend vllm`'s path (Predictor + Run) against raw LLM.generate on
-                        the same records, one engine (bench_vllm_run_path's comparison, real weights files).
+                        the same records, one engine (bench_vllm_run_path's comparison, real weights files);
+  cli                   the `extractor run --backend vllm` command itself, SIGKILLed once its first window is
+                        written, then `--resume`d: every record exactly once, statuses counted (a small model:
+                        this row checks the command on the GPU, not speed).
 The token ids are gpu_fast.workload()'s, so these rows and gpu_fast.py's come from the same inputs; run both
 in one device call for a same-call comparison.
 
@@ -192,6 +195,53 @@ def child_run_path(job: dict) -> dict:
     return json.loads(out.read_text())
 
 
+def child_cli(job: dict) -> dict:
+    """`extractor run --backend vllm` as a user runs it: killed (SIGKILL) once rows are on disk, resumed, and
+    the output checked for exactly-once."""
+    import signal
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from extractor.synth import write_corpus
+    work = Path(job["work"]) / "cli"
+    work.mkdir(parents=True, exist_ok=True)
+    tok = gpu_fast._tokenizer(Path(job["work"]))
+    model = work / "model"
+    if not (model / "config.json").exists():
+        shape = dict(SMOKE, vocab_size=max(len(tok), 4096))
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(Qwen2Config(**shape, max_position_embeddings=4096,
+                                                         initializer_range=0.2, eos_token_id=tok.eos_token_id))
+        m.save_pretrained(model)
+        tok.save_pretrained(model)
+    corpus, out = work / "postings.jsonl", work / "preds.jsonl"
+    write_corpus(corpus, None, job["n"], seed=1, lang="mix")
+    cmd = [sys.executable, "-m", "extractor", "run", str(corpus), "--task", "jd_requirements", "--model", str(model),
+           "--backend", "vllm", "--out", str(out), "--max-new-tokens", "48", "--window", "32", "--quiet"]
+    if job["smoke"]:
+        cmd += ["--dtype", "fp32"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd + ["--overwrite"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while proc.poll() is None and not (out.exists() and out.stat().st_size > 0):
+        time.sleep(0.02)
+    killed_at = len(out.read_text().splitlines()) if out.exists() else 0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first_s = time.perf_counter() - start
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    ids = [r["id"] for r in rows]
+    statuses: dict = {}
+    for r in rows:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    return {"records": job["n"], "rows_when_killed": killed_at, "killed_after_s": first_s,
+            "resume_rc": resumed.returncode, "resume_stderr": resumed.stderr[-600:], "rows": len(rows),
+            "distinct_ids": len(set(ids)), "exactly_once": len(ids) == len(set(ids)) == job["n"],
+            "statuses": statuses}
+
+
 def sync():
     import torch
     if torch.cuda.is_available():
@@ -216,6 +266,8 @@ def jobs(parts: set, n: int, work: Path, smoke: bool) -> list[tuple[str, dict]]:
         out.append(("vllm_structured", {"kind": "structured"}))
     if "run_path" in parts:
         out.append(("vllm_run_path", {"kind": "run_path"}))
+    if "cli" in parts:
+        out.append(("vllm_cli_kill_resume", {"kind": "cli"}))
     for _, job in out:
         job.update(n=n, work=str(work), smoke=smoke)
     return out
@@ -231,7 +283,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:  # one row in this fresh process
         job = json.loads(args.child)
-        row = {"anchor": child_anchor, "structured": child_structured, "run_path": child_run_path}[job["kind"]](job)
+        row = {"anchor": child_anchor, "structured": child_structured, "run_path": child_run_path,
+               "cli": child_cli}[job["kind"]](job)
         print("ROW " + json.dumps(row), flush=True)
         return
     out = Path(args.out)
