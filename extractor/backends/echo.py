@@ -19,6 +19,7 @@ from extractor.errors import ModelError
 class EchoBackend(Backend):
     name = "echo"
     supports_constrained = True  # its outputs are gold, which already match the schema
+    mixes_adapters = True  # it ignores adapters (its outputs are gold): any mix in one stream
 
     def __init__(self, model: str, **_):
         from extractor.writers import iter_rows

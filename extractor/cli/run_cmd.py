@@ -12,7 +12,7 @@ from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_
 from extractor.cli.tables import status_table
 from extractor.errors import InputError
 from extractor.hub import RunSources
-from extractor.pipeline import Predictor, Run, RunOptions, output_for_adapter, run_key
+from extractor.pipeline import OnePass, Predictor, Run, RunOptions, output_for_adapter, run_key
 from extractor.pipeline.config import RunConfig
 from extractor.provenance import check_writable
 from extractor.rows import RESERVED
@@ -103,11 +103,29 @@ def run(**params):
         return
     engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
     names = engine.adapters()
-    for name in names:  # each run's requests name its adapter; the backend switches when it sees them
-        predictor = _predictor(cfg, task, engine, opts, name)
-        predictor.adapter = sources.adapter_labels.get(name, name)
+    if len(names) > 1 and getattr(engine, "mixes_adapters", False):
+        _run_in_one_pass(cfg, task, engine, opts, sources, names, console)
+        return
+    for name in names:  # one run per adapter, one after another: this backend takes one adapter per stream
+        predictor = _adapter_predictor(cfg, task, engine, opts, sources, name)
         target = output_for_adapter(opts.out, predictor.adapter, len(names))
         _execute(Run(predictor, opts, target, console), _key(task, engine, predictor, opts, sources), console)
+
+
+def _run_in_one_pass(cfg: RunConfig, task, engine, opts: RunOptions, sources: RunSources, names, console) -> None:
+    """Every adapter's requests through one stream of a backend that mixes them; one output each."""
+    predictors = [_adapter_predictor(cfg, task, engine, opts, sources, name) for name in names]
+    job = OnePass(predictors, opts, [output_for_adapter(opts.out, p.adapter, len(names)) for p in predictors],
+                  console)
+    dones = job.prepare([_key(task, engine, p, opts, sources) for p in predictors])
+    _finish(console, [run.out for run in job.runs], job.execute(dones))
+
+
+def _adapter_predictor(cfg: RunConfig, task, engine, opts: RunOptions, sources: RunSources, name) -> Predictor:
+    """The predictor whose requests name adapter `name`; its rows carry the adapter's label."""
+    predictor = _predictor(cfg, task, engine, opts, name)
+    predictor.adapter = sources.adapter_labels.get(name, name)
+    return predictor
 
 
 def _predictor(cfg: RunConfig, task, backend, opts: RunOptions, adapter_key: str | None = None) -> Predictor:
@@ -138,9 +156,14 @@ def _run_on_ray(cfg: RunConfig, task, opts: RunOptions, sources: RunSources, con
 
 def _execute(job: Run, key: dict, console) -> None:
     """Prepare (manifest, resume), run, print the summary; Ctrl-C ends with exit code 130."""
-    summary = job.execute(job.prepare(key))
-    _report(console, job.out, summary)
-    if summary.interrupted:
+    _finish(console, [job.out], [job.execute(job.prepare(key))])
+
+
+def _finish(console, targets: list, summaries: list) -> None:
+    """Each output's summary; when Ctrl-C stopped them, one line on resuming and exit code 130."""
+    for target, summary in zip(targets, summaries):
+        _report(console, target, summary)
+    if any(summary.interrupted for summary in summaries):
         console.print("stopped early; rerun the same command with --resume to continue")
         raise SystemExit(130)
 

@@ -2,9 +2,10 @@
 (streamed, put back in input order), judge. Shared by `extractor run` and training's F1 evaluation."""
 from __future__ import annotations
 
-from extractor.backends.base import Backend, GenParams, Generation, Request
+from extractor.backends.base import Backend, GenParams, Generation
 from extractor.errors import InputError, LongInputError
 from extractor.outputs import Validator, judge
+from extractor.pipeline.lanes import stream_lanes
 from extractor.prompting import PromptBuilder
 from extractor.rows import error_row, keep_fields, prediction_row
 
@@ -41,38 +42,14 @@ class Predictor:
         backend finishes them (rows are built from these by `rows`, off the generating thread). The backend
         pulls requests one at a time, so it may work on several windows at once (hf's fast path keeps its
         slots full across windows); each window is rendered and tokenized in one call as it is reached."""
-        waiting: dict[int, tuple] = {}
-        in_flight: dict[int, dict] = {}  # records sent and not yet released, by sequence number
-        seq_counter = iter(range(1 << 62))
-        next_out = 0
+        for _, triples in stream_lanes([self], ((records, [records]) for records in windows)):
+            yield triples
 
-        def requests():
-            for window, records in enumerate(windows):
-                prompts, skipped = self._prompts(records)
-                ids = self._token_ids(prompts, skipped)
-                for i, rec in enumerate(records):
-                    seq = next(seq_counter)
-                    in_flight[seq] = rec
-                    if i in skipped:
-                        waiting[seq] = (rec, None, skipped[i])
-                    else:
-                        yield Request(prompts[i], rec["id"], ids=ids[i], seq=seq, adapter=self.adapter_key,
-                                      window=window)
-
-        for pairs in self.backend.generate_stream(requests(), self.params, self.task.schema, self.probes()):
-            for request, gen in pairs:
-                seq = request.seq
-                waiting[seq] = (in_flight[seq], gen, None)
-            released = []
-            while next_out in waiting:
-                released.append(waiting.pop(next_out))
-                del in_flight[next_out]
-                next_out += 1
-            if released:
-                yield released
-        tail = [waiting.pop(k) for k in sorted(waiting)]  # skipped records after the last generation
-        if tail:
-            yield tail
+    def render(self, records: list[dict]) -> tuple[list[str], list, dict[int, str]]:
+        """One window's prompts (under the long-input policy), their token ids, and the records skipped (index
+        -> why)."""
+        prompts, skipped = self._prompts(records)
+        return prompts, self._token_ids(prompts, skipped), skipped
 
     def _token_ids(self, prompts: list[str], skipped: dict) -> list:
         """Prompt token ids, encoded here in one batched call per window for backends that take them (the

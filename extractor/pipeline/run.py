@@ -2,13 +2,16 @@
 Ctrl-C, the summary. Rows are written by `sink.RowSink`; records become rows in `predictor.Predictor`."""
 from __future__ import annotations
 
-import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from extractor.backends.base import Backend, GenParams
 from extractor.corpus import CorpusReader, RejectsWriter, count_records, id_key
 from extractor.errors import ManifestError
+from extractor.pipeline.interrupt import CtrlC
+from extractor.pipeline.lanes import stream_lanes
 from extractor.pipeline.predictor import Predictor
 from extractor.pipeline.sink import Progress, RowSink, prefetch
 from extractor.pipeline.summary import Summary
@@ -67,14 +70,16 @@ def output_store(out):
 class Run:
     """One output (file or object): manifest, resume state, windows, progress and summary."""
 
-    def __init__(self, predictor: Predictor, opts: RunOptions, out: Location, console=None):
+    def __init__(self, predictor: Predictor, opts: RunOptions, out: Location, console=None,
+                 ctrl_c: CtrlC | None = None, total: int | None = None):
         self.p = predictor
         self.opts = opts
         self.out = out
         self.store = output_store(out)
         self.console = console
         self.summary = Summary()
-        self._stop = False
+        self.ctrl_c = ctrl_c or CtrlC(console)  # shared by the outputs of one pass
+        self.total = total  # records in the corpus (the progress bar's end), where already counted
         self.complete = False  # a Parquet output already converted: nothing left to do
 
     def prepare(self, key: dict) -> set[int]:
@@ -128,78 +133,130 @@ class Run:
         backend, which keeps the GPU busy in between)."""
         if self.complete:
             return self.summary
+        with self.ctrl_c, self.writing() as sink:
+            self._produce(done, sink)
+        return self.summary
+
+    @contextmanager
+    def writing(self) -> Iterator[RowSink]:
+        """The sink this output's rows go to while the run works (with its writer, progress bar and clock). On
+        a clean exit its last rows are written and the manifest gets the summary; after an error it is left
+        unfinished, for --resume."""
         start = time.perf_counter()
-        progress = self._progress(start)
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
         writer = self.store.appender(self.manifest)
+        progress = self._progress(start)
         sink = RowSink(writer, self.p.rows, self.opts.window, self.summary, progress)
         try:
-            self._produce(done, sink)
+            yield sink
             sink.close()
         finally:
             sink.close(raise_errors=False)
             writer.close()
-            signal.signal(signal.SIGINT, previous)
             if progress is not None:
                 progress.close()
             self.summary.elapsed = time.perf_counter() - start
         self.summary.interrupted = self._stop
         self._finish()
-        return self.summary
 
-    def _produce(self, done: set[int], sink: "RowSink") -> None:
+    def _produce(self, done: set[int], sink: RowSink) -> None:
         """Read the corpus (windows on a thread ahead of the backend), generate, hand the rows to the sink."""
-        rejects = RejectsWriter(self._rejects_path()) if self.opts.on_bad == "skip" else None
-        if rejects is not None:
-            remove(rejects.path)  # derived from the input: rebuilt on every pass
-        reader = CorpusReader(self.opts.corpus, self.p.task.spec.input_fields, self.opts.id_field,
-                              self.opts.text_field, self.opts.on_bad, rejects, batch_size=self.opts.window)
-        try:
-            with prefetch(self._windows(reader, done, sink)) as windows:
-                for triples in self.p.stream(windows):
-                    self.summary.count_decoders(triples)
-                    sink.put(triples)
-        finally:
-            if rejects is not None:
-                rejects.close()
-            self.summary.rejected = reader.stats.rejected
+        produce([self], [done], [sink])
 
-    def _windows(self, reader, done: set[int], sink: "RowSink"):
-        """Windows of records still to do (this shard's, not yet written, within --limit), until Ctrl-C."""
-        index = 0
-        sent = 0
-        for window in reader:
-            if self.opts.shard:
-                k, n = self.opts.shard
-                window, index = [r for i, r in enumerate(window, index) if i % n == k], index + len(window)
-            todo = [r for r in window if id_key(r["id"]) not in done]
-            if self.opts.limit is not None:
-                todo = todo[: max(0, self.opts.limit - sent)]
-            sent += len(todo)
-            sink.skipped(len(window) - len(todo))
-            if todo:
-                yield todo
-            if self._stop or (self.opts.limit is not None and sent >= self.opts.limit):
-                return
+    @property
+    def _stop(self) -> bool:
+        return self.ctrl_c.requested
 
     def _rejects_path(self) -> Location:
         return self.opts.rejects or self.out.with_name(self.out.name + ".rejects.jsonl")
-
-    def _on_sigint(self, *_):
-        if self._stop:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self._stop = True
-        if self.console:
-            self.console.print("Ctrl-C: stopping after the current batch (again to stop now)")
 
     def _progress(self, start: float) -> "Progress | None":
         if self.opts.quiet:
             return None
         from tqdm import tqdm
-        bar = tqdm(total=count_records(self.opts.corpus), unit="rec", desc=self.out.name, dynamic_ncols=True)
+        total = self.total if self.total is not None else count_records(self.opts.corpus)
+        bar = tqdm(total=total, unit="rec", desc=self.out.name, dynamic_ncols=True)
         return Progress(bar, self.summary, start)
 
     def _finish(self) -> None:
         self.manifest["summary"] = self.summary.as_dict()
         self.manifest["finished"] = stamp()["created"]
         self.store.finish(self.manifest, complete=not self.summary.interrupted)
+
+
+def produce(runs: list[Run], dones: list[set[int]], sinks: list[RowSink]) -> None:
+    """Fill the outputs of `runs` (the same corpus and options, one adapter each) from one read of the corpus:
+    each record is rendered and tokenized once and requested once per output that has not written it, all
+    through one backend stream (windows read on a thread ahead of the backend); each output's rows reach its
+    sink in input order. Stops at Ctrl-C, or when every output has its --limit."""
+    opts = runs[0].opts
+    rejects = RejectsTee([run._rejects_path() for run in runs]) if opts.on_bad == "skip" else None
+    reader = CorpusReader(opts.corpus, runs[0].p.task.spec.input_fields, opts.id_field, opts.text_field,
+                          opts.on_bad, rejects, batch_size=opts.window)
+    todos = [Todo(done, opts.limit, sink) for done, sink in zip(dones, sinks)]
+
+    def windows():
+        for window in shard_windows(reader, opts.shard):
+            shares = [todo(window) for todo in todos]
+            if any(shares):
+                yield window, shares
+            if runs[0]._stop or all(todo.full for todo in todos):
+                return
+    try:
+        with prefetch(windows()) as stream:
+            for lane, triples in stream_lanes([run.p for run in runs], stream):
+                runs[lane].summary.count_decoders(triples)
+                sinks[lane].put(triples)
+    finally:
+        if rejects is not None:
+            rejects.close()
+        for run in runs:
+            run.summary.rejected = reader.stats.rejected
+
+
+class Todo:
+    """One output's share of each reading window: the records it has not written yet, within --limit; the
+    others go to its progress bar as skipped."""
+
+    def __init__(self, done: set[int], limit: int | None, sink: RowSink):
+        self.done, self.limit, self.sink = done, limit, sink
+        self.sent = 0
+
+    def __call__(self, window: list[dict]) -> list[dict]:
+        todo = [r for r in window if id_key(r["id"]) not in self.done]
+        if self.limit is not None:
+            todo = todo[: max(0, self.limit - self.sent)]
+        self.sent += len(todo)
+        self.sink.skipped(len(window) - len(todo))
+        return todo
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.sent >= self.limit
+
+
+def shard_windows(reader, shard: tuple[int, int] | None):
+    """The reader's windows; with --shard k/n only record i mod n == k of them (counting good records)."""
+    index = 0
+    for window in reader:
+        if shard:
+            k, n = shard
+            window, index = [r for i, r in enumerate(window, index) if i % n == k], index + len(window)
+        yield window
+
+
+class RejectsTee:
+    """Rejected input records to every output's rejects file (one file where they share one), each emptied
+    first: rebuilt from the input on every pass."""
+
+    def __init__(self, paths: list[Location]):
+        self.writers = [RejectsWriter(path) for path in {str(p): p for p in paths}.values()]
+        for writer in self.writers:
+            remove(writer.path)
+
+    def write(self, bad) -> None:
+        for writer in self.writers:
+            writer.write(bad)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()

@@ -1,0 +1,93 @@
+"""Several predictors' requests (one lane per output, one adapter each) through one backend stream.
+
+Each reading window's records are rendered and tokenized once per prompt limit the lanes have (LoRA adapters
+all share the base's; a prompt-learning adapter's virtual tokens lower its own), and requested once per lane
+that still needs them, naming that lane's adapter. The backend answers in any order; each lane's results are
+put back in the order its records were sent, so every output's rows stay in input order.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+from extractor.backends.base import Request
+
+if TYPE_CHECKING:
+    from extractor.pipeline.predictor import Predictor
+
+
+class InOrder:
+    """One lane's results released in the order its records were sent (a stream's come back in any order)."""
+
+    def __init__(self):
+        self.waiting: dict[int, tuple] = {}
+        self.sent = 0
+        self.next = 0
+
+    def send(self) -> int:
+        """The position of the next record sent."""
+        self.sent += 1
+        return self.sent - 1
+
+    def done(self, position: int, item: tuple) -> None:
+        self.waiting[position] = item
+
+    def release(self) -> list[tuple]:
+        out = []
+        while self.next in self.waiting:
+            out.append(self.waiting.pop(self.next))
+            self.next += 1
+        return out
+
+    def drain(self) -> list[tuple]:
+        """Whatever is left once the stream has ended, in order."""
+        out = [self.waiting.pop(k) for k in sorted(self.waiting)]
+        self.next = self.sent
+        return out
+
+
+def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict], list[list[dict]]]]
+                 ) -> Iterator[tuple[int, list[tuple]]]:
+    """windows: (a reading window's records, each lane's share of them) in; (lane, [(record, generation,
+    skip_reason)]) out, each lane's in its input order, as the backend finishes them. All predictors share
+    one backend, task and generation settings; the backend pulls requests as it is ready for them."""
+    first = predictors[0]
+    orders = [InOrder() for _ in predictors]
+    sent: dict[int, tuple[int, int, dict]] = {}  # seq -> (lane, position, record), until its result is back
+    groups: dict = {}  # lanes by prompt limit: one rendering serves a group
+    for lane, p in enumerate(predictors):
+        groups.setdefault(p.limit, []).append(lane)
+
+    def requests():
+        seq = 0
+        for window, (records, shares) in enumerate(windows):
+            for lanes in groups.values():
+                renderer = predictors[lanes[0]]
+                wanted = {id(r) for lane in lanes for r in shares[lane]}
+                group = [r for r in records if id(r) in wanted]
+                if not group:
+                    continue
+                prompts, ids, skipped = renderer.render(group)
+                index = {id(r): i for i, r in enumerate(group)}
+                for lane in lanes:
+                    for rec in shares[lane]:
+                        i, position = index[id(rec)], orders[lane].send()
+                        if i in skipped:
+                            orders[lane].done(position, (rec, None, skipped[i]))
+                            continue
+                        sent[seq] = (lane, position, rec)
+                        yield Request(prompts[i], rec["id"], ids=ids[i], seq=seq,
+                                      adapter=predictors[lane].adapter_key, window=window)
+                        seq += 1
+
+    def released(drain: bool = False):
+        for lane, order in enumerate(orders):
+            triples = order.drain() if drain else order.release()
+            if triples:
+                yield lane, triples
+
+    for pairs in first.backend.generate_stream(requests(), first.params, first.task.schema, first.probes()):
+        for request, gen in pairs:
+            lane, position, rec = sent.pop(request.seq)
+            orders[lane].done(position, (rec, gen, None))
+        yield from released()
+    yield from released(drain=True)  # records skipped after the last generation
