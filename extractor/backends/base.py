@@ -120,6 +120,7 @@ class Backend:
     name = "base"
     tokenizer = None  # a transformers tokenizer when the backend has one (chat template, token counts)
     supports_constrained = False
+    mixes_adapters = False  # generate_stream may receive requests naming different adapters
 
     def identity(self, adapter: str | None = None) -> dict:
         """What identifies the weights and settings that produce outputs for requests naming `adapter`

@@ -4,9 +4,11 @@ through FastDecoder (`--fast`, fast.py; CUDA graphs and compilation on CUDA only
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,6 +63,30 @@ def file_fingerprint(path: Path) -> dict:
 # thread (parsing, validating) as soon as an answer arrives; by default that can take 5 ms. Measured (run 19,
 # docs/benchmarks.md): the constrained run path went from 29,812 to 34,129 output tok/s with 0.5 ms.
 CONSTRAINED_SWITCH_INTERVAL: float | None = 0.0005
+
+IN_USE = object()  # a request's key when it names no adapter in a call that names none: the adapter in use
+
+
+class _Lookahead:
+    """An iterator of requests that can be looked ahead of by a bounded window."""
+
+    def __init__(self, items):
+        self._items = iter(items)
+        self._ahead: deque = deque()
+
+    def peek(self, n: int) -> list:
+        while len(self._ahead) < n and (item := next(self._items, None)) is not None:
+            self._ahead.append(item)
+        return list(itertools.islice(self._ahead, n))
+
+    def take(self, n: int) -> list:
+        self.peek(n)
+        return [self._ahead.popleft() for _ in range(min(n, len(self._ahead)))]
+
+    def take_while(self, keep):
+        """Items while `keep(item)`, pulled one at a time; the first one that fails stays ahead."""
+        while self.peek(1) and keep(self._ahead[0]):
+            yield self._ahead.popleft()
 
 
 class HFBackend(TokenizerBackend):
@@ -225,16 +251,37 @@ class HFBackend(TokenizerBackend):
         return None if limit is None else limit - params.max_new_tokens - self._virtual_tokens(adapter)
 
     # -- generation ----------------------------------------------------------------------------------
-    def _take_adapter(self, requests) -> None:
-        """Decode with the adapter the requests name (all of them the same one: a run is one adapter)."""
-        names = {r.adapter for r in requests if r.adapter is not None}
-        if len(names) > 1:
-            raise ValueError(f"one adapter per call, got {sorted(names)}")
-        if names and names != {self.adapter}:
-            self.use_adapter(names.pop())
+    mixes_adapters = True  # requests naming different adapters (or None: base) may share one call or stream
+
+    @staticmethod
+    def _key(request: Request, named: bool):
+        """The weights a request decodes with: its adapter; None is base weights once the call (stream) has
+        named an adapter, else the adapter in use (IN_USE: nothing switched)."""
+        return request.adapter if request.adapter is not None or named else IN_USE
+
+    def _switch(self, key) -> None:
+        if key is not IN_USE and key != self.adapter:
+            self.use_adapter(key)
 
     def generate(self, requests: list[Request], params: GenParams, schema: dict | None = None) -> list[Generation]:
-        self._take_adapter(requests)
+        """Requests naming different adapters: served per adapter (in order of first appearance), each
+        generation the one a run of that adapter alone gives."""
+        named = any(r.adapter is not None for r in requests)
+        keys = [self._key(r, named) for r in requests]
+        groups = list(dict.fromkeys(keys))
+        if len(groups) <= 1:
+            self._switch(groups[0] if groups else IN_USE)
+            return self._generate_one(requests, params, schema)
+        results: list = [None] * len(requests)
+        for key in groups:
+            index = [i for i, k in enumerate(keys) if k == key]
+            self._switch(key)
+            for i, gen in zip(index, self._generate_one([requests[i] for i in index], params, schema)):
+                results[i] = gen
+        return results
+
+    def _generate_one(self, requests: list[Request], params: GenParams, schema) -> list[Generation]:
+        """One adapter's requests (the one in use)."""
         encoded = [self._ids(r) for r in requests]
         budgets = [r.new_tokens(params) for r in requests]
         if encoded and self._use_fast(params):
@@ -316,20 +363,37 @@ class HFBackend(TokenizerBackend):
     PEEK = 256  # requests looked at before the run starts: the shared prefix and the cache length come from them
 
     def generate_stream(self, requests, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
-        """The fast path over a whole run: later requests enter slots freed by earlier ones, so the GPU never
-        drains. The shared prefix is the task template's (from the probes and the first requests); a record
-        that does not start with it, or is longer than the cache, goes through the plain path, in batches.
-        A failure of the fast path before any record is out hands every record to the plain path (--fast on:
-        one line, exit 2); after that, one line and exit 2, the output kept."""
-        import itertools
+        """Requests naming different adapters: a run of one adapter's requests streams through one decoder
+        as long as it lasts; where the next PEEK requests name several adapters, they are served per adapter
+        (each one's own run), so the stream is read a bounded window ahead, never whole."""
+        source = _Lookahead(requests)
+        named = False
+        while window := source.peek(self.PEEK):
+            named = named or any(r.adapter is not None for r in window)
+            keys = list(dict.fromkeys(self._key(r, named) for r in window))
+            if len(keys) == 1:  # this adapter's run, for as long as the stream keeps naming it
+                key = keys[0]
+                self._switch(key)
+                yield from self._adapter_stream(source.take_while(lambda r: self._key(r, named) == key),
+                                                params, schema, probes)
+                continue
+            window = source.take(len(window))
+            for key in keys:
+                self._switch(key)
+                yield from self._adapter_stream(iter([r for r in window if self._key(r, named) == key]),
+                                                params, schema, probes)
 
+    def _adapter_stream(self, requests, params: GenParams, schema, probes):
+        """The fast path over one adapter's requests: later requests enter slots freed by earlier ones, so the
+        GPU never drains. The shared prefix is the task template's (from the probes and the first requests); a
+        record that does not start with it, or is longer than the cache, goes through the plain path, in
+        batches. A failure of the fast path before any record is out hands every record to the plain path
+        (--fast on: one line, exit 2); after that, one line and exit 2, the output kept."""
         from extractor.backends.fast import common_prefix
         from extractor.backends.fast_families import FastPathError
-        requests = iter(requests)
         first = list(itertools.islice(requests, self.PEEK))
         if not first:
             return
-        self._take_adapter(first)
         flat = itertools.chain(first, requests)
         if not self._use_fast(params):
             yield from self._plain_stream(flat, params, schema)
