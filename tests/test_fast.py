@@ -63,7 +63,8 @@ def test_torch_decode_attention_equals_sdpa_reference():
 def test_decode_attention_kernels_agree():
     """The Triton decode kernel (run by Triton's interpreter on CPU) equals the SDPA reference: per-row
     lengths, scattered slots, grouped heads, with and without a shared prefix, softcaps, and sliding windows
-    that cut into the prefix or leave all of it (and some own keys) behind, a head dim not a power of two."""
+    that cut into the prefix or leave all of it (and some own keys) behind, a head dim not a power of two;
+    and with prefix groups (one prefix per mixed LoRA adapter, a group per row)."""
     fa = pytest.importorskip("extractor.backends.fast_attention")
     if not fa.available():
         pytest.skip("triton is not installed")
@@ -85,6 +86,20 @@ for heads, kv_heads, p, softcap, window, *rest in [(12, 2, 20, None, None), (7, 
     a = fa.decode_attention_torch(q, kc, vc, pk, pv, slot, n, 0.17, softcap=softcap, window=window)
     b = fa.decode_attention_triton(q, kc, vc, pk, pv, slot, n, 0.17, softcap=softcap, window=window)
     assert (a - b).abs().max() < 1e-5, (heads, p, softcap, window, (a - b).abs().max())
+# prefix groups (mixed LoRA adapters, one prefix K/V each): every row equals the one-prefix path with its own
+# group's prefix, in both implementations
+for heads, kv_heads, p, softcap, window in [(12, 2, 20, None, None), (4, 2, 20, 2.0, 8), (4, 1, 0, None, None)]:
+    q = torch.randn(4, heads, 32) * 3
+    kc, vc = torch.randn(5, kv_heads, 70, 32), torch.randn(5, kv_heads, 70, 32)
+    pk, pv = torch.randn(3, kv_heads, p, 32), torch.randn(3, kv_heads, p, 32)
+    slot, n, group = torch.tensor([3, 0, 4, 1]), torch.tensor([1, 70, 33, 64]), torch.tensor([2, 0, 2, 1])
+    a = fa.decode_attention_torch(q, kc, vc, pk, pv, slot, n, 0.17, softcap=softcap, window=window, prefix_group=group)
+    b = fa.decode_attention_triton(q, kc, vc, pk, pv, slot, n, 0.17, softcap=softcap, window=window, prefix_group=group)
+    assert (a - b).abs().max() < 1e-5, ("grouped", heads, p, (a - b).abs().max())
+    for row, g in enumerate(group.tolist()):
+        one = fa.decode_attention_torch(q[row:row + 1], kc, vc, pk[g], pv[g], slot[row:row + 1], n[row:row + 1],
+                                        0.17, softcap=softcap, window=window)
+        assert (one[0] - a[row]).abs().max() < 1e-5, ("grouped row", row)
 print("ok")
 """
     import os

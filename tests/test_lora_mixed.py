@@ -28,11 +28,11 @@ def _backend(tiny_model, adapters, fast, slots=3):
                      batch_size=slots, fast=fast)
 
 
-def _reference(tiny_model, adapters, prompts, params, schema=None):
+def _reference(tiny_model, adapters, prompts, params, schema=None, fast="off"):
     """Each adapter's own run (and base weights'), plain path: {(prompt index, name): (text, tokens)}."""
     want = {}
     for adapter in [None, *adapters]:
-        backend = _backend(tiny_model, [adapter] if adapter else [], "off")
+        backend = _backend(tiny_model, [adapter] if adapter else [], fast)
         name = adapter.name if adapter else None
         backend.use_adapter(name)
         requests = [Request("", str(i), ids=ids) for i, ids in enumerate(prompts)]
@@ -61,3 +61,90 @@ def test_mixed_stream_grouped_equals_each_adapters_own_run(tiny_model, loras, fa
     batch = backend.generate(_interleaved(prompts[:3], [loras[1].name, None, loras[0].name]), params)
     assert [(g.text, g.output_tokens) for g in batch] == \
         [want[(i, n)] for i in range(3) for n in (loras[1].name, None, loras[0].name)]
+
+
+def _mixed_backend(tiny_model, adapters, slots=3):
+    backend = _backend(tiny_model, adapters, "on", slots)
+    return backend
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "no-prefix"])
+@pytest.mark.parametrize("count", [2, 3])
+def test_mixed_lora_rows_equal_each_adapters_own_run(tiny_model, loras, count, shared):  # noqa: F811
+    """2 and 3 LoRA adapters (ranks 4, 8 with rsLoRA, 2; q/v, every linear layer, MLP + o_proj) and base
+    requests interleaved in one stream, 3 slots refilled: one mixed FastDecoder, every output equal to its
+    adapter's own plain run (peft's forward)."""
+    adapters = loras[:count]
+    prompts = _prompts(7, shared)
+    params = GenParams(max_new_tokens=12)
+    want = _reference(tiny_model, adapters, prompts, params)
+    backend = _mixed_backend(tiny_model, adapters)
+    got = _streamed(backend, _interleaved(prompts, [a.name for a in adapters] + [None]), params)
+    assert {k: (g.text, g.output_tokens) for k, g in got.items()} == want
+    assert {g.decoder for g in got.values()} == {"fast"}
+    assert backend._mix is not None and backend._mix.decoder.groups == count + 1
+    assert backend._mix.decoder.stats["prefills"] > 1, "slots were refilled"
+
+
+def test_mixed_lora_constrained(tiny_model, loras):  # noqa: F811
+    """Constrained (BatchConstraint over the mixed rows): equal to each adapter's plain constrained run."""
+    from extractor.tasks import load_task
+    schema = load_task("jd_requirements").schema
+    prompts = _prompts(5, shared=True, seed=5)
+    params = GenParams(max_new_tokens=40, constrained=True)
+    want = _reference(tiny_model, loras, prompts, params, schema)
+    backend = _mixed_backend(tiny_model, loras)
+    got = _streamed(backend, _interleaved(prompts, [None, *[a.name for a in loras]]), params, schema)
+    assert {k: (g.text, g.output_tokens) for k, g in got.items()} == want
+    assert {g.decoder for g in got.values()} == {"fast"} and backend._mix is not None
+
+
+def test_mixed_batch_misfits_and_back_to_one_adapter(tiny_model, loras, monkeypatch):  # noqa: F811
+    """`generate` with base weights and one adapter mixed; a record without the shared prefix (after the
+    first PEEK requests set it) goes plain with its own adapter; afterwards one adapter alone (merged) and
+    base weights, the base tensors unchanged."""
+    import torch
+    monkeypatch.setattr(HFBackend, "PEEK", 6)
+    prompts = _prompts(6, shared=True, seed=9)
+    prompts[5] = prompts[5][14:]  # no shared prefix: a misfit
+    params = GenParams(max_new_tokens=10)
+    want = _reference(tiny_model, loras[1:2], prompts, params)
+    backend = _mixed_backend(tiny_model, loras)
+    base = {k: v.clone() for k, v in backend.base.state_dict().items()}
+    names = [None, loras[1].name]
+    gens = backend.generate(_interleaved(prompts, names), params)
+    assert [(g.text, g.output_tokens) for g in gens] == [want[(i, n)] for i in range(6) for n in names]
+    assert backend._mix is not None
+    assert [g.decoder for g in gens].count("plain") == 2  # the misfit, once per adapter
+    alone = backend.generate([Request("", ids=ids, adapter=loras[1].name) for ids in prompts], params)
+    assert [(g.text, g.output_tokens) for g in alone] == [want[(i, loras[1].name)] for i in range(6)]
+    assert backend._mix is None and len(backend._merged) > 0
+    backend.use_adapter(None)
+    assert all(torch.equal(backend.base.state_dict()[k], v) for k, v in base.items())
+
+
+REFUSED = {"dora": (dict(use_dora=True, target_modules=["q_proj", "v_proj"]), "DoRA"),
+           "lora-bias": (dict(lora_bias=True, target_modules=["q_proj", "v_proj"]), "LoRA bias"),
+           "embedding": (dict(target_modules=["embed_tokens", "q_proj"]), "Embedding")}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED))
+def test_refused_kind_decodes_per_adapter(tmp_path, tiny_model, loras, kind, capfd, monkeypatch):  # noqa: F811
+    """DoRA, a LoRA bias (refused from their configs) or LoRA on the embeddings (refused from its layers)
+    beside a plain LoRA: one line says why, and the stream is served per adapter (each merged on the fast
+    path), every output equal to its adapter's own run: the plain path's; for the embedding adapter its own
+    fast run's (merged into tied embeddings, the fast path differs from peft's forward: not this test's)."""
+    monkeypatch.setattr(HFBackend, "PEEK", 4)
+    config, named = REFUSED[kind]
+    odd = _lora(tiny_model, tmp_path / kind, 5, r=4, lora_alpha=8, **config)
+    adapters = [odd, loras[0]]
+    prompts = _prompts(5, shared=True, seed=11)
+    params = GenParams(max_new_tokens=10)
+    want = _reference(tiny_model, adapters, prompts, params, fast="on" if kind == "embedding" else "off")
+    backend = _mixed_backend(tiny_model, adapters)
+    got = _streamed(backend, _interleaved(prompts, [odd.name, None, loras[0].name]), params)
+    assert {k: (g.text, g.output_tokens) for k, g in got.items()} == want
+    assert {g.decoder for g in got.values()} == {"fast"} and backend._mix is None
+    said = [line for line in capfd.readouterr().err.splitlines() if "mixed LoRA decoding refused" in line]
+    assert len(said) == 1, said
+    assert named in said[0]

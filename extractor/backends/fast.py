@@ -160,9 +160,15 @@ class FastDecoder:
 
     def __init__(self, model, prefix: list[int], slots: int, unique_len: int, eos_ids: list[int],
                  attention: str = "auto", prefill_tokens: int = 32768, compile: bool = False,
-                 virtual: VirtualPrefix | None = None):
+                 virtual: VirtualPrefix | None = None, adapters=None):
         _register()
+        if adapters is not None and virtual is not None:
+            raise FastPathError("mixed LoRA adapters and a prompt-learning adapter's virtual part in one decoder")
         self.model = model
+        # adapters (lora_mixed.MixedLoRA): rows of several LoRA adapters (and base) decode together, each
+        # record's group in its stream item; one prefix K/V per group. None: one set of weights, as before.
+        self.adapters = adapters
+        self.groups = adapters.groups if adapters is not None else 1
         cfg = _text_config(model)
         self.n_layers = cfg.num_hidden_layers
         self.heads = cfg.num_attention_heads
@@ -200,6 +206,8 @@ class FastDecoder:
         self._slot = torch.full((slots,), slots, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._logits = torch.zeros(slots, self.vocab, dtype=self.dtype, device=self.device)
+        # each row's adapter group (prefill and decode passes; the LoRA layers and the prefix read it)
+        self._group = adapters.attach(slots + 1) if adapters is not None else None
         self.prefix: list[int] = []
         self.virtual, self.n_prefix = None, 0  # n_prefix: positions before a record's own (virtual + prefix)
         self.pk = self.pv = None
@@ -211,7 +219,8 @@ class FastDecoder:
         pinned = self.device.type == "cuda"
         # Host staging and token buffers of a step, two sets used in turn (the pipelined loop has one step in
         # flight while it stages the next).
-        self._stage = [torch.zeros(4, slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        staged = 4 if adapters is None else 5  # source, slot, position, last token (, group)
+        self._stage = [torch.zeros(staged, slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._tok_dev = [torch.zeros(slots, dtype=torch.long, device=self.device) for _ in range(2)]
         self._tok_host = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._events = [torch.cuda.Event() for _ in range(2)] if pinned else None
@@ -276,27 +285,33 @@ class FastDecoder:
         kind = mode.get("kind")
         if kind == "prefix":  # after `start` entries already there (prefix tuning's virtual K/V)
             start, t = mode.get("start", 0), k.shape[2]
-            self.pk[layer, :, start:start + t], self.pv[layer, :, start:start + t] = k[0], v[0]
+            pk, pv = self._prefix_kv(layer, mode.get("group"))
+            pk[:, start:start + t], pv[:, start:start + t] = k[0], v[0]
             if start:
-                k = torch.cat((self.pk[layer, :, :start].unsqueeze(0), k), dim=2)
-                v = torch.cat((self.pv[layer, :, :start].unsqueeze(0), v), dim=2)
+                k = torch.cat((pk[:, :start].unsqueeze(0), k), dim=2)
+                v = torch.cat((pv[:, :start].unsqueeze(0), v), dim=2)
             return fast_attention.prefill_attention(q, k, v, scale, softcap, window, self._flash_gqa)
         if kind == "prefill":
             rows, width = mode["rows"], mode["width"]
             self.k[layer, rows, :, :width] = k
             self.v[layer, rows, :, :width] = v
             if self.n_prefix:
-                n = len(rows)
-                k = torch.cat((self.pk[layer].unsqueeze(0).expand(n, -1, -1, -1), k), dim=2)
-                v = torch.cat((self.pv[layer].unsqueeze(0).expand(n, -1, -1, -1), v), dim=2)
+                n, groups = len(rows), mode.get("groups")
+                if groups is None:
+                    k = torch.cat((self.pk[layer].unsqueeze(0).expand(n, -1, -1, -1), k), dim=2)
+                    v = torch.cat((self.pv[layer].unsqueeze(0).expand(n, -1, -1, -1), v), dim=2)
+                else:  # each row after its own adapter's prefix K/V
+                    k = torch.cat((self.pk[layer][groups], k), dim=2)
+                    v = torch.cat((self.pv[layer][groups], v), dim=2)
             return fast_attention.prefill_attention(q, k, v, scale, softcap, window, self._flash_gqa)
         if kind == "decode":
             slot, own = mode["slot"], mode["own"]
             self.k[layer, slot, :, own] = k[:, :, 0]
             self.v[layer, slot, :, own] = v[:, :, 0]
+            grouped = {"prefix_group": mode["groups"]} if "groups" in mode else {}
             out = self._attn_fn(q[:, :, 0].contiguous(), self.k[layer], self.v[layer], self.pk[layer],
                                 self.pv[layer], slot, own + 1, scale, softcap=softcap, window=window,
-                                **mode.get("trim", {}))
+                                **mode.get("trim", {}), **grouped)
             return out.unsqueeze(2)
         raise FastPathError(f"attention called in an unknown mode {kind!r}")
 
@@ -304,17 +319,18 @@ class FastDecoder:
     def _probe(self, length: int = 6) -> None:
         """Prove this model's forward runs on the path before any record does: a short sequence prefilled
         into the scratch slot, then one decode step, against the model's own forward. Raises FastPathError."""
-        empty = (self.n_layers, self.kv_heads, 0, self.head_dim)
-        self.pk = torch.zeros(empty, device=self.device, dtype=self.dtype)
-        self.pv = torch.zeros(empty, device=self.device, dtype=self.dtype)
+        self.pk = torch.zeros(self._prefix_shape(0), device=self.device, dtype=self.dtype)
+        self.pv = torch.zeros_like(self.pk)
         ids = torch.arange(1, length + 2, device=self.device).remainder(self.vocab).unsqueeze(0)
         try:
+            # with mixed adapters: base weights (group 0) on both sides
+            grouped = {} if self._group is None else {"groups": self._set_groups(torch.zeros(1, dtype=torch.long))}
             want = self.model(input_ids=ids, use_cache=False).logits[0, -2:].float()
             scratch = torch.tensor([self.slots], device=self.device)
-            first = self._prefill_logits(scratch, ids[:, :length], np.array([length - 1]))
+            first = self._prefill_logits(scratch, ids[:, :length], np.array([length - 1]), **grouped)
             pos = torch.tensor([length], device=self.device)
             second = self._logits_of(ids[:, length:], pos.unsqueeze(1), kind="decode", slot=scratch,
-                                     own=pos)
+                                     own=pos, **grouped)
         except FastPathError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the family's code does differently: not proven
@@ -334,11 +350,17 @@ class FastDecoder:
         virtual = self.virtual
         v_len = virtual.length if virtual is not None else 0
         self.n_prefix = v_len + len(prefix)
-        shape = (self.n_layers, self.kv_heads, self.n_prefix, self.head_dim)
+        shape = self._prefix_shape(self.n_prefix)
         if self.pk is None or tuple(self.pk.shape) != shape:  # else in place: captured graphs read these buffers
             self.pk = torch.zeros(shape, device=self.device, dtype=self.dtype)
             self.pv = torch.zeros(shape, device=self.device, dtype=self.dtype)
         ids = torch.tensor([prefix], device=self.device, dtype=torch.long)
+        if self._group is not None:  # one prefix K/V per adapter group, each through its own weights
+            positions = torch.arange(len(prefix), device=self.device).unsqueeze(0)
+            for group in range(self.groups if prefix else 0):
+                self._set_groups(torch.tensor([group]))
+                self._logits_of(ids, positions, kind="prefix", group=group)
+            return
         if virtual is not None and virtual.embeds is not None:  # virtual tokens through every layer
             embeds = torch.cat((virtual.embeds.to(self.dtype).unsqueeze(0), self.model.get_input_embeddings()(ids)), 1)
             positions = torch.arange(self.n_prefix, device=self.device).unsqueeze(0)
@@ -354,33 +376,51 @@ class FastDecoder:
             positions = (v_len + torch.arange(len(prefix), device=self.device)).unsqueeze(0)
             self._logits_of(ids, positions, kind="prefix", start=v_len)
 
+    def _prefix_shape(self, length: int) -> tuple:
+        """[layers, KV heads, length, head dim]; with mixed adapters a group axis after the layers."""
+        groups = () if self._group is None else (self.groups,)
+        return (self.n_layers, *groups, self.kv_heads, length, self.head_dim)
+
+    def _prefix_kv(self, layer: int, group: int | None):
+        """The prefix K/V of one layer [KV heads, P, D]: the one prefix, or this adapter group's."""
+        if group is None:
+            return self.pk[layer], self.pv[layer]
+        return self.pk[layer, group], self.pv[layer, group]
+
+    def _set_groups(self, groups: torch.Tensor) -> torch.Tensor:
+        """The next pass's rows' adapter groups, where its LoRA layers read them; returns that view."""
+        n = len(groups)
+        self._group[:n] = groups.to(self.device, non_blocking=True)
+        return self._group[:n]
+
     def reuse_for(self, virtual: VirtualPrefix | None) -> bool:
         """Take other weights of the same model (another LoRA adapter, merged into the same tensors in place)
         or another virtual part of the same length: the shared prefix's K/V are recomputed in place, the
         cache, compiled code and CUDA graphs are kept. False when the shapes differ (build a new decoder)."""
-        if VirtualPrefix.shape(virtual) != VirtualPrefix.shape(self.virtual):
+        if self.adapters is not None or VirtualPrefix.shape(virtual) != VirtualPrefix.shape(self.virtual):
             return False
         self.virtual = virtual
         self._set_prefix(self.prefix)
         return True
 
     # -- prefill of new records ------------------------------------------------------------------------
-    def _prefill(self, slots: list[int], suffixes: list[list[int]]) -> torch.Tensor:
+    def _prefill(self, slots: list[int], suffixes: list[list[int]], groups: list[int] | None = None) -> torch.Tensor:
         """Several new records at once (right-padded): writes their K/V into their slots; returns the
-        logits of each one's last position (its first generated token)."""
+        logits of each one's last position (its first generated token). groups: each one's adapter group."""
         width = max(len(s) for s in suffixes)
         padded = np.zeros((len(suffixes), width), np.int64)  # numpy: a list of lists is slow to convert
         for i, s in enumerate(suffixes):
             padded[i, : len(s)] = s
         rows = torch.from_numpy(np.asarray(slots, np.int64)).to(self.device)
         last = np.array([len(s) - 1 for s in suffixes], np.int64)
-        return self._prefill_logits(rows, torch.from_numpy(padded).to(self.device), last)
+        grouped = {} if groups is None else {"groups": self._set_groups(torch.tensor(groups, dtype=torch.long))}
+        return self._prefill_logits(rows, torch.from_numpy(padded).to(self.device), last, **grouped)
 
-    def _prefill_logits(self, rows, ids, last: np.ndarray) -> torch.Tensor:
+    def _prefill_logits(self, rows, ids, last: np.ndarray, **grouped) -> torch.Tensor:
         width = ids.shape[1]
         positions = (self.n_prefix + torch.arange(width, device=self.device)).unsqueeze(0).expand(len(ids), -1)
         return self._logits_of(ids, positions, kind="prefill", rows=rows, width=width,
-                               last=torch.from_numpy(last).to(self.device))
+                               last=torch.from_numpy(last).to(self.device), **grouped)
 
     # -- decode ----------------------------------------------------------------------------------------
     def _step(self, b: int) -> None:
@@ -390,8 +430,9 @@ class FastDecoder:
         trim = {}
         if self.attention == "torch" and self.device.type == "cpu":  # no graphs: read up to the longest row only
             trim["max_len"] = int(own.max()) + 1
+        grouped = {} if self._group is None else {"groups": self._group[:b]}  # staged with the slots
         logits = self._logits_of(self._ids[:b].unsqueeze(1), pos.unsqueeze(1), kind="decode", slot=slot, own=own,
-                                 trim=trim)
+                                 trim=trim, **grouped)
         self._logits[:b].copy_(logits)
 
     def capture(self) -> None:
@@ -429,21 +470,24 @@ class FastDecoder:
 
     # -- the scheduler -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, suffixes: list[list[int]], max_new, refill: int | None = None, constraint=None):
+    def generate(self, suffixes: list[list[int]], max_new, refill: int | None = None, constraint=None,
+                 groups: list[int] | None = None):
         """Greedy outputs for each suffix (after the shared prefix), in input order: (tokens, finish_reason).
-        All suffixes are known, so they enter in length order (each batched prefill pads little)."""
+        All suffixes are known, so they enter in length order (each batched prefill pads little).
+        groups: each suffix's adapter group (a decoder with mixed adapters)."""
         budgets = [max_new] * len(suffixes) if np.isscalar(max_new) else list(max_new)
         order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
         results: list = [None] * len(suffixes)
-        for key, tokens, reason in self.stream(((i, suffixes[i], budgets[i]) for i in order), refill,
-                                               constraint, lookahead=len(suffixes)):
+        items = ((i, suffixes[i], budgets[i]) if groups is None else (i, suffixes[i], budgets[i], groups[i])
+                 for i in order)
+        for key, tokens, reason in self.stream(items, refill, constraint, lookahead=len(suffixes)):
             results[key] = (tokens, reason)
         return results
 
     @torch.inference_mode()
     def stream(self, source, refill: int | None = None, constraint=None, lookahead: int | None = None):
-        """Decode records pulled from `source` — (key, suffix, budget) triples — yielding (key, tokens,
-        finish_reason) as each finishes. Records are pulled only when slots free up (at most `lookahead`
+        """Decode records pulled from `source` — (key, suffix, budget) triples, or (key, suffix, budget,
+        adapter group) with mixed adapters — yielding (key, tokens, finish_reason) as each finishes. Records are pulled only when slots free up (at most `lookahead`
         waiting), admitted first come first served once `refill` slots are free (default: an eighth), and
         prefilled in length-sorted chunks. constraint: per-row token masks (constrain.batch.BatchConstraint)."""
         source = iter(source)
@@ -548,10 +592,14 @@ class FastDecoder:
         stage[2, :n] = torch.from_numpy(own + self.n_prefix)
         stage[3, :n] = torch.from_numpy(st.last[rows])
         stage[0, n:], stage[1, n:], stage[2, n:], stage[3, n:] = -1, self.slots, self.n_prefix, 0
+        if self._group is not None:  # each row's adapter group; padding rows base weights
+            stage[4, :n], stage[4, n:] = torch.from_numpy(st.group[rows]), 0
         staged = stage.to(self.device, non_blocking=True)
         previous = self._tok_dev[parity ^ 1]
         self._ids[:b] = torch.where(staged[0] >= 0, previous[staged[0].clamp(min=0)], staged[3])
         self._slot[:b], self._pos[:b] = staged[1], staged[2]
+        if self._group is not None:
+            self._group[:b] = staged[4]
         graph = self._graph(b) if self._use_graphs else None
         if graph is not None:
             graph.replay()
@@ -585,6 +633,9 @@ class FastDecoder:
         return False
 
     def _check_fits(self, item) -> None:
+        if self._group is not None and not (len(item) == 4 and 0 <= item[3] < self.groups):
+            raise ValueError(f"record {item[0]}: a decoder with {self.groups} adapter groups takes (key, suffix, "
+                             "budget, group) items")
         if len(item[1]) + int(item[2]) > self.unique_len:
             raise ValueError(f"record {item[0]}: {len(item[1])} tokens plus a budget of {item[2]} exceed the "
                              f"decoder's unique_len {self.unique_len}")
@@ -634,7 +685,8 @@ class FastDecoder:
             slots = free[fi: fi + len(chunk)]
             fi += len(chunk)
             t0 = time.perf_counter()
-            logits = self._prefill(slots.tolist(), [it[1] for it in chunk])
+            groups = None if self._group is None else [it[3] for it in chunk]
+            logits = self._prefill(slots.tolist(), [it[1] for it in chunk], groups)
             if constraint is not None:
                 constraint.start([it[0] for it in chunk], [it[2] for it in chunk])
                 constraint.mask_first([it[0] for it in chunk], logits, slots)
@@ -643,7 +695,7 @@ class FastDecoder:
                 self.trace.append((len(chunk), max(len(it[1]) for it in chunk), sum(len(it[1]) for it in chunk),
                                    time.perf_counter() - t0))
             self.stats["prefills"] += 1
-            st.take(slots, chunk, first)
+            st.take(slots, chunk, first, groups)
             admitted.append(slots)
         return np.concatenate(admitted) if admitted else np.array([], np.int64)
 
@@ -679,9 +731,10 @@ class _SlotState:
         self.count = np.zeros(slots, np.int64)  # tokens generated
         self.last = np.zeros(slots, np.int64)
         self.budget = np.zeros(slots, np.int64)
+        self.group = np.zeros(slots, np.int64)  # adapter group (mixed adapters; else 0)
         self.out = np.zeros((slots, 64), np.int64)
 
-    def take(self, slots: np.ndarray, chunk, first: np.ndarray) -> None:
+    def take(self, slots: np.ndarray, chunk, first: np.ndarray, groups: list[int] | None = None) -> None:
         need = max(int(it[2]) for it in chunk)
         if need > self.out.shape[1]:
             self.out = np.concatenate([self.out, np.zeros((len(self.out), need - self.out.shape[1]), np.int64)], 1)
@@ -694,6 +747,8 @@ class _SlotState:
         self.count[slots] = 1
         self.last[slots] = first
         self.out[slots, 0] = first
+        if groups is not None:
+            self.group[slots] = groups
 
     def record(self, slots: np.ndarray, tokens: np.ndarray) -> None:
         """Book one decoded token for each of these slots."""

@@ -9,7 +9,9 @@ Two implementations with one contract:
 - `torch`: gathers the rows' cache slots and runs SDPA under a length mask (CPU, tests, fallback).
 
 Shapes: q [B, H, D]; cache k/v [S, KVH, L, D] (one layer); prefix k/v [KVH, P, D]; slot [B] (cache row of
-each batch row); n [B] (own keys to attend, the current token's included). Returns [B, H, D].
+each batch row); n [B] (own keys to attend, the current token's included). Returns [B, H, D]. With
+`prefix_group` [B] (several LoRA adapters mixed: each adapter's own prefix K/V), prefix k/v are [G, KVH, P, D]
+and each row attends to its group's.
 
 The layer's own attention settings, as the model's attention module passes them: `scale`; `softcap` (scores
 become softcap * tanh(scores / softcap) before the softmax, Gemma-2); `window` (a sliding window: a key is seen
@@ -44,16 +46,21 @@ def works_on(device, dtype, head_dim: int = 64, heads: int = 4, kv_heads: int = 
                  ((3, heads, head_dim), (4, kv_heads, 40, head_dim), (4, kv_heads, 40, head_dim)))
     pk, pv = (torch.randn((kv_heads, 9, head_dim), generator=gen).to(device, dtype) for _ in range(2))
     slot, n = torch.tensor([2, 0, 3], device=device), torch.tensor([1, 40, 17], device=device)
-    # Plain, softcapped, and a window that leaves the whole prefix (and some own keys) behind.
-    for softcap, window in ((None, None), (5.0, None), (None, 4)):
+    grouped = torch.tensor([1, 0, 1], device=device)
+    # Plain, softcapped, a window that leaves the whole prefix (and some own keys) behind, prefix groups.
+    for softcap, window, group in ((None, None, None), (5.0, None, None), (None, 4, None), (None, None, grouped)):
+        if group is not None:
+            pk, pv = torch.stack((pk, pv)), torch.stack((pv, pk))
         try:
-            got = decode_attention_triton(q, kc, vc, pk, pv, slot, n, 0.125, softcap=softcap, window=window)
+            got = decode_attention_triton(q, kc, vc, pk, pv, slot, n, 0.125, softcap=softcap, window=window,
+                                          prefix_group=group)
         except Exception as exc:  # noqa: BLE001 - an unsupported GPU or Triton build: use the torch path
             import warnings
             warnings.warn(f"the Triton decode kernel does not run here ({type(exc).__name__}: {str(exc)[:200]}); "
                           "decode attention runs in torch (slower)", stacklevel=2)
             return False
-        ref = decode_attention_torch(q, kc, vc, pk, pv, slot, n, 0.125, softcap=softcap, window=window)
+        ref = decode_attention_torch(q, kc, vc, pk, pv, slot, n, 0.125, softcap=softcap, window=window,
+                                     prefix_group=group)
         if not bool((got.float() - ref.float()).abs().max() < 0.05):
             import warnings
             warnings.warn(f"the Triton decode kernel disagrees with the reference here (softcap {softcap}, "
@@ -67,7 +74,7 @@ def _softcap(scores, softcap):
 
 
 def decode_attention_torch(q, k_cache, v_cache, pk, pv, slot, n, scale: float, max_len: int | None = None,
-                           softcap: float | None = None, window: int | None = None):
+                           softcap: float | None = None, window: int | None = None, prefix_group=None):
     """`max_len` (at least n.max()): only that much of each slot is read, where the caller knows it (CPU)."""
     b, heads, d = q.shape
     kv_heads = k_cache.shape[1]
@@ -83,12 +90,15 @@ def decode_attention_torch(q, k_cache, v_cache, pk, pv, slot, n, scale: float, m
     scores = _softcap(torch.matmul(qg, k.transpose(-1, -2)) * scale, softcap)  # [B, KVH, G, L]
     cols = torch.arange(k.shape[2], device=q.device)
     hidden = cols.view(1, 1, 1, -1) >= n.view(-1, 1, 1, 1)
-    prefix = pk.shape[1]
+    prefix = pk.shape[-2]
+    shared = "hpd" if prefix_group is None else "bhpd"  # one prefix for all rows, or each row's group's
+    if prefix_group is not None:
+        pk, pv = pk[prefix_group], pv[prefix_group]
     if window:  # own key i sits at position prefix + i, the query at prefix + n - 1
         hidden = hidden | ((n.view(-1, 1, 1, 1) - 1 - cols.view(1, 1, 1, -1)) >= window)
     scores = scores.masked_fill(hidden, float("-inf"))
     if prefix:
-        pscores = _softcap(torch.einsum("bhgd,hpd->bhgp", qg, pk) * scale, softcap)
+        pscores = _softcap(torch.einsum(f"bhgd,{shared}->bhgp", qg, pk) * scale, softcap)
         if window:
             pcols = torch.arange(prefix, device=q.device)
             far = (prefix + n.view(-1, 1, 1, 1) - 1 - pcols.view(1, 1, 1, -1)) >= window
@@ -97,19 +107,23 @@ def decode_attention_torch(q, k_cache, v_cache, pk, pv, slot, n, scale: float, m
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs[..., prefix:], v)
     if prefix:
-        out = out + torch.einsum("bhgp,hpd->bhgd", probs[..., :prefix], pv)
+        out = out + torch.einsum(f"bhgp,{shared}->bhgd", probs[..., :prefix], pv)
     return out.reshape(b, heads, d)
 
 
 if triton is not None:
     @triton.jit
-    def _decode_kernel(Q, K, V, PK, PV, SLOT, N, OUT, P, sm_scale, WINDOW,
-                       s_qb, s_qh, s_ks, s_kh, s_kl, s_ph, s_pl, s_ob, s_oh,
+    def _decode_kernel(Q, K, V, PK, PV, SLOT, N, PGROUP, OUT, P, sm_scale, WINDOW,
+                       s_qb, s_qh, s_ks, s_kh, s_kl, s_pg, s_ph, s_pl, s_ob, s_oh,
                        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
+                       BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, GROUPED: tl.constexpr):
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         slot = tl.load(SLOT + row)
+        if GROUPED:  # each row's own prefix K/V (its LoRA adapter's); else one prefix for every row
+            p_base = tl.load(PGROUP + row).to(tl.int64) * s_pg + kvh * s_ph
+        else:
+            p_base = kvh * s_ph
         n = tl.load(N + row)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)  # a head dim that is not a power of two (Phi-3's 96) is padded and masked
@@ -124,8 +138,8 @@ if triton is not None:
         # window, each range starts at its first key within the window (the query sits at position P + n - 1).
         for part in tl.static_range(2):
             if part == 0:
-                k_base = PK + kvh * s_ph
-                v_base = PV + kvh * s_ph
+                k_base = PK + p_base
+                v_base = PV + p_base
                 s_l = s_pl
                 length = P
                 lo = tl.maximum(P + n - WINDOW, 0)
@@ -172,22 +186,26 @@ if triton is not None:
     _decode_kernel_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
                  for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)],
-        key=["G", "D", "BLOCK_D", "IEEE", "SOFTCAP"])(_decode_kernel)
+        key=["G", "D", "BLOCK_D", "IEEE", "SOFTCAP", "GROUPED"])(_decode_kernel)
 
 
 def decode_attention_triton(q, k_cache, v_cache, pk, pv, slot, n, scale: float, softcap: float | None = None,
-                            window: int | None = None):
+                            window: int | None = None, prefix_group=None):
     b, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
     assert k_cache.stride() == v_cache.stride() and pk.stride() == pv.stride() and k_cache.stride(-1) == 1
     # No window: one wider than any cache (the kernel has no branch on it, so both cases compile alike).
-    args = (q, k_cache, v_cache, pk, pv, slot, n, out, pk.shape[1], scale, int(window or 1 << 30),
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            pk.stride(0), pk.stride(1), out.stride(0), out.stride(1))
+    grouped = prefix_group is not None
+    assert pk.dim() == (4 if grouped else 3) and pk.stride(-1) == 1
+    args = (q, k_cache, v_cache, pk, pv, slot, n, prefix_group if grouped else slot, out, pk.shape[-2], scale,
+            int(window or 1 << 30), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), pk.stride(0) if grouped else 0, pk.stride(-3), pk.stride(-2), out.stride(0),
+            out.stride(1))
     shape = dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d,
-                 BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap or 0.0))
+                 BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+                 SOFTCAP=float(softcap or 0.0), GROUPED=grouped)
     if q.is_cuda:
         _decode_kernel_tuned[(b, kv_heads)](*args, **shape)
     else:  # Triton's CPU interpreter (tests): one fixed configuration

@@ -9,7 +9,8 @@ import json
 import os
 import sys
 from collections import deque
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from extractor.backends.base import (LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, batched,
@@ -65,6 +66,15 @@ def file_fingerprint(path: Path) -> dict:
 CONSTRAINED_SWITCH_INTERVAL: float | None = 0.0005
 
 IN_USE = object()  # a request's key when it names no adapter in a call that names none: the adapter in use
+MIXED = "\0mixed"  # HFBackend.adapter while several LoRA adapters are loaded at once (no request names it)
+
+
+@dataclass
+class _Mix:
+    """The LoRA adapters loaded together, their mixed layers and their decoder (built on first use)."""
+    names: list[str]
+    lora: object
+    decoder: object = None
 
 
 class _Lookahead:
@@ -163,6 +173,8 @@ class HFBackend(TokenizerBackend):
         self._unmergeable: str | None = None  # the adapter whose merge failed (its layers run unmerged)
         self.plain_reason: str | None = None  # why records last went the plain way (None: --fast off)
         self._said: set[str] = set()
+        self._mix: _Mix | None = None  # several LoRA adapters loaded at once, decoding mixed (lora_mixed.py)
+        self._unmixable: set[frozenset] = set()  # adapter sets refused for mixing (said once)
 
     # -- setup ---------------------------------------------------------------------------------------
     def _device(self, device: str) -> str:
@@ -214,6 +226,9 @@ class HFBackend(TokenizerBackend):
         from peft import PeftModel
         spare = self._fast_decoder or self._spare
         self._fast_decoder = self._virtual = None  # both belong to the weights they were built from
+        if self._mix is not None:  # its LoRA layers go with the unload below (the base weights never changed)
+            self._mix.lora.close()
+            self._mix = None
         if self._merged is not None:  # its layers are out already: the base weights back, exactly
             self._merged.restore()
             self._merged = None
@@ -272,6 +287,10 @@ class HFBackend(TokenizerBackend):
         if len(groups) <= 1:
             self._switch(groups[0] if groups else IN_USE)
             return self._generate_one(requests, params, schema)
+        if self._mixes(groups, params):
+            out = {id(r): g for pairs in self._fast_stream(iter(requests), params, schema, (), mixed=True)
+                   for r, g in pairs}
+            return [out[id(r)] for r in requests]
         results: list = [None] * len(requests)
         for key in groups:
             index = [i for i, k in enumerate(keys) if k == key]
@@ -371,23 +390,28 @@ class HFBackend(TokenizerBackend):
         while window := source.peek(self.PEEK):
             named = named or any(r.adapter is not None for r in window)
             keys = list(dict.fromkeys(self._key(r, named) for r in window))
+            if len(keys) > 1 and self._mixes(keys, params):  # one decoder, for as long as these adapters last
+                members = set(self._mix.names) | {None}
+                yield from self._fast_stream(source.take_while(lambda r: r.adapter in members), params, schema,
+                                             probes, mixed=True)
+                continue
             if len(keys) == 1:  # this adapter's run, for as long as the stream keeps naming it
                 key = keys[0]
                 self._switch(key)
-                yield from self._adapter_stream(source.take_while(lambda r: self._key(r, named) == key),
-                                                params, schema, probes)
+                yield from self._fast_stream(source.take_while(lambda r: self._key(r, named) == key),
+                                             params, schema, probes)
                 continue
             window = source.take(len(window))
             for key in keys:
                 self._switch(key)
-                yield from self._adapter_stream(iter([r for r in window if self._key(r, named) == key]),
-                                                params, schema, probes)
+                yield from self._fast_stream(iter([r for r in window if self._key(r, named) == key]),
+                                             params, schema, probes)
 
-    def _adapter_stream(self, requests, params: GenParams, schema, probes):
-        """The fast path over one adapter's requests: later requests enter slots freed by earlier ones, so the
-        GPU never drains. The shared prefix is the task template's (from the probes and the first requests); a
-        record that does not start with it, or is longer than the cache, goes through the plain path, in
-        batches. A failure of the fast path before any record is out hands every record to the plain path
+    def _fast_stream(self, requests, params: GenParams, schema, probes, mixed: bool = False):
+        """The fast path over one adapter's requests (mixed: the mixed adapters' and base requests, each row
+        its own adapter's LoRA): later requests enter slots freed by earlier ones, so the GPU never drains.
+        The shared prefix is the task template's (from the probes and the first requests); a record that does
+        not start with it, or is longer than the cache, goes through the plain path, in batches. A failure of the fast path before any record is out hands every record to the plain path
         (--fast on: one line, exit 2); after that, one line and exit 2, the output kept."""
         from extractor.backends.fast import common_prefix
         from extractor.backends.fast_families import FastPathError
@@ -402,7 +426,7 @@ class HFBackend(TokenizerBackend):
         prefix = common_prefix(encoded_first + self.encoder().encode_batch(list(probes)))
         own = max(len(e) + r.new_tokens(params) for e, r in zip(encoded_first, first)) - len(prefix)
         try:
-            decoder = self._decoder(prefix, max(2 * own, 1024))
+            decoder = (self._mixed_decoder if mixed else self._decoder)(prefix, max(2 * own, 1024))
         except FastPathError as exc:
             self._go_plain(str(exc))
             yield from self._plain_stream(flat, params, schema)
@@ -419,17 +443,12 @@ class HFBackend(TokenizerBackend):
                     misfits.append((request, ids, why))
                     continue
                 pending[key] = (request, len(ids))
-                yield key, ids[len(prefix):], request.new_tokens(params)
+                item = (key, ids[len(prefix):], request.new_tokens(params))
+                yield (*item, self._mix.lora.group(request.adapter)) if mixed else item
                 key += 1
 
         def plain(items):
-            out = []
-            for why in dict.fromkeys(w for _, _, w in items):  # one plain pass per reason
-                group = [(r, ids) for r, ids, w in items if w == why]
-                gens = self._generate_plain([ids for _, ids in group], params, schema, reason=why,
-                                            budgets=[r.new_tokens(params) for r, _ in group])
-                out += [(request, gen) for (request, _), gen in zip(group, gens)]
-            return out
+            return self._plain_pairs(items, params, schema)
 
         constraint = self._constraint(params, schema)
         interval = sys.getswitchinterval()
@@ -447,6 +466,8 @@ class HFBackend(TokenizerBackend):
                     misfits.clear()
         except (FastPathError, RuntimeError, ValueError, IndexError, TypeError) as exc:
             self._fast_decoder = None
+            if self._mix is not None:
+                self._mix.decoder = None
             reason = f"the fast path failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
             if done or self.fast_mode == "on":
                 raise ModelError(f"{reason} after {done} records; the output so far is kept: rerun with --resume "
@@ -470,14 +491,97 @@ class HFBackend(TokenizerBackend):
 
     def _plain_stream(self, requests, params: GenParams, schema):
         for batch in batched(requests, self.batch_size):
-            gens = self._generate_plain([self._ids(r) for r in batch], params, schema,
-                                        budgets=[r.new_tokens(params) for r in batch])
-            yield list(zip(batch, gens))
+            yield self._plain_pairs([(r, self._ids(r), None) for r in batch], params, schema)
+
+    def _plain_pairs(self, items, params: GenParams, schema) -> list:
+        """(request, ids, why) through the plain path: one pass per reason (None: plain_reason) and, with
+        adapters mixed, per adapter (peft's own forward with that adapter alone)."""
+        out = []
+        for why, adapter in dict.fromkeys((w, r.adapter if self._mix else None) for r, _, w in items):
+            group = [(r, ids) for r, ids, w in items if w == why and (self._mix is None or r.adapter == adapter)]
+            with self._plain_weights(adapter):
+                gens = self._generate_plain([ids for _, ids in group], params, schema, reason=why,
+                                            budgets=[r.new_tokens(params) for r, _ in group])
+            out += [(request, gen) for (request, _), gen in zip(group, gens)]
+        return out
+
+    @contextmanager
+    def _plain_weights(self, adapter: str | None):
+        """With adapters mixed: peft's own forward with only `adapter` active (None: base weights)."""
+        if self._mix is None:
+            yield
+            return
+        with self._mix.lora.off():
+            if adapter is None:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                self.model.set_adapter(adapter)
+                yield
+
+    # -- several LoRA adapters mixed in one decoder ------------------------------------------------------
+    def _mixes(self, keys: list, params: GenParams) -> bool:
+        """Whether requests of these keys (adapter names, None: base) decode mixed in one FastDecoder: two
+        or more sets of weights, at least one a LoRA adapter, all of them mixable exactly (else said in one
+        line, and they decode one adapter at a time); loads them if another set is loaded."""
+        names = [k for k in keys if k is not None]
+        if IN_USE in keys or len(keys) < 2 or not names or any(n not in self.adapter_paths for n in names):
+            return False
+        if self._mix is not None and set(names) <= set(self._mix.names):
+            return True
+        if self.fast_mode == "off" or params.temperature > 0 or frozenset(names) in self._unmixable:
+            return False  # the per-adapter path says why it goes plain
+        from extractor.backends.fast_families import refusal
+        if refusal(self.base) is not None:
+            return False
+        from extractor.backends.lora_mixed import config_refusal
+        why = next((w for n in names if (w := config_refusal(n, self._adapter_config(n)))), None)
+        return self._refuse_mix(names, why) if why else self._load_mix(names)
+
+    def _adapter_config(self, name: str) -> dict:
+        return json.loads((self.adapter_paths[name] / "adapter_config.json").read_text(encoding="utf-8"))
+
+    def _refuse_mix(self, names: list[str], why: str) -> bool:
+        self._unmixable.add(frozenset(names))
+        line = f"fast path: mixed LoRA decoding refused ({why}); these adapters decode one at a time"
+        if line not in self._said:
+            self._said.add(line)
+            print(line, file=sys.stderr, flush=True)
+        return False
+
+    def _load_mix(self, names: list[str]) -> bool:
+        """Every adapter in `names` loaded on the base at once, their LoRA layers mixed (lora_mixed.py)."""
+        from peft import PeftModel
+
+        from extractor.backends.fast_families import FastPathError
+        from extractor.backends.lora_mixed import MixedLoRA
+        self.use_adapter(None)
+        try:
+            model = PeftModel.from_pretrained(self.base, self.adapter_paths[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                model.load_adapter(self.adapter_paths[name], adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"adapters {names} cannot be loaded together on {self.model_path} "
+                             f"({str(exc).splitlines()[0][:200]})") from None
+        self.model, self.adapter = model.to(self.device).eval(), MIXED
+        try:
+            self._mix = _Mix(names, MixedLoRA(self.model, names))
+        except FastPathError as exc:
+            self.use_adapter(None)
+            return self._refuse_mix(names, str(exc).removeprefix("mixed LoRA decoding: "))
+        return True
+
+    def _mixed_decoder(self, prefix: list[int], need: int):
+        """The mixed adapters' decoder, kept while they are loaded; rebuilt for another prefix or a longer cache."""
+        mix = self._mix
+        if mix.decoder is None or mix.decoder.prefix != prefix or mix.decoder.unique_len < need:
+            mix.decoder = None
+            mix.decoder = self._new_decoder(prefix, need, adapters=mix.lora)
+        return mix.decoder
 
     def _decoder(self, prefix: list[int], need: int):
         """One decoder per shared prefix, kept across calls (its cache, prefix KV and CUDA graphs are the
         expensive part); rebuilt when a call needs a longer cache."""
-        from extractor.backends.fast import FastDecoder, slots_for_memory
         self._merge_lora()
 
         def fits(dec) -> bool:
@@ -488,7 +592,12 @@ class HFBackend(TokenizerBackend):
         if fits(spare) and spare.reuse_for(self._virtual_prefix()):  # another adapter: same cache, K/V recomputed
             self._fast_decoder = spare
             return spare
-        self._fast_decoder = spare = None
+        self._fast_decoder = spare = None  # the old one's memory free before the new one's is taken
+        self._fast_decoder = self._new_decoder(prefix, need, virtual=self._virtual_prefix())
+        return self._fast_decoder
+
+    def _new_decoder(self, prefix: list[int], need: int, **kwargs):
+        from extractor.backends.fast import FastDecoder, slots_for_memory
         cuda = self.device.startswith("cuda")
         if cuda:
             self.torch.cuda.empty_cache()
@@ -497,9 +606,8 @@ class HFBackend(TokenizerBackend):
         slots = slots_for_memory(self.base, unique_len, self.device) if cuda else \
             max(1, min(self.batch_size, self.batch_tokens // unique_len))
         dec = FastDecoder(self.base, prefix, slots=slots, unique_len=unique_len, eos_ids=self.eos_ids,
-                          virtual=self._virtual_prefix(), compile=self._compiles(cuda))
+                          compile=self._compiles(cuda), **kwargs)
         dec.capture()
-        self._fast_decoder = dec
         return dec
 
     def _compiles(self, cuda: bool) -> bool:
