@@ -127,3 +127,38 @@ def test_cli_run_with_vllm_matches_hf(tiny_model, tmp_path):
     assert [r["status"] for r in outs["vllm"]] == [r["status"] for r in outs["hf"]]
     manifest = json.loads((tmp_path / "vllm.jsonl.manifest.json").read_text())
     assert manifest["run_key"]["backend"]["backend"] == "vllm"
+
+
+def test_sigkill_leaves_no_engine_behind(tiny_model, tmp_path):
+    """vLLM's engine core runs in child processes; `extractor run` killed with SIGKILL must not leave them
+    holding the device (on a GPU the orphan kept 129 GiB and the --resume could not start). Then --resume
+    finishes every record exactly once."""
+    import signal
+    import time
+
+    from extractor.backends.reaper import descendants
+    corpus, _ = synth_corpus(tmp_path, n=400)
+    out = tmp_path / "preds.jsonl"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the engine in its own processes, as by default
+    cmd = [sys.executable, "-m", "extractor", "run", str(corpus), "--task", "jd_requirements", "--model",
+           str(tiny_model), "--backend", "vllm", "--out", str(out), "--max-new-tokens", "24", "--dtype", "fp32",
+           "--window", "16", "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and not (out.exists() and out.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.05)
+    engine = descendants(proc.pid)
+    assert proc.poll() is None and engine, "the run ended (or wrote nothing) before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    alive = engine
+    deadline = time.time() + 30
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = {pid for pid in alive if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"}
+    assert not alive, f"engine processes outlived the killed run: {sorted(alive)}"
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert len(ids) == len(set(ids)) == 400

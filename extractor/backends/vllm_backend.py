@@ -63,6 +63,9 @@ class VLLMBackend(TokenizerBackend):
             self.llm = LLM(**kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"{self.model_path}: vLLM cannot load it ({str(exc).splitlines()[0][:200]})") from None
+        # The engine's processes end with this one, even when it is SIGKILLed (else they keep the GPU).
+        from extractor.backends.reaper import reap_on_exit
+        self._reaper = reap_on_exit()
         self.tensor_parallel = tensor_parallel
         self.adapter: str | None = None
         self._next_id = 0  # request ids for the engine, unique over the backend's life
