@@ -60,6 +60,8 @@ def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict]
     def requests():
         seq = 0
         for window, (records, shares) in enumerate(windows):
+            # A window's requests go lane by lane: a backend that serves one adapter at a time (hf) then
+            # switches once per lane and window, not at every record.
             for lanes in groups.values():
                 renderer = predictors[lanes[0]]
                 wanted = {id(r) for lane in lanes for r in shares[lane]}

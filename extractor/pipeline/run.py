@@ -1,5 +1,6 @@
 """One output (file or object): the manifest and its run key, exactly-once resume, the windows still to do,
-Ctrl-C, the summary. Rows are written by `sink.RowSink`; records become rows in `predictor.Predictor`."""
+Ctrl-C, the summary. Rows are written by `sink.RowSink`; records become rows in `predictor.Predictor`.
+`produce` fills one output, or several of one corpus (one per adapter, `one_pass.py`), from one read."""
 from __future__ import annotations
 
 import time
@@ -166,7 +167,7 @@ class Run:
     def _stop(self) -> bool:
         return self.ctrl_c.requested
 
-    def _rejects_path(self) -> Location:
+    def rejects_path(self) -> Location:
         return self.opts.rejects or self.out.with_name(self.out.name + ".rejects.jsonl")
 
     def _progress(self, start: float) -> "Progress | None":
@@ -189,7 +190,7 @@ def produce(runs: list[Run], dones: list[set[int]], sinks: list[RowSink]) -> Non
     through one backend stream (windows read on a thread ahead of the backend); each output's rows reach its
     sink in input order. Stops at Ctrl-C, or when every output has its --limit."""
     opts = runs[0].opts
-    rejects = RejectsTee([run._rejects_path() for run in runs]) if opts.on_bad == "skip" else None
+    rejects = RejectsTee([run.rejects_path() for run in runs]) if opts.on_bad == "skip" else None
     reader = CorpusReader(opts.corpus, runs[0].p.task.spec.input_fields, opts.id_field, opts.text_field,
                           opts.on_bad, rejects, batch_size=opts.window)
     todos = [Todo(done, opts.limit, sink) for done, sink in zip(dones, sinks)]
@@ -199,7 +200,7 @@ def produce(runs: list[Run], dones: list[set[int]], sinks: list[RowSink]) -> Non
             shares = [todo(window) for todo in todos]
             if any(shares):
                 yield window, shares
-            if runs[0]._stop or all(todo.full for todo in todos):
+            if runs[0].ctrl_c.requested or all(todo.full for todo in todos):
                 return
     try:
         with prefetch(windows()) as stream:
