@@ -7,6 +7,9 @@ Anchor workload (bench/gpu_fast.py: Qwen2.5-1.5B config, bf16, 320-token shared 
               spread evenly (round robin), all in one mixed decoder;
   mixed_all   the same 4 adapters, every record once per adapter (4N requests) in one mixed decoder.
 Each row: tok/s (output tokens) and its ratio to base; the mixed decoder's setup, warm-up and time split.
+Then fp32_check: in float32 on this device (CUDA graphs, the grouped Triton kernel, the compiled forward where
+CUDA), 2 records per group (base and each adapter) through one mixed decoder of 4 slots with refills,
+token for token against peft's own `generate` with that adapter active.
 
     python bench/gpu_lora_mixed.py --out $OUT          # one H200
     python bench/gpu_lora_mixed.py --smoke --out /tmp/lm   # tiny config on CPU: checks the harness only
@@ -71,6 +74,45 @@ def mixed_run(model, mixed, prefix, suffixes, groups, compile: bool):
     return r
 
 
+def fp32_check(peft_model, prefix, suffixes, compile: bool, new: int = 32) -> dict:
+    """Mixed decoding against peft's forward, float32, on this device."""
+    peft_model.float()
+    with torch.no_grad():  # adapters strong enough to change the tokens (std 0.01 leaves them the base's)
+        for module in peft_model.modules():
+            for layer in getattr(module, "lora_B", {}).values() if hasattr(module, "lora_B") else ():
+                layer.weight.mul_(100)
+    mixed = MixedLoRA(peft_model, list(ADAPTERS))
+    records = [(list(s), g) for i, s in enumerate(suffixes[: 2 * (len(ADAPTERS) + 1)]) for g in [i % (len(ADAPTERS) + 1)]]
+    dec = FastDecoder(peft_model.get_base_model(), prefix, slots=4, unique_len=max(len(s) for s, _ in records) + new,
+                      eos_ids=[], adapters=mixed, compile=compile)
+    dec.capture()
+    got = dec.generate([s for s, _ in records], max_new=new, refill=2, groups=[g for _, g in records])
+    equal, per_group, base_refs, refs = 0, {}, {}, {}
+    with mixed.off():
+        for (s, g), (tokens, _) in zip(records, got):
+            ids = torch.tensor([prefix + s], device=gf.DEVICE)
+            kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                      pad_token_id=0, eos_token_id=None)
+            if g == 0:
+                with peft_model.disable_adapter():
+                    ref = peft_model.generate(input_ids=ids, **kw)
+            else:
+                peft_model.set_adapter(ADAPTERS[g - 1])
+                ref = peft_model.generate(input_ids=ids, **kw)
+            refs[len(refs)] = ref[0, ids.shape[1]:].tolist()
+            with peft_model.disable_adapter():
+                base_refs[len(base_refs)] = peft_model.generate(input_ids=ids, **kw)[0, ids.shape[1]:].tolist()
+            same = tokens == refs[len(refs) - 1]
+            equal += same
+            per_group[g] = per_group.get(g, 0) + same
+    mixed.close()
+    del dec
+    differ = sum(refs[i] != base_refs[i] for i in refs)  # adapter records whose tokens are not the base's
+    return {"records": len(records), "new_tokens": new, "equal": equal, "equal_per_group": per_group,
+            "adapter_records_unlike_base": differ,
+            "compiled": compile, "attention": "triton" if gf.DEVICE == "cuda" else "torch"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=1024)
@@ -103,6 +145,9 @@ def main() -> None:
     mixed.close()
     base = res["base"]["tok_s"]
     res["ratios_to_base"] = {k: res[k]["tok_s"] / base for k in ("mixed_rr", "mixed_all")}
+    torch._dynamo.reset()  # the fp32 model is another set of shapes and dtypes: compile afresh
+    with torch.inference_mode():
+        res["fp32_check"] = fp32_check(peft_model, prefix, suffixes, cuda)
 
 
 if __name__ == "__main__":
