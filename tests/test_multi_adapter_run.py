@@ -183,22 +183,22 @@ def _fed(paths):
 
 
 def test_sigkill_then_resume_every_output_exactly_once(tmp_path, tiny_model, loras):  # noqa: F811
-    corpus, _ = synth_corpus(tmp_path, n=30, seed=4)
+    corpus, _ = synth_corpus(tmp_path, n=90, seed=4)
     ref, out = tmp_path / "ref.jsonl", tmp_path / "killed.jsonl"
     reliability._check_ran(reliability._run_to_end(_cli(corpus, tiny_model, ref, loras[:2])))
     rng, landed = random.Random(0), 0
-    for _ in range(6):
+    for _ in range(5):
         if landed == 3:
             break
         outputs = [_output(out, a) for a in loras[:2]]
         landed += reliability._kill_at_random(_cli(corpus, tiny_model, out, loras[:2], "--resume"), _fed(outputs),
-                                              rng, max_delay=1.0)
+                                              rng, max_delay=0.5)
     assert landed >= 2, "the kills did not land before the runs finished"
     reliability._check_ran(reliability._run_to_end(_cli(corpus, tiny_model, out, loras[:2], "--resume")))
     for adapter in loras[:2]:
         got, want = _output(out, adapter), _output(ref, adapter)
         ids = [r["id"] for r in read_jsonl(got)]
-        assert len(ids) == len(set(ids)) == 30
+        assert len(ids) == len(set(ids)) == 90
         assert got.read_bytes() == want.read_bytes(), adapter.name
 
 
