@@ -148,3 +148,88 @@ def test_refused_kind_decodes_per_adapter(tmp_path, tiny_model, loras, kind, cap
     said = [line for line in capfd.readouterr().err.splitlines() if "mixed LoRA decoding refused" in line]
     assert len(said) == 1, said
     assert named in said[0]
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A tiny model of 4 decoder layers and 2 LoRA adapters on it (q/v; every linear layer, rsLoRA)."""
+    from extractor.tiny_models import build_tiny_model
+    from tests.conftest import make_adapter
+    root = tmp_path_factory.mktemp("deep")
+    model = build_tiny_model(root / "tiny4", layers=4)
+    return model, [make_adapter(model, "lora", root / "qv", seed=0),
+                   _lora(model, root / "all", 1, r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear")]
+
+
+def _compiled_run(model, adapters, requests, params):
+    """A compiled FastDecoder's outputs and dynamo's compile counts, from a cold dynamo cache."""
+    import torch
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    backend = HFBackend(str(model), adapters=[str(a) for a in adapters], dtype="fp32", device="cpu",
+                        batch_size=3, fast="on", compile=True)
+    got = _streamed(backend, requests, params)
+    decoder = backend._mix.decoder if adapters else backend._fast_decoder
+    if not decoder.compiled:
+        pytest.skip("torch.compile is unavailable here")
+    frames, graphs = counters["frames"]["total"], counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return got, frames, graphs, backend
+
+
+def test_mixed_lora_compiled_compiles_once_for_every_layer(deep):
+    """torch.compile around a mixed decoder (as on CUDA): its outputs equal each adapter's plain run, and it
+    compiles no more frames or graphs than the base model's compiled decoder: every layer's LoRA runs one
+    forward, its A, B and scales read as tensors. (A forward bound per layer is a constant dynamo guards on:
+    each layer recompiled the shared layer code, 9 frames more per layer here; 28 layers went past the
+    recompile limit on an H200, then ran eager.)"""
+    model, adapters = deep
+    prompts = _prompts(5, shared=True, seed=13)
+    params = GenParams(max_new_tokens=8)
+    want = _reference(model, adapters, prompts, params)
+    base, base_frames, base_graphs, _ = _compiled_run(model, [], _interleaved(prompts, [None]), params)
+    assert {k: (g.text, g.output_tokens) for k, g in base.items()} == {k: v for k, v in want.items() if k[1] is None}
+    mixed = _interleaved(prompts, [None, *[a.name for a in adapters]])
+    got, frames, graphs, backend = _compiled_run(model, adapters, mixed, params)
+    assert {k: (g.text, g.output_tokens) for k, g in got.items()} == want
+    assert {g.decoder for g in got.values()} == {"fast"} and backend._mix.decoder.groups == 3
+    # equal here (71 frames, 31 graphs); fewer more than the 4 layers, where a compile per layer adds 36 of each
+    assert frames - base_frames < 4 and graphs - base_graphs < 4, \
+        f"recompiled per layer: {frames} frames, {graphs} graphs; base weights {base_frames}, {base_graphs}"
+
+
+def test_mixed_layers_swap_class_and_close_restores_exactly(tiny_model, loras):  # noqa: F811
+    """Mixed, each LoRA layer is its class's one mixed subclass (one forward for all) holding its operands as
+    non-persistent buffers (the state dict unchanged); `off()` is peft's forward; `close()` gives every layer
+    back its own class and attributes exactly."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from extractor.backends.fast_families import FastPathError
+    from extractor.backends.lora_mixed import MixedLoRA
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), loras[0],
+                                      adapter_name=loras[0].name)
+    model.load_adapter(loras[1], adapter_name=loras[1].name)
+    model.eval()
+    model.set_adapter(loras[1].name)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    before = [(type(m), dict(vars(m)), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in layers]
+    keys = list(model.state_dict())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        peft_out = model(input_ids=ids).logits
+    mix = MixedLoRA(model, [loras[0].name, loras[1].name])
+    assert len({type(m) for m in layers}) == 1 and {type(m).forward for m in layers} != {before[0][0].forward}
+    assert all("forward" not in vars(m) for m in layers) and list(model.state_dict()) == keys
+    mix.attach(1)[0] = 2
+    with torch.no_grad():
+        # row group 2: adapter 2's LoRA, as peft's (to rounding: the scale applies before B here)
+        torch.testing.assert_close(model(input_ids=ids).logits, peft_out)
+        with mix.off():
+            assert torch.equal(model(input_ids=ids).logits, peft_out)
+        with pytest.raises(FastPathError, match="not \\[rows, tokens, features\\]"):
+            layers[0](torch.zeros(3, layers[0].in_features))
+    mix.close()
+    assert [(type(m), dict(vars(m)), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in layers] == before

@@ -8,6 +8,12 @@ peft's `scaling[adapter]`) on its columns and zeros elsewhere. Group 0 is base w
 an adapter does not target has no columns for it. The row groups are read from one static buffer (`rows`, the
 decoder's per-row group, staged like its slots), so CUDA graphs and compiled code stay valid.
 
+One forward for every layer: each mixed layer's class becomes a subclass of its own (made once per class)
+whose `forward` is the mixed one, and its A_cat, B_cat and scale table are non-persistent buffers on it.
+torch.compile then sees one function and per-layer tensors it reads as inputs; a per-layer bound forward
+(a partial) would be a constant it guards on by id, and every decoder layer would recompile the shared layer
+code (seen on an H200: 28 layers past the recompile limit, then eager).
+
 What this does not compute exactly is refused in one line (`config_refusal`, `module_refusal`) and decodes
 with one adapter at a time instead (merged): DoRA and other LoRA variants, LoRA on embeddings or on
 parameters (MoE experts), a LoRA bias, fan_in_fan_out layers, modules saved whole per adapter, trainable
@@ -15,7 +21,6 @@ tokens, dropout at train time.
 """
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
 
 import torch
@@ -57,6 +62,8 @@ def module_refusal(model, names: list[str]) -> str | None:
             return f"LoRA on a {type(module).__name__} layer ({path})"
         if ".experts." in f".{path}.":
             return f"LoRA on MoE experts ({path})"
+        if "forward" in vars(module) or any(hasattr(module, name) for name in (*BUFFERS, "mixed_state")):
+            return f"{path} has its forward replaced already (a hook, or mixed LoRA)"
         if module.fan_in_fan_out or module.merged:
             return f"{path} is {'fan_in_fan_out' if module.fan_in_fan_out else 'merged'}"
         for name in names:
@@ -65,6 +72,31 @@ def module_refusal(model, names: list[str]) -> str | None:
             if module.lora_bias.get(name) or name in module.lora_embedding_A:
                 return f"adapter {name} has a LoRA bias or embedding at {path}"
     return None
+
+
+BUFFERS = ("mixed_a", "mixed_b", "mixed_scale")  # A_cat [in, R], B_cat [R, out], table [groups, R]
+_MIXED: dict[type, type] = {}  # a LoRA layer class -> its mixed subclass (one per class: one forward to compile)
+
+
+def _mixed_class(cls: type) -> type:
+    mixed = _MIXED.get(cls)
+    if mixed is None:
+        class Mixed(cls):
+            def forward(self, x, *args, **kwargs):
+                mix = self.mixed_state
+                if not mix.enabled:
+                    return super().forward(x, *args, **kwargs)
+                if x.dim() != 3:  # rows must be the batch dimension for each row's group to apply
+                    raise FastPathError(f"mixed LoRA: a layer's input has shape {tuple(x.shape)}, "
+                                        "not [rows, tokens, features]")
+                a, b = self.mixed_a, self.mixed_b
+                result = self.base_layer(x, *args, **kwargs)
+                scale = self.mixed_scale[mix.rows[: x.shape[0]]].unsqueeze(1)  # [rows, 1, R]: its adapter's
+                return result + (((x.to(a.dtype) @ a) * scale) @ b).to(result.dtype)
+
+        Mixed.__name__ = Mixed.__qualname__ = f"Mixed{cls.__name__}"
+        mixed = _MIXED[cls] = Mixed
+    return mixed
 
 
 class MixedLoRA:
@@ -82,9 +114,14 @@ class MixedLoRA:
         self.enabled = True
         p = next(model.parameters())
         self.rows = torch.zeros(1, dtype=torch.long, device=p.device)
-        self._layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-        for layer in self._layers:
-            layer.forward = functools.partial(self._forward, layer, layer.forward, *self._operands(layer))
+        self._layers = []  # (layer, its own class)
+        for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
+            operands = self._operands(layer)
+            for name, tensor in zip(BUFFERS, operands):
+                layer.register_buffer(name, tensor, persistent=False)
+            layer.mixed_state = self
+            self._layers.append((layer, type(layer)))
+            layer.__class__ = _mixed_class(type(layer))
 
     def group(self, adapter: str | None) -> int:
         return 0 if adapter is None else self.names.index(adapter) + 1
@@ -110,15 +147,6 @@ class MixedLoRA:
             col += r
         return a, b, table
 
-    def _forward(self, layer, original, a, b, table, x, *args, **kwargs):
-        if not self.enabled:
-            return original(x, *args, **kwargs)
-        if x.dim() != 3:  # rows must be the batch dimension for each row's group to apply
-            raise FastPathError(f"mixed LoRA: a layer's input has shape {tuple(x.shape)}, not [rows, tokens, features]")
-        result = layer.base_layer(x, *args, **kwargs)
-        scale = table[self.rows[: x.shape[0]]].unsqueeze(1)  # [rows, 1, R]: each row's adapter columns
-        return result + (((x.to(a.dtype) @ a) * scale) @ b).to(result.dtype)
-
     @contextmanager
     def off(self):
         """peft's own forward in this block (the plain path, with whichever adapter peft has active)."""
@@ -129,6 +157,10 @@ class MixedLoRA:
             self.enabled = True
 
     def close(self) -> None:
-        for layer in self._layers:
-            layer.__dict__.pop("forward", None)
+        """Every layer back to its own class (peft's forward), its buffers and the shared state gone."""
+        for layer, cls in self._layers:
+            layer.__class__ = cls
+            for name in BUFFERS:
+                delattr(layer, name)
+            del layer.mixed_state
         self._layers = []
