@@ -29,18 +29,22 @@ from extractor.backends.hf import HFBackend
 
 
 class CountedHF(HFBackend):
-    """hf, noting the adapters of the requests each generate_stream call is handed."""
-    streams = []
+    """hf, noting the adapters of the requests each generate_stream call is handed, the order they came in
+    and which adapters it had mixed in one decoder when the stream ended."""
+    streams, orders, mixed = [], [], []
 
     def generate_stream(self, requests, *args, **kwargs):
-        seen = Counter()
+        seen, order = Counter(), []
         type(self).streams.append(seen)
+        type(self).orders.append(order)
 
         def counted():
             for request in requests:
                 seen[request.adapter] += 1
+                order.append(request.adapter)
                 yield request
         yield from super().generate_stream(counted(), *args, **kwargs)
+        type(self).mixed.append(sorted(self._mix.names) if self._mix is not None else None)
 
 
 class OneAdapterHF(CountedHF):
@@ -118,11 +122,15 @@ def _same_as_solo(out, adapters, solo, resumed=False):
 def test_loras_in_one_stream_equal_their_own_runs(tmp_path, tiny_model, loras, corpus, solo, counted,  # noqa: F811
                                                   run_cli, count):
     adapters = loras[:count]
-    counted.CountedHF.streams.clear()
+    for log in (counted.CountedHF.streams, counted.CountedHF.orders, counted.CountedHF.mixed):
+        log.clear()
     out = tmp_path / "p.jsonl"
     result = run_cli(*_args(corpus, tiny_model, out, "hf_counted", adapters))
     assert result.exit_code == 0, result.output
     assert counted.CountedHF.streams == [Counter({a.name: N for a in adapters})], "one stream for every adapter"
+    # A record's requests side by side (any stretch of the stream names every adapter), decoded mixed.
+    assert counted.CountedHF.orders == [[a.name for _ in range(N) for a in adapters]]
+    assert counted.CountedHF.mixed == [sorted(a.name for a in adapters)]
     _same_as_solo(out, adapters, solo)
     for adapter in adapters:
         summary = _manifest(_output(out, adapter))["summary"]
@@ -137,6 +145,22 @@ def test_backend_that_takes_one_adapter_per_stream_runs_them_in_turn(tmp_path, t
     assert result.exit_code == 0, result.output
     assert counted.OneAdapterHF.streams == [Counter({a.name: N}) for a in loras[:2]]
     _same_as_solo(out, loras[:2], solo)
+
+
+def test_adapters_that_do_not_mix_run_in_turn(tmp_path, tiny_model, loras, corpus, counted, run_cli):  # noqa: F811
+    """A LoRA and a P-tuning adapter cannot share a decoder: hf says so, and they run one after the other,
+    each output its own run's."""
+    from tests.test_fast_adapters import _prompt_adapter
+    ptuning = _prompt_adapter(tiny_model, tmp_path / "pt", "ptuning-mlp", seed=0)
+    counted.CountedHF.streams.clear()
+    out = tmp_path / "p.jsonl"
+    result = run_cli(*_args(corpus, tiny_model, out, "hf_counted", [loras[0], ptuning]))
+    assert result.exit_code == 0, result.output
+    assert counted.CountedHF.streams == [Counter({loras[0].name: N}), Counter({ptuning.name: N})]
+    for adapter in (loras[0], ptuning):
+        alone = tmp_path / f"{adapter.name}.alone.jsonl"
+        assert run_cli(*_args(corpus, tiny_model, alone, "hf", [adapter])).exit_code == 0
+        assert _output(out, adapter).read_bytes() == alone.read_bytes(), adapter.name
 
 
 def test_resume_requests_only_what_each_output_lacks(tmp_path, tiny_model, loras, corpus, solo, counted,  # noqa: F811

@@ -122,6 +122,11 @@ class Backend:
     supports_constrained = False
     mixes_adapters = False  # generate_stream may receive requests naming different adapters
 
+    def decodes_together(self, adapters: list[str], params: GenParams) -> bool:
+        """Whether these adapters' requests, interleaved in one stream, decode together (so one pass over the
+        corpus for all of them pays off); a backend that can only switch between them says False."""
+        return self.mixes_adapters
+
     def identity(self, adapter: str | None = None) -> dict:
         """What identifies the weights and settings that produce outputs for requests naming `adapter`
         (None: base weights); it goes into the manifest."""

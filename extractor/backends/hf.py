@@ -411,8 +411,9 @@ class HFBackend(TokenizerBackend):
         """The fast path over one adapter's requests (mixed: the mixed adapters' and base requests, each row
         its own adapter's LoRA): later requests enter slots freed by earlier ones, so the GPU never drains.
         The shared prefix is the task template's (from the probes and the first requests); a record that does
-        not start with it, or is longer than the cache, goes through the plain path, in batches. A failure of the fast path before any record is out hands every record to the plain path
-        (--fast on: one line, exit 2); after that, one line and exit 2, the output kept."""
+        not start with it, or is longer than the cache, goes through the plain path, in batches. A failure of
+        the fast path before any record is out hands every record to the plain path (--fast on: one line,
+        exit 2); after that, one line and exit 2, the output kept."""
         from extractor.backends.fast import common_prefix
         from extractor.backends.fast_families import FastPathError
         first = list(itertools.islice(requests, self.PEEK))
@@ -520,6 +521,11 @@ class HFBackend(TokenizerBackend):
                 yield
 
     # -- several LoRA adapters mixed in one decoder ------------------------------------------------------
+    def decodes_together(self, adapters: list[str], params: GenParams) -> bool:
+        """Only LoRA adapters that mix exactly in one FastDecoder (else each switch re-merges the weights and
+        drains the decoder: one adapter after another is faster)."""
+        return self.mixes_adapters and self._mixes(list(adapters), params)
+
     def _mixes(self, keys: list, params: GenParams) -> bool:
         """Whether requests of these keys (adapter names, None: base) decode mixed in one FastDecoder: two
         or more sets of weights, at least one a LoRA adapter, all of them mixable exactly (else said in one

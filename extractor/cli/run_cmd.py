@@ -103,10 +103,10 @@ def run(**params):
         return
     engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
     names = engine.adapters()
-    if len(names) > 1 and getattr(engine, "mixes_adapters", False):
+    if len(names) > 1 and engine.decodes_together(names, opts.params):
         _run_in_one_pass(cfg, task, engine, opts, sources, names, console)
         return
-    for name in names:  # one run per adapter, one after another: this backend takes one adapter per stream
+    for name in names:  # one run per adapter, one after another: this backend cannot decode them together
         predictor = _adapter_predictor(cfg, task, engine, opts, sources, name)
         target = output_for_adapter(opts.out, predictor.adapter, len(names))
         _execute(Run(predictor, opts, target, console), _key(task, engine, predictor, opts, sources), console)

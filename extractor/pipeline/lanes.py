@@ -60,19 +60,21 @@ def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict]
     def requests():
         seq = 0
         for window, (records, shares) in enumerate(windows):
-            # A window's requests go lane by lane: a backend that serves one adapter at a time (hf) then
-            # switches once per lane and window, not at every record.
+            # A record's requests go together, one per lane that needs it: any stretch of the stream then
+            # names every adapter, which is what lets the backend decode them together (one pass is only
+            # chosen where it does: Backend.decodes_together).
             for lanes in groups.values():
                 renderer = predictors[lanes[0]]
-                wanted = {id(r) for lane in lanes for r in shares[lane]}
-                group = [r for r in records if id(r) in wanted]
+                wants = [(lane, {id(r) for r in shares[lane]}) for lane in lanes]
+                group = [r for r in records if any(id(r) in ids_ for _, ids_ in wants)]
                 if not group:
                     continue
                 prompts, ids, skipped = renderer.render(group)
-                index = {id(r): i for i, r in enumerate(group)}
-                for lane in lanes:
-                    for rec in shares[lane]:
-                        i, position = index[id(rec)], orders[lane].send()
+                for i, rec in enumerate(group):
+                    for lane, wanted in wants:
+                        if id(rec) not in wanted:
+                            continue
+                        position = orders[lane].send()
                         if i in skipped:
                             orders[lane].done(position, (rec, None, skipped[i]))
                             continue
