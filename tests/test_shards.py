@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import read_jsonl, synth_corpus
+from tests.test_fast_adapters import loras  # noqa: F401 - the fixture: LoRA adapters that differ
 
 EXTRACTOR = [sys.executable, "-m", "extractor"]
 
@@ -38,6 +39,28 @@ def test_two_workers_equal_single_process(tmp_path, tiny_model, run_cli):
                                                "--overwrite"), capture_output=True, text=True, timeout=300)
     assert replaced.returncode == 0, replaced.stderr[-2000:]
     assert [r["raw"] for r in read_jsonl(sharded)] == [r["raw"] for r in a]
+
+
+def test_two_workers_with_several_adapters_merge_one_output_each(tmp_path, tiny_model, loras, run_cli):  # noqa: F811
+    """--gpus with --adapter twice: each adapter's shards merge into its own output, equal to a
+    single-process run of that adapter (the merge used to look for the adapter-less shard names)."""
+    corpus, _ = synth_corpus(tmp_path, n=9)
+    adapters = ["--adapter", str(loras[0]), "--adapter", str(loras[1])]
+    out = tmp_path / "p.jsonl"
+    result = subprocess.run(EXTRACTOR + args(corpus, tiny_model, out, *adapters, "--gpus", "2", "--device", "cpu"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not list(tmp_path.glob("p.shard*"))  # every shard merged and removed
+    for adapter in loras[:2]:
+        alone = tmp_path / f"{adapter.name}.alone.jsonl"
+        assert run_cli(*args(corpus, tiny_model, alone, "--adapter", str(adapter))).exit_code == 0
+        merged = read_jsonl(tmp_path / f"p.{adapter.name}.jsonl")
+        assert [(r["id"], r["raw"], r["adapter"]) for r in merged] == \
+            [(r["id"], r["raw"], r["adapter"]) for r in read_jsonl(alone)]
+    again = subprocess.run(EXTRACTOR + args(corpus, tiny_model, out, *adapters, "--gpus", "2", "--device", "cpu",
+                                            "--resume"), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not list(tmp_path.glob("p.shard*"))  # complete outputs: nothing run again
 
 
 def test_refuses_to_replace_an_unmerged_output(tmp_path, tiny_model):

@@ -89,7 +89,8 @@ def run(**params):
     if cfg.gpus:
         from extractor.runners.shards import run_sharded
         ctx = click.get_current_context()
-        run_sharded(ctx.command, ctx.params, storage.target(cfg.out), cfg.gpus, cfg.device, console)
+        run_sharded(ctx.command, ctx.params, storage.target(cfg.out), cfg.gpus, cfg.device, console,
+                    _output_labels(sources))
         return
     clash = RESERVED.intersection(cfg.keep_fields)
     if clash:
@@ -126,6 +127,13 @@ def _adapter_predictor(cfg: RunConfig, task, engine, opts: RunOptions, sources: 
     predictor = _predictor(cfg, task, engine, opts, name)
     predictor.adapter = sources.adapter_labels.get(name, name)
     return predictor
+
+
+def _output_labels(sources: RunSources) -> list[str | None]:
+    """The label each adapter's output is named by (as the backend names the adapters; [None]: none)."""
+    from extractor.backends.base import name_adapters
+    names = name_adapters(sources.adapters, lambda path: None)
+    return [sources.adapter_labels.get(n, n) for n in names] or [None]
 
 
 def _predictor(cfg: RunConfig, task, backend, opts: RunOptions, adapter_key: str | None = None) -> Predictor:

@@ -52,8 +52,20 @@ def argv_from_params(command: click.Command, params: dict, skip: set[str]) -> li
     return args
 
 
-def run_sharded(command: click.Command, params: dict, out: Location, gpus: int, device: str, console) -> None:
-    if _already_merged(out, params, gpus, console):
+def outputs(out: Location, gpus: int, labels) -> list[tuple[Location, list[Location]]]:
+    """Each output of the run (one per adapter label; [None]: no adapter) and its shards. A worker names its
+    per-adapter outputs after its shard path as any run does (output_for_adapter)."""
+    from extractor.pipeline.run import output_for_adapter
+    return [(output_for_adapter(out, label, len(labels)),
+             [output_for_adapter(shard_path(out, k, gpus), label, len(labels)) for k in range(gpus)])
+            for label in labels]
+
+
+def run_sharded(command: click.Command, params: dict, out: Location, gpus: int, device: str, console,
+                labels=(None,)) -> None:
+    """labels: the adapters' output labels (several adapters: one merged output each)."""
+    targets = outputs(out, gpus, list(labels))
+    if all([_already_merged(target, shards, params, console) for target, shards in targets]):
         return
     base = argv_from_params(command, params, skip={"gpus", "out", "device"})
     visible = _cuda_count() if device in ("auto", "cuda") else 0
@@ -84,11 +96,17 @@ def run_sharded(command: click.Command, params: dict, out: Location, gpus: int, 
         what = ", ".join(f"worker {k} (shard {shard_path(out, k, gpus).name}) exited with {code}" for k, code in failed)
         raise ExtractorError(f"{what}; the other shards are kept — rerun the same command with --resume to "
                              "continue the unfinished shards and merge")
-    summary = merge(out, gpus)
-    console.print(f"merged {summary['records']} records from {gpus} shards into {out}")
+    for target, shards in targets:
+        if storage.exists(target) and (read_manifest(target) or {}).get("format") == MERGED_FORMAT:
+            for s in shards:  # merged before: shards a resumed worker wrote again are not needed
+                storage.remove(s)
+                storage.remove(manifest_path(s))
+            continue
+        summary = merge(target, shards)
+        console.print(f"merged {summary['records']} records from {gpus} shards into {target}")
 
 
-def _already_merged(out: Location, params: dict, gpus: int, console) -> bool:
+def _already_merged(out: Location, shards: list[Location], params: dict, console) -> bool:
     """True when a complete merged output is there to keep (--resume); clears it for --overwrite; refuses to
     replace anything else."""
     if params.get("overwrite") and not params.get("resume"):
@@ -99,7 +117,7 @@ def _already_merged(out: Location, params: dict, gpus: int, console) -> bool:
         return False
     manifest = read_manifest(out)
     if not (manifest and manifest.get("format") == MERGED_FORMAT):
-        if not any(storage.exists(shard_path(out, k, gpus)) for k in range(gpus)):  # a merge removes shards last
+        if not any(storage.exists(s) for s in shards):  # a merge removes shards last
             raise ExtractorError(f"{out} already exists and was not merged by a --gpus run; use another --out or "
                                  "--overwrite")
         if params.get("resume"):
@@ -127,9 +145,8 @@ def _cuda_count() -> int:
         return 0
 
 
-def merge(out: Location, n: int) -> dict:
+def merge(out: Location, shards: list[Location]) -> dict:
     """Interleave the shards back into input order, checking every shard is complete and ids are unique."""
-    shards = [shard_path(out, k, n) for k in range(n)]
     manifests = [read_manifest(s) for s in shards]
     for s, m in zip(shards, manifests):
         if not m or not (m.get("summary") or {}).get("complete"):
