@@ -162,3 +162,26 @@ def test_sigkill_leaves_no_engine_behind(tiny_model, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ids = [r["id"] for r in read_jsonl(out)]
     assert len(ids) == len(set(ids)) == 400
+
+
+def test_several_loras_in_one_pass_equal_their_own_runs(tiny_model, tmp_path):
+    """`--adapter` twice on vLLM: one pass (every record's two requests in one engine stream), each output
+    the rows of a run of that adapter alone."""
+    corpus, _ = synth_corpus(tmp_path, n=6)
+    loras = [make_adapter(tiny_model, "lora", tmp_path / name, seed=seed) for name, seed in (("la", 1), ("lb", 2))]
+    base = [sys.executable, "-m", "extractor", "run", str(corpus), "--task", "jd_requirements", "--model",
+            str(tiny_model), "--backend", "vllm", "--max-new-tokens", "16", "--dtype", "fp32", "--quiet"]
+    both = subprocess.run(base + ["--out", str(tmp_path / "p.jsonl"), "--adapter", str(loras[0]), "--adapter",
+                                  str(loras[1])], capture_output=True, text=True, timeout=600)
+    assert both.returncode == 0, both.stderr[-2000:]
+    raws = {}
+    for lora in loras:
+        alone = tmp_path / f"{lora.name}.alone.jsonl"
+        run = subprocess.run(base + ["--out", str(alone), "--adapter", str(lora)], capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        mixed = read_jsonl(tmp_path / f"p.{lora.name}.jsonl")
+        assert [(r["id"], r["raw"], r["adapter"]) for r in mixed] == \
+            [(r["id"], r["raw"], r["adapter"]) for r in read_jsonl(alone)]
+        raws[lora.name] = [r["raw"] for r in mixed]
+    assert raws["la"] != raws["lb"], "the two adapters should decode differently"

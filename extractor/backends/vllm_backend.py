@@ -33,6 +33,7 @@ def check_lora_dir(path: Path) -> None:
 class VLLMBackend(TokenizerBackend):
     name = "vllm"
     supports_constrained = True
+    mixes_adapters = True  # each request is its own LoRA request; vLLM batches rows of different adapters
 
     def __init__(self, model: str, adapters=(), dtype: str = "auto", device: str = "auto",
                  trust_remote_code: bool = False, tensor_parallel: int = 1, max_model_len: int | None = None,
