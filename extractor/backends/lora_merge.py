@@ -31,6 +31,19 @@ def _keep_on(layers) -> str | None:
     return None if free > 2 * need else "cpu"  # None: the tensor's own device
 
 
+def _check_untied(model, layers) -> None:
+    """A LoRA on an embedding matrix the output head shares (tied word embeddings) cannot be merged: merged, the
+    head would change too, while peft's forward adds the LoRA to the lookup only. Raises ValueError (the
+    caller keeps the layers unmerged: the model's own forward, exactly)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    for layer in layers:
+        base = layer.get_base_layer()
+        if weight is not None and getattr(base, "weight", None) is weight:
+            raise ValueError("the adapter has a LoRA on the input embeddings, which the output head shares "
+                             "(tied word embeddings)")
+
+
 class MergedLoRA:
     """The active LoRA adapter of `model` merged into its base layers until `restore()`. What is kept is each
     base module's own parameters (a Linear's weight and bias; an MoE experts module's stacked expert tensors,
@@ -41,6 +54,7 @@ class MergedLoRA:
         self._layers: list = []
         self._saved: dict[int, tuple] = {}
         layers = [layer for layer in lora_layers(model) if not layer.merged and layer.active_adapters]
+        _check_untied(model, layers)
         keep = _keep_on(layers)
         try:
             for layer in layers:
