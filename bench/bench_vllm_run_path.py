@@ -49,7 +49,7 @@ def main() -> None:
         write_corpus(corpus, None, args.n, seed=0, lang="mix")
         records = [r for window in CorpusReader(corpus, task.spec.input_fields) for r in window]
         prompts = [predictor.builder.build(r["values"]) for r in records]
-        token_prompts = [{"prompt_token_ids": ids} for ids in backend.encode_batch(prompts)]
+        token_prompts = [{"prompt_token_ids": ids} for ids in backend.encoder().encode_batch(prompts)]
         sampling = backend._sampling(params, task.schema)
 
         def raw(prompts_):
