@@ -174,20 +174,26 @@ def make_lora(work: Path, smoke: bool) -> str:
     return str(out)
 
 
+def saved_model(path: Path, shape: dict, tok, dtype=None, **config) -> Path:
+    """A random-weight Qwen2 of `shape` with the trained tokenizer, saved as a model folder (once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        cfg = Qwen2Config(**dict(shape, vocab_size=max(len(tok), 4096)), max_position_embeddings=4096,
+                          eos_token_id=tok.eos_token_id, **config)
+        AutoModelForCausalLM.from_config(cfg, **({"dtype": dtype} if dtype else {})).save_pretrained(path)
+        tok.save_pretrained(path)
+    return path
+
+
 def child_run_path(job: dict) -> dict:
     """`extractor run --backend vllm` against raw LLM.generate, same records, one engine (real weight files:
     the backend loads a model folder as a user's run does)."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
     smoke, work = job["smoke"], Path(job["work"])
     tok = gpu_fast._tokenizer(work)
-    model = work / "model_full"
-    if not (model / "config.json").exists():
-        shape = dict(SMOKE if smoke else gpu_fast.QWEN["1.5b"], vocab_size=max(len(tok), 4096))
-        m = AutoModelForCausalLM.from_config(Qwen2Config(**shape, max_position_embeddings=4096,
-                                                         eos_token_id=tok.eos_token_id), dtype=torch.bfloat16)
-        m.save_pretrained(model)
-        tok.save_pretrained(model)
+    model = saved_model(work / "model_full", SMOKE if smoke else gpu_fast.QWEN["1.5b"], tok, dtype=torch.bfloat16)
     out = work / "run_path.json"
     cmd = [sys.executable, str(Path(__file__).with_name("bench_vllm_run_path.py")), "--model", str(model),
            "--n", str(job["n"]), "--max-new-tokens", str(12 if smoke else gpu_fast.NEW), "--out", str(out)]
@@ -199,21 +205,12 @@ def child_cli(job: dict) -> dict:
     """`extractor run --backend vllm` as a user runs it: killed (SIGKILL) once rows are on disk, resumed, and
     the output checked for exactly-once."""
     import signal
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
 
     from extractor.synth import write_corpus
     work = Path(job["work"]) / "cli"
     work.mkdir(parents=True, exist_ok=True)
     tok = gpu_fast._tokenizer(Path(job["work"]))
-    model = work / "model"
-    if not (model / "config.json").exists():
-        shape = dict(SMOKE, vocab_size=max(len(tok), 4096))
-        torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_config(Qwen2Config(**shape, max_position_embeddings=4096,
-                                                         initializer_range=0.2, eos_token_id=tok.eos_token_id))
-        m.save_pretrained(model)
-        tok.save_pretrained(model)
+    model = saved_model(work / "model", SMOKE, tok, initializer_range=0.2)
     corpus, out = work / "postings.jsonl", work / "preds.jsonl"
     write_corpus(corpus, None, job["n"], seed=1, lang="mix")
     cmd = [sys.executable, "-m", "extractor", "run", str(corpus), "--task", "jd_requirements", "--model", str(model),
