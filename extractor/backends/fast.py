@@ -487,9 +487,10 @@ class FastDecoder:
     @torch.inference_mode()
     def stream(self, source, refill: int | None = None, constraint=None, lookahead: int | None = None):
         """Decode records pulled from `source` — (key, suffix, budget) triples, or (key, suffix, budget,
-        adapter group) with mixed adapters — yielding (key, tokens, finish_reason) as each finishes. Records are pulled only when slots free up (at most `lookahead`
-        waiting), admitted first come first served once `refill` slots are free (default: an eighth), and
-        prefilled in length-sorted chunks. constraint: per-row token masks (constrain.batch.BatchConstraint)."""
+        adapter group) with mixed adapters — yielding (key, tokens, finish_reason) as each finishes. Records
+        are pulled only when slots free up (at most `lookahead` waiting), admitted first come first served once
+        `refill` slots are free (default: an eighth), and prefilled in length-sorted chunks. constraint:
+        per-row token masks (constrain.batch.BatchConstraint)."""
         source = iter(source)
         refill = refill or max(1, self.slots // 8)
         lookahead = lookahead or 2 * self.slots

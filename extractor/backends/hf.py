@@ -350,8 +350,14 @@ class HFBackend(TokenizerBackend):
             return
         if self.fast_mode == "on":
             raise ModelError(f"--fast on: {reason}; use --fast auto to decode with plain generate instead")
-        self._said.add(reason)
-        print(f"fast path: {reason}; decoding with plain generate", file=sys.stderr, flush=True)
+        self._say_once(f"fast path: {reason}; decoding with plain generate", key=reason)
+
+    def _say_once(self, line: str, key: str | None = None) -> None:
+        """A line on stderr, once per backend for its key (default: the line itself)."""
+        key = line if key is None else key
+        if key not in self._said:
+            self._said.add(key)
+            print(line, file=sys.stderr, flush=True)
 
     def _generate_fast(self, encoded: list[list[int]], budgets: list[int], params: GenParams,
                        schema=None) -> list[Generation]:
@@ -549,10 +555,7 @@ class HFBackend(TokenizerBackend):
 
     def _refuse_mix(self, names: list[str], why: str) -> bool:
         self._unmixable.add(frozenset(names))
-        line = f"fast path: mixed LoRA decoding refused ({why}); these adapters decode one at a time"
-        if line not in self._said:
-            self._said.add(line)
-            print(line, file=sys.stderr, flush=True)
+        self._say_once(f"fast path: mixed LoRA decoding refused ({why}); these adapters decode one at a time")
         return False
 
     def _load_mix(self, names: list[str]) -> bool:
