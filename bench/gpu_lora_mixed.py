@@ -7,8 +7,8 @@ Anchor workload (bench/gpu_fast.py: Qwen2.5-1.5B config, bf16, 320-token shared 
               spread evenly (round robin), all in one mixed decoder;
   mixed_all   the same 4 adapters, every record once per adapter (4N requests) in one mixed decoder.
 Each row: tok/s (output tokens) and its ratio to base; the mixed decoder's setup, warm-up and time split.
-Then fp32_check: in float32 on this device (CUDA graphs, the grouped Triton kernel, the compiled forward where
-CUDA), 2 records per group (base and each adapter) through one mixed decoder of 4 slots with refills,
+Then fp32_check: in float32 on this device (CUDA graphs, the grouped Triton kernel; the compiled forward with
+--check-compiled), 2 records per group (base and each adapter) through one mixed decoder of 4 slots with refills,
 token for token against peft's own `generate` with that adapter active.
 
     python bench/gpu_lora_mixed.py --out $OUT          # one H200
@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1024)
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU: checks the harness, not speed")
+    parser.add_argument("--check-compiled", action="store_true",
+                        help="the fp32 check through torch.compile too (an H200 took over 200 s compiling the "
+                             "fp32 model: past one call with the rows; eager it checks the kernels in seconds)")
     args = parser.parse_args()
     if args.smoke:
         gf.DEVICE, gf.PREFIX, gf.NEW = "cpu", 24, 12
@@ -147,7 +150,7 @@ def main() -> None:
     res["ratios_to_base"] = {k: res[k]["tok_s"] / base for k in ("mixed_rr", "mixed_all")}
     torch._dynamo.reset()  # the fp32 model is another set of shapes and dtypes: compile afresh
     with torch.inference_mode():
-        res["fp32_check"] = fp32_check(peft_model, prefix, suffixes, cuda)
+        res["fp32_check"] = fp32_check(peft_model, prefix, suffixes, cuda and args.check_compiled)
 
 
 if __name__ == "__main__":

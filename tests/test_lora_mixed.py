@@ -216,12 +216,20 @@ def test_mixed_layers_swap_class_and_close_restores_exactly(tiny_model, loras): 
     model.set_adapter(loras[1].name)
     layers = [m for m in model.modules() if hasattr(m, "lora_A")]
     before = [(type(m), dict(vars(m)), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in layers]
+    weights = {id(m): m.get_base_layer().weight.detach().clone() for m in layers}
     keys = list(model.state_dict())
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         peft_out = model(input_ids=ids).logits
     mix = MixedLoRA(model, [loras[0].name, loras[1].name])
-    assert len({type(m) for m in layers}) == 1 and {type(m).forward for m in layers} != {before[0][0].forward}
+    # two mixed classes: B folded into the base GEMM (output at least as wide as the input), and not
+    folded = [m for m in layers if hasattr(m, "mixed_fold")]
+    assert 0 < len(folded) < len(layers) and len({type(m) for m in layers}) == 2
+    assert all(m.out_features >= m.in_features for m in folded)
+    for m in folded:  # the base weight is a view of W_fold: stored once, its values unchanged
+        weight = m.get_base_layer().weight
+        assert weight.data_ptr() == m.mixed_fold.data_ptr() and torch.equal(weight, weights[id(m)])
+    assert {type(m).forward for m in layers} & {before[0][0].forward} == set()
     assert all("forward" not in vars(m) for m in layers) and list(model.state_dict()) == keys
     mix.attach(1)[0] = 2
     with torch.no_grad():
@@ -233,3 +241,6 @@ def test_mixed_layers_swap_class_and_close_restores_exactly(tiny_model, loras): 
             layers[0](torch.zeros(3, layers[0].in_features))
     mix.close()
     assert [(type(m), dict(vars(m)), dict(m._buffers), set(m._non_persistent_buffers_set)) for m in layers] == before
+    for m in layers:  # every base weight contiguous in storage of its own again, bit for bit
+        weight = m.get_base_layer().weight
+        assert weight.is_contiguous() and torch.equal(weight, weights[id(m)])

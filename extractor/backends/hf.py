@@ -565,6 +565,7 @@ class HFBackend(TokenizerBackend):
         from extractor.backends.fast_families import FastPathError
         from extractor.backends.lora_mixed import MixedLoRA
         self.use_adapter(None)
+        self._spare = None  # mixing moves some base weights' storage (lora_mixed's fold): no decoder outlives it
         try:
             model = PeftModel.from_pretrained(self.base, self.adapter_paths[names[0]], adapter_name=names[0])
             for name in names[1:]:
