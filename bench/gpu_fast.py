@@ -564,7 +564,7 @@ def adapters_run(res: Results, model, work: Path, n: int) -> None:
         rows.append({k: r[k] for k in ("seconds", "tokens", "records")})
     seconds = time.perf_counter() - start
     res["adapters_run_x4"] = {**row(tokens, n, seconds), "per_adapter": rows,
-                              "merged_layers": len(backend._merged or ())}
+                              "merged_layers": len(backend.weights.merged or ())}
     # As `--adapter` x4 runs a corpus: every adapter over all the records, one output each.
     start, tokens, rows = time.perf_counter(), 0, []
     for name in backend.adapters():

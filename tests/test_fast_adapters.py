@@ -117,7 +117,7 @@ def test_loras_merge_for_the_fast_path_and_share_one_decoder(tiny_model, loras):
         fast = [g for g in backend.generate(requests, params)]
         assert [g.text for g in fast] == plain, adapter.name
         assert {g.decoder for g in fast} == {"fast"}
-        assert len(backend._merged) > 0, "the adapter's layers were merged"
+        assert len(backend.weights.merged) > 0, "the adapter's layers were merged"
         decoders.add(id(backend._fast_decoder))
     assert len(decoders) == 1, "one decoder for every adapter"
     backend.use_adapter(None)
@@ -145,7 +145,7 @@ def test_lora_on_moe_experts(tmp_path, tiny_model):
     plain = [g.text for g in reference.generate(requests, params)]
     fast = backend.generate(requests, params)
     assert [g.text for g in fast] == plain
-    assert {g.decoder for g in fast} == {"fast"} and len(backend._merged) > 0
+    assert {g.decoder for g in fast} == {"fast"} and len(backend.weights.merged) > 0
     backend.use_adapter(None)
     base = [g.text for g in backend.generate([Request(r.prompt) for r in requests], params)]
     assert base != plain, "the adapter must change the outputs"

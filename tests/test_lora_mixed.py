@@ -82,8 +82,8 @@ def test_mixed_lora_rows_equal_each_adapters_own_run(tiny_model, loras, count, s
     got = _streamed(backend, _interleaved(prompts, [a.name for a in adapters] + [None]), params)
     assert {k: (g.text, g.output_tokens) for k, g in got.items()} == want
     assert {g.decoder for g in got.values()} == {"fast"}
-    assert backend._mix is not None and backend._mix.decoder.groups == count + 1
-    assert backend._mix.decoder.stats["prefills"] > 1, "slots were refilled"
+    assert backend.weights.mix is not None and backend._mix_decoder.groups == count + 1
+    assert backend._mix_decoder.stats["prefills"] > 1, "slots were refilled"
 
 
 def test_mixed_lora_constrained(tiny_model, loras):  # noqa: F811
@@ -96,7 +96,7 @@ def test_mixed_lora_constrained(tiny_model, loras):  # noqa: F811
     backend = _mixed_backend(tiny_model, loras)
     got = _streamed(backend, _interleaved(prompts, [None, *[a.name for a in loras]]), params, schema)
     assert {k: (g.text, g.output_tokens) for k, g in got.items()} == want
-    assert {g.decoder for g in got.values()} == {"fast"} and backend._mix is not None
+    assert {g.decoder for g in got.values()} == {"fast"} and backend.weights.mix is not None
 
 
 def test_mixed_batch_misfits_and_back_to_one_adapter(tiny_model, loras, monkeypatch):  # noqa: F811
@@ -114,11 +114,11 @@ def test_mixed_batch_misfits_and_back_to_one_adapter(tiny_model, loras, monkeypa
     names = [None, loras[1].name]
     gens = backend.generate(_interleaved(prompts, names), params)
     assert [(g.text, g.output_tokens) for g in gens] == [want[(i, n)] for i in range(6) for n in names]
-    assert backend._mix is not None
+    assert backend.weights.mix is not None
     assert [g.decoder for g in gens].count("plain") == 2  # the misfit, once per adapter
     alone = backend.generate([Request("", ids=ids, adapter=loras[1].name) for ids in prompts], params)
     assert [(g.text, g.output_tokens) for g in alone] == [want[(i, loras[1].name)] for i in range(6)]
-    assert backend._mix is None and len(backend._merged) > 0
+    assert backend.weights.mix is None and len(backend.weights.merged) > 0
     backend.use_adapter(None)
     assert all(torch.equal(backend.base.state_dict()[k], v) for k, v in base.items())
 
@@ -144,7 +144,7 @@ def test_refused_kind_decodes_per_adapter(tmp_path, tiny_model, loras, kind, cap
     backend = _mixed_backend(tiny_model, adapters)
     got = _streamed(backend, _interleaved(prompts, [odd.name, None, loras[0].name]), params)
     assert {k: (g.text, g.output_tokens) for k, g in got.items()} == want
-    assert {g.decoder for g in got.values()} == {"fast"} and backend._mix is None
+    assert {g.decoder for g in got.values()} == {"fast"} and backend.weights.mix is None
     said = [line for line in capfd.readouterr().err.splitlines() if "mixed LoRA decoding refused" in line]
     assert len(said) == 1, said
     assert named in said[0]
@@ -170,7 +170,7 @@ def _compiled_run(model, adapters, requests, params):
     backend = HFBackend(str(model), adapters=[str(a) for a in adapters], dtype="fp32", device="cpu",
                         batch_size=3, fast="on", compile=True)
     got = _streamed(backend, requests, params)
-    decoder = backend._mix.decoder if adapters else backend._fast_decoder
+    decoder = backend._mix_decoder if adapters else backend._fast_decoder
     if not decoder.compiled:
         pytest.skip("torch.compile is unavailable here")
     frames, graphs = counters["frames"]["total"], counters["stats"]["unique_graphs"]
@@ -193,7 +193,7 @@ def test_mixed_lora_compiled_compiles_once_for_every_layer(deep):
     mixed = _interleaved(prompts, [None, *[a.name for a in adapters]])
     got, frames, graphs, backend = _compiled_run(model, adapters, mixed, params)
     assert {k: (g.text, g.output_tokens) for k, g in got.items()} == want
-    assert {g.decoder for g in got.values()} == {"fast"} and backend._mix.decoder.groups == 3
+    assert {g.decoder for g in got.values()} == {"fast"} and backend._mix_decoder.groups == 3
     # equal here (71 frames, 31 graphs); fewer more than the 4 layers, where a compile per layer adds 36 of each
     assert frames - base_frames < 4 and graphs - base_graphs < 4, \
         f"recompiled per layer: {frames} frames, {graphs} graphs; base weights {base_frames}, {base_graphs}"

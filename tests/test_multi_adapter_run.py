@@ -44,7 +44,7 @@ class CountedHF(HFBackend):
                 order.append(request.adapter)
                 yield request
         yield from super().generate_stream(counted(), *args, **kwargs)
-        type(self).mixed.append(sorted(self._mix.names) if self._mix is not None else None)
+        type(self).mixed.append(sorted(self.weights.mix.names) if self.weights.mix is not None else None)
 
 
 class OneAdapterHF(CountedHF):

@@ -9,12 +9,12 @@ import json
 import os
 import sys
 from collections import deque
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from extractor.backends.base import (LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, batched,
                                      name_adapters)
+from extractor.backends.hf_weights import Weights
 from extractor.errors import ModelError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -66,15 +66,6 @@ def file_fingerprint(path: Path) -> dict:
 CONSTRAINED_SWITCH_INTERVAL: float | None = 0.0005
 
 IN_USE = object()  # a request's key when it names no adapter in a call that names none: the adapter in use
-MIXED = "\0mixed"  # HFBackend.adapter while several LoRA adapters are loaded at once (no request names it)
-
-
-@dataclass
-class _Mix:
-    """The LoRA adapters loaded together, their mixed layers and their decoder (built on first use)."""
-    names: list[str]
-    lora: object
-    decoder: object = None
 
 
 class _Lookahead:
@@ -122,7 +113,7 @@ class HFBackend(TokenizerBackend):
         self.compile = compile
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
-            self.base = AutoModelForCausalLM.from_pretrained(
+            base = AutoModelForCausalLM.from_pretrained(
                 self.model_path, dtype=self.dtype, trust_remote_code=trust_remote_code,
                 use_safetensors=any(self.model_path.glob("*.safetensors")) or None,
                 **_attention_for(self.model_path, trust_remote_code)).to(self.device)
@@ -131,8 +122,8 @@ class HFBackend(TokenizerBackend):
             raise ModelError(f"{self.model_path}: cannot load ({first})") from None
         # Inference only; and peft freezes the base when an adapter loads: frozen from the start, the model
         # an adapter leaves behind is the one compiled code was traced on (requires_grad is in its guards).
-        self.base.requires_grad_(False)
-        self._attach(self.base, self.tokenizer)
+        base.requires_grad_(False)
+        self._attach(base, self.tokenizer)
 
     @classmethod
     def from_loaded(cls, model, tokenizer, model_path: str | Path, batch_size: int = 32,
@@ -152,29 +143,30 @@ class HFBackend(TokenizerBackend):
         self.compile = compile  # off: a checkpoint's evaluation is short, compiling would cost more than it saves
         self._attach(model, tokenizer)
         if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-            self.base, self.adapter = model.get_base_model(), "default"
+            self.weights.hand_over(model)
         return self
 
     def _attach(self, model, tokenizer) -> None:
-        self.base, self.tokenizer = model, tokenizer
+        self._said: set[str] = set()
+        self.weights = Weights(model, self.model_path, self.adapter_paths, self.device, self._say_once)
+        self.tokenizer = tokenizer
         self.base.eval()
         self._check_tokenizer()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_ids = self._eos_ids()
-        self.model = self.base
-        self.adapter = None
         self._grammars: dict[str, object] = {}
         self._fast_decoder = None
         self._spare = None  # the last adapter's decoder, kept for the next one (its cache, compiled code, graphs)
         self._virtual = None  # the prompt-learning adapter's virtual part, once computed
-        self._merged = None  # a LoRA adapter this backend loaded, merged into the base for the fast path
-        self._unmergeable: str | None = None  # the adapter whose merge failed (its layers run unmerged)
+        self._mix_decoder = None  # the mixed adapters' decoder (weights.mix), built on first use
         self.plain_reason: str | None = None  # why records last went the plain way (None: --fast off)
-        self._said: set[str] = set()
-        self._mix: _Mix | None = None  # several LoRA adapters loaded at once, decoding mixed (lora_mixed.py)
-        self._unmixable: set[frozenset] = set()  # adapter sets refused for mixing (said once)
+
+    # What decodes (hf_weights.Weights owns them): the model, the base model under it, the adapter in it.
+    model = property(lambda self: self.weights.model)
+    base = property(lambda self: self.weights.base)
+    adapter = property(lambda self: self.weights.adapter)
 
     # -- setup ---------------------------------------------------------------------------------------
     def _device(self, device: str) -> str:
@@ -222,48 +214,19 @@ class HFBackend(TokenizerBackend):
         return ident
 
     def use_adapter(self, name: str | None) -> None:
-        """Swap adapters on the one base model: LoRA layers are unloaded, prompt-learning wrappers dropped."""
-        from peft import PeftModel
+        """Swap adapters on the one base model (hf_weights.Weights.use). The decoder goes with the weights it
+        was built on; switching to another adapter keeps it as the spare (its cache and compiled code serve
+        the next adapter, its shared-prefix K/V recomputed)."""
         spare = self._fast_decoder or self._spare
-        self._fast_decoder = self._virtual = None  # both belong to the weights they were built from
-        if self._mix is not None:  # its LoRA layers go with the unload below (the base weights never changed)
-            self._mix.lora.close()
-            self._mix = None
-        if self._merged is not None:  # its layers are out already: the base weights back, exactly
-            self._merged.restore()
-            self._merged = None
-        elif self.adapter is not None:
-            self.base = self.model.unload() if hasattr(self.model, "unload") and not self._prompt_learning() \
-                else self.model.get_base_model()
-        self.model, self.adapter = self.base, None
-        if name is None:
-            return
-        try:
-            self.model = PeftModel.from_pretrained(self.base, self.adapter_paths[name]).to(self.device)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ModelError(f"adapter '{self.adapter_paths[name]}' cannot be loaded on {self.model_path} "
-                             f"({str(exc).splitlines()[0][:200]})") from None
-        self.model.eval()
-        self.adapter = name
-        self._spare = spare
-
-    def _prompt_learning(self) -> bool:
-        config = getattr(self.model, "peft_config", {}).get("default")
-        return bool(config and config.is_prompt_learning)
-
-    def _virtual_tokens(self, adapter: str | None = None) -> int:
-        """Positions a prompt-learning adapter puts before every prompt: the named adapter's (read from its
-        config, nothing loaded), else the one in the model (training's)."""
-        if adapter in self.adapter_paths:
-            config = json.loads((self.adapter_paths[adapter] / "adapter_config.json").read_text(encoding="utf-8"))
-            from extractor.backends.prompt_learning import KINDS
-            return int(config.get("num_virtual_tokens") or 0) if config.get("peft_type") in KINDS else 0
-        return self.model.peft_config["default"].num_virtual_tokens if self._prompt_learning() else 0
+        self._fast_decoder = self._virtual = self._mix_decoder = None
+        self.weights.use(name)
+        if name is not None:
+            self._spare = spare
 
     # -- tokens --------------------------------------------------------------------------------------
     def max_input_tokens(self, params: GenParams, adapter: str | None = None) -> int | None:
         limit = getattr(self.base.config, "max_position_embeddings", None)
-        return None if limit is None else limit - params.max_new_tokens - self._virtual_tokens(adapter)
+        return None if limit is None else limit - params.max_new_tokens - self.weights.virtual_tokens(adapter)
 
     # -- generation ----------------------------------------------------------------------------------
     mixes_adapters = True  # requests naming different adapters (or None: base) may share one call or stream
@@ -330,7 +293,7 @@ class HFBackend(TokenizerBackend):
             return "--fast off"
         if params.temperature > 0:
             return "sampling (--temperature > 0) decodes with plain generate"
-        if self._prompt_learning():
+        if self.weights.prompt_learning():
             from extractor.backends.prompt_learning import KINDS, kind
             if kind(self.model) not in KINDS:
                 return f"peft adapters of type {kind(self.model)} decode with plain generate"
@@ -397,7 +360,7 @@ class HFBackend(TokenizerBackend):
             named = named or any(r.adapter is not None for r in window)
             keys = list(dict.fromkeys(self._key(r, named) for r in window))
             if len(keys) > 1 and self._mixes(keys, params):  # one decoder, for as long as these adapters last
-                members = set(self._mix.names) | {None}
+                members = set(self.weights.mix.names) | {None}
                 yield from self._fast_stream(source.take_while(lambda r: r.adapter in members), params, schema,
                                              probes, mixed=True)
                 continue
@@ -451,7 +414,7 @@ class HFBackend(TokenizerBackend):
                     continue
                 pending[key] = (request, len(ids))
                 item = (key, ids[len(prefix):], request.new_tokens(params))
-                yield (*item, self._mix.lora.group(request.adapter)) if mixed else item
+                yield (*item, self.weights.mix.lora.group(request.adapter)) if mixed else item
                 key += 1
 
         def plain(items):
@@ -472,9 +435,7 @@ class HFBackend(TokenizerBackend):
                     done += len(misfits)
                     misfits.clear()
         except (FastPathError, RuntimeError, ValueError, IndexError, TypeError) as exc:
-            self._fast_decoder = None
-            if self._mix is not None:
-                self._mix.decoder = None
+            self._fast_decoder = self._mix_decoder = None
             reason = f"the fast path failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
             if done or self.fast_mode == "on":
                 raise ModelError(f"{reason} after {done} records; the output so far is kept: rerun with --resume "
@@ -504,27 +465,14 @@ class HFBackend(TokenizerBackend):
         """(request, ids, why) through the plain path: one pass per reason (None: plain_reason) and, with
         adapters mixed, per adapter (peft's own forward with that adapter alone)."""
         out = []
-        for why, adapter in dict.fromkeys((w, r.adapter if self._mix else None) for r, _, w in items):
-            group = [(r, ids) for r, ids, w in items if w == why and (self._mix is None or r.adapter == adapter)]
-            with self._plain_weights(adapter):
+        mixed = self.weights.mix is not None
+        for why, adapter in dict.fromkeys((w, r.adapter if mixed else None) for r, _, w in items):
+            group = [(r, ids) for r, ids, w in items if w == why and (not mixed or r.adapter == adapter)]
+            with self.weights.plain(adapter):
                 gens = self._generate_plain([ids for _, ids in group], params, schema, reason=why,
                                             budgets=[r.new_tokens(params) for r, _ in group])
             out += [(request, gen) for (request, _), gen in zip(group, gens)]
         return out
-
-    @contextmanager
-    def _plain_weights(self, adapter: str | None):
-        """With adapters mixed: peft's own forward with only `adapter` active (None: base weights)."""
-        if self._mix is None:
-            yield
-            return
-        with self._mix.lora.off():
-            if adapter is None:
-                with self.model.disable_adapter():
-                    yield
-            else:
-                self.model.set_adapter(adapter)
-                yield
 
     # -- several LoRA adapters mixed in one decoder ------------------------------------------------------
     def decodes_together(self, adapters: list[str], params: GenParams) -> bool:
@@ -539,60 +487,29 @@ class HFBackend(TokenizerBackend):
         names = [k for k in keys if k is not None]
         if IN_USE in keys or len(keys) < 2 or not names or any(n not in self.adapter_paths for n in names):
             return False
-        if self._mix is not None and set(names) <= set(self._mix.names):
+        if self.weights.mixing(names):
             return True
-        if self.fast_mode == "off" or params.temperature > 0 or frozenset(names) in self._unmixable:
+        if self.fast_mode == "off" or params.temperature > 0:
             return False  # the per-adapter path says why it goes plain
         from extractor.backends.fast_families import refusal
-        if refusal(self.base) is not None:
+        if refusal(self.base) is not None or self.weights.refuses_mix(names):
             return False
-        from extractor.backends.lora_mixed import config_refusal
-        why = next((w for n in names if (w := config_refusal(n, self._adapter_config(n)))), None)
-        return self._refuse_mix(names, why) if why else self._load_mix(names)
-
-    def _adapter_config(self, name: str) -> dict:
-        return json.loads((self.adapter_paths[name] / "adapter_config.json").read_text(encoding="utf-8"))
-
-    def _refuse_mix(self, names: list[str], why: str) -> bool:
-        self._unmixable.add(frozenset(names))
-        self._say_once(f"fast path: mixed LoRA decoding refused ({why}); these adapters decode one at a time")
-        return False
-
-    def _load_mix(self, names: list[str]) -> bool:
-        """Every adapter in `names` loaded on the base at once, their LoRA layers mixed (lora_mixed.py)."""
-        from peft import PeftModel
-
-        from extractor.backends.fast_families import FastPathError
-        from extractor.backends.lora_mixed import MixedLoRA
         self.use_adapter(None)
         self._spare = None  # mixing moves some base weights' storage (lora_mixed's fold): no decoder outlives it
-        try:
-            model = PeftModel.from_pretrained(self.base, self.adapter_paths[names[0]], adapter_name=names[0])
-            for name in names[1:]:
-                model.load_adapter(self.adapter_paths[name], adapter_name=name)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ModelError(f"adapters {names} cannot be loaded together on {self.model_path} "
-                             f"({str(exc).splitlines()[0][:200]})") from None
-        self.model, self.adapter = model.to(self.device).eval(), MIXED
-        try:
-            self._mix = _Mix(names, MixedLoRA(self.model, names))
-        except FastPathError as exc:
-            self.use_adapter(None)
-            return self._refuse_mix(names, str(exc).removeprefix("mixed LoRA decoding: "))
-        return True
+        return self.weights.load_mix(names)
 
     def _mixed_decoder(self, prefix: list[int], need: int):
         """The mixed adapters' decoder, kept while they are loaded; rebuilt for another prefix or a longer cache."""
-        mix = self._mix
-        if mix.decoder is None or mix.decoder.prefix != prefix or mix.decoder.unique_len < need:
-            mix.decoder = None
-            mix.decoder = self._new_decoder(prefix, need, adapters=mix.lora)
-        return mix.decoder
+        dec = self._mix_decoder
+        if dec is None or dec.prefix != prefix or dec.unique_len < need:
+            self._mix_decoder = None
+            self._mix_decoder = self._new_decoder(prefix, need, adapters=self.weights.mix.lora)
+        return self._mix_decoder
 
     def _decoder(self, prefix: list[int], need: int):
         """One decoder per shared prefix, kept across calls (its cache, prefix KV and CUDA graphs are the
         expensive part); rebuilt when a call needs a longer cache."""
-        self._merge_lora()
+        self.weights.merge()
 
         def fits(dec) -> bool:
             return dec is not None and dec.prefix == prefix and dec.unique_len >= need
@@ -629,26 +546,6 @@ class HFBackend(TokenizerBackend):
         setting = os.environ.get("EXTRACTOR_FAST_COMPILE", "auto").lower()
         return cuda if setting == "auto" else setting not in ("0", "off", "false", "no")
 
-    def _merge_lora(self) -> None:
-        """A LoRA adapter this backend loaded decodes merged into the base weights (base speed; the weights
-        come back exactly at the next use_adapter). A model handed over by training stays unmerged: its
-        adapter is still being trained."""
-        if self._merged is not None or self.adapter not in self.adapter_paths or self._prompt_learning() or \
-                self.adapter == self._unmergeable:
-            return  # merged already, no adapter, not one this backend loaded (training's), or tried and failed
-        from extractor.backends.lora_merge import MergedLoRA
-        try:
-            merged = MergedLoRA(self.model)
-        except (RuntimeError, ValueError, NotImplementedError, AttributeError) as exc:
-            print(f"fast path: the LoRA adapter cannot be merged ({str(exc).splitlines()[0][:160]}); its layers "
-                  "run unmerged", file=sys.stderr, flush=True)
-            self._unmergeable = self.adapter  # said once, not tried again at every call
-            return
-        # Merged, the LoRA layers only pass through to their base layers: take them out, so the model is
-        # the very modules it was before (code compiled for it, or for an earlier adapter, still applies).
-        self.model = self.base = self.model.unload()
-        self._merged = merged
-
     def _batches(self, order: list[int], encoded: list[list[int]], max_new: int):
         """Consecutive runs of the length-sorted order, each under the batch size and the token budget."""
         batch: list[int] = []
@@ -674,7 +571,7 @@ class HFBackend(TokenizerBackend):
             return self._generate_safe(batch[:mid], params, schema) + self._generate_safe(batch[mid:], params, schema)
 
     def _generate_batch(self, batch: list[list[int]], params: GenParams, schema) -> list[Generation]:
-        if self._prompt_learning():
+        if self.weights.prompt_learning():
             return self._generate_prompt_learning(batch, params, schema)
         torch = self.torch
         width = max(len(ids) for ids in batch)
@@ -698,7 +595,7 @@ class HFBackend(TokenizerBackend):
     def _virtual_prefix(self):
         """A prompt-learning adapter's virtual part (None without one), computed once per adapter for both
         paths: its tokens or K/V go first in the fast path's shared prefix and before each plain record."""
-        if not self._prompt_learning():
+        if not self.weights.prompt_learning():
             return None
         if self._virtual is None:
             from extractor.backends.prompt_learning import virtual_prefix
