@@ -119,7 +119,10 @@ class Weights:
             return True
         from extractor.backends.lora_mixed import config_refusal
         why = next((w for n in names if (w := config_refusal(n, self.adapter_config(n)))), None)
-        return why is not None and self._refuse_mix(names, why)
+        if why is None:
+            return False
+        self._refuse_mix(names, why)
+        return True
 
     def load_mix(self, names: list[str]) -> bool:
         """Every adapter in `names` loaded on the base at once, their LoRA layers mixed; False (said once,
@@ -142,13 +145,14 @@ class Weights:
             self.mix = Mix(names, MixedLoRA(self.model, names))
         except FastPathError as exc:
             self.use(None)
-            return not self._refuse_mix(names, str(exc).removeprefix("mixed LoRA decoding: "))
+            self._refuse_mix(names, str(exc).removeprefix("mixed LoRA decoding: "))
+            return False
         return True
 
-    def _refuse_mix(self, names: list[str], why: str) -> bool:
+    def _refuse_mix(self, names: list[str], why: str) -> None:
+        """Not tried again for these adapters; said once."""
         self._unmixable.add(frozenset(names))
         self._say(f"fast path: mixed LoRA decoding refused ({why}); these adapters decode one at a time")
-        return True
 
     @contextmanager
     def plain(self, adapter: str | None):
