@@ -1,0 +1,98 @@
+"""Start-up: the compile choice, phase timing, and full checkpoints swapped into a loaded model in place."""
+import json
+import shutil
+
+import pytest
+
+from extractor.backends.checkpoint_swap import load_in_place, same_architecture
+from extractor.backends.startup import COMPILE_PAYS_FROM_TOKENS, Startup, choose_compile, process_age
+from extractor.errors import ModelError
+
+
+def test_compile_choice():
+    assert choose_compile("on", cuda=False, tokens=1).compile
+    assert not choose_compile("off", cuda=True, tokens=10**9).compile
+    assert not choose_compile("auto", cuda=False, tokens=10**9).compile  # CPU: never pays
+    assert not choose_compile("auto", cuda=True, tokens=None).compile  # unknown size: eager
+    below = choose_compile("auto", cuda=True, tokens=COMPILE_PAYS_FROM_TOKENS - 1)
+    above = choose_compile("auto", cuda=True, tokens=COMPILE_PAYS_FROM_TOKENS)
+    assert not below.compile and above.compile
+    assert "output tokens" in below.why and below.as_dict() == {"compile": False, "why": below.why}
+    with pytest.raises(ValueError):
+        choose_compile("sometimes", cuda=True, tokens=0)
+
+
+def test_phases_are_said_and_timed(capsys):
+    startup = Startup()
+    with startup.phase("loading weights", "1.0 GB"):
+        pass
+    with startup.phase("loading weights"):  # a phase met twice adds up
+        pass
+    startup.note("compile", {"compile": False})
+    said = capsys.readouterr().err.splitlines()
+    assert said == ["loading weights 1.0 GB…", "loading weights…"]
+    out = startup.as_dict()
+    assert set(out["phases_s"]) == {"loading weights"} and out["compile"] == {"compile": False}
+    assert 0 < process_age() < 3600
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_model, tmp_path_factory):
+    """tiny_model and a copy of it with other random weights (same config and tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    other = tmp_path_factory.mktemp("ckpt") / "other"
+    shutil.copytree(tiny_model, other)
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(other, safe_serialization=True)
+    return tiny_model, other
+
+
+def test_load_in_place_equals_a_fresh_load(two_checkpoints):
+    import torch
+    from transformers import AutoModelForCausalLM
+    first, second = two_checkpoints
+    model = AutoModelForCausalLM.from_pretrained(first, dtype=torch.float32).eval()
+    tensors = {n: p.data_ptr() for n, p in model.named_parameters()}
+    assert same_architecture(first, second) is None
+    assert load_in_place(model, second) > 0
+    fresh = AutoModelForCausalLM.from_pretrained(second, dtype=torch.float32).eval()
+    for (name, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), name
+        assert p.data_ptr() == tensors[name]  # the same tensors: a decoder's graphs still read them
+    ids = torch.tensor([[3, 4, 5, 6]])
+    assert torch.equal(model(ids).logits, fresh(ids).logits)
+
+
+def test_other_architecture_is_refused(two_checkpoints, tmp_path):
+    first, second = two_checkpoints
+    bigger = tmp_path / "bigger"
+    shutil.copytree(second, bigger)
+    cfg = json.loads((bigger / "config.json").read_text())
+    cfg["num_hidden_layers"] += 1
+    (bigger / "config.json").write_text(json.dumps(cfg))
+    assert "num_hidden_layers" in same_architecture(first, bigger)
+    (bigger / "tokenizer.json").write_text((bigger / "tokenizer.json").read_text() + " ")
+    cfg["num_hidden_layers"] -= 1
+    (bigger / "config.json").write_text(json.dumps(cfg))
+    assert "tokenizer" in same_architecture(first, bigger)
+
+
+def test_incomplete_checkpoint_is_refused(two_checkpoints, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    first, second = two_checkpoints
+    partial = tmp_path / "partial"
+    shutil.copytree(second, partial)
+    weights = load_file(partial / "model.safetensors")
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(first, dtype=torch.float32)
+    with pytest.raises(ModelError, match="lacks 1 of the model's weights"):
+        load_in_place(model, partial)
