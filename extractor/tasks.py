@@ -177,6 +177,8 @@ def load_task_file(path: Path) -> Task:
                         f"'{path.stem}'")
     schema_path = _schema_path(path, spec.schema_file)
     schema = _load_schema(schema_path)
+    from extractor.scoring.facts import check_scoring_fields
+    check_scoring_fields(spec.scoring, schema, path, schema_path)
     task = Task(spec=spec, schema=schema, prompt_path=path, schema_path=schema_path)
     _check_templates(task)
     _check_few_shot(task)

@@ -18,6 +18,10 @@ the number of later runs (Bonferroni), so the whole trend is one family.
 The smallest drop seen with 80% power: a column is flagged when its Δ falls below −c·s0 (c: the family's
 critical value in null-spread units, s0: the null spread), and Δ spreads by `se` around a true drop, so
 a drop of c·s0 + z₀.₈·se is flagged 80% of the time.
+
+Only runs of the gold's eval set are compared (`check_coverage`): a run that lacks gold ids (empty, stopped
+half way) or holds ids the gold lacks (run on another corpus) is a broken job, not a regression, and is
+refused before any test.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from functools import cached_property
 from statistics import NormalDist
 
 import numpy as np
+
+from extractor.errors import InputError
 
 MICRO = "micro"
 DROP, TWO_SIDED = "drop", "two-sided"
@@ -74,6 +80,29 @@ def f1_of(summed: np.ndarray) -> np.ndarray:
     tp, fp, fn = summed[..., 0], summed[..., 1], summed[..., 2]
     denom = 2 * tp + fp + fn
     return np.divide(2 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
+
+
+def check_coverage(name: str, gold: int, matched: int, extra: int, min_coverage: float) -> None:
+    """Refuse a run that does not cover the gold: no gold, no prediction, or fewer than `min_coverage` of the
+    gold ids predicted, or more than 1 - `min_coverage` of its ids absent from gold (another corpus).
+
+    gold: gold records scored; matched: those the run has a row for; extra: the run's ids not in gold.
+    """
+    fix = "rerun it on the gold's corpus (or finish it with run --resume), or lower --min-coverage"
+    if gold == 0:
+        raise InputError("the gold holds no record to score (empty, or every gold record malformed); nothing to "
+                         "compare on — pass the gold of the eval set")
+    if matched + extra == 0:
+        raise InputError(f"{name}: holds no predictions (an empty run, a broken job); {fix}")
+    if matched == 0:
+        raise InputError(f"{name}: none of its {extra} ids is in the gold ({gold} ids): it was run on another "
+                         f"corpus; {fix}")
+    if matched < min_coverage * gold:
+        raise InputError(f"{name}: covers {matched} of {gold} gold ids ({matched / gold:.1%}), below "
+                         f"--min-coverage {min_coverage:g}: a partial run is a broken job, not a regression; {fix}")
+    if extra > (1 - min_coverage) * (matched + extra):
+        raise InputError(f"{name}: {extra} of its {matched + extra} ids are not in the gold, more than "
+                         f"--min-coverage {min_coverage:g} allows: it was run on another corpus; {fix}")
 
 
 def align(named_records: list[tuple[str, list]]) -> list[RunCounts]:

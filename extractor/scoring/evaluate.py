@@ -4,6 +4,10 @@ Predictions and gold are read in lockstep: when both files list ids in the same 
 e.g. `run` output against the generator's gold) nothing is buffered and memory stays flat; ids out of
 order are matched through small pending maps. Gold records without a prediction are all false negatives
 (status `missing`); predictions whose id is not in gold are counted and listed, not scored.
+A prediction the scoring kind cannot read (a number, a string, a list or null where it expects an object,
+with status ok or repaired) is counted under status `malformed` and scores as empty, like any failed output;
+a gold record of that kind is counted under `malformed_gold` and left out of the scores (there is nothing
+to score against). Both are listed by id.
 """
 from __future__ import annotations
 
@@ -15,12 +19,13 @@ from pathlib import Path
 from extractor.corpus import id_key, seed_passage
 from extractor.errors import InputError
 from extractor.outputs import SCORED_STATUSES, STATUSES, Validator, judge, parse_json
-from extractor.scoring.facts import FactExtractor, key_text
+from extractor.scoring.facts import FactExtractor, is_text, key_text
 from extractor.scoring.metrics import Counts, averages, prf_f1
 from extractor.scoring.normalize import tokens
 from extractor.writers import iter_rows
 
 MISSING = "missing"
+MALFORMED, MALFORMED_GOLD = "malformed", "malformed_gold"
 MAX_LISTED_IDS = 100
 SNIPPET_CHARS = 160
 
@@ -178,7 +183,8 @@ class Evaluator:
         self.n_examples = examples
         self.missing_ids: list[str] = []
         self.extra_ids: list[str] = []
-        self.n_missing = self.n_extra = self.n_scored = 0
+        self.malformed_ids: dict[str, list[str]] = {MALFORMED: [], MALFORMED_GOLD: []}
+        self.n_missing = self.n_extra = self.n_scored = self.n_gold = 0
         self.keep_records = keep_records
         self.records: list[tuple[str, dict[str, tuple[int, int, int]]]] = []
         self.single_label = task.spec.scoring.kind == "labels"
@@ -190,19 +196,31 @@ class Evaluator:
             if len(self.extra_ids) < MAX_LISTED_IDS:
                 self.extra_ids.append(rid)
             return
+        self.n_gold += 1
+        if self.facts.malformed(gold.obj):
+            self._count_status(MALFORMED_GOLD, rid)
+            return
         self.n_scored += 1
         if pred is None:
             status = MISSING
             self.n_missing += 1
             if len(self.missing_ids) < MAX_LISTED_IDS:
                 self.missing_ids.append(rid)
+        elif pred.status in SCORED_STATUSES and self.facts.malformed(pred.obj):
+            status = MALFORMED
         else:
             status = pred.status
-        self.status_counts[status] += 1
+        self._count_status(status, rid)
         pred_facts = self.facts(pred.obj) if status in SCORED_STATUSES else set()
         gold_facts = self.facts(gold.obj)
         text = gold.text or (pred.text if pred else None)
         self._count(rid, pred_facts, gold_facts, text)
+
+    def _count_status(self, status: str, rid: str) -> None:
+        self.status_counts[status] += 1
+        listed = self.malformed_ids.get(status)
+        if listed is not None and len(listed) < MAX_LISTED_IDS:
+            listed.append(rid)
 
     def _count(self, rid: str, pred: set, gold: set, text: str | None) -> None:
         per_record: dict[str, list[int]] = {}
@@ -230,7 +248,10 @@ class Evaluator:
             self.records.append((rid, {c: tuple(v) for c, v in per_record.items()}))
 
     def _soft_overlap(self, fps: set, fns: set) -> None:
-        """Partial credit of unmatched facts: best token overlap with an unmatched fact of the same class."""
+        """Partial credit of unmatched facts: best token overlap with an unmatched fact of the same class.
+        Text only: a number or boolean is right or wrong (2021 and 2012 share no credit)."""
+        fps = {(c, k) for c, k in fps if is_text(k)}
+        fns = {(c, k) for c, k in fns if is_text(k)}
         for cls, key in fps:
             best = max((overlap_f1(key_text(key), key_text(g)) for c, g in fns if c == cls), default=0.0)
             self.lenient.setdefault(cls, Lenient()).soft_p += best
@@ -262,10 +283,12 @@ class Evaluator:
     def result(self) -> dict:
         classes = {cls: c.as_dict() for cls, c in sorted(self.per_class.items())}
         out = {
-            "records": {"gold": self.n_scored, "scored": self.n_scored, "missing": self.n_missing,
-                        "extra_predictions": self.n_extra},
+            "records": {"gold": self.n_gold, "scored": self.n_scored, "missing": self.n_missing,
+                        "extra_predictions": self.n_extra, "malformed": self.status_counts[MALFORMED],
+                        "malformed_gold": self.status_counts[MALFORMED_GOLD]},
             "status_counts": dict(sorted(self.status_counts.items())),
             "missing_ids": self.missing_ids, "extra_ids": self.extra_ids,
+            "malformed_ids": self.malformed_ids[MALFORMED], "malformed_gold_ids": self.malformed_ids[MALFORMED_GOLD],
             "classes": classes, **averages(self.per_class),
             "lenient": self._lenient_result(),
             "examples": {cls: {"false_positives": self.fp_examples.get(cls, Examples()).top(self.n_examples),

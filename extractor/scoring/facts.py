@@ -1,16 +1,32 @@
 """A task's scoring spec turns an output object into a set of (class, key) facts.
 
-fields: (field, normalized value) for each value of each scored list field; the absent marker is no fact.
+fields: (field, value) for each value of each scored field, typed:
+  - a string by its normalized text; empty text and the absent marker are no fact;
+  - a number by its value (1 and 1.0 are one fact), a boolean by its value (true is not 1): `Scalar` keys;
+  - a list element by element (a list of strings is the usual case);
+  - an object flattened: each value under `field.key` (nested objects deeper: `field.key.sub`), so a
+    structured field scores per subfield; the pairing of values across subfields is not checked (use the
+    tuples kind where it matters);
+  - null, or a missing key, is no fact.
 tuples: (value of class_field, tuple of normalized key_fields) for each item of a top-level array.
 labels: (label, label) for each label of a top-level array.
-Duplicates within a record count once (it is a set). Malformed shapes yield no facts for that part.
+Duplicates within a record count once (it is a set). An output whose top-level shape the kind cannot read (a
+number where fields expects an object, say) is malformed: `FactExtractor.malformed` says so and the evaluator
+counts it under its own status instead of scoring it as empty.
 
 Each kind is a `FactKind` class registered by name; another package adds one through the entry-point group
-`extractor.scoring_kinds` (`plugins.py`), and a task's `scoring.kind` then names it.
+`extractor.scoring_kinds` (`plugins.py`), and a task's `scoring.kind` then names it. The fields a spec names
+must be properties of the task's schema (`check_scoring_fields`, called when a task loads).
 """
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
 from extractor import plugins
+from extractor.errors import TaskError
 from extractor.scoring.normalize import make_normalizer
 
 SCORING_KINDS = {
@@ -26,10 +42,35 @@ def scoring_kind(name: str) -> type["FactKind"]:
     return REGISTRY.load(name)
 
 
+@dataclass(frozen=True)
+class Scalar:
+    """A number or boolean fact key. Equal by value within its type: 1 == 1.0 (Python compares int and float
+    exactly, and hashes them alike), while a boolean never equals a number (the type is part of the key)."""
+
+    type: str  # "number" or "boolean"
+    value: object
+
+    def __str__(self) -> str:
+        return json.dumps(self.value)
+
+
+def scalar(value: bool | int | float) -> Scalar:
+    if isinstance(value, bool):
+        return Scalar("boolean", value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return Scalar("number", str(value))  # NaN never equals itself; its text does
+        if value.is_integer():
+            value = int(value)  # one display for 1 and 1.0 (they are one fact either way)
+    return Scalar("number", value)
+
+
 class FactKind:
     """A scoring kind: built once per task from its scoring spec (`tasks.Scoring`), the normalizer and the
     normalized absent marker; called with each output object, it returns that object's set of facts.
-    `needs`: the scoring spec's keys it cannot do without (checked when the task loads)."""
+    `needs`: the scoring spec's keys it cannot do without (checked when the task loads).
+    `accepts`: whether an output has the top-level shape the kind reads (else it is malformed).
+    `schema_fields`: the (spec key, field names) a schema must declare, and where in the schema."""
 
     needs: tuple[str, ...] = ()
 
@@ -38,6 +79,15 @@ class FactKind:
 
     def __call__(self, obj) -> set:
         raise NotImplementedError
+
+    @staticmethod
+    def accepts(obj) -> bool:
+        return True
+
+    @staticmethod
+    def schema_fields(spec, schema) -> tuple[str, list[str], set[str] | None]:
+        """(spec key, names it gives, the schema's property names or None when nothing is to be checked)."""
+        return "", [], None
 
 
 class FieldFacts(FactKind):
@@ -48,17 +98,33 @@ class FieldFacts(FactKind):
         if not isinstance(obj, dict):
             return out
         for field in self.spec.fields or []:
-            values = obj.get(field)
-            if isinstance(values, str):
-                values = [values]
-            if not isinstance(values, list):
-                continue
-            for v in values:
-                if isinstance(v, str):
-                    key = self.norm(v)
-                    if key and key != self.absent:
-                        out.add((field, key))
+            self._add(out, field, obj.get(field))
         return out
+
+    def _add(self, out: set, field: str, value) -> None:
+        """Facts of one value, walked with a stack: a hostile nesting depth cannot exhaust recursion."""
+        stack = [(field, value)]
+        while stack:
+            cls, v = stack.pop()
+            if isinstance(v, str):
+                key = self.norm(v)
+                if key and key != self.absent:
+                    out.add((cls, key))
+            elif isinstance(v, (bool, int, float)):
+                out.add((cls, scalar(v)))
+            elif isinstance(v, list):
+                stack.extend((cls, x) for x in v)
+            elif isinstance(v, dict):
+                stack.extend((f"{cls}.{k}", x) for k, x in v.items())
+            # None: no fact
+
+    @staticmethod
+    def accepts(obj) -> bool:
+        return isinstance(obj, dict)
+
+    @staticmethod
+    def schema_fields(spec, schema):
+        return "fields", list(spec.fields or []), _properties(schema)
 
 
 class TupleFacts(FactKind):
@@ -76,6 +142,16 @@ class TupleFacts(FactKind):
             out.add((item[class_field], key))
         return out
 
+    @staticmethod
+    def accepts(obj) -> bool:
+        return isinstance(obj, list)
+
+    @staticmethod
+    def schema_fields(spec, schema):
+        items = schema.get("items") if isinstance(schema, dict) else None
+        names = [spec.class_field, *(spec.key_fields or [])]
+        return "class_field/key_fields", [n for n in names if n], _properties(items)
+
 
 class LabelFacts(FactKind):
     def __call__(self, obj) -> set:
@@ -84,6 +160,36 @@ class LabelFacts(FactKind):
         if not isinstance(obj, list):
             return set()
         return {(self.norm(x), self.norm(x)) for x in obj if isinstance(x, str) and self.norm(x)}
+
+    @staticmethod
+    def accepts(obj) -> bool:
+        return isinstance(obj, (list, str))
+
+
+def _properties(schema) -> set[str] | None:
+    """Property names an object schema declares, its allOf/anyOf/oneOf branches included; None when the
+    schema is no object schema (nothing to look fields up in)."""
+    if not isinstance(schema, dict):
+        return None
+    names: set[str] = set()
+    for part in [schema, *(b for k in ("allOf", "anyOf", "oneOf") for b in schema.get(k) or [])]:
+        if isinstance(part, dict) and isinstance(part.get("properties"), dict):
+            names.update(part["properties"])
+    return names
+
+
+def check_scoring_fields(scoring, schema, prompt_path: Path, schema_path: Path) -> None:
+    """Every field a scoring spec names must be a property of the schema: a misspelt field would score as
+    'no fact on either side' on every record, which reads as a perfect score."""
+    key, names, declared = scoring_kind(scoring.kind).schema_fields(scoring, schema)
+    if not names:
+        return
+    declared = declared or set()
+    for name in names:
+        if name not in declared:
+            have = ", ".join(sorted(declared)) or "none (declare them under properties)"
+            raise TaskError(f"{prompt_path}: scoring.{key} names '{name}', which is not a property of the "
+                            f"schema {schema_path.name}; its properties: {have}")
 
 
 class FactExtractor:
@@ -100,7 +206,16 @@ class FactExtractor:
             return set()
         return self._extract(obj)
 
+    def malformed(self, obj) -> bool:
+        """An output the kind cannot read at all: null, or the wrong top-level shape."""
+        return obj is None or not self._extract.accepts(obj)
+
 
 def key_text(key) -> str:
     """A fact key as display text."""
     return " | ".join(key) if isinstance(key, tuple) else str(key)
+
+
+def is_text(key) -> bool:
+    """Whether a key is text (token overlap means something) rather than a number or boolean."""
+    return not isinstance(key, Scalar)

@@ -4,16 +4,20 @@ Charts are drawn once with matplotlib (Agg) and written twice: as inline SVG in 
 a <text> element the viewing browser draws with its own fonts (class names in any script are legible even
 when the machine that wrote the report has no font for them), and as PNG files beside the Markdown
 (rasterised here: Chinese labels need a CJK font on this machine, used when one is installed).
-All record text goes through html.escape, and matplotlib escapes the SVG's text: corpus or model output can
-never inject markup or script.
+All record text goes through html.escape, and matplotlib escapes the SVG's text (with mathtext off, so a
+label holding `$` is text, not a formula to parse); in the Markdown every value is inline text whose markup
+characters are backslash-escaped and whose line breaks are spaces (`md_text`): corpus or model output can
+never inject markup or script, nor break a table, in either.
 """
 from __future__ import annotations
 
 import html
 import io
+import re
 import warnings
 from pathlib import Path
 
+REPORT_FILES = ("report.html", "summary.md", "f1_per_class.png", "confusion.png")
 CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "SimHei")
 # The browser's font stack for chart labels: common CJK fonts on each OS, then the generic family.
 BROWSER_FONTS = ("system-ui, -apple-system, 'Segoe UI', 'Noto Sans', 'Noto Sans CJK SC', 'PingFang SC', "
@@ -32,6 +36,7 @@ def _pyplot():
     # PNG only: put a CJK font in the fallback chain when one is installed.
     plt.rcParams["font.sans-serif"] = [n for n in CJK_FONTS if n in names] + ["DejaVu Sans"]
     plt.rcParams["font.family"] = "sans-serif"
+    plt.rcParams["text.parse_math"] = False  # class names are data: '$x^$' is a label, not a broken formula
     plt.rcParams["svg.fonttype"] = "none"  # SVG text stays text: the browser draws the glyphs
     plt.rcParams["svg.hashsalt"] = "extractor-report"  # stable element ids: the same result, the same file
     return plt
@@ -152,6 +157,7 @@ tr.avg{{font-weight:bold;background:#f3f3f3}}.snippet{{color:#555}}
 <body><h1>{e(title)}</h1>
 <p>task <b>{e(str(prov.get('task', '')))}</b> v{e(str(prov.get('task_version', '')))} ·
 records scored {rec['scored']} · missing predictions {rec['missing']} · predictions not in gold {rec['extra_predictions']}
+· malformed predictions {rec.get('malformed', 0)} · malformed gold {rec.get('malformed_gold', 0)}
 · micro F1 <b id="micro-f1">{result['micro']['f1']:.4f}</b> · lenient (token overlap) micro F1 {lenient['f1']:.4f}</p>
 <h2>Per class</h2><table id="per-class"><thead>{head}</thead><tbody>{body}</tbody></table>
 <h2>F1 per class</h2><div class="chart">{f1.svg}</div>
@@ -167,19 +173,41 @@ def _prov_text(prov: dict) -> str:
     return "\n".join(f"{k}: {v}" for k, v in prov.items() if not isinstance(v, dict))
 
 
+# Every ASCII punctuation character that can open Markdown or GFM markup inline: code spans, emphasis, links and
+# images, raw HTML and entities, table cells, strikethrough, math. CommonMark lets a backslash escape each.
+# A run of underscores between two letters or digits can neither open nor close emphasis, so `jd_requirements`
+# stays as written.
+_MD_SPECIAL = re.compile(r"[\\`*{}\[\]()<>#!|~&$]|_+")
+_LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")
+
+
+def _md_escape(m: re.Match) -> str:
+    text, i, j = m.string, m.start(), m.end()
+    if m.group()[0] == "_" and 0 < i and j < len(text) and text[i - 1].isalnum() and text[j].isalnum():
+        return m.group()
+    return "".join("\\" + c for c in m.group())
+
+
+def md_text(value) -> str:
+    """A value as inert inline Markdown: one line, every markup character backslash-escaped."""
+    return _MD_SPECIAL.sub(_md_escape, _LINE_BREAKS.sub(" ", str(value)))
+
+
 def _markdown(result: dict, title: str, has_conf: bool) -> str:
-    lines = [f"# {title}", "", "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
+    e = md_text
+    lines = [f"# {e(title)}", "", "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
     for name, m in _rows(result):
-        lines.append(f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m.get('support', '')} |")
+        lines.append(f"| {e(name)} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | "
+                     f"{e(m.get('support', ''))} |")
     lines += ["", "![F1 per class](f1_per_class.png)", ""]
     if has_conf:
         lines += ["![confusion matrix](confusion.png)", ""]
     lines += ["| status | records |", "| --- | --- |"]
-    lines += [f"| {s} | {n} |" for s, n in result["status_counts"].items()]
+    lines += [f"| {e(s)} | {n} |" for s, n in result["status_counts"].items()]
     lines += ["", f"lenient token-overlap micro F1: {result['lenient']['micro']['f1']:.4f}", ""]
     for cls, ex in result["examples"].items():
         for kind in ("false_positives", "false_negatives"):
             for x in ex[kind][:3]:
-                snippet = x["snippet"].replace("|", "\\|").replace("\n", " ")
-                lines.append(f"- {cls} {kind.replace('_', ' ')[:-1]}: `{x['key']}` ×{x['count']} (record {x['id']}: {snippet})")
+                lines.append(f"- {e(cls)} {kind.replace('_', ' ')[:-1]}: “{e(x['key'])}” ×{x['count']} "
+                             f"(record {e(x['id'])}: {e(x['snippet'])})")
     return "\n".join(lines) + "\n"
