@@ -134,6 +134,59 @@ def _drop_dangling(out: list[str], in_object: bool) -> None:
     out[:] = list(text)
 
 
+# What an output row can carry (JSONL through orjson, Parquet through JSON text): interoperable JSON (I-JSON,
+# RFC 7493) within 64-bit integers. Python's json reads more than that; a value beyond it is withheld, with
+# the reason, and the row keeps the raw text, so one model output cannot stop the writer.
+MAX_DEPTH = 128  # nesting far beyond any extraction schema, and under orjson's limit (254 levels per row)
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def writable_text(text: str) -> str:
+    """The text with each unpaired surrogate written as its `\\uXXXX` escape (UTF-8 cannot hold one)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def unwritable(value) -> str | None:
+    """Why a parsed value cannot be written as an output row ('$.path: what'), or None. Iterative: a value
+    nested as deep as the decoder allows is walked without recursion."""
+    stack = [(value, "$", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"{path}: nested deeper than {MAX_DEPTH} levels"
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                if _SURROGATE.search(key):
+                    return f'{path}: key "{writable_text(key)[:60]}" holds an unpaired surrogate'
+                stack.append((sub, f"{path}.{key[:60]}", depth + 1))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{path}[{i}]", depth + 1) for i, sub in enumerate(item))
+        else:
+            problem = _scalar_problem(item)
+            if problem:
+                return f"{path}: {problem}"
+    return None
+
+
+def _scalar_problem(item) -> str | None:
+    if isinstance(item, bool) or item is None:
+        return None
+    if isinstance(item, int) and not _INT_MIN <= item <= _INT_MAX:
+        digits = str(abs(item))
+        shown = digits if len(digits) <= 30 else f"{digits[:12]}...({len(digits)} digits)"
+        return f"integer {'-' if item < 0 else ''}{shown} does not fit in 64 bits"
+    if isinstance(item, float) and (item != item or item in (float("inf"), float("-inf"))):
+        return "NaN, Infinity or a number beyond a 64-bit float is not JSON"
+    if isinstance(item, str) and _SURROGATE.search(item):
+        return f'string "{writable_text(item)[:60]}" holds an unpaired surrogate'
+    return None
+
+
 # Keywords whose meaning is the same in draft-07 and 2020-12: schemas using only these are also checked
 # by fastjsonschema's generated code (many times faster); jsonschema still writes every error message.
 _FAST_KEYWORDS = {"$schema", "$id", "$comment", "title", "description", "default", "examples", "type", "properties",
@@ -188,12 +241,17 @@ class Validator:
 
 
 def judge(text: str, finish_reason: str, validator: Validator) -> Parsed:
-    """Turn one model output into a prediction and a status."""
-    value, found, repaired = parse_json(text)
+    """Turn one model output into a prediction and a status. The text judged is the one a row keeps
+    (`writable_text`), so judging a row's raw again gives the same answer."""
+    value, found, repaired = parse_json(writable_text(text))
     if not found:
         if finish_reason == "length":
             return Parsed(None, TRUNCATED, "output hit max-new-tokens before a complete JSON value")
         return Parsed(None, INVALID_JSON, "no JSON value found in the output")
+    problem = unwritable(value)
+    if problem is not None:
+        return Parsed(None, INVALID_JSON, f"{problem}; not interoperable JSON (RFC 7493), so the prediction is "
+                                          "withheld and the raw text kept")
     if repaired and finish_reason == "length":
         return Parsed(value, TRUNCATED, "output hit max-new-tokens; JSON was closed by repair")
     error = validator.first_error(value)

@@ -7,7 +7,7 @@ the `--keep-field` columns copied from the input record.
 """
 from __future__ import annotations
 
-from extractor.outputs import ERROR, Parsed
+from extractor.outputs import ERROR, Parsed, writable_text
 
 ROW_KEYS = ("id", "task", "prediction", "status", "error", "raw", "prompt_tokens", "output_tokens",
             "finish_reason", "adapter")
@@ -15,17 +15,18 @@ RESERVED = frozenset(ROW_KEYS)  # what a --keep-field column may not be called
 
 
 def prediction_row(record_id: str, task: str, gen, parsed: Parsed, adapter: str | None) -> dict:
-    """A judged generation (`backends.base.Generation`) as a row."""
+    """A judged generation (`backends.base.Generation`) as a row; its raw text as `judge` read it (unpaired
+    surrogates escaped), so that every row can be written and judged again."""
     return {"id": record_id, "task": task, "prediction": parsed.prediction, "status": parsed.status,
-            "error": parsed.error, "raw": gen.text, "prompt_tokens": gen.prompt_tokens,
+            "error": parsed.error, "raw": writable_text(gen.text), "prompt_tokens": gen.prompt_tokens,
             "output_tokens": gen.output_tokens, "finish_reason": gen.finish_reason, "adapter": adapter}
 
 
 def error_row(record_id: str | None, task: str, error: str, adapter: str | None,
               prompt_tokens: int | None = None) -> dict:
     """A record that got no output (skipped, failed in the backend, or a bad input record): status error."""
-    return {"id": record_id, "task": task, "prediction": None, "status": ERROR, "error": error, "raw": "",
-            "prompt_tokens": prompt_tokens, "output_tokens": 0, "finish_reason": None, "adapter": adapter}
+    return {"id": record_id, "task": task, "prediction": None, "status": ERROR, "error": writable_text(error),
+            "raw": "", "prompt_tokens": prompt_tokens, "output_tokens": 0, "finish_reason": None, "adapter": adapter}
 
 
 def keep_fields(row: dict, source: dict, fields) -> dict:

@@ -71,7 +71,8 @@ def test_first_json_value_found_in_prose(value, before, after):
 def test_truncation_is_repaired_or_reported(value, cut):
     text = json.dumps({"v": value, "w": [1, 2, 3]}, ensure_ascii=False)
     parsed = judge(text[: max(1, len(text) - cut)], "length", V)
-    assert parsed.status in (TRUNCATED, SCHEMA_VIOLATION, OK)
+    beyond_64_bits = parsed.status == INVALID_JSON and "does not fit in 64 bits" in parsed.error
+    assert parsed.status in (TRUNCATED, SCHEMA_VIOLATION, OK) or beyond_64_bits
 
 
 @settings(max_examples=300, deadline=None)
