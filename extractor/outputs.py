@@ -153,24 +153,34 @@ def writable_text(text: str) -> str:
 
 def unwritable(value) -> str | None:
     """Why a parsed value cannot be written as an output row ('$.path: what'), or None. Iterative: a value
-    nested as deep as the decoder allows is walked without recursion."""
-    stack = [(value, "$", 0)]
+    nested as deep as the decoder allows is walked without recursion; each step keeps only a link to its
+    parent's (the path is spelled out only for the one reported)."""
+    stack = [(value, 0, None)]
     while stack:
-        item, path, depth = stack.pop()
+        item, depth, trail = stack.pop()
         if depth > MAX_DEPTH:
-            return f"{path}: nested deeper than {MAX_DEPTH} levels"
+            return f"{_path(trail)[:40]}...: nested deeper than {MAX_DEPTH} levels"
         if isinstance(item, dict):
             for key, sub in item.items():
                 if _SURROGATE.search(key):
-                    return f'{path}: key "{writable_text(key)[:60]}" holds an unpaired surrogate'
-                stack.append((sub, f"{path}.{key[:60]}", depth + 1))
+                    return f'{_path(trail)}: key "{writable_text(key)[:60]}" holds an unpaired surrogate'
+                stack.append((sub, depth + 1, (trail, key)))
         elif isinstance(item, list):
-            stack.extend((sub, f"{path}[{i}]", depth + 1) for i, sub in enumerate(item))
+            stack.extend((sub, depth + 1, (trail, i)) for i, sub in enumerate(item))
         else:
             problem = _scalar_problem(item)
             if problem:
-                return f"{path}: {problem}"
+                return f"{_path(trail)}: {problem}"
     return None
+
+
+def _path(trail) -> str:
+    """'$.key[0]' from the (parent, key) links `unwritable` keeps."""
+    parts = []
+    while trail is not None:
+        trail, key = trail
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key[:60]}")
+    return "$" + "".join(reversed(parts))
 
 
 def _scalar_problem(item) -> str | None:
