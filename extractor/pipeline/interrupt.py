@@ -3,6 +3,10 @@ stops at once. Its own object so that one handler can serve every output a singl
 from __future__ import annotations
 
 import signal
+import sys
+
+NOTICE = ("interrupted: finishing the records in flight, then stopping; rerun the same command with --resume to "
+          "continue (Ctrl-C again to stop now)")
 
 
 class CtrlC:
@@ -25,5 +29,8 @@ class CtrlC:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
-        if self.console:
-            self.console.print("Ctrl-C: stopping after the current batch (again to stop now)")
+        # Said even under --quiet (like an error): the run is about to end early, and how to continue.
+        if self.console is not None and not self.console.quiet:
+            self.console.print(NOTICE, highlight=False)
+        else:
+            print(NOTICE, file=sys.stderr, flush=True)
