@@ -96,3 +96,35 @@ def test_incomplete_checkpoint_is_refused(two_checkpoints, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(first, dtype=torch.float32)
     with pytest.raises(ModelError, match="lacks 1 of the model's weights"):
         load_in_place(model, partial)
+
+
+def _compiled_counts(path, scope: str):
+    """Greedy tokens of a compiled FastDecoder and dynamo's frame count, from a cold dynamo cache."""
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    from extractor.backends.fast import FastDecoder
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = FastDecoder(model, [3, 4, 9, 10], slots=3, unique_len=32, eos_ids=[], compile=True, compile_scope=scope)
+    if not decoder.compiled:
+        pytest.skip("torch.compile is unavailable here")
+    got = decoder.generate([[5 + i, 6, 7, 8 + i] for i in range(5)], 8)
+    eager = FastDecoder(model, [3, 4, 9, 10], slots=3, unique_len=32, eos_ids=[]).generate(
+        [[5 + i, 6, 7, 8 + i] for i in range(5)], 8)
+    frames = counters["frames"]["total"]
+    torch._dynamo.reset()
+    return got, eager, frames
+
+
+def test_regional_compile_compiles_one_layer_for_all(tmp_path):
+    """Scope "layers": one compiled forward per decoder-layer class, reused by every layer, so a deeper model
+    compiles no more frames; its tokens equal the eager decoder's (fp32)."""
+    from extractor.tiny_models import build_tiny_model
+    shallow, deep = (build_tiny_model(tmp_path / f"l{n}", layers=n) for n in (2, 4))
+    got2, eager2, frames2 = _compiled_counts(shallow, "layers")
+    got4, eager4, frames4 = _compiled_counts(deep, "layers")
+    assert got2 == eager2 and got4 == eager4
+    assert frames4 == frames2, f"regional compile traced per layer: {frames2} frames at 2 layers, {frames4} at 4"

@@ -24,6 +24,7 @@ bench/gpu_fast.py on the GPU).
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -116,6 +117,14 @@ def _text_config(model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+def decoder_layers(model, n_layers: int) -> list | None:
+    """The model's stack of decoder layers (the one ModuleList of `n_layers` blocks), else None."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return list(module)
+    return None
+
+
 def _head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
@@ -160,7 +169,7 @@ class FastDecoder:
 
     def __init__(self, model, prefix: list[int], slots: int, unique_len: int, eos_ids: list[int],
                  attention: str = "auto", prefill_tokens: int = 32768, compile: bool = False,
-                 virtual: VirtualPrefix | None = None, adapters=None):
+                 virtual: VirtualPrefix | None = None, adapters=None, compile_scope: str = "layers"):
         _register()
         if adapters is not None and virtual is not None:
             raise FastPathError("mixed LoRA adapters and a prompt-learning adapter's virtual part in one decoder")
@@ -198,6 +207,8 @@ class FastDecoder:
                               if hasattr(getattr(m, "config", None), "_attn_implementation")}.values())
         _hook_head(model)
         self._forward = self.model
+        self._layer_calls: list = []  # regional compilation: (layer, its compiled forward), set in _native
+        self.compile_scope = compile_scope
         self.compiled = bool(compile)  # off by default: CUDA graphs already remove the decode step's launches
         if self.compiled:
             self._compile()
@@ -212,7 +223,7 @@ class FastDecoder:
         self.virtual, self.n_prefix = None, 0  # n_prefix: positions before a record's own (virtual + prefix)
         self.pk = self.pv = None
         if not (self.compiled and self._compiles()):  # _compiles probes the compiled forward itself
-            self._forward, self.compiled = self.model, False
+            self._forward, self.compiled, self._layer_calls = self.model, False, []
             self._probe()
         self.prefix, self.virtual = list(prefix), virtual
         self._set_prefix(self.prefix)
@@ -241,9 +252,13 @@ class FastDecoder:
         _active.decoder, self._mode = self, mode
         for c in self._configs:
             c._attn_implementation = ATTENTION
+        for layer, call in self._layer_calls:  # only our passes run compiled: the plain path stays the reference
+            layer.forward = call
         try:
             yield
         finally:
+            for layer, _ in self._layer_calls:
+                del layer.forward
             for c, implementation in zip(self._configs, before):
                 c._attn_implementation = implementation
             _active.decoder, self._mode = previous, {}
@@ -257,12 +272,22 @@ class FastDecoder:
         return out.logits[:, -1]
 
     def _compile(self) -> None:
-        """torch.compile the model's forward around our attention (each layer's attention call is a graph
-        break), so that its norms, rotary and activations fuse into fewer kernels."""
+        """torch.compile around our attention (each layer's attention call is a graph break), so that norms,
+        rotary and activations fuse into fewer kernels. Scope "layers" (regional): one compiled forward per
+        decoder-layer class, which every layer of that class reuses (its weights are inputs of the graph),
+        so a 28-layer model traces and compiles one layer, not 28; the embeddings and head run eager.
+        "model": the whole forward. Either way only our passes run it (`_native`)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 512)
-        self._forward = torch.compile(self.model, dynamic=True)
+        layers = decoder_layers(self.model, self.n_layers) if self.compile_scope == "layers" else None
+        if layers is None:
+            self._forward = torch.compile(self.model, dynamic=True)
+            return
+        compiled: dict = {}
+        for layer in layers:
+            fn = compiled.setdefault(type(layer), torch.compile(type(layer).forward, dynamic=True))
+            self._layer_calls.append((layer, functools.partial(fn, layer)))
 
     def _compiles(self) -> bool:
         """Run the compiled forward once on the probe: where this machine cannot (no compiler, an unsupported
