@@ -3,10 +3,10 @@ through FastDecoder (`--fast`, fast.py; CUDA graphs and compilation on CUDA only
 `generate` in length-sorted, token-budgeted, left-padded batches."""
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
+import pickle
 import sys
 from collections import deque
 from dataclasses import replace
@@ -15,22 +15,11 @@ from pathlib import Path
 from extractor.backends.base import (LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, batched,
                                      name_adapters)
 from extractor.backends.hf_weights import Weights
+from extractor.backends.model_files import (WEIGHT_PATTERNS, check_adapter_dir, check_model_dir,  # noqa: F401
+                                            file_fingerprint, load_tokenizer)
 from extractor.errors import ModelError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
-
-
-def check_model_dir(path: Path) -> None:
-    """Fail before any work when a model directory is unusable."""
-    if not path.is_dir():
-        raise ModelError(f"model directory '{path}' does not exist; pass a local Hugging Face model folder")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: no config.json; is this a Hugging Face model folder?")
-    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
-        raise ModelError(f"{path}: no weight files (*.safetensors or *.bin); the download or save is incomplete")
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise ModelError(f"{path}: no tokenizer files; save the tokenizer beside the model")
 
 
 def _attention_for(path: Path, trust_remote_code: bool) -> dict:
@@ -43,20 +32,6 @@ def _attention_for(path: Path, trust_remote_code: bool) -> dict:
         return {}  # from_pretrained reports it
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return {"attn_implementation": "eager"} if getattr(text, "attn_logit_softcapping", None) else {}
-
-
-def check_adapter_dir(path: Path) -> None:
-    if not (path / "adapter_config.json").is_file():
-        raise ModelError(f"adapter '{path}' has no adapter_config.json; pass a folder saved by peft's save_pretrained")
-
-
-def file_fingerprint(path: Path) -> dict:
-    """Cheap identity of a model or adapter folder: config hash plus weight file names and sizes."""
-    config = path / ("adapter_config.json" if (path / "adapter_config.json").is_file() else "config.json")
-    weights = sorted((p.name, p.stat().st_size) for pattern in WEIGHT_PATTERNS for p in path.glob(pattern))
-    return {"path": str(path.resolve()),
-            "config_sha": hashlib.sha256(config.read_bytes()).hexdigest()[:16],
-            "weights": [f"{n}:{s}" for n, s in weights]}
 
 
 # Python's switch interval while the fast path decodes with a constraint (None: leave it). There the main
@@ -98,7 +73,8 @@ class HFBackend(TokenizerBackend):
                  trust_remote_code: bool = False, batch_size: int = 32, batch_tokens: int = 32768,
                  fast: str = "auto", compile: bool | None = None, **_):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from safetensors import SafetensorError
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         self.torch = torch
@@ -111,13 +87,14 @@ class HFBackend(TokenizerBackend):
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.fast_mode = fast
         self.compile = compile
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
             base = AutoModelForCausalLM.from_pretrained(
                 self.model_path, dtype=self.dtype, trust_remote_code=trust_remote_code,
                 use_safetensors=any(self.model_path.glob("*.safetensors")) or None,
                 **_attention_for(self.model_path, trust_remote_code)).to(self.device)
-        except (OSError, ValueError, AttributeError, ImportError, KeyError, RuntimeError) as exc:
+        except (OSError, ValueError, AttributeError, ImportError, KeyError, RuntimeError, TypeError,
+                pickle.UnpicklingError, SafetensorError) as exc:  # what the folder's checks could not see
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ModelError(f"{self.model_path}: cannot load ({first})") from None
         # Inference only; and peft freezes the base when an adapter loads: frozen from the start, the model
