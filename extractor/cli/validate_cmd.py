@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from extractor.cli.options import tasks_dir_option
 from extractor.cli.tables import status_table
@@ -47,10 +48,12 @@ def validate(predictions, task_name, field, examples, tasks_dirs):
             shown.setdefault(kind, [])
             if len(shown[kind]) < examples:
                 shown[kind].append(f"line {line} (id {row.get('id', line)}): {error}")
+    if not counts:
+        raise InputError(f"{predictions}: holds no records; nothing to validate — pass the predictions file")
     console = Console()
     console.print(status_table(dict(sorted(counts.items()))))
     for kind, lines in shown.items():
-        console.print(f"[bold]{kind}[/bold]", highlight=False)
+        console.print(f"[bold]{escape(kind)}[/bold]", highlight=False)  # kind quotes model output
         for text in lines:
             console.print(f"  {text}", highlight=False, markup=False)
     bad = sum(n for s, n in counts.items() if s not in SCORED_STATUSES)
