@@ -199,9 +199,10 @@ def _scalar_problem(item) -> str | None:
 
 # Keywords whose meaning is the same in draft-07 and 2020-12: schemas using only these are also checked
 # by fastjsonschema's generated code (many times faster); jsonschema still writes every error message.
+# `pattern` is left out: fastjsonschema runs it with `re`, unbounded, and a pattern meets model output.
 _FAST_KEYWORDS = {"$schema", "$id", "$comment", "title", "description", "default", "examples", "type", "properties",
                   "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const", "minLength",
-                  "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf",
+                  "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf",
                   "oneOf", "allOf", "not", "uniqueItems", "format"}
 
 
@@ -221,13 +222,20 @@ def _fast_compatible(schema) -> bool:
 
 class Validator:
     """Validates predictions against one task's schema (compiled once). A fast compiled check runs first
-    where the schema allows it; the reference validator (jsonschema, 2020-12) explains any failure."""
+    where the schema allows it; the reference validator (jsonschema, 2020-12) explains any failure.
 
-    def __init__(self, schema: dict):
-        from jsonschema import Draft202012Validator
-        self._validator = Draft202012Validator(schema)
+    `registry` (Task.registry) holds every resource the schema may reference; without one, the schema may
+    only reference itself. Nothing is ever fetched. Schema regexes run under a time budget per value
+    (schema_regex), and a value nested too deep to check is an error of that value, not a crash."""
+
+    def __init__(self, schema, registry=None):
+        from extractor.schema_refs import inline_registry
+        from extractor.schema_regex import bounded_validator_class
+        registry = inline_registry(schema) if registry is None else registry
+        # The root is entered through its URI, so relative $ids and refs resolve as they did at load.
+        self._validator = bounded_validator_class()({"$ref": registry.root_uri}, registry=registry.registry)
         self._fast = None
-        if _fast_compatible(schema):
+        if isinstance(schema, dict) and _fast_compatible(schema):
             try:
                 import fastjsonschema
                 body = {k: v for k, v in schema.items() if k not in ("$schema", "$id")}
@@ -236,6 +244,7 @@ class Validator:
                 self._fast = None
 
     def first_error(self, value) -> str | None:
+        from extractor.schema_regex import PatternTimeout, record_budget
         if self._fast is not None:
             try:
                 self._fast(value)
@@ -243,7 +252,13 @@ class Validator:
             except Exception:  # noqa: BLE001 - fastjsonschema raises JsonSchemaValueException; explain below
                 pass
         from jsonschema.exceptions import best_match
-        error = best_match(self._validator.iter_errors(value))
+        try:
+            with record_budget():
+                error = best_match(self._validator.iter_errors(value))
+        except PatternTimeout as exc:
+            return f"$: {exc}"
+        except RecursionError:
+            return "$: value nested too deeply to check against the schema"
         if error is None:
             return None
         path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)

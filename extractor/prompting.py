@@ -1,13 +1,14 @@
 """Render a record into a prompt: the task's messages (Jinja, sandboxed: templates.py) with few-shot turns.
 
 The templates are compiled here from the Task this module is handed (`compile_templates`); a PromptBuilder
-compiles them once.
+compiles them once. A model's chat template is rendered by templates.ChatTemplate, under the same limits as
+the task's templates (a model folder is input too), to the text tokenizer.apply_chat_template gives.
 """
 from __future__ import annotations
 
 from extractor.errors import TaskError
 from extractor.tasks import Task
-from extractor.templates import Templates
+from extractor.templates import ChatTemplate, Templates
 
 RAW_FORMAT = ("Instruction: ", "\nInput: ", "\nAnswer: ")
 
@@ -68,12 +69,15 @@ class PromptBuilder:
         self.few_shot = len(task.spec.few_shot) if few_shot is None else min(few_shot, len(task.spec.few_shot))
         self.templates = compile_templates(task)
         self._shots = few_shot_turns(task, self.few_shot, self.templates)
+        self.chat_template = ChatTemplate(tokenizer) if self.chat else None
+        if self.chat_template is not None:  # a template that fails or loops fails here, before any work
+            self.build({f: f"<{f}>" for f in task.spec.input_fields}, "example record")
 
     def messages(self, values: dict, where: str = "record") -> list[dict]:
         return render_messages(self.task, values, where, self._shots, self.templates)
 
     def build(self, values: dict, where: str = "record") -> str:
         messages = self.messages(values, where)
-        if self.chat:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.chat_template is not None:
+            return self.chat_template.render(messages)
         return messages_to_raw(messages)

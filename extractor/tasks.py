@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from extractor.errors import ExtractorError, TaskError
+from extractor.schema_refs import SchemaRegistry, load_registry
 from extractor.templates import Templates
 
 TASKS_DIR_ENV = "EXTRACTOR_TASKS_DIR"
@@ -87,12 +88,14 @@ class PromptSpec(_Strict):
 
 @dataclass(frozen=True)
 class Task:
-    """A loaded, checked task: its spec, its schema and where they came from."""
+    """A loaded, checked task: its spec, its schema and where they came from. `registry` holds every
+    resource the schema references (all inside the task folder): validators are built with it."""
 
     spec: PromptSpec
     schema: dict
     prompt_path: Path
     schema_path: Path
+    registry: SchemaRegistry
 
     @property
     def name(self) -> str:
@@ -176,10 +179,10 @@ def load_task_file(path: Path) -> Task:
         raise TaskError(f"{path}: name '{spec.name}' differs from the file name; rename one so both are "
                         f"'{path.stem}'")
     schema_path = _schema_path(path, spec.schema_file)
-    schema = _load_schema(schema_path)
+    schema, registry = load_registry(schema_path, _task_root(path))
     from extractor.scoring.facts import check_scoring_fields
     check_scoring_fields(spec.scoring, schema, path, schema_path)
-    task = Task(spec=spec, schema=schema, prompt_path=path, schema_path=schema_path)
+    task = Task(spec=spec, schema=schema, prompt_path=path, schema_path=schema_path, registry=registry)
     _check_templates(task)
     _check_few_shot(task)
     return task
@@ -226,9 +229,14 @@ def _allowed_keys(parent_loc) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+def _task_root(prompt_path: Path) -> Path:
+    """The folder holding prompts/ and schemas/ (or the task files side by side): what a task may read."""
+    return prompt_path.parent.parent if prompt_path.parent.name == "prompts" else prompt_path.parent
+
+
 def _schema_path(prompt_path: Path, schema_file: str) -> Path:
     """Resolve the schema next to the prompt spec; a path that escapes the task root is refused."""
-    root = prompt_path.parent.parent if prompt_path.parent.name == "prompts" else prompt_path.parent
+    root = _task_root(prompt_path)
     folder = root / "schemas" if (root / "schemas").is_dir() else root
     candidate = (folder / schema_file).resolve()
     if not candidate.is_relative_to(root.resolve()):
@@ -240,38 +248,24 @@ def _schema_path(prompt_path: Path, schema_file: str) -> Path:
     return candidate
 
 
-def _load_schema(path: Path) -> dict:
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-    try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TaskError(f"{path}: not a readable JSON file ({exc})") from None
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path) or "(root)"
-        raise TaskError(f"{path}: invalid JSON Schema at {where}: {exc.message}") from None
-    return schema
-
-
 def _check_templates(task: Task) -> None:
-    """Compile the templates now, so a syntax error fails at load; render the few-shot inputs, so a template
-    that needs a field the examples lack fails at load too."""
+    """Compile the templates now, so a syntax error fails at load; render a placeholder record and the
+    few-shot inputs under the render limits, so a template that loops, fails or needs a field the examples
+    lack fails at load too."""
     templates = Templates(task.spec.messages, task.prompt_path, task.spec.input_fields)
-    for shot in task.spec.few_shot:
-        templates.render(shot.input, where=f"{task.prompt_path}: few_shot")
+    templates.render({f: f"<{f}>" for f in task.spec.input_fields}, where=f"{task.prompt_path}: example record")
+    for i, shot in enumerate(task.spec.few_shot):
+        templates.render(shot.input, where=f"{task.prompt_path}: few_shot.{i}")
 
 
 def _check_few_shot(task: Task) -> None:
-    from jsonschema import Draft202012Validator
-    validator = Draft202012Validator(task.schema)
+    from extractor.outputs import Validator
+    validator = Validator(task.schema, task.registry)
     for i, shot in enumerate(task.spec.few_shot):
         missing = [f for f in task.spec.input_fields if f not in shot.input]
         if missing:
             raise TaskError(f"{task.prompt_path}: few_shot.{i}.input lacks {', '.join(missing)}; "
                             "give a value for every input field")
-        error = next(iter(validator.iter_errors(shot.output)), None)
+        error = validator.first_error(shot.output)
         if error is not None:
-            raise TaskError(f"{task.prompt_path}: few_shot.{i}.output does not match the schema: "
-                            f"{error.message}")
+            raise TaskError(f"{task.prompt_path}: few_shot.{i}.output does not match the schema: {error}")

@@ -37,7 +37,7 @@ def validate(predictions, task_name, field, examples, tasks_dirs):
       extractor validate other_tool_output.jsonl --task spo
     """
     task = load_task(task_name, tasks_dirs)
-    validator = Validator(task.schema)
+    validator = Validator(task.schema, task.registry)
     counts: Counter = Counter()
     shown: dict[str, list[str]] = {}
     for line, row in iter_rows(Path(predictions)):

@@ -21,7 +21,7 @@ class Predictor:
         self.params = params
         self.builder = PromptBuilder(task, backend.tokenizer, few_shot)
         self.encoder = backend.encoder()  # token counts and ids, taken once: no calls back into the backend
-        self.validator = Validator(task.schema)
+        self.validator = Validator(task.schema, task.registry)
         self.on_long = on_long
         self.adapter_key = adapter_key  # the backend's name of the adapter, sent with every request
         self.limit = max_input_tokens or backend.max_input_tokens(params, adapter_key)

@@ -302,7 +302,7 @@ class Evaluator:
 
 def evaluate(task, pred_path: Path, gold_path: Path, reparse: bool = False, keep_records: bool = False,
              examples: int = 5) -> Evaluator:
-    validator = Validator(task.schema) if reparse else None
+    validator = Validator(task.schema, task.registry) if reparse else None
     ev = Evaluator(task, keep_records=keep_records, examples=examples)
     for rid, pred, gold in join(iter_predictions(pred_path, validator), iter_gold(gold_path), pred_path, gold_path):
         ev.add(rid, pred, gold)
