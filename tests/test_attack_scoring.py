@@ -251,6 +251,7 @@ def make_world(d: Path) -> None:
     os.symlink(d / "gold.jsonl", d / "gold_link.jsonl")
     os.link(d / "run.jsonl", d / "run_hardlink.jsonl")
     (d / "rep").mkdir()
+    write_jsonl(d / "m2.json.tmp", golds)  # a gold file named as --metrics m2.json's temporary file
     write_jsonl(d / "rep" / "summary.md", golds)  # a gold file where --report rep would write its summary
     write_jsonl(d / "rep" / "metrics.json", [{"id": g["id"], "prediction": g["gold"], "status": "ok"} for g in golds])
     root = d / "tasks"
@@ -272,6 +273,8 @@ CASES = [
     ("eval-metrics-is-predictions-hardlink", "data loss", ["eval", "run.jsonl", "--gold", "gold.jsonl", *JD, "--metrics", "run_hardlink.jsonl"], 2, "is the predictions file"),
     ("eval-report-summary-is-gold", "data loss", ["eval", "run.jsonl", "--gold", "rep/summary.md", *JD, "--report", "rep", "--metrics", "m.json"], 2, "--report (summary.md) rep/summary.md: is the gold file"),
     ("eval-report-metrics-is-predictions", "data loss", ["eval", "rep/metrics.json", "--gold", "gold.jsonl", *JD, "--report", "rep"], 2, "--metrics rep/metrics.json: is the predictions file"),
+    ("eval-metrics-temp-file-is-gold", "data loss", ["eval", "run.jsonl", "--gold", "m2.json.tmp", *JD, "--metrics", "m2.json"], 2, "--metrics (its temporary file) m2.json.tmp: is the gold file"),
+    ("compare-json-temp-file-is-gold", "data loss", ["compare", "run.jsonl", "run.jsonl", "--gold", "m2.json.tmp", *JD, "--json", "m2.json"], 2, "--json (its temporary file) m2.json.tmp: is the gold file"),
     ("eval-empty-gold", "silently wrong", ["eval", "run.jsonl", "--gold", "empty.jsonl", *JD, "--metrics", "m.json"], 2, "empty.jsonl: the gold file holds no records"),
     ("eval-scoring-field-not-in-schema", "silently wrong", ["eval", "run.jsonl", "--gold", "gold.jsonl", "--task", "typo", "--tasks-dir", "tasks", "--metrics", "m.json"], 2, "scoring.fields names 'salray', which is not a property of the schema typo.json; its properties: salary"),
     ("eval-scoring-schema-without-properties", "silently wrong", ["eval", "run.jsonl", "--gold", "gold.jsonl", "--task", "noprops", "--tasks-dir", "tasks"], 2, "names 'salary', which is not a property"),

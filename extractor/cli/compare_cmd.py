@@ -65,7 +65,8 @@ def compare(runs, gold, task_name, resamples, seed, alpha, fail_if_drop, min_cov
     task = load_task(task_name, tasks_dirs)
     if json_path:
         inputs = {f"run {i + 1}": storage.target(r) for i, r in enumerate(runs)}
-        refuse_overwriting_inputs({"--json": Path(json_path)}, {**inputs, "gold": storage.target(gold)})
+        outputs = {"--json": Path(json_path), "--json (its temporary file)": Path(json_path + ".tmp")}
+        refuse_overwriting_inputs(outputs, {**inputs, "gold": storage.target(gold)})
     aligned = _load_runs(task, runs, gold, min_coverage)
     settings = CompareSettings(resamples, seed, alpha, TWO_SIDED if fail_if_drop is None else DROP, len(aligned) - 1)
     comparisons = [_comparison(aligned[0], run, settings, fail_if_drop) for run in aligned[1:]]

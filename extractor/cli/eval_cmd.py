@@ -73,7 +73,8 @@ def _markup_safe(doc: dict) -> dict:
 
 def _outputs(metrics, report_dir) -> dict:
     """Every file this command writes, by the option that names it."""
-    outputs = {"--metrics": metrics}
+    # write_json_atomic writes NAME.tmp first, then renames it over NAME: both must be free
+    outputs = {"--metrics": metrics, "--metrics (its temporary file)": metrics.with_name(metrics.name + ".tmp")}
     if report_dir:
         from extractor.scoring.report import REPORT_FILES
         outputs.update({f"--report ({name})": Path(report_dir) / name for name in REPORT_FILES})
