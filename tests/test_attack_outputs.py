@@ -250,7 +250,7 @@ def test_ctrl_c_stops_a_long_run_and_resumes(tmp_path, signals):
     assert rc == 130 and "Traceback" not in stderr, stderr
     assert stopped_in < 10  # at most the windows in flight (3 x 0.2 s here)
     lines = stderr.splitlines()
-    assert lines[0].startswith("interrupted: ") and "--resume" in lines[0]
+    assert lines[0].startswith("Ctrl-C: stopping") and "--resume" in lines[0]
     assert len(lines) == signals  # the notice; a second Ctrl-C adds "interrupted"
     written = len(read_jsonl(out))
     assert 0 < written < 400

@@ -5,8 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 
-NOTICE = ("interrupted: finishing the records in flight, then stopping; rerun the same command with --resume to "
-          "continue (Ctrl-C again to stop now)")
+NOTICE = "Ctrl-C: stopping after the records in flight (again to stop now); rerun with --resume to continue"
 
 
 class CtrlC:
