@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import os
+import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from extractor import jsonutil, storage
-from extractor.errors import InputError
+from extractor.errors import InputError, output_error
 
 SEED_CONTEXT_FIELD = "context"  # the seed's {context, target} lines
 SEED_TARGET_FIELD = "target"
@@ -31,6 +33,64 @@ def corpus_format(path: storage.Location) -> str:
         if name.endswith(suffix):
             return fmt
     raise InputError(f"{path}: unknown corpus format; use .jsonl, .jsonl.gz, .parquet or .csv")
+
+
+def check_corpus(path: storage.Location) -> str:
+    """The corpus's format, once it is known to be readable as one: a file (or object) of a known format, or a
+    FIFO (a named pipe) holding JSONL, read as the stream it is. Anything else is one InputError line."""
+    if storage.is_remote(path):
+        if not storage.is_file(path):
+            raise InputError(f"{path}: no such file; check the corpus path")
+        return corpus_format(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; check the corpus path") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc}); check the corpus path") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{path}: is a directory, not a corpus file; give the file inside it")
+    fmt = corpus_format(path)
+    if stat.S_ISREG(mode):
+        return fmt
+    if stat.S_ISFIFO(mode) and fmt == "jsonl":
+        return fmt
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket or device"
+    raise InputError(f"{path}: is {kind}, not a regular file; a {fmt} corpus is read with seeks — save it to a "
+                     "file first (only a JSONL corpus can come from a FIFO)")
+
+
+def is_stream(path: storage.Location) -> bool:
+    """A local corpus that can be read once only (a FIFO): no counting, hashing or second reader."""
+    if storage.is_remote(path):
+        return False
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+IDENTITY_BLOCK = 1 << 16
+
+
+def corpus_identity(path: storage.Location) -> dict:
+    """What tells this corpus from another one with the same ids (a resume's run key): the resolved path, the
+    size and a hash of the first and last 64 KiB (a change in the middle that keeps the size is not seen; a
+    full hash would read a 100 GB corpus once more per run). An object: its size and the store's ETag or
+    checksum. A FIFO cannot be read twice: only its path, and `stream`."""
+    if storage.is_remote(path):
+        return storage.fingerprint(path)
+    real = os.path.realpath(path)
+    if is_stream(path):
+        return {"path": real, "stream": True}
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        digest.update(fh.read(IDENTITY_BLOCK))
+        if size > IDENTITY_BLOCK:
+            fh.seek(max(IDENTITY_BLOCK, size - IDENTITY_BLOCK))
+            digest.update(fh.read(IDENTITY_BLOCK))
+    return {"path": real, "size": size, "hash": digest.hexdigest()}
 
 
 @dataclass
@@ -56,20 +116,30 @@ class ReadStats:
 
 
 class RejectsWriter:
-    """Appends one JSON line per rejected record: source, line, id, reason and the raw text."""
+    """Appends one JSON line per rejected record: source, line, id, reason and the raw text.
+
+    The lines gather in a new hidden file beside it, which `close` renames over the rejects file: a
+    rejects file that was there stays whole until this pass's replaces it, and a pass that fails (`discard`)
+    leaves it as it was. A pass with no rejects removes the old file: every pass reads the whole corpus and
+    rebuilds its rejects, so the old lines are stale."""
 
     def __init__(self, path: storage.Location):
         self.path = path
         self._fh = None
+        self._staging: str | None = None  # the local file this pass's lines gather in
         self.count = 0
 
     def write(self, bad: BadRecord) -> None:
-        if self._fh is None:
-            self._fh = self._open()
         row = {"source": bad.source, "line": bad.line, "id": bad.record_id, "reason": bad.reason,
                "raw": bad.raw[:10_000]}
-        self._fh.write(jsonutil.dumps(row) + "\n")
-        self._fh.flush()
+        try:
+            if self._fh is None:
+                self._fh = self._open()
+            self._fh.write(jsonutil.dumps(row) + "\n")
+            self._fh.flush()
+        except OSError as exc:  # e.g. disk full: the old rejects file is untouched, the output's rows are kept
+            self.discard()
+            raise output_error(self.path, exc) from None
         self.count += 1
 
     def _open(self):
@@ -78,17 +148,43 @@ class RejectsWriter:
             # loses them, and loses nothing: every pass reads the whole corpus and rebuilds its rejects.
             import tempfile
             return tempfile.TemporaryFile("w+", encoding="utf-8")
+        import tempfile
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return open(self.path, "a", encoding="utf-8")
+        # A new file of its own (O_EXCL): it can never be an existing file, an input included.
+        fd, staging = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        self._staging = staging
+        return open(fd, "w", encoding="utf-8")
 
     def close(self) -> None:
+        """This pass's rejects become the rejects file (none: the old file is removed)."""
         if self._fh is None:
+            storage.remove(self.path)
             return
-        if storage.is_remote(self.path):
-            self._fh.seek(0)
-            storage.put(self.path, self._fh.read().encode("utf-8"))
-        self._fh.close()
+        try:
+            if storage.is_remote(self.path):
+                self._fh.seek(0)
+                storage.put(self.path, self._fh.read().encode("utf-8"))
+                self._fh.close()
+            else:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+                os.replace(self._staging, self.path)
+        except OSError as exc:
+            self.discard()
+            raise output_error(self.path, exc) from None
         self._fh = None
+
+    def discard(self) -> None:
+        """Drop this pass's lines; the rejects file stays as it was."""
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._fh = None
+        if self._staging is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._staging)
+            self._staging = None
 
 
 def id_key(record_id: str) -> int:
@@ -110,9 +206,7 @@ class CorpusReader:
                  text_field: str | None = None, on_bad: str = "fail", rejects: RejectsWriter | None = None,
                  batch_size: int = DEFAULT_BATCH, check_duplicates: bool = True):
         self.path = storage.target(path)
-        if not storage.is_file(self.path):
-            raise InputError(f"{self.path}: no such file; check the corpus path")
-        self.format = corpus_format(self.path)
+        self.format = check_corpus(self.path)
         self.input_fields = list(input_fields)
         self.field_map = input_columns(self.input_fields, text_field)
         self.id_field = id_field
@@ -358,8 +452,8 @@ def count_records(path: storage.Location) -> int | None:
                 return pq.ParquetFile(fh).metadata.num_rows
         except Exception:  # noqa: BLE001 - a broken file is reported by the reader itself
             return None
-    if storage.is_remote(path):
-        return None  # counting lines would read the whole object once more
+    if storage.is_remote(path) or is_stream(path):
+        return None  # counting lines would read the whole object once more (a FIFO: its only reading)
     if fmt == "jsonl" and not path.name.endswith(".gz"):
         with open(path, "rb") as fh:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))

@@ -52,7 +52,8 @@ class PartsOutput:
     def finished(self) -> bool:
         return False  # a committed output can still be continued (part 0 takes its rows)
 
-    def done_rows(self, manifest: dict, console=None) -> Iterator[dict]:
+    def done_rows(self, manifest: dict, console=None) -> Iterator[tuple[str, int, dict]]:
+        """(object, line, row) for each row already written."""
         parts = self._parts()
         if manifest.get("committed"):
             if not storage.exists(self.out):
@@ -61,13 +62,31 @@ class PartsOutput:
             for part in parts:  # leftovers: parts already in the output, or a part 0 not yet taken over
                 storage.remove(part)
             self._next = 0
-            for _, row in iter_rows(self.out):
-                yield row
+            for line, row in iter_rows(self.out):
+                yield str(self.out), line, row
             return
         self._next = _number(parts[-1]) + 1 if parts else 0
         for part in parts:
-            for _, row in iter_rows(part):
-                yield row
+            for line, row in iter_rows(part):
+                yield str(part), line, row
+
+    def rewrite(self, manifest: dict, rows: Iterable[dict]) -> None:
+        """Replace the rows already written: committed as the output object (the parts, if any, deleted
+        after the manifest says so), which a --resume then continues from part 0 as after any commit."""
+        parts = self._parts()
+        rows = list(rows)  # read whole before the output object is replaced
+        if is_parquet(self.out):
+            write_parquet(rows, self.out)
+        else:
+            write_jsonl(rows, self.out)
+        manifest["committed"] = True
+        self.write_manifest(manifest)
+        for part in parts:
+            storage.remove(part)
+        self._next = 0
+
+    def is_empty(self) -> bool:
+        return not self._parts() and not storage.exists(self.out)
 
     def appender(self, manifest: dict) -> "PartWriter":
         return PartWriter(self, manifest)

@@ -188,6 +188,21 @@ def _bucket_missing(fs, location: Remote) -> bool:
         return True
 
 
+def fingerprint(location: Remote) -> dict:
+    """What the store says about an object without reading it: size and, where it keeps one, its ETag or
+    checksum (a run key's corpus identity)."""
+    info = _info(location)
+    if info is None:
+        raise StorageError(f"cannot read {location}: no such object; check the URI")
+    found = {"uri": location.uri, "size": info.get("size")}
+    for key in ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "sha256", "blob_id"):
+        value = info.get(key)
+        if isinstance(value, (str, int)) and value:
+            found[key.lower()] = str(value).strip('"')
+            break
+    return found
+
+
 def open_read(location: Location):
     """A binary file object; for a URI, reads stream in blocks (memory flat for any size)."""
     if not is_remote(location):
@@ -227,6 +242,8 @@ def atomic_writer(location: Location):
         try:
             with open(tmp, "wb") as fh:
                 yield fh
+                fh.flush()
+                os.fsync(fh.fileno())  # durable before it replaces the old file
             os.replace(tmp, location)
         finally:
             tmp.unlink(missing_ok=True)

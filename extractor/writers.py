@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from extractor import jsonutil, storage
-from extractor.errors import InputError, output_error
+from extractor.errors import InputError, OutputError, output_error
 from extractor.provenance import manifest_path, write_json_atomic
 
 JSON_COLUMNS = ("prediction", "gold", "kept")  # nested values stored as JSON text in Parquet
@@ -207,19 +207,48 @@ class JournalOutput:
         """A Parquet output already converted: nothing is left to append to."""
         return is_parquet(self.out) and self.out.exists() and not self.journal.exists()
 
-    def done_rows(self, manifest: dict, console=None) -> Iterator[dict]:
+    def done_rows(self, manifest: dict, console=None) -> Iterator[tuple[str, int, dict]]:
+        """(file, line, row) for each row already written."""
         dropped = drop_partial_tail(self.journal) if self.journal.exists() else 0
         if dropped and console:
-            console.print(f"dropped a half-written last line ({dropped} bytes) from {self.journal}")
+            console.print(f"dropped a half-written last line ({dropped} bytes) from {self.journal}", soft_wrap=True)
         source = self.journal if self.journal.exists() else self.out
-        for _, row in iter_rows(source):
-            yield row
+        for line, row in iter_rows(source):
+            yield str(source), line, row
+
+    def rewrite(self, manifest: dict, rows: Iterable[dict]) -> None:
+        """Replace the rows already written (read from the file being replaced, which stays whole until the
+        new one is complete)."""
+        source = self.journal if self.journal.exists() else self.out
+        try:
+            if is_parquet(source):
+                write_parquet(rows, source)
+            else:
+                write_jsonl(rows, source)
+        except OSError as exc:
+            raise output_error(source, exc) from None
+
+    def is_empty(self) -> bool:
+        """No row written yet (nothing in the journal, no converted output)."""
+        journal_empty = not self.journal.exists() or self.journal.stat().st_size == 0
+        return journal_empty and (self.journal == self.out or not self.out.exists())
 
     def appender(self, manifest: dict) -> JsonlAppender:
         return JsonlAppender(self.journal)
 
     def finish(self, manifest: dict, complete: bool) -> None:
         if complete and is_parquet(self.out):
-            jsonl_to_parquet(self.journal, self.out)
-            self.journal.unlink()
+            self._convert()
         self.write_manifest(manifest)
+
+    def _convert(self) -> None:
+        """The journal to Parquet (a temporary file renamed into place); the journal goes only once the Parquet
+        file is whole, so a failure (disk full) loses nothing and --resume converts again."""
+        import pyarrow as pa
+        try:
+            jsonl_to_parquet(self.journal, self.out)
+        except (OSError, pa.ArrowException) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+            raise OutputError(f"cannot write {self.out}: {reason}; the rows are kept in {self.journal} — fix it "
+                              "and rerun with --resume to convert them") from None
+        self.journal.unlink()

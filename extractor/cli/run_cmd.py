@@ -1,6 +1,7 @@
 """`extractor run`: stream a corpus through a model and write one validated prediction per record."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -8,12 +9,16 @@ from rich.console import Console
 
 from extractor import storage
 from extractor.backends import backend_class
+from extractor.clashes import FileSet, refuse_overlaps, rejects_written, written_beside
 from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_option
 from extractor.cli.tables import status_table
+from extractor.corpus import check_corpus, is_stream
 from extractor.errors import InputError
 from extractor.hub import RunSources
-from extractor.pipeline import OnePass, Predictor, Run, RunOptions, output_for_adapter, run_key
+from extractor.pipeline import OnePass, Predictor, Run, RunOptions, Summary, output_for_adapter, run_key
+from extractor.pipeline.claim import Claim
 from extractor.pipeline.config import RunConfig
+from extractor.pipeline.summary import NoResultError
 from extractor.provenance import check_writable
 from extractor.rows import RESERVED
 from extractor.tasks import load_task
@@ -60,7 +65,10 @@ from extractor.tasks import load_task
               help="Use only the first N of the task's few-shot examples (default: all).")
 @click.option("--keep-field", "keep_fields", multiple=True, help="Copy this input field into each output record.")
 @click.option("--resume", is_flag=True, help="Continue an existing output (same settings), skipping ids written.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (and an existing --rejects file).")
+@click.option("--allow-no-result", is_flag=True, envvar="EXTRACTOR_ALLOW_NO_RESULT",
+              help="Exit 0 even when no record came out ok or repaired (by default such a run exits 1 with the "
+                   "status counts; its output is still written whole). Also $EXTRACTOR_ALLOW_NO_RESULT=1.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after this many new records.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
@@ -86,31 +94,95 @@ def run(**params):
     task = load_task(cfg.task_name, cfg.tasks_dirs)
     console = Console(stderr=True, quiet=cfg.quiet)
     sources = RunSources.resolve(cfg.model, cfg.adapters, cfg.backend)  # hub ids -> cached snapshots; fails first
+    corpus, out = storage.target(cfg.corpus), storage.target(cfg.out)
+    _check_corpus(cfg, corpus)
+    labels = _output_labels(sources)
+    outs = [output_for_adapter(out, label, len(labels)) for label in labels]
+    _refuse_overwriting_inputs(cfg, sources, corpus, outs)
     if cfg.gpus:
-        from extractor.runners.shards import run_sharded
-        ctx = click.get_current_context()
-        run_sharded(ctx.command, ctx.params, storage.target(cfg.out), cfg.gpus, cfg.device, console,
-                    _output_labels(sources))
+        _run_sharded(cfg, out, console, labels)
         return
     clash = RESERVED.intersection(cfg.keep_fields)
     if clash:
         raise InputError(f"--keep-field {', '.join(sorted(clash))} would overwrite an output field; keep others")
     opts = cfg.run_options(task)
-    if not storage.is_file(opts.corpus):
-        raise InputError(f"{cfg.corpus}: no such file; check the corpus path")
     check_writable(opts.out)
-    if cfg.ray_address:
-        _run_on_ray(cfg, task, opts, sources, console)
-        return
-    engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
-    names = engine.adapters()
-    if len(names) > 1 and engine.decodes_together(names, opts.params):
-        _run_in_one_pass(cfg, task, engine, opts, sources, names, console)
-        return
-    for name in names:  # one run per adapter, one after another: this backend cannot decode them together
-        predictor = _adapter_predictor(cfg, task, engine, opts, sources, name)
-        target = output_for_adapter(opts.out, predictor.adapter, len(names))
-        _execute(Run(predictor, opts, target, console), _key(task, engine, predictor, opts, sources), console)
+    with Claim(outs, _locked(cfg, outs)):
+        if cfg.ray_address:
+            _run_on_ray(cfg, task, opts, sources, console)
+            return
+        engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
+        names = engine.adapters()
+        if len(names) > 1 and engine.decodes_together(names, opts.params):
+            _run_in_one_pass(cfg, task, engine, opts, sources, names, console)
+            return
+        targets, summaries = [], []
+        for name in names:  # one run per adapter, one after another: this backend cannot decode them together
+            predictor = _adapter_predictor(cfg, task, engine, opts, sources, name)
+            job = Run(predictor, opts, output_for_adapter(opts.out, predictor.adapter, len(names)), console)
+            targets.append(job.out)
+            summaries.append(job.execute(job.prepare(_key(task, engine, predictor, opts, sources))))
+            _finish(console, [job.out], [summaries[-1]], cfg, check_results=False)
+        _check_results(cfg, targets, [summary.statuses for summary in summaries])
+
+
+def _check_corpus(cfg: RunConfig, corpus) -> None:
+    """The corpus readable as what its name says, before anything else; a FIFO only where it is read once."""
+    check_corpus(corpus)
+    if is_stream(corpus) and (cfg.gpus or cfg.ray_address):
+        how = "--gpus workers each read" if cfg.gpus else "--ray reads"
+        raise InputError(f"{corpus}: is a FIFO, which can be read once only, and {how} the corpus on their own; "
+                         "save the stream to a file first")
+
+
+def _refuse_overwriting_inputs(cfg: RunConfig, sources: RunSources, corpus, outs: list) -> None:
+    """No file the run writes (outputs, manifests, journals, locks, rejects) may be one of its inputs."""
+    inputs = FileSet()
+    inputs.add(f"the corpus ({corpus})", corpus)
+    model = Path(sources.model)
+    if cfg.backend == "echo":
+        inputs.add(f"the echo backend's --model file ({sources.model})", model)
+    elif model.is_dir():
+        inputs.add_folder(f"a file of the --model folder {sources.model}", model)
+    for adapter in sources.adapters:
+        if Path(adapter).is_dir():
+            inputs.add_folder(f"a file of the --adapter folder {adapter}", Path(adapter))
+    writes = [("--out", o, written_beside(o)) for o in outs]
+    rejects = _rejects(cfg, outs)
+    writes += [("--rejects", r, rejects_written(r)) for r in rejects]
+    refuse_overlaps(writes, inputs)
+
+
+def _rejects(cfg: RunConfig, outs: list) -> list:
+    """The rejects files the run writes: --rejects, or one beside each output (--on-bad-record skip only)."""
+    if cfg.on_bad_record != "skip":
+        return []
+    if cfg.rejects:
+        return [storage.target(cfg.rejects)]
+    return [o.with_name(o.name + ".rejects.jsonl") for o in outs]
+
+
+def _locked(cfg: RunConfig, outs: list) -> list:
+    """The files locked for the run's life: each output, and an explicit --rejects (--gpus workers share
+    their parent's, which the parent holds)."""
+    locked = [(o, "--out") for o in outs]
+    if cfg.rejects and cfg.on_bad_record == "skip" and not cfg.shard:
+        locked.append((storage.target(cfg.rejects), "--rejects"))
+    return locked
+
+
+def _run_sharded(cfg: RunConfig, out, console, labels) -> None:
+    from extractor.runners.shards import outputs, run_sharded
+    ctx = click.get_current_context()
+    targets = [target for target, _ in outputs(out, cfg.gpus, labels)]
+    check_writable(out)
+    with Claim([], _locked(cfg, targets)):
+        if cfg.rejects and cfg.on_bad_record == "skip" and not (cfg.overwrite or cfg.resume) \
+                and storage.exists(storage.target(cfg.rejects)):
+            raise InputError(f"--rejects {cfg.rejects} already exists; pass --overwrite to replace it or choose "
+                             "another --rejects")
+        merged = run_sharded(ctx.command, ctx.params, out, cfg.gpus, cfg.device, console, labels)
+        _check_results(cfg, [target for target, _ in merged], [statuses for _, statuses in merged])
 
 
 def _run_in_one_pass(cfg: RunConfig, task, engine, opts: RunOptions, sources: RunSources, names, console) -> None:
@@ -119,7 +191,7 @@ def _run_in_one_pass(cfg: RunConfig, task, engine, opts: RunOptions, sources: Ru
     job = OnePass(predictors, opts, [output_for_adapter(opts.out, p.adapter, len(names)) for p in predictors],
                   console)
     dones = job.prepare([_key(task, engine, p, opts, sources) for p in predictors])
-    _finish(console, [run.out for run in job.runs], job.execute(dones))
+    _finish(console, [run.out for run in job.runs], job.execute(dones), cfg)
 
 
 def _adapter_predictor(cfg: RunConfig, task, engine, opts: RunOptions, sources: RunSources, name) -> Predictor:
@@ -159,21 +231,35 @@ def _run_on_ray(cfg: RunConfig, task, opts: RunOptions, sources: RunSources, con
     predictor = _predictor(cfg, task, view, opts)
     predictor.adapter = sources.adapter_labels.get(Path(adapter).name, Path(adapter).name) if adapter else None
     job = RayRun(predictor, opts, console, cfg, sources)
-    _execute(job, _key(task, view, predictor, opts, sources), console)
+    _finish(console, [job.out], [job.execute(job.prepare(_key(task, view, predictor, opts, sources)))], cfg)
 
 
-def _execute(job: Run, key: dict, console) -> None:
-    """Prepare (manifest, resume), run, print the summary; Ctrl-C ends with exit code 130."""
-    _finish(console, [job.out], [job.execute(job.prepare(key))])
-
-
-def _finish(console, targets: list, summaries: list) -> None:
-    """Each output's summary; when Ctrl-C stopped them, one line on resuming and exit code 130."""
+def _finish(console, targets: list, summaries: list, cfg: RunConfig, check_results: bool = True) -> None:
+    """Each output's summary; when Ctrl-C stopped them, one line on resuming and exit code 130; when an output
+    holds no usable result, one line and exit code 1."""
     for target, summary in zip(targets, summaries):
         _report(console, target, summary)
     if any(summary.interrupted for summary in summaries):
         console.print("stopped early; rerun the same command with --resume to continue")
         raise SystemExit(130)
+    if check_results:
+        _check_results(cfg, targets, [summary.statuses for summary in summaries])
+
+
+def _check_results(cfg: RunConfig, targets: list, statuses: list) -> None:
+    """A complete run none of whose records came out ok or repaired is a failed job (exit 1), whatever
+    wrote it: the reason and the counts in one line. A --gpus worker leaves this to its parent, which sees
+    the merged output."""
+    if cfg.allow_no_result or cfg.shard:
+        return
+    reasons = []
+    for target, counts in zip(targets, statuses):
+        reason = Summary(statuses=Counter(counts)).no_result()
+        if reason:
+            reasons.append(f"{target}: {reason}")
+    if reasons:
+        raise NoResultError("; ".join(reasons) + "; the output is complete — check the model, the prompt and "
+                            "--max-new-tokens (--allow-no-result to accept it)")
 
 
 def _report(console, target: Path, summary) -> None:

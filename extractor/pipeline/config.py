@@ -39,6 +39,7 @@ class RunConfig:
     keep_fields: tuple[str, ...] = ()
     resume: bool = False
     overwrite: bool = False
+    allow_no_result: bool = False
     limit: int | None = None
     quiet: bool = False
     gpus: int | None = None

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from extractor.backends.base import Backend, GenParams
-from extractor.corpus import CorpusReader, RejectsWriter, count_records, id_key
-from extractor.errors import ManifestError
+from extractor.corpus import CorpusReader, RejectsWriter, corpus_identity, count_records, id_key
+from extractor.errors import InputError, ManifestError
 from extractor.pipeline.interrupt import CtrlC
 from extractor.pipeline.lanes import stream_lanes
 from extractor.pipeline.predictor import Predictor
 from extractor.pipeline.sink import Progress, RowSink, prefetch
 from extractor.pipeline.summary import Summary
 from extractor.provenance import manifest_path, stamp
-from extractor.storage import Location, is_remote, remove
+from extractor.storage import Location, exists, is_remote
 from extractor.writers import JournalOutput
 
 MANIFEST_FORMAT = "extractor.manifest/1"
@@ -57,7 +57,8 @@ def run_key(task, backend: Backend, predictor: Predictor, opts: RunOptions) -> d
             "prompt_format": "chat" if predictor.builder.chat else "raw", "few_shot": predictor.builder.few_shot,
             "id_field": opts.id_field,
             "text_field": opts.text_field, "on_long": opts.on_long, "max_input_tokens": predictor.limit,
-            "keep_fields": list(opts.keep_fields), "shard": list(opts.shard) if opts.shard else None}
+            "keep_fields": list(opts.keep_fields), "shard": list(opts.shard) if opts.shard else None,
+            "corpus": corpus_identity(opts.corpus)}
 
 
 def output_store(out):
@@ -88,15 +89,17 @@ class Run:
         exists = self.store.exists()
         if exists and not (self.opts.resume or self.opts.overwrite):
             raise ManifestError(f"{self.out} already exists; pass --resume to continue it or --overwrite to start over")
+        if exists and self.opts.resume:
+            self._check_manifest(key)
+        self._check_rejects(self.manifest if exists and self.opts.resume else None)
         if self.opts.overwrite and not self.opts.resume:
             self.store.clear()
             exists = False
         if exists:
-            self._check_manifest(key)
             self.complete = self.store.finished()
             return self._done_ids()
         self.manifest = {"format": MANIFEST_FORMAT, "run_key": key, "corpus": str(self.opts.corpus),
-                         "output": str(self.out), **stamp(), "summary": None}
+                         "output": str(self.out), "rejects": self._rejects_name(), **stamp(), "summary": None}
         self.store.write_manifest(self.manifest)
         return set()
 
@@ -108,22 +111,59 @@ class Run:
         except FileNotFoundError:
             raise ManifestError(f"{self.out} exists but has no manifest ({mpath.name}); it was not written by "
                                 "extractor run — use another --out or --overwrite") from None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             raise ManifestError(f"{mpath}: manifest is corrupt; use another --out or --overwrite") from None
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise ManifestError(f"{mpath}: not an extractor run manifest; use another --out or --overwrite")
-        old = manifest.get("run_key", {})
-        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        old = manifest.get("run_key")
+        if not isinstance(old, dict):
+            raise ManifestError(f"{mpath}: manifest is corrupt ('run_key' is {type(old).__name__}, not an object); "
+                                "use another --out or --overwrite")
+        if (key.get("corpus") or {}).get("stream"):
+            raise ManifestError(f"{self.opts.corpus}: --resume needs to know the corpus is the one {self.out} was "
+                                "made from, and a FIFO cannot be read twice to hash it; save the stream to a file "
+                                "and resume from that file, or use --overwrite")
+        diff = key_differences(old, key)
         if diff:
             raise ManifestError(f"{self.out}: --resume refused, this run differs from the one that wrote it in: "
                                 f"{', '.join(diff)}; rerun with the same settings or use another --out")
         self.manifest = manifest
 
+    def _rejects_name(self) -> str | None:
+        return str(self.rejects_path()) if self.opts.on_bad == "skip" else None
+
+    def _check_rejects(self, manifest: dict | None) -> None:
+        """A rejects file already there is replaced only when the user says so (--overwrite), or by a
+        --resume of the run that wrote it (it names the file in its manifest)."""
+        if self.opts.on_bad != "skip" or self.opts.overwrite and not self.opts.resume:
+            return
+        if self.opts.shard and self.opts.rejects:
+            return  # --gpus workers share the parent's --rejects, which the parent checked and holds
+        path = self.rejects_path()
+        if not exists(path):
+            return
+        ours = manifest is not None and manifest.get("rejects", str(self._default_rejects())) == str(path)
+        if not ours:
+            raise ManifestError(f"--rejects {path} already exists; pass --overwrite to replace it or choose "
+                                "another --rejects")
+
     def _done_ids(self) -> set[int]:
+        """The ids already written. A row written twice (by hand, or by runs before outputs were locked) is
+        dropped, the first of each id kept, and the file rewritten whole."""
         done: set[int] = set()
-        for row in self.store.done_rows(self.manifest, self.console):
-            done.add(id_key(str(row["id"])))
-            self.summary.statuses[row["status"]] += 1
+        duplicates = 0
+        for source, line, row in self.store.done_rows(self.manifest, self.console):
+            key = id_key(str(_row_field(row, "id", source, line)))
+            if key in done:
+                duplicates += 1
+                continue
+            done.add(key)
+            self.summary.statuses[_row_field(row, "status", source, line)] += 1
+        if duplicates:
+            self.store.rewrite(self.manifest, first_of_each_id(self.store.done_rows(self.manifest)))
+            if self.console is not None:
+                self.console.print(f"{self.out}: dropped {duplicates} duplicate row(s) (an id written more than "
+                                   "once); kept the first row of each id", soft_wrap=True)
         self.summary.already_done = len(done)
         return done
 
@@ -168,7 +208,10 @@ class Run:
         return self.ctrl_c.requested
 
     def rejects_path(self) -> Location:
-        return self.opts.rejects or self.out.with_name(self.out.name + ".rejects.jsonl")
+        return self.opts.rejects or self._default_rejects()
+
+    def _default_rejects(self) -> Location:
+        return self.out.with_name(self.out.name + ".rejects.jsonl")
 
     def _progress(self, start: float) -> "Progress | None":
         if self.opts.quiet:
@@ -207,11 +250,15 @@ def produce(runs: list[Run], dones: list[set[int]], sinks: list[RowSink]) -> Non
             for lane, triples in stream_lanes([run.p for run in runs], stream):
                 runs[lane].summary.count_decoders(triples)
                 sinks[lane].put(triples)
-    finally:
+    except BaseException:
         if rejects is not None:
-            rejects.close()
+            rejects.discard()
+        raise
+    finally:
         for run in runs:
             run.summary.rejected = reader.stats.rejected
+    if rejects is not None:
+        rejects.close()
 
 
 class Todo:
@@ -246,13 +293,11 @@ def shard_windows(reader, shard: tuple[int, int] | None):
 
 
 class RejectsTee:
-    """Rejected input records to every output's rejects file (one file where they share one), each emptied
-    first: rebuilt from the input on every pass."""
+    """Rejected input records to every output's rejects file (one file where they share one), each rebuilt
+    from the input on every pass: replaced when the pass ends, left as it was when the pass fails."""
 
     def __init__(self, paths: list[Location]):
         self.writers = [RejectsWriter(path) for path in {str(p): p for p in paths}.values()]
-        for writer in self.writers:
-            remove(writer.path)
 
     def write(self, bad) -> None:
         for writer in self.writers:
@@ -261,3 +306,40 @@ class RejectsTee:
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
+
+    def discard(self) -> None:
+        for writer in self.writers:
+            writer.discard()
+
+
+def key_differences(old: dict, new: dict) -> list[str]:
+    """The run-key entries that differ, one level down where both sides are objects (`corpus.size`)."""
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{k}.{sub}" for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        else:
+            diff.append(k)
+    return diff
+
+
+def _row_field(row: dict, name: str, source: str, line: int):
+    """A written row's `id` or `status`, which resuming needs; a row without it was not written by a run."""
+    value = row.get(name)
+    if isinstance(value, str) and value or name == "id" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    what = "has no" if value is None else f"has a bad ({type(value).__name__})"
+    raise InputError(f"{source}:{line}: row {what} '{name}' field; this output was not written by extractor run, "
+                     "or was edited — fix the row, use another --out, or --overwrite")
+
+
+def first_of_each_id(rows) -> "Iterator[dict]":
+    seen: set[int] = set()
+    for _, _, row in rows:
+        key = id_key(str(row["id"]))
+        if key not in seen:
+            seen.add(key)
+            yield row

@@ -5,6 +5,16 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from extractor.errors import ExtractorError
+from extractor.outputs import SCORED_STATUSES
+
+
+class NoResultError(ExtractorError):
+    """A complete run in which no record came out ok or repaired: the job ran, but produced nothing usable.
+    Exit code 1, not 2: the input was fine, the results are not."""
+
+    exit_code = 1
+
 
 @dataclass
 class Summary:
@@ -42,3 +52,11 @@ class Summary:
                 self.decoders[gen.decoder] += 1
                 if gen.decoder_reason:
                     self.decoder_reasons[gen.decoder_reason] += 1
+
+    def no_result(self) -> str | None:
+        """Why this output holds no usable result (records, none ok or repaired), else None."""
+        total = sum(self.statuses.values())
+        if total == 0 or any(self.statuses.get(status) for status in SCORED_STATUSES):
+            return None
+        counts = ", ".join(f"{status} {n}" for status, n in sorted(self.statuses.items()))
+        return f"no record came out ok or repaired ({counts} of {total})"

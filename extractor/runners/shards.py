@@ -62,11 +62,12 @@ def outputs(out: Location, gpus: int, labels) -> list[tuple[Location, list[Locat
 
 
 def run_sharded(command: click.Command, params: dict, out: Location, gpus: int, device: str, console,
-                labels=(None,)) -> None:
-    """labels: the adapters' output labels (several adapters: one merged output each)."""
+                labels=(None,)) -> list[tuple[Location, dict]]:
+    """labels: the adapters' output labels (several adapters: one merged output each). Returns each merged
+    output and its records per status."""
     targets = outputs(out, gpus, list(labels))
     if all([_already_merged(target, shards, params, console) for target, shards in targets]):
-        return
+        return [(target, _summary(read_manifest(target)).get("statuses") or {}) for target, _ in targets]
     base = argv_from_params(command, params, skip={"gpus", "out", "device"})
     visible = _cuda_count() if device in ("auto", "cuda") else 0
     on_gpus = visible > 0
@@ -96,14 +97,24 @@ def run_sharded(command: click.Command, params: dict, out: Location, gpus: int, 
         what = ", ".join(f"worker {k} (shard {shard_path(out, k, gpus).name}) exited with {code}" for k, code in failed)
         raise ExtractorError(f"{what}; the other shards are kept — rerun the same command with --resume to "
                              "continue the unfinished shards and merge")
+    merged = []
     for target, shards in targets:
         if storage.exists(target) and (read_manifest(target) or {}).get("format") == MERGED_FORMAT:
             for s in shards:  # merged before: shards a resumed worker wrote again are not needed
                 storage.remove(s)
                 storage.remove(manifest_path(s))
+            merged.append((target, _summary(read_manifest(target)).get("statuses") or {}))
             continue
         summary = merge(target, shards)
         console.print(f"merged {summary['records']} records from {gpus} shards into {target}")
+        merged.append((target, summary["statuses"]))
+    return merged
+
+
+def _summary(manifest) -> dict:
+    """A manifest's summary, {} where the manifest or its summary is missing or not an object."""
+    summary = manifest.get("summary") if isinstance(manifest, dict) else None
+    return summary if isinstance(summary, dict) else {}
 
 
 def _already_merged(out: Location, shards: list[Location], params: dict, console) -> bool:
@@ -126,7 +137,7 @@ def _already_merged(out: Location, shards: list[Location], params: dict, console
                              "--overwrite to start over")
     if not params.get("resume"):
         raise ExtractorError(f"{out} already exists; pass --resume to continue it or --overwrite to start over")
-    console.print(f"{out} is already complete ({manifest['summary']['records']} records)")
+    console.print(f"{out} is already complete ({_summary(manifest).get('records', '?')} records)")
     return True
 
 
@@ -149,7 +160,7 @@ def merge(out: Location, shards: list[Location]) -> dict:
     """Interleave the shards back into input order, checking every shard is complete and ids are unique."""
     manifests = [read_manifest(s) for s in shards]
     for s, m in zip(shards, manifests):
-        if not m or not (m.get("summary") or {}).get("complete"):
+        if not _summary(m).get("complete") or not isinstance(m.get("run_key"), dict):
             raise ExtractorError(f"{s} is not complete; rerun with --resume before merging")
         if not storage.is_remote(s):
             drop_partial_tail(s)

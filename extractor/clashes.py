@@ -1,0 +1,100 @@
+"""Refuse, before any work, a file a command would write that is one of its own inputs.
+
+A file is known as the operating system knows it: by its resolved path (symlinks, `./x` and `x`, `..`) and,
+where it exists, by device and inode (a hard link has another path but the same inode). A run writes more than
+its `--out`: the manifest, the Parquet journal, the lock and the temporary files beside each, and the rejects
+file; every one of them is checked, so that `--out corpus` with a Parquet journal named like the corpus is
+caught as surely as `--out corpus.jsonl` itself.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from extractor import storage
+from extractor.errors import InputError
+
+MAX_FOLDER_FILES = 10_000  # a model folder is a few dozen files; a huge tree is not walked whole
+
+
+class FileSet:
+    """Labelled files, found again by path or by inode."""
+
+    def __init__(self):
+        self.paths: dict[str, str] = {}
+        self.inodes: dict[tuple[int, int], str] = {}
+
+    def add(self, label: str, location: storage.Location) -> None:
+        key = _path_key(location)
+        self.paths.setdefault(key, label)
+        node = _inode(location)
+        if node is not None:
+            self.inodes.setdefault(node, label)
+
+    def add_folder(self, label: str, folder: Path) -> None:
+        """Every file under a folder (a model's weights, tokenizer and config)."""
+        for count, path in enumerate(folder.rglob("*")):
+            if count >= MAX_FOLDER_FILES:
+                return
+            if path.is_file():
+                self.add(f"{label} ({path.name})", path)
+
+    def find(self, location: storage.Location) -> str | None:
+        label = self.paths.get(_path_key(location))
+        if label is not None:
+            return label
+        node = _inode(location)
+        return self.inodes.get(node) if node is not None else None
+
+
+def written_beside(out: storage.Location) -> list[tuple[str, storage.Location]]:
+    """What a run writes for the output `out`, besides `out` itself."""
+    from extractor.locks import lock_path
+    from extractor.provenance import manifest_path
+    from extractor.writers import journal_path
+    manifest = manifest_path(out)
+    found = [("manifest", manifest), ("manifest's temporary file", manifest.with_name(manifest.name + ".tmp")),
+             ("temporary file", out.with_name(out.name + ".tmp"))]
+    if not storage.is_remote(out):
+        found.append(("lock file", lock_path(out)))
+        journal = journal_path(out)
+        if journal != out:
+            found.append(("journal", journal))
+    return found
+
+
+def rejects_written(rejects: storage.Location) -> list[tuple[str, storage.Location]]:
+    """Besides the rejects file, its lock (its lines gather in a new file of a name of its own)."""
+    from extractor.locks import lock_path
+    return [] if storage.is_remote(rejects) else [("lock file", lock_path(rejects))]
+
+
+def refuse_overlaps(writes: list[tuple[str, storage.Location, list]], inputs: FileSet) -> None:
+    """`writes`: (flag, path, [(what, derived path)]) for each file a command writes. InputError when one is
+    an input, or when two of them are the same file."""
+    written = FileSet()
+    for flag, path, beside in writes:
+        for what, location in [(None, path), *beside]:
+            clash = inputs.find(location) or written.find(location)
+            if clash is not None:
+                where = f"{flag} {path}" if what is None else f"{flag} {path}: its {what} {location}"
+                raise InputError(f"{where} is {clash}; the run would overwrite it — choose another {flag}")
+        written.add(f"the {flag} file {path}", path)
+        for what, location in beside:
+            written.add(f"the {what} of {flag} {path}", location)
+
+
+def _path_key(location: storage.Location) -> str:
+    if storage.is_remote(location):
+        return "remote:" + str(location).rstrip("/")
+    return os.path.realpath(location)
+
+
+def _inode(location: storage.Location) -> tuple[int, int] | None:
+    if storage.is_remote(location):
+        return None
+    try:
+        st = os.stat(location)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
