@@ -68,6 +68,17 @@ class TextEncoder:
     def count_tokens(self, prompts: list[str]) -> list[int]:
         return [len(p) for p in prompts]
 
+    def count_tokens_upto(self, prompts: list[str], limit: int) -> list[tuple[int, bool]]:
+        """(count, whole) per prompt: its exact token count (whole: True) wherever that is at most `limit`;
+        a prompt over it may instead get the count of a head of it that is already over (whole: False),
+        found in time and memory bounded by the limit rather than by the prompt."""
+        return [(n, True) for n in self.count_tokens(prompts)]
+
+    def head(self, text: str, n_tokens: int) -> str:
+        """A prefix of `text` holding more than n_tokens tokens, or all of it: what --on-long truncate can
+        keep of a text, found without reading the rest."""
+        return text[:n_tokens + 1]
+
     def truncate_tokens(self, text: str, n_tokens: int) -> str:
         """`text` cut to its first n_tokens tokens (for --on-long truncate)."""
         return text[:max(0, n_tokens)]
@@ -79,6 +90,7 @@ class TokenizerEncoder(TextEncoder):
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self._max_chars: int | None = None
 
     def encode_batch(self, prompts: list[str]) -> list[list[int]]:
         """Prompts to token ids in one tokenizer call (the Rust tokenizer spreads it over threads)."""
@@ -97,6 +109,41 @@ class TokenizerEncoder(TextEncoder):
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
         return [len(e) for e in self.encode_batch(prompts)]
+
+    # Tokens a head's count must pass the limit by: a cut can change how the last few tokens before it merge.
+    HEAD_SLACK = 16
+
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: its vocabulary's longest spelling (a byte-level,
+        SentencePiece or WordPiece spelling is never shorter than the text it decodes to)."""
+        if self._max_chars is None:
+            self._max_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
+        return self._max_chars
+
+    def count_tokens_upto(self, prompts: list[str], limit: int) -> list[tuple[int, bool]]:
+        """Prompts short enough to fit in `limit` tokens are counted whole, in one call; a longer one is
+        counted on its head (`head`), so a 50 MB record costs what its first few limits' worth costs."""
+        bound = (limit + self.HEAD_SLACK) * self.max_token_chars()
+        short = [i for i, p in enumerate(prompts) if len(p) <= bound]
+        out: list = [None] * len(prompts)
+        for i, n in zip(short, self.count_tokens([prompts[i] for i in short])):
+            out[i] = (n, True)
+        for i in (i for i, p in enumerate(prompts) if len(p) > bound):
+            head = self.head(prompts[i], limit)
+            out[i] = (self.count_tokens([head])[0], len(head) == len(prompts[i]))
+        return out
+
+    def head(self, text: str, n_tokens: int) -> str:
+        """Starts from as many characters as n_tokens of the longest token can spell, and doubles until the
+        head's count passes n_tokens (a normalizer that drops characters, such as one collapsing
+        whitespace, can make a token stand for more)."""
+        size = (n_tokens + self.HEAD_SLACK) * self.max_token_chars()
+        while size < len(text):
+            head = text[:size]
+            if self.count_tokens([head])[0] > n_tokens + self.HEAD_SLACK:
+                return head
+            size *= 2
+        return text
 
     def truncate_tokens(self, text: str, n_tokens: int) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -72,6 +72,7 @@ class HFBackend(TokenizerBackend):
     def __init__(self, model: str, adapters=(), dtype: str = "auto", device: str = "auto",
                  trust_remote_code: bool = False, batch_size: int = 32, batch_tokens: int = 32768,
                  fast: str = "auto", compile: bool | None = None, **_):
+        check_model_dir(Path(model))  # before torch is imported: a broken folder is refused in a second
         import torch
         from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
@@ -79,7 +80,6 @@ class HFBackend(TokenizerBackend):
         hf_logging.disable_progress_bar()
         self.torch = torch
         self.model_path = Path(model)
-        check_model_dir(self.model_path)
         self.adapter_paths = name_adapters(adapters, check_adapter_dir)
         self.device = self._device(device)
         self.dtype = self._dtype(dtype)

@@ -74,11 +74,14 @@ class Predictor:
         skipped: dict[int, str] = {}
         if self.limit is None:
             return prompts, skipped
-        lengths = self.encoder.count_tokens(prompts)
-        for i, n in enumerate(lengths):
+        # A prompt over the limit is counted only on a head of it: a 50 MB record costs no more than its
+        # first few limits' worth of text.
+        lengths = self.encoder.count_tokens_upto(prompts, self.limit)
+        for i, (n, whole) in enumerate(lengths):
             if n <= self.limit:
                 continue
-            message = f"record {records[i]['id']}: prompt has {n} tokens, more than the limit {self.limit}"
+            message = (f"record {records[i]['id']}: prompt has {'' if whole else 'more than '}{n} tokens, more "
+                       f"than the limit {self.limit}")
             if self.on_long == "fail":
                 raise LongInputError(f"{message}; pass --on-long truncate or --on-long skip, or raise "
                                      "--max-input-tokens")
@@ -92,12 +95,16 @@ class Predictor:
         """Cut the record's first input field until the whole prompt fits the limit."""
         field0 = self.task.spec.input_fields[0]
         values = dict(record["values"])
+        head = self.encoder.head(values[field0], self.limit)  # the most of it the prompt could keep
+        if len(head) < len(values[field0]):
+            values[field0] = head
+            n_tokens = self.encoder.count_tokens([self.builder.build(values)])[0]
         over = n_tokens - self.limit
         for _ in range(4):
             text_tokens = self.encoder.count_tokens([values[field0]])[0]
             values[field0] = self.encoder.truncate_tokens(values[field0], text_tokens - over - 2)
             prompt = self.builder.build(values)
-            over = self.encoder.count_tokens([prompt])[0] - self.limit
+            over = self.encoder.count_tokens_upto([prompt], self.limit)[0][0] - self.limit
             if over <= 0:
                 return prompt
         raise LongInputError(f"record {record['id']}: the prompt without its text is already longer than "
