@@ -200,7 +200,13 @@ def test_sound_folders_pass(tiny_model, tmp_path):
         (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors"),
         (d / "model.safetensors.index.json").write_text(json.dumps(
             {"weight_map": {n: "model-00001-of-00001.safetensors" for n in state}}))))
-    for folder in (tiny_model, beside, zipped, legacy, sharded):
+    snapshot = tmp_path / "hub" / "snapshots" / "abc"  # the hub cache's layout: every file a link into blobs/
+    (tmp_path / "hub" / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in sharded.iterdir():
+        shutil.copy(file, tmp_path / "hub" / "blobs" / file.name)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / file.name)
+    for folder in (tiny_model, beside, zipped, legacy, sharded, snapshot):
         check_model_dir(folder)
         assert len(load_tokenizer(folder, trust_remote_code=False)) > 100
     adapter = tmp_path / "adapter"

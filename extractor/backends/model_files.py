@@ -110,12 +110,12 @@ def _shards(index: Path) -> list[Path]:
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelError(f"{index}: no weight_map of tensor names to shard files; fetch the model again")
-    folder = index.parent.resolve()
     shards = []
     for name in dict.fromkeys(weight_map.values()):
-        shard = (index.parent / name).resolve()
-        if folder not in shard.parents:
+        # Judged by its spelling, not where it resolves: a hub cache's snapshot links every file into blobs/.
+        if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
             raise ModelError(f"{index}: shard '{name}' is outside the model folder; the index is corrupt")
+        shard = index.parent / name
         if not shard.is_file():
             raise ModelError(f"{index}: names shard '{name}', which is missing; the download is incomplete")
         shards.append(shard)
