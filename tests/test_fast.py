@@ -243,19 +243,24 @@ def test_compile_failure_falls_back_to_eager(tiny_model, monkeypatch):
     assert len(tokens) == 4
 
 
-def test_compile_policy(tiny_model, monkeypatch):
-    """torch.compile around the model's forward: on CUDA by default, never by default on CPU;
-    EXTRACTOR_FAST_COMPILE overrides the default, an explicit `compile=` overrides both."""
+def test_compile_policy(tiny_model):
+    """--compile auto (the default): on CUDA only where the run's output tokens repay the compile, never on
+    CPU; on/off as said; from_loaded's bool; the choice and why recorded for the manifest."""
+    from extractor.backends.base import GenParams
     from extractor.backends.hf import HFBackend
-    backend = HFBackend(str(tiny_model), device="cpu")
-    monkeypatch.delenv("EXTRACTOR_FAST_COMPILE", raising=False)
+    from extractor.backends.startup import COMPILE_PAYS_FROM_TOKENS
+    backend = HFBackend(str(tiny_model), device="cpu", quiet=True)
+    assert not backend._compiles(cuda=True)  # the run's size unknown: eager
+    backend.expect(-(-COMPILE_PAYS_FROM_TOKENS // 128), GenParams(max_new_tokens=128))
     assert backend._compiles(cuda=True) and not backend._compiles(cuda=False)
-    monkeypatch.setenv("EXTRACTOR_FAST_COMPILE", "0")
+    assert backend.startup.as_dict()["compile"]["compile"] is False
+    backend.expect(10, GenParams(max_new_tokens=128))
     assert not backend._compiles(cuda=True)
-    monkeypatch.setenv("EXTRACTOR_FAST_COMPILE", "1")
+    backend.compile = "on"
     assert backend._compiles(cuda=False)
     backend.compile = False
     assert not backend._compiles(cuda=True)
+    assert set(backend.startup.as_dict()["phases_s"]) >= {"importing torch and transformers", "loading weights"}
     assert not any(p.requires_grad for p in backend.base.parameters()), "inference only: the base is frozen"
 
 

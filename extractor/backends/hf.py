@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import pickle
 import sys
 from collections import deque
@@ -71,12 +70,13 @@ class HFBackend(TokenizerBackend):
 
     def __init__(self, model: str, adapters=(), dtype: str = "auto", device: str = "auto",
                  trust_remote_code: bool = False, batch_size: int = 32, batch_tokens: int = 32768,
-                 fast: str = "auto", compile: bool | None = None, **_):
+                 fast: str = "auto", compile: str | bool = "auto", quiet: bool = False, **_):
         check_model_dir(Path(model))  # before torch is imported: a broken folder is refused in a second
-        import torch
-        from safetensors import SafetensorError
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
+        from extractor.backends.startup import Startup
+        self.startup = Startup(say=not quiet and sys.stderr.isatty())  # in logs the manifest has the times
+        with self.startup.phase("importing torch and transformers"):
+            import torch
+            from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         self.torch = torch
         self.model_path = Path(model)
@@ -87,20 +87,65 @@ class HFBackend(TokenizerBackend):
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.fast_mode = fast
         self.compile = compile
-        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code)
+        self._expected_tokens: int | None = None
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(1) as pool:  # the tokenizer is read while the weights load
+            tokenizer = pool.submit(load_tokenizer, self.model_path, trust_remote_code)
+            base = self._load_weights(self.model_path)
+            self.tokenizer = tokenizer.result()
+        self._attach(base, self.tokenizer)
+
+    def _load_weights(self, path: Path):
+        """The model, its weights read straight to the device in the run's dtype (no CPU copy on CUDA)."""
+        from safetensors import SafetensorError
+        from transformers import AutoModelForCausalLM
+        cuda = self.device.startswith("cuda")
+        size = sum(p.stat().st_size for pattern in WEIGHT_PATTERNS for p in path.glob(pattern))
+        from extractor.backends.startup import size_text
         try:
-            base = AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=self.dtype, trust_remote_code=trust_remote_code,
-                use_safetensors=any(self.model_path.glob("*.safetensors")) or None,
-                **_attention_for(self.model_path, trust_remote_code)).to(self.device)
+            with self.startup.phase("loading weights", f"{size_text(size)} to {self.device}"):
+                base = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                    use_safetensors=any(path.glob("*.safetensors")) or None,
+                    **({"device_map": self.device} if cuda else {}),
+                    **_attention_for(path, self.trust_remote_code))
+                base = base if cuda else base.to(self.device)
         except (OSError, ValueError, AttributeError, ImportError, KeyError, RuntimeError, TypeError,
                 pickle.UnpicklingError, SafetensorError) as exc:  # what the folder's checks could not see
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ModelError(f"{self.model_path}: cannot load ({first})") from None
+            raise ModelError(f"{path}: cannot load ({first})") from None
         # Inference only; and peft freezes the base when an adapter loads: frozen from the start, the model
         # an adapter leaves behind is the one compiled code was traced on (requires_grad is in its guards).
         base.requires_grad_(False)
-        self._attach(base, self.tokenizer)
+        return base
+
+    def use_checkpoint(self, path: Path) -> None:
+        """Another full checkpoint of the same architecture and tokenizer, its weights copied into the loaded
+        model's own tensors: the decoder keeps its cache, compiled code and graphs; its shared-prefix K/V
+        are recomputed. Anything else is refused in one line (run that checkpoint in its own command)."""
+        from extractor.backends.checkpoint_swap import load_in_place, same_architecture
+        from extractor.backends.startup import size_text
+        path = Path(path)
+        check_model_dir(path)
+        why = same_architecture(self.model_path, path)
+        if why is not None:
+            raise ModelError(f"--model {path}: cannot take the place of {self.model_path} in one process: {why}; "
+                             "score it with a command of its own")
+        if self.adapter_paths:
+            raise ModelError("several --model with --adapter: score each checkpoint's adapters in a command of its own")
+        self.use_adapter(None)
+        size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        with self.startup.phase("switching weights", f"{size_text(size)} from {path}"):
+            load_in_place(self.base, path)
+        self.model_path = self.weights.model_path = path
+        self._spare = self._mix_decoder = self._virtual = None
+        if self._fast_decoder is not None:
+            with self.startup.phase("recomputing the shared prefix"):
+                self._fast_decoder.reuse_for(None)
+
+    def expect(self, records: int | None, params: GenParams) -> None:
+        """How many records the run will decode at most (None: unknown): what `--compile auto` weighs."""
+        self._expected_tokens = None if records is None else records * params.max_new_tokens
 
     @classmethod
     def from_loaded(cls, model, tokenizer, model_path: str | Path, batch_size: int = 32,
@@ -118,6 +163,8 @@ class HFBackend(TokenizerBackend):
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.fast_mode = fast
         self.compile = compile  # off: a checkpoint's evaluation is short, compiling would cost more than it saves
+        from extractor.backends.startup import Startup
+        self.startup, self._expected_tokens = Startup(say=False), None
         self._attach(model, tokenizer)
         if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
             self.weights.hand_over(model)
@@ -509,19 +556,23 @@ class HFBackend(TokenizerBackend):
         # Off CUDA the cache is host memory: --batch-size rows, at most --batch-tokens positions in all.
         slots = slots_for_memory(self.base, unique_len, self.device) if cuda else \
             max(1, min(self.batch_size, self.batch_tokens // unique_len))
-        dec = FastDecoder(self.base, prefix, slots=slots, unique_len=unique_len, eos_ids=self.eos_ids,
-                          compile=self._compiles(cuda), **kwargs)
+        compile = self._compiles(cuda)
+        with self.startup.phase("compiling the fast path" if compile else "building the fast path",
+                                f"({slots} slots of {unique_len} positions)"):
+            dec = FastDecoder(self.base, prefix, slots=slots, unique_len=unique_len, eos_ids=self.eos_ids,
+                              compile=compile, **kwargs)
         dec.capture()
         return dec
 
     def _compiles(self, cuda: bool) -> bool:
-        """torch.compile around the model's forward: on CUDA unless EXTRACTOR_FAST_COMPILE=0 (it fuses the
-        family's norms, rotary and activations: 1.29x on the EOS anchor, one H200, for ~50 s of compiling on a
-        1.5B model's first run, less from the compile cache after); off on CPU, where it does not pay."""
-        if self.compile is not None:
-            return bool(self.compile)
-        setting = os.environ.get("EXTRACTOR_FAST_COMPILE", "auto").lower()
-        return cuda if setting == "auto" else setting not in ("0", "off", "false", "no")
+        """torch.compile around the layers' forward (`--compile`; from_loaded takes a bool): auto compiles on
+        CUDA only where the run's output tokens repay the compile (startup.choose_compile); the choice and
+        why go in the start-up record of the manifest."""
+        from extractor.backends.startup import choose_compile
+        setting = self.compile if isinstance(self.compile, str) else ("on" if self.compile else "off")
+        choice = choose_compile(setting, cuda, self._expected_tokens)
+        self.startup.note("compile", choice.as_dict())
+        return choice.compile
 
     def _batches(self, order: list[int], encoded: list[list[int]], max_new: int):
         """Consecutive runs of the length-sorted order, each under the batch size and the token budget."""
