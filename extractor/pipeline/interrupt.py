@@ -1,11 +1,23 @@
-"""Ctrl-C during a run: the first stops taking new records (what is in flight drains and is written), a second
-stops at once. Its own object so that one handler can serve every output a single pass fills."""
+"""Ctrl-C during a run: the first stops the run after the backend's current step (rows finished so far are
+written; the rest is redone by --resume), a second stops at once. Its own object so that one handler can serve
+every output a single pass fills.
+
+SIGINT is process-wide, and so is its request: `stop_requested` is what the generation stream looks at
+(`lanes.stream_lanes`), however many outputs share it. A backend may have pulled far more requests than one
+window (hf's fast path keeps its slots full), so waiting for what is in flight could take as long as the run."""
 from __future__ import annotations
 
 import signal
 import sys
 
-NOTICE = "Ctrl-C: stopping after the records in flight (again to stop now); rerun with --resume to continue"
+NOTICE = ("Ctrl-C: stopping after the current step, keeping the rows finished so far (again to stop at once); "
+          "rerun with --resume to continue")
+_ACTIVE: list["CtrlC"] = []  # the handlers in force
+
+
+def stop_requested() -> bool:
+    """Whether Ctrl-C has been pressed during the run in force."""
+    return any(c.requested for c in _ACTIVE)
 
 
 class CtrlC:
@@ -18,9 +30,11 @@ class CtrlC:
 
     def __enter__(self) -> "CtrlC":
         self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc) -> bool:
+        _ACTIVE.remove(self)
         signal.signal(signal.SIGINT, self._previous)
         return False
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from extractor.backends.base import Request
+from extractor.pipeline.interrupt import stop_requested
 
 if TYPE_CHECKING:
     from extractor.pipeline.predictor import Predictor
@@ -60,6 +61,8 @@ def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict]
     def requests():
         seq = 0
         for window, (records, shares) in enumerate(windows):
+            if stop_requested():
+                return
             # A record's requests go together, one per lane that needs it: any stretch of the stream then
             # names every adapter, which is what lets the backend decode them together (one pass is only
             # chosen where it does: Backend.decodes_together).
@@ -89,9 +92,17 @@ def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict]
             if triples:
                 yield lane, triples
 
-    for pairs in first.backend.generate_stream(requests(), first.params, first.task.schema, first.probes()):
-        for request, gen in pairs:
-            lane, position, rec = sent.pop(request.seq)
-            orders[lane].done(position, (rec, gen, None))
-        yield from released()
+    stream = first.backend.generate_stream(requests(), first.params, first.task.schema, first.probes())
+    try:
+        for pairs in stream:
+            for request, gen in pairs:
+                lane, position, rec = sent.pop(request.seq)
+                orders[lane].done(position, (rec, gen, None))
+            yield from released()
+            if stop_requested():  # Ctrl-C: what is finished and in order is out; the rest is redone on resume
+                return
+    finally:
+        close = getattr(stream, "close", None)  # a generator's clean-up, also when the stream is left early
+        if close is not None:
+            close()
     yield from released(drain=True)  # records skipped after the last generation
