@@ -54,7 +54,8 @@ def written_beside(out: storage.Location) -> list[tuple[str, storage.Location]]:
     from extractor.writers import journal_path
     manifest = manifest_path(out)
     found = [("manifest", manifest), ("manifest's temporary file", manifest.with_name(manifest.name + ".tmp")),
-             ("temporary file", out.with_name(out.name + ".tmp"))]
+             ("temporary file", out.with_name(out.name + ".tmp")),
+             ("write probe", out.with_name(f".{out.name}.probe"))]
     if not storage.is_remote(out):
         found.append(("lock file", lock_path(out)))
         journal = journal_path(out)

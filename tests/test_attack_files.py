@@ -151,11 +151,11 @@ def test_resume_rebuilds_only_its_own_rejects(job):
 
 # -- two runs on one output -------------------------------------------------------------------------------------
 def _slow_run(job, out, *extra):
-    """A run taking ~3 s (0.15 s per record), started in the background."""
+    """A run taking ~2 s (0.1 s per record), started in the background."""
     args = [*EXTRACTOR, "run", str(job / "c.jsonl"), "--task", "jd_requirements", "--backend", "echo", "--model",
             str(job / "g.jsonl"), "--out", str(out), "--quiet", "--window", "1", "--batch-size", "1", *extra]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(EXTRACTOR_ECHO_LATENCY_S="0.15"))
+                            env=_env(EXTRACTOR_ECHO_LATENCY_S="0.1"))
 
 
 def _wait_rows(path: Path, n: int = 1) -> None:

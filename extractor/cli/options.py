@@ -19,8 +19,17 @@ class Readable(click.ParamType):
         except storage.StorageError as exc:
             self.fail(str(exc), param, ctx)
         if not storage.is_remote(location) and not location.is_file():
-            self.fail(f"'{value}': no such file", param, ctx)
+            self.fail(f"'{value}': {_not_a_file(location)}", param, ctx)
         return value
+
+
+def _not_a_file(path) -> str:
+    """Why a local path is not a file to read: absent, a folder, or a FIFO or device (read once, or not at all)."""
+    if not path.exists():
+        return "no such file"
+    if path.is_dir():
+        return "is a directory, not a file"
+    return "is a FIFO or device, not a regular file; save it to a file first"
 
 
 READABLE = Readable()
