@@ -259,6 +259,58 @@ def test_ctrl_c_stops_a_long_run_and_resumes(tmp_path, signals):
     _exact(out, 400)
 
 
+GREEDY = '''
+from extractor.backends.echo import EchoBackend
+
+
+class GreedyEcho(EchoBackend):
+    """echo, pulling every request before its first result, as hf's fast path fills its slots: what is "in
+    flight" is then the whole corpus."""
+
+    def generate_stream(self, requests, params, schema=None, probes=()):
+        pulled = list(requests)
+        for request in pulled:  # one generate call each: EXTRACTOR_ECHO_LATENCY_S apart
+            yield [(request, self.generate([request], params, schema)[0])]
+'''
+
+
+@pytest.fixture
+def greedy_backend(tmp_path):
+    """The backend above as an installed plugin (a module and its dist-info entry point) on PYTHONPATH."""
+    site = tmp_path / "site"
+    info = site / "extractor_greedy_echo-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / "extractor_greedy_echo.py").write_text(GREEDY, encoding="utf-8")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: extractor-greedy-echo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[extractor.backends]\necho_greedy = extractor_greedy_echo:GreedyEcho\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_a_backend_that_pulled_everything(tmp_path, greedy_backend):
+    """The first Ctrl-C stops after the backend's current step, not after all it has pulled (400 x 0.05 s)."""
+    slow = dict(greedy_backend, EXTRACTOR_ECHO_LATENCY_S="0.05")
+    corpus, gold = synth_corpus(tmp_path, n=400)
+    out = tmp_path / "o.jsonl"
+    cmd = [*EXTRACTOR, "run", str(corpus), "--task", "jd_requirements", "--backend", "echo_greedy", "--model",
+           str(gold), "--out", str(out), "--window", "8", "--quiet"]
+    proc = subprocess.Popen(cmd, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.stat().st_size == 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert time.perf_counter() - start < 5 and len(read_jsonl(out)) < 200
+    resumed = subprocess.run(cmd + ["--resume"], env=greedy_backend, capture_output=True, text=True, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    _exact(out, 400)
+
+
 @pytest.mark.timeout(60)
 def test_ctrl_c_with_progress_bar_says_how_to_resume(tmp_path):
     rc, stderr, _, *_ = _interrupt(tmp_path, 1, quiet=False)
