@@ -144,8 +144,9 @@ class Run:
             return
         ours = manifest is not None and manifest.get("rejects", str(self._default_rejects())) == str(path)
         if not ours:
-            raise ManifestError(f"--rejects {path} already exists; pass --overwrite to replace it or choose "
-                                "another --rejects")
+            what = f"--rejects {path}" if self.opts.rejects else f"the rejects file {path}"
+            raise ManifestError(f"{what} already exists; pass --overwrite to replace it or choose another "
+                                "--rejects")
 
     def _done_ids(self) -> set[int]:
         """The ids already written. A row written twice (by hand, or by runs before outputs were locked) is
