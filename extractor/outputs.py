@@ -244,6 +244,8 @@ class Validator:
                 self._fast = None
 
     def first_error(self, value) -> str | None:
+        from referencing.exceptions import Unresolvable
+
         from extractor.schema_regex import PatternTimeout, record_budget
         if self._fast is not None:
             try:
@@ -259,6 +261,8 @@ class Validator:
             return f"$: {exc}"
         except RecursionError:
             return "$: value nested too deeply to check against the schema"
+        except Unresolvable as exc:  # every reference was resolved at load: only a $dynamicRef can get here
+            return f"$: the schema's reference {str(exc)[:200]!r} cannot be resolved"
         if error is None:
             return None
         path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)

@@ -11,6 +11,7 @@ resource here and never goes to the network.
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,7 @@ class _Walk:
         from referencing import Registry
         from referencing.jsonschema import DRAFT202012
         self.spec = DRAFT202012
+        schema = copy.deepcopy(schema)  # the walk drops `$schema` from the registry's copy (see _visit)
         self.root_uri = root_uri
         self.folder = folder
         self.files: dict[str, Path] = {root_uri: schema_path}
@@ -133,15 +135,16 @@ class _Walk:
 
     def run(self) -> SchemaRegistry:
         from referencing import Registry
-        resolver = self.registry.resolver(base_uri=self.root_uri)
-        stack = [(self.registry.contents(self.root_uri), self.root_uri, "", resolver)]
+        # Entered as the validator enters it (outputs.Validator): through a $ref to the root's URI.
+        root = self.registry.resolver().lookup(self.root_uri)
+        stack = [(root.contents, self.root_uri, "", root.resolver, True)]
         while stack:
-            node, uri, pointer, resolver = stack.pop()
+            node, uri, pointer, resolver, by_ref = stack.pop()
             if id(node) in self.where:
                 continue
             self.where[id(node)] = self._name(uri, pointer)
             if isinstance(node, dict):
-                stack.extend(self._visit(node, uri, pointer, resolver))
+                stack.extend(self._visit(node, uri, pointer, resolver, by_ref))
         self._check_acyclic()
         if {"unevaluatedProperties", "patternProperties"} <= self.keywords:
             raise TaskError(f"{self.files[self.root_uri]}: uses both patternProperties and unevaluatedProperties; "
@@ -150,35 +153,42 @@ class _Walk:
         registry = Registry(retrieve=_refuse_retrieval).with_resources(self.docs.items()).crawl()
         return SchemaRegistry(registry, self.root_uri, bool({"pattern", "patternProperties"} & self.keywords))
 
-    def _visit(self, node: dict, uri: str, pointer: str, resolver):
-        """Check one subschema; return the subschemas to visit next (children and reference targets)."""
+    def _visit(self, node: dict, uri: str, pointer: str, resolver, by_ref: bool):
+        """Check one subschema; return the subschemas to visit next (children and reference targets).
+
+        Resolution follows jsonschema's exactly (the same `referencing` calls): a subschema reached by a
+        reference keeps the resolver the lookup returned; one reached as a child enters its own `$id`."""
         where = self._name(uri, pointer)
         self.keywords.update(k for k in node if isinstance(k, str))
         dialect = node.get("$schema")
         if dialect is not None and dialect.rstrip("#") != DIALECT:
             raise TaskError(f"{where}/$schema: '{_short(dialect)}' is not JSON Schema 2020-12; set it to "
                             f"{DIALECT} (or remove it)")
-        resolver = resolver.in_subresource(self.spec.create_resource(node))
-        if isinstance(node.get("$id"), str):
-            self._check_inside(resolver._base_uri, where + "/$id", node["$id"])  # referencing has no accessor
+        # Checked, so dropped: jsonschema picks a validator class by `$schema` at every subschema, and would
+        # leave the bounded one (schema_regex) for its own 2020-12 class.
+        node.pop("$schema", None)
+        if isinstance(node.get("$id"), str):  # (referencing has no public accessor for the base URI)
+            self._check_inside(urljoin(resolver._base_uri, node["$id"]), where + "/$id", node["$id"])
+        if not by_ref:
+            resolver = resolver.in_subresource(self.spec.create_resource(node))
         self._compile_patterns(node, where)
         found = []
         for key in _REFS:
             if isinstance(node.get(key), str):
                 target = self._lookup(resolver, node[key], f"{where}/{key}")
                 self.edges.setdefault(id(node), []).append(id(target.contents))
-                found.append((target.contents, *self._locate(resolver, node[key]), target.resolver))
+                found.append((target.contents, *self._locate(resolver, node[key]), target.resolver, True))
         for key, sub, in_place in _subschemas(node):
             if in_place:
                 self.edges.setdefault(id(node), []).append(id(sub))
-            found.append((sub, uri, f"{pointer}/{key}", resolver))
+            found.append((sub, uri, f"{pointer}/{key}", resolver, False))
         return found
 
     def _lookup(self, resolver, ref: str, where: str):
         from referencing.exceptions import NoSuchAnchor, PointerToNowhere, Unresolvable
         try:
             target = resolver.lookup(ref)
-        except (PointerToNowhere, NoSuchAnchor):
+        except (PointerToNowhere, NoSuchAnchor, ValueError):
             raise TaskError(f"{where}: '{_short(ref)}' points to nothing in its file; fix the pointer or "
                             "anchor") from None
         except Unresolvable as exc:
