@@ -128,3 +128,51 @@ def test_regional_compile_compiles_one_layer_for_all(tmp_path):
     got4, eager4, frames4 = _compiled_counts(deep, "layers")
     assert got2 == eager2 and got4 == eager4
     assert frames4 == frames2, f"regional compile traced per layer: {frames2} frames at 2 layers, {frames4} at 4"
+
+
+def _run_args(corpus, out, *models):
+    args = ["run", corpus, "--task", "jd_requirements", "--out", out, "--device", "cpu", "--dtype", "fp32",
+            "--max-new-tokens", "12", "--quiet", "--fast", "on"]
+    for m in models:
+        args += ["--model", m]
+    return args
+
+
+def test_several_checkpoints_in_one_process_equal_separate_runs(two_checkpoints, tmp_path, run_cli):
+    """--model A --model B: B's weights loaded in place of A's, the decoder kept; each output equals the
+    one a command of its own writes (fp32, fast path), and its manifest names its own checkpoint."""
+    from conftest import read_jsonl, synth_corpus
+    first, second = two_checkpoints
+    corpus, _ = synth_corpus(tmp_path, n=6)
+    both = tmp_path / "both" / "preds.jsonl"
+    both.parent.mkdir()
+    result = run_cli(*_run_args(corpus, both, first, second))
+    assert result.exit_code == 0, result.output
+    for name, model in ((first.name, first), (second.name, second)):
+        alone = tmp_path / f"alone_{name}.jsonl"
+        assert run_cli(*_run_args(corpus, alone, model)).exit_code == 0
+        got = both.with_name(f"preds.{name}.jsonl")
+        assert read_jsonl(got) == read_jsonl(alone)
+        manifest = json.loads(got.with_name(got.name + ".manifest.json").read_text())
+        assert manifest["run_key"]["backend"]["model"]["path"] == str(model.resolve())
+        assert manifest["startup"]["compile"] == {"compile": False, "why": "auto: not on CPU, where compiling does "
+                                                                           "not pay"}
+    phases = json.loads(both.with_name(f"preds.{second.name}.jsonl.manifest.json").read_text())["startup"]["phases_s"]
+    assert "switching weights" in phases and "loading weights" in phases
+    assert read_jsonl(both.with_name(f"preds.{first.name}.jsonl")) != read_jsonl(both.with_name(
+        f"preds.{second.name}.jsonl"))  # the second checkpoint really decoded with its own weights
+
+
+def test_several_checkpoints_refusals(two_checkpoints, tmp_path, run_cli):
+    from conftest import synth_corpus
+    first, second = two_checkpoints
+    corpus, gold = synth_corpus(tmp_path, n=2)
+    refused = run_cli(*_run_args(corpus, tmp_path / "p.jsonl", first, second), "--adapter", str(first))
+    assert refused.exit_code == 2 and "--adapter" in refused.stderr
+    bigger = tmp_path / "bigger"
+    shutil.copytree(second, bigger)
+    cfg = json.loads((bigger / "config.json").read_text())
+    cfg["num_hidden_layers"] += 1
+    (bigger / "config.json").write_text(json.dumps(cfg))
+    other = run_cli(*_run_args(corpus, tmp_path / "q.jsonl", first, bigger))
+    assert other.exit_code == 2 and "num_hidden_layers" in other.stderr and "Traceback" not in other.output

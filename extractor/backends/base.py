@@ -174,6 +174,13 @@ class Backend:
         corpus for all of them pays off); a backend that can only switch between them says False."""
         return self.mixes_adapters
 
+    def expect(self, records: int | None, params: GenParams) -> None:
+        """The run decodes at most `records` records (None: unknown); a backend may size its start-up to it."""
+
+    def startup_record(self) -> dict | None:
+        """What start-up did and how long each phase took (the manifest's `startup`); None: nothing to say."""
+        return None
+
     def identity(self, adapter: str | None = None) -> dict:
         """What identifies the weights and settings that produce outputs for requests naming `adapter`
         (None: base weights); it goes into the manifest."""

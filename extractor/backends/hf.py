@@ -143,6 +143,9 @@ class HFBackend(TokenizerBackend):
             with self.startup.phase("recomputing the shared prefix"):
                 self._fast_decoder.reuse_for(None)
 
+    def startup_record(self) -> dict | None:
+        return self.startup.as_dict()
+
     def expect(self, records: int | None, params: GenParams) -> None:
         """How many records the run will decode at most (None: unknown): what `--compile auto` weighs."""
         self._expected_tokens = None if records is None else records * params.max_new_tokens

@@ -27,9 +27,11 @@ from extractor.tasks import load_task
 @click.command()
 @click.argument("corpus", type=click.Path(dir_okay=False))  # or a URI: s3://, gs://, az://, hf://
 @click.option("--task", "task_name", required=True, help="Task name (see `extractor tasks`).")
-@click.option("--model", required=True,
+@click.option("--model", "models", required=True, multiple=True,
               help="Local model folder, or a hub id ORG/NAME[@revision] found in the local Hugging Face cache "
-                   "(hf, vllm; never downloaded); a gold file (echo).")
+                   "(hf, vllm; never downloaded); a gold file (echo). hf: repeat it to score several full "
+                   "checkpoints of one architecture in one process, each loaded in place of the last (the "
+                   "decoder, its compiled code and graphs kept), one output each (preds.<checkpoint>.jsonl).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Predictions: .jsonl or .parquet, a local path or an s3:// gs:// az:// URI.")
 @click.option("--backend", default="hf", show_default=True, help="hf | vllm | echo")
@@ -46,6 +48,10 @@ from extractor.tasks import load_task
                    "for greedy base-weight runs of the model types on its list (README), constrained or not. "
                    "auto: where it applies, else plain generate with one line saying why; on: FastDecoder or "
                    "exit 2; off: plain generate.")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="hf fast path: torch.compile its layers (regionally: one layer compiled, reused by all). auto: "
+                   "on CUDA only where the run's output tokens repay the compile (about 3M: it costs seconds to "
+                   "tens of seconds a process); never on CPU. The choice and why are in the manifest's startup.")
 @click.option("--constrained", is_flag=True, help="Constrain decoding to the task's JSON Schema (xgrammar).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the task's.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="0 = greedy (the task's default).")
@@ -93,9 +99,15 @@ def run(**params):
     cfg = RunConfig.from_params(params)
     task = load_task(cfg.task_name, cfg.tasks_dirs)
     console = Console(stderr=True, quiet=cfg.quiet)
-    sources = RunSources.resolve(cfg.model, cfg.adapters, cfg.backend)  # hub ids -> cached snapshots; fails first
+    _check_checkpoints(cfg)
+    # hub ids -> cached snapshots; fails first
+    checkpoints = [RunSources.resolve(model, cfg.adapters, cfg.backend) for model in cfg.models]
+    sources = checkpoints[0]
     corpus, out = storage.target(cfg.corpus), storage.target(cfg.out)
     _check_corpus(cfg, corpus)
+    if len(checkpoints) > 1:
+        _run_checkpoints(cfg, task, checkpoints, corpus, out, console)
+        return
     labels = _output_labels(sources)
     outs = [output_for_adapter(out, label, len(labels)) for label in labels]
     _refuse_overwriting_inputs(cfg, sources, corpus, outs)
@@ -112,6 +124,7 @@ def run(**params):
             _run_on_ray(cfg, task, opts, sources, console)
             return
         engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
+        _expect(engine, opts)
         names = engine.adapters()
         if len(names) > 1 and engine.decodes_together(names, opts.params):
             _run_in_one_pass(cfg, task, engine, opts, sources, names, console)
@@ -124,6 +137,66 @@ def run(**params):
             summaries.append(job.execute(job.prepare(_key(task, engine, predictor, opts, sources))))
             _finish(console, [job.out], [summaries[-1]], cfg, check_results=False)
         _check_results(cfg, targets, [summary.statuses for summary in summaries])
+
+
+def _check_checkpoints(cfg: RunConfig) -> None:
+    """Several --model: full checkpoints swapped into one hf backend, on their own (no adapters, one process)."""
+    if len(cfg.models) < 2:
+        return
+    if cfg.backend != "hf":
+        raise InputError(f"--model given {len(cfg.models)} times: only --backend hf scores several checkpoints in "
+                         "one process; run one command per checkpoint")
+    for flag, used in (("--adapter", cfg.adapters), ("--gpus", cfg.gpus), ("--ray", cfg.ray_address)):
+        if used:
+            raise InputError(f"--model given {len(cfg.models)} times cannot be combined with {flag}; run one "
+                             "command per checkpoint")
+
+
+def checkpoint_labels(models: list[str]) -> list[str]:
+    """Each checkpoint's output label: its folder's name; where two share one, parent-name (run1-best)."""
+    paths = [Path(m) for m in models]
+    labels = [p.name for p in paths]
+    for i, p in enumerate(paths):
+        if labels.count(p.name) > 1:
+            labels[i] = f"{p.parent.name}-{p.name}"
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise InputError(f"--model: two checkpoints would both write preds.{twice[0]}.jsonl; give folders whose "
+                         "names (or parent and name) differ")
+    return labels
+
+
+def _run_checkpoints(cfg: RunConfig, task, checkpoints: list[RunSources], corpus, out, console) -> None:
+    """Each checkpoint's weights into the same loaded model in turn, each its own Run and output, exactly as
+    one command per checkpoint would write them."""
+    labels = checkpoint_labels([c.model for c in checkpoints])
+    outs = [output_for_adapter(out, label, len(labels)) for label in labels]
+    for sources in checkpoints:
+        _refuse_overwriting_inputs(cfg, sources, corpus, outs)
+    opts = cfg.run_options(task)
+    check_writable(opts.out)
+    with Claim(outs, _locked(cfg, outs)):
+        engine = backend_class(cfg.backend)(**cfg.backend_kwargs(checkpoints[0].model, ()))
+        _expect(engine, opts)
+        targets, summaries = [], []
+        for i, (sources, target) in enumerate(zip(checkpoints, outs)):
+            if i:
+                engine.use_checkpoint(Path(sources.model))
+            predictor = _predictor(cfg, task, engine, opts)
+            job = Run(predictor, opts, target, console)
+            targets.append(target)
+            summaries.append(job.execute(job.prepare(_key(task, engine, predictor, opts, sources))))
+            _finish(console, [target], [summaries[-1]], cfg, check_results=False)
+        _check_results(cfg, targets, [summary.statuses for summary in summaries])
+
+
+def _expect(engine, opts: RunOptions) -> None:
+    """Tell the backend how many records the run decodes at most, where cheap to know (--compile auto)."""
+    from extractor.corpus import count_records
+    total = None if is_stream(opts.corpus) else count_records(opts.corpus)
+    if opts.limit is not None:
+        total = opts.limit if total is None else min(total, opts.limit)
+    engine.expect(total, opts.params)
 
 
 def _check_corpus(cfg: RunConfig, corpus) -> None:

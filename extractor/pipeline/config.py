@@ -16,7 +16,7 @@ class RunConfig:
 
     corpus: str
     task_name: str
-    model: str
+    models: tuple[str, ...]  # --model, repeated: full checkpoints of one architecture, one output each
     out: str
     backend: str = "hf"
     tensor_parallel: int = 1
@@ -25,6 +25,7 @@ class RunConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     fast: str = "auto"
+    compile: str = "auto"
     constrained: bool = False
     max_new_tokens: int | None = None
     temperature: float | None = None
@@ -51,6 +52,11 @@ class RunConfig:
     on_bad_record: str = "fail"
     rejects: str | None = None
     tasks_dirs: tuple[str, ...] = ()
+
+    @property
+    def model(self) -> str:
+        """The first (or only) --model: the one the backend loads."""
+        return self.models[0]
 
     @classmethod
     def from_params(cls, params: dict) -> "RunConfig":
@@ -82,7 +88,7 @@ class RunConfig:
         return dict(model=model, adapters=adapters, dtype=self.dtype, device=self.device,
                     trust_remote_code=self.trust_remote_code, batch_size=self.batch_size,
                     batch_tokens=self.batch_tokens, tensor_parallel=self.tensor_parallel, seed=self.seed,
-                    fast=self.fast)
+                    fast=self.fast, compile=self.compile, quiet=self.quiet)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -224,6 +224,9 @@ class Run:
 
     def _finish(self) -> None:
         self.manifest["summary"] = self.summary.as_dict()
+        startup = self.p.backend.startup_record()
+        if startup is not None:
+            self.manifest["startup"] = startup
         self.manifest["finished"] = stamp()["created"]
         self.store.finish(self.manifest, complete=not self.summary.interrupted)
 
