@@ -104,13 +104,14 @@ def test_hostile_output_is_a_status(tmp_path, case, output, finish, status, word
 
 def test_huge_int_in_a_gold_prediction(tmp_path):
     """The echo backend's gold file itself holds the number (read as a float, written back as one)."""
-    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "JD"}])
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "JD"}, {"id": "good", "text": "JD 2"}])
     gold = tmp_path / "gold.jsonl"
-    gold.write_text('{"id": "a", "prediction": {"学历要求": [%s]}}\n' % BIG, encoding="utf-8")
+    gold.write_text('{"id": "a", "prediction": {"学历要求": [%s]}}\n{"id": "good", "raw": %s}\n'
+                    % (BIG, json.dumps(GOOD_TEXT)), encoding="utf-8")
     result = _run(corpus, gold, tmp_path / "o.jsonl", timeout=50)
-    assert "Traceback" not in result.stderr and result.returncode in (0, 2), result.stderr
-    (row,) = read_jsonl(tmp_path / "o.jsonl")
-    assert row["status"] == SCHEMA_VIOLATION and row["raw"]
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    row, good = read_jsonl(tmp_path / "o.jsonl")
+    assert row["status"] == SCHEMA_VIOLATION and row["raw"] and good["status"] == OK
 
 
 @pytest.mark.timeout(120)
