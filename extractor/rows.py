@@ -25,8 +25,9 @@ def prediction_row(record_id: str, task: str, gen, parsed: Parsed, adapter: str 
 def error_row(record_id: str | None, task: str, error: str, adapter: str | None,
               prompt_tokens: int | None = None) -> dict:
     """A record that got no output (skipped, failed in the backend, or a bad input record): status error."""
-    return {"id": record_id, "task": task, "prediction": None, "status": ERROR, "error": writable_text(error) if error else error,
-            "raw": "", "prompt_tokens": prompt_tokens, "output_tokens": 0, "finish_reason": None, "adapter": adapter}
+    return {"id": record_id, "task": task, "prediction": None, "status": ERROR,
+            "error": writable_text(error) if error else error, "raw": "", "prompt_tokens": prompt_tokens,
+            "output_tokens": 0, "finish_reason": None, "adapter": adapter}
 
 
 def keep_fields(row: dict, source: dict, fields) -> dict:
