@@ -8,11 +8,11 @@ from collections import Counter
 from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from extractor.backends.base import Generation
 from extractor.cli.main import cli
 from extractor.outputs import SCORED_STATUSES, STATUSES, Validator, judge, writable_text
 from extractor.rows import prediction_row
 from extractor.scoring.evaluate import evaluate
-from extractor.backends.base import Generation
 from extractor.tasks import load_task
 from extractor.writers import JsonlAppender, iter_rows, write_parquet
 from tests.conftest import write_jsonl

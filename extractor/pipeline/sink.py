@@ -88,8 +88,8 @@ class RowSink:
         while True:
             if self.error is not None:
                 raise self.error
-            if not self.thread.is_alive():
-                raise WorkerError("the writer thread has stopped; rerun with --resume to continue")
+            if not self.thread.is_alive():  # its error may have come just after the check above
+                raise self.error or WorkerError("the writer thread has stopped; rerun with --resume to continue")
             try:
                 self.queue.put(item, timeout=POLL_S)
                 return
