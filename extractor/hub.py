@@ -93,7 +93,7 @@ class RunSources:
 
     @classmethod
     def resolve(cls, model: str, adapters, backend: str) -> "RunSources":
-        if backend == "echo":  # its --model is a gold file, and it has no adapters
+        if backend in ("echo", "openai"):  # a gold file (echo); served model and adapter names (openai)
             return cls(model, tuple(adapters), {}, None)
         path, source = resolve(model)
         hub: dict = {"model": source.as_dict()} if source else {}

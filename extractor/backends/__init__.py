@@ -10,6 +10,7 @@ BACKENDS = {
     "hf": "extractor.backends.hf:HFBackend",
     "echo": "extractor.backends.echo:EchoBackend",
     "vllm": "extractor.backends.vllm_backend:VLLMBackend",
+    "openai": "extractor.backends.openai_backend:OpenAIBackend",
 }
 
 REGISTRY = plugins.Registry("extractor.backends", "backend", BACKENDS)

@@ -10,6 +10,7 @@ from rich.console import Console
 from extractor import storage
 from extractor.backends import backend_class
 from extractor.clashes import FileSet, refuse_overlaps, rejects_written, written_beside
+from extractor.cli.openai_options import openai_options
 from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_option
 from extractor.cli.tables import status_table
 from extractor.corpus import check_corpus, is_stream
@@ -34,7 +35,7 @@ from extractor.tasks import load_task
                    "decoder, its compiled code and graphs kept), one output each (preds.<checkpoint>.jsonl).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Predictions: .jsonl or .parquet, a local path or an s3:// gs:// az:// URI.")
-@click.option("--backend", default="hf", show_default=True, help="hf | vllm | echo")
+@click.option("--backend", default="hf", show_default=True, help="hf | vllm | echo | openai (a server: --openai-*)")
 @click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="vllm: GPUs per model replica.")
 @click.option("--adapter", "adapters", multiple=True,
@@ -84,6 +85,7 @@ from extractor.tasks import load_task
               help="Run on Ray Data: alone for a local instance, or a cluster address (HOST:6379, auto).")
 @click.option("--ray-workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Actors in the Ray pool (one backend each; one GPU each with --device cuda).")
+@openai_options
 @corpus_options
 @bad_record_options
 @tasks_dir_option

