@@ -176,3 +176,39 @@ def test_several_checkpoints_refusals(two_checkpoints, tmp_path, run_cli):
     (bigger / "config.json").write_text(json.dumps(cfg))
     other = run_cli(*_run_args(corpus, tmp_path / "q.jsonl", first, bigger))
     assert other.exit_code == 2 and "num_hidden_layers" in other.stderr and "Traceback" not in other.output
+
+
+@pytest.mark.parametrize("kind", ["full", "ptuning"])
+def test_weights_changed_in_place_decode_like_a_fresh_backend(tiny_model, tmp_path, kind):
+    """Training scores each checkpoint through one backend: after the model's tensors change in place,
+    weights_changed() and the kept fast decoder decode exactly what a backend built afresh decodes (fp32),
+    for a full model and a P-tuning adapter (its virtual part recomputed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from extractor.backends.base import GenParams, Request
+    from extractor.backends.hf import HFBackend
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    if kind == "ptuning":
+        from peft import PromptEncoderConfig, get_peft_model
+        model = get_peft_model(model, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                          encoder_hidden_size=32))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [[5, 6, 7, 8, 9, 10 + i, 11 + i] for i in range(4)]
+    params = GenParams(max_new_tokens=6)
+
+    def outputs(backend):
+        requests = [Request("", record_id=str(i), ids=p) for i, p in enumerate(prompts)]
+        return [(g.text, g.output_tokens, g.decoder) for g in backend.generate(requests, params)]
+    kept = HFBackend.from_loaded(model, tok, tiny_model, fast="on")
+    before = outputs(kept)
+    decoder = kept._fast_decoder
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad or kind == "full":
+                p.add_(torch.randn_like(p) * 0.3)
+    kept.weights_changed()
+    after = outputs(kept)
+    assert kept._fast_decoder is decoder  # built once
+    assert after == outputs(HFBackend.from_loaded(model, tok, tiny_model, fast="on"))
+    assert after != before and {d for _, _, d in after} == {"fast"}

@@ -189,6 +189,18 @@ class HFBackend(TokenizerBackend):
         self._virtual = None  # the prompt-learning adapter's virtual part, once computed
         self._mix_decoder = None  # the mixed adapters' decoder (weights.mix), built on first use
         self.plain_reason: str | None = None  # why records last went the plain way (None: --fast off)
+        self._stale = False  # the weights changed in place since the decoder computed its prefix K/V
+
+    def weights_changed(self) -> None:
+        """The model's own tensors were updated in place (a training step): decoders keep their cache,
+        graphs and compiled code, which read those tensors; the shared prefix's K/V and a prompt-learning
+        adapter's virtual part are recomputed before the next record. Training scores every checkpoint
+        through one backend so, that the fast path's first-use cost is paid once per training."""
+        self.base.eval()
+        self.model.eval()
+        self._virtual = None
+        self._stale = True
+        self._spare = self._mix_decoder = None
 
     # What decodes (hf_weights.Weights owns them): the model, the base model under it, the adapter in it.
     model = property(lambda self: self.weights.model)
@@ -541,6 +553,10 @@ class HFBackend(TokenizerBackend):
         def fits(dec) -> bool:
             return dec is not None and dec.prefix == prefix and dec.unique_len >= need
         if fits(self._fast_decoder):
+            if self._stale and not self._fast_decoder.reuse_for(self._virtual_prefix()):
+                self._fast_decoder = None  # the virtual part changed shape: a decoder of its own
+                return self._decoder(prefix, need)
+            self._stale = False
             return self._fast_decoder
         spare, self._spare = self._spare, None
         if fits(spare) and spare.reuse_for(self._virtual_prefix()):  # another adapter: same cache, K/V recomputed

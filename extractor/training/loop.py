@@ -75,6 +75,7 @@ class Trainer:
         self.log = log if not cfg.quiet else (lambda *a, **k: None)
         self.out = Path(cfg.out)
         self._clock: float | None = None  # when the loop started (the time-aware schedule reads it)
+        self._eval_backend = None  # dev F1's backend, kept across checkpoints (its fast decoder built once)
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -335,7 +336,12 @@ class Trainer:
         from extractor.pipeline import Predictor
         from extractor.scoring.evaluate import Evaluator, GoldRecord, PredRecord
         records = self.dev_records[: self.cfg.eval_limit] if self.cfg.eval_limit else self.dev_records
-        backend = HFBackend.from_loaded(model, self.tokenizer, self.cfg.model, batch_size=32)
+        backend = self._eval_backend
+        if backend is None or backend.model is not model:  # one backend per training: its decoder is kept
+            backend = self._eval_backend = HFBackend.from_loaded(model, self.tokenizer, self.cfg.model,
+                                                                 batch_size=32)
+        else:
+            backend.weights_changed()
         gen = self.task.spec.generation
         params = GenParams(max_new_tokens=self.cfg.eval_max_new_tokens or gen.max_new_tokens,
                            constrained=self.cfg.constrained_eval)
