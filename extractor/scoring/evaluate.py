@@ -8,6 +8,10 @@ A prediction the scoring kind cannot read (a number, a string, a list or null wh
 with status ok or repaired) is counted under status `malformed` and scores as empty, like any failed output;
 a gold record of that kind is counted under `malformed_gold` and left out of the scores (there is nothing
 to score against). Both are listed by id.
+
+Grounding (`grounding.py`, `grounded_rate.py`): each scored prediction's values are looked for in its
+record's text — the corpus's (`corpus`), the row's kept `text`, or the gold's — or, with no text, taken from
+the row's `spans`. Without gold (`gold_path` None) only the grounded rate and the statuses are reported.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from extractor.corpus import id_key, seed_passage
 from extractor.errors import InputError
 from extractor.outputs import SCORED_STATUSES, STATUSES, Validator, judge, parse_json
 from extractor.scoring.facts import FactExtractor, is_text, key_text
+from extractor.scoring.grounded_rate import GroundedRate
+from extractor.scoring.grounding import Grounder, Span, check_spans
 from extractor.scoring.metrics import Counts, averages, prf_f1
 from extractor.scoring.normalize import tokens
 from extractor.writers import iter_rows
@@ -28,6 +34,8 @@ MISSING = "missing"
 MALFORMED, MALFORMED_GOLD = "malformed", "malformed_gold"
 MAX_LISTED_IDS = 100
 SNIPPET_CHARS = 160
+CONTEXT_CHARS = 60  # text kept before a highlighted span
+MAX_SPAN_CHARS = 400
 
 
 @dataclass
@@ -43,6 +51,7 @@ class PredRecord:
     obj: object
     status: str
     text: str | None = None
+    spans: dict | None = None
 
 
 def iter_gold(path: Path) -> Iterator[GoldRecord]:
@@ -82,7 +91,45 @@ def iter_predictions(path: Path, validator: Validator | None = None) -> Iterator
         kept = row.get("kept")
         if text is None and isinstance(kept, dict) and isinstance(kept.get("text"), str):
             text = kept["text"]
-        yield PredRecord(rid, obj, status, text)
+        spans = row.get("spans")
+        if spans is not None:
+            try:
+                spans = check_spans(spans, f"{path}:{line}")
+            except ValueError as exc:
+                raise InputError(f"{exc}; fix the row or drop its spans") from None
+        yield PredRecord(rid, obj, status, text, spans)
+
+
+@dataclass
+class CorpusText:
+    id: str
+    text: str
+
+
+@dataclass
+class CorpusJoin:
+    """How predictions and a corpus met: corpus records, those with a prediction, predictions not in it."""
+
+    records: int = 0
+    matched: int = 0
+    extra: int = 0
+
+
+def with_corpus_text(preds: Iterator[PredRecord], corpus, pred_path: Path, stats: CorpusJoin,
+                     field: str) -> Iterator[PredRecord]:
+    """Predictions with their record's text from a corpus (a `CorpusReader`), joined by id; the corpus's text
+    wins over a row's own."""
+    texts = (CorpusText(r["id"], r["values"][field]) for batch in corpus for r in batch)
+    for _, pred, rec in join(preds, texts, pred_path, corpus.path):
+        stats.records += rec is not None
+        if pred is None:
+            continue
+        if rec is None:
+            stats.extra += 1
+        else:
+            stats.matched += 1
+            pred.text = rec.text
+        yield pred
 
 
 def join(preds: Iterator[PredRecord], golds: Iterator[GoldRecord], pred_path: Path, gold_path: Path):
@@ -159,14 +206,30 @@ class Examples:
     where: dict = field(default_factory=dict)
     limit: int = 20_000  # distinct keys tracked per class, so memory stays bounded
 
-    def add(self, key: str, rid: str, text: str | None) -> None:
+    def add(self, key: str, rid: str, text: str | None, locate=None) -> None:
+        """locate(): the spans of this key in text, asked only the first time a key is seen."""
         if key in self.counts or len(self.counts) < self.limit:
             self.counts[key] += 1
-            self.where.setdefault(key, (rid, (text or "")[:SNIPPET_CHARS]))
+            if key not in self.where:
+                self.where[key] = (rid, *snippet(text or "", locate() if locate and text else []))
 
     def top(self, k: int) -> list[dict]:
-        return [{"key": key, "count": n, "id": self.where[key][0], "snippet": self.where[key][1]}
+        return [{"key": key, "count": n, "id": self.where[key][0], "snippet": self.where[key][1],
+                 "snippet_start": self.where[key][2], "highlights": self.where[key][3]}
                 for key, n in self.counts.most_common(k)]
+
+
+def snippet(text: str, spans: list[Span]) -> tuple[str, int, list[dict]]:
+    """A window of text around the first span (its start, else the text's head), and the spans inside it
+    as offsets into the window."""
+    if not spans:
+        return text[:SNIPPET_CHARS], 0, []
+    first = spans[0]
+    start = max(0, first.start - CONTEXT_CHARS)
+    end = min(len(text), max(start + SNIPPET_CHARS, min(first.end, first.start + MAX_SPAN_CHARS) + CONTEXT_CHARS))
+    marks = [{"start": s.start - start, "end": min(s.end, end) - start, "match": s.match}
+             for s in spans if s.start >= start and s.start < end]
+    return text[start:end], start, marks
 
 
 class Evaluator:
@@ -175,6 +238,9 @@ class Evaluator:
     def __init__(self, task, keep_records: bool = False, examples: int = 5):
         self.task = task
         self.facts = FactExtractor(task)
+        self.grounder = Grounder(task)
+        self.grounding = GroundedRate(examples, keep_records)
+        self.n_predictions = 0  # without gold: predictions read
         self.per_class: dict[str, Counts] = {}
         self.lenient: dict[str, Lenient] = {}
         self.status_counts: Counter = Counter()
@@ -213,8 +279,39 @@ class Evaluator:
         self._count_status(status, rid)
         pred_facts = self.facts(pred.obj) if status in SCORED_STATUSES else set()
         gold_facts = self.facts(gold.obj)
-        text = gold.text or (pred.text if pred else None)
+        text = (pred.text if pred else None) or gold.text
         self._count(rid, pred_facts, gold_facts, text)
+        summary = self._ground(rid, pred, text) if status in SCORED_STATUSES else None
+        if summary is not None:
+            grounded = self.grounder.grounded_facts(pred_facts, summary)
+            self.grounding.split(pred_facts & gold_facts, pred_facts - gold_facts, grounded)
+
+    def add_prediction(self, rid: str, pred: PredRecord) -> None:
+        """Without gold: a prediction's status and grounding only."""
+        self.n_predictions += 1
+        status = pred.status
+        if status in SCORED_STATUSES and self.facts.malformed(pred.obj):
+            status = MALFORMED
+        self._count_status(status, rid)
+        if status in SCORED_STATUSES:
+            self._ground(rid, pred, pred.text)
+
+    def _ground(self, rid: str, pred: PredRecord, text: str | None):
+        """The record's grounding summary, counted; None when there is nothing to ground or nothing to ground
+        it against."""
+        if not self.grounder.active:
+            return None
+        if isinstance(text, str):
+            spans = self.grounder.ground(text, pred.obj)
+        elif pred.spans is not None:
+            spans = self.grounder.from_spans(pred.obj, pred.spans)
+        else:
+            if next(self.grounder.values(pred.obj), None) is not None:
+                self.grounding.no_text(rid)
+            return None
+        summary, written = self.grounder.summarize(spans)
+        self.grounding.add(rid, summary, written)
+        return summary
 
     def _count_status(self, status: str, rid: str) -> None:
         self.status_counts[status] += 1
@@ -227,12 +324,12 @@ class Evaluator:
         for cls, _ in pred & gold:
             per_record.setdefault(cls, [0, 0, 0])[0] += 1
         fps, fns = pred - gold, gold - pred
-        for cls, key in fps:
-            per_record.setdefault(cls, [0, 0, 0])[1] += 1
-            self.fp_examples.setdefault(cls, Examples()).add(key_text(key), rid, text)
-        for cls, key in fns:
-            per_record.setdefault(cls, [0, 0, 0])[2] += 1
-            self.fn_examples.setdefault(cls, Examples()).add(key_text(key), rid, text)
+        for fact in fps:
+            per_record.setdefault(fact[0], [0, 0, 0])[1] += 1
+            self.fp_examples.setdefault(fact[0], Examples()).add(key_text(fact[1]), rid, text, self._locator(fact, text))
+        for fact in fns:
+            per_record.setdefault(fact[0], [0, 0, 0])[2] += 1
+            self.fn_examples.setdefault(fact[0], Examples()).add(key_text(fact[1]), rid, text, self._locator(fact, text))
         for cls, (tp, fp, fn) in per_record.items():
             c = self.per_class.get(cls)
             if c is None:
@@ -246,6 +343,9 @@ class Evaluator:
             self._confuse(pred, gold)
         if self.keep_records:
             self.records.append((rid, {c: tuple(v) for c, v in per_record.items()}))
+
+    def _locator(self, fact, text: str | None):
+        return lambda: self.grounder.locate_fact(fact, text)
 
     def _soft_overlap(self, fps: set, fns: set) -> None:
         """Partial credit of unmatched facts: best token overlap with an unmatched fact of the same class.
@@ -281,6 +381,19 @@ class Evaluator:
             self.single_label = False  # a multi-label record: no confusion matrix
 
     def result(self) -> dict:
+        if self.n_gold == 0 and self.n_predictions:
+            return self._gold_free_result()
+        out = self._scores()
+        if self.grounding.records_grounded or self.grounding.records_without_text:
+            out["grounding"] = self.grounding.result()
+        return out
+
+    def _gold_free_result(self) -> dict:
+        return {"records": {"predictions": self.n_predictions, "malformed": self.status_counts[MALFORMED]},
+                "status_counts": dict(sorted(self.status_counts.items())),
+                "malformed_ids": self.malformed_ids[MALFORMED], "grounding": self.grounding.result()}
+
+    def _scores(self) -> dict:
         classes = {cls: c.as_dict() for cls, c in sorted(self.per_class.items())}
         out = {
             "records": {"gold": self.n_gold, "scored": self.n_scored, "missing": self.n_missing,
@@ -300,10 +413,19 @@ class Evaluator:
         return out
 
 
-def evaluate(task, pred_path: Path, gold_path: Path, reparse: bool = False, keep_records: bool = False,
-             examples: int = 5) -> Evaluator:
+def evaluate(task, pred_path: Path, gold_path: Path | None, reparse: bool = False, keep_records: bool = False,
+             examples: int = 5, corpus=None, corpus_join: CorpusJoin | None = None) -> Evaluator:
+    """Score predictions against gold, or (gold_path None) only ground them. corpus: a `CorpusReader` giving
+    each record's text; corpus_join collects how the two met."""
     validator = Validator(task.schema, task.registry) if reparse else None
     ev = Evaluator(task, keep_records=keep_records, examples=examples)
-    for rid, pred, gold in join(iter_predictions(pred_path, validator), iter_gold(gold_path), pred_path, gold_path):
+    preds = iter_predictions(pred_path, validator)
+    if corpus is not None:
+        preds = with_corpus_text(preds, corpus, pred_path, corpus_join or CorpusJoin(), task.spec.input_fields[0])
+    if gold_path is None:
+        for pred in preds:
+            ev.add_prediction(pred.id, pred)
+        return ev
+    for rid, pred, gold in join(preds, iter_gold(gold_path), pred_path, gold_path):
         ev.add(rid, pred, gold)
     return ev

@@ -68,7 +68,7 @@ class KeyTable(dict):
         return s.translate(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Span:
     start: int
     end: int
@@ -361,9 +361,36 @@ class Grounder:
     def locate(self, text: str, value: str) -> Span | None:
         return self.aligner.locate(self.aligner.text(text), value)
 
-    def summarize(self, spans: dict) -> dict[tuple[str, object], "Grounded"]:
-        """Per distinct (field, scoring key) in one record: whether any of its values was grounded, and how."""
+    def from_spans(self, obj, spans: dict) -> dict[str, list[dict]]:
+        """Spans read with a row, fitted to the output's values now (after --reparse they may be stale): each
+        value takes the row's entry for it, or none found."""
+        given = {(f, e["value"]): e for f, entries in spans.items() for e in entries}
+        out: dict[str, list[dict]] = {}
+        for field, value in self.values(obj):
+            e = given.get((field, value))
+            out.setdefault(field, []).append(e if e is not None else self._entry(value, None))
+        return out
+
+    def locate_fact(self, fact, text: str) -> list[Span]:
+        """Where a scored fact (class, key) shows in a text: a field value's key, or each grounded part of a
+        tuple; numbers and booleans are not looked for."""
+        cls, key = fact
+        t = self.aligner.text(text)
+        if self.kind == "fields" and isinstance(key, str):
+            parts = [key]
+        elif self.kind == "tuples" and isinstance(key, tuple):
+            key_fields = self.spec.key_fields or []
+            parts = [key[i] for i, k in enumerate(key_fields) if k in self.fields and i < len(key) and key[i]]
+        else:
+            return []
+        found = (self.aligner.locate(t, p) for p in parts)
+        return sorted(s for s in found if s is not None)
+
+    def summarize(self, spans: dict) -> tuple[dict[tuple[str, object], "Grounded"], dict[tuple[str, object], str]]:
+        """Per distinct (field, scoring key) in one record: whether any of its values was grounded, and how;
+        and one value as written for each."""
         out: dict[tuple[str, object], Grounded] = {}
+        written: dict[tuple[str, object], str] = {}
         for field, entries in spans.items():
             for entry in entries:
                 key = (field, self.facts.norm(entry["value"]))
@@ -371,7 +398,8 @@ class Grounder:
                 old = out.get(key)
                 if old is None or (old.match is None and g.match is not None):
                     out[key] = g
-        return out
+                    written.setdefault(key, entry["value"])
+        return out, written
 
     def grounded_facts(self, facts: set, summary: dict) -> dict:
         """Each predicted fact -> grounded or not: a field value by its own key; a tuple when every grounded

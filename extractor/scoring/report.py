@@ -8,6 +8,11 @@ All record text goes through html.escape, and matplotlib escapes the SVG's text 
 label holding `$` is text, not a formula to parse); in the Markdown every value is inline text whose markup
 characters are backslash-escaped and whose line breaks are spaces (`md_text`): corpus or model output can
 never inject markup or script, nor break a table, in either.
+
+Each false positive and false negative is shown in its record's text, the value's span (where grounding
+found it) in a <mark>: the text is cut at the span's offsets first and each piece escaped on its own, so a
+span can never split an entity or a tag. The grounded rate per field and the ungrounded values follow; a
+result without gold (the grounded rate only) gets those sections alone.
 """
 from __future__ import annotations
 
@@ -116,6 +121,12 @@ def _fmt(v) -> str:
 
 def write_report(result: dict, out_dir: Path, title: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    if "classes" not in result:  # no gold: the grounded rate only
+        html_path, md_path = out_dir / "report.html", out_dir / "summary.md"
+        html_path.write_text(_gold_free_html(result, title), encoding="utf-8")
+        md_path.write_text("\n".join([f"# {md_text(title)}", "", *_grounding_markdown(result)]) + "\n",
+                           encoding="utf-8")
+        return html_path, md_path
     f1 = f1_chart(result)
     conf = confusion_chart(result)
     (out_dir / "f1_per_class.png").write_bytes(f1.png)
@@ -141,7 +152,7 @@ def _html(result: dict, title: str, f1: Chart, conf: Chart | None) -> str:
     for cls, ex in result["examples"].items():
         for kind, label in (("false_positives", "false positives"), ("false_negatives", "false negatives")):
             items = "".join(f"<li><code>{e(x['key'])}</code> ×{x['count']} — record <b>{e(x['id'])}</b>: "
-                            f"<span class='snippet'>{e(x['snippet'])}</span></li>" for x in ex[kind])
+                            f"<span class='snippet'>{highlighted(x)}</span></li>" for x in ex[kind])
             if items:
                 examples.append(f"<h3>{e(cls)}: top {label}</h3><ul>{items}</ul>")
     rec = result["records"]
@@ -151,7 +162,7 @@ def _html(result: dict, title: str, f1: Chart, conf: Chart | None) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}
-tr.avg{{font-weight:bold;background:#f3f3f3}}.snippet{{color:#555}}
+tr.avg{{font-weight:bold;background:#f3f3f3}}.snippet{{color:#555}}{MARK_CSS}
 .chart svg{{max-width:100%;height:auto;overflow:visible}}.chart{{padding-left:3em}}
 .chart svg text{{font-family:{BROWSER_FONTS} !important}}</style></head>
 <body><h1>{e(title)}</h1>
@@ -164,9 +175,101 @@ records scored {rec['scored']} · missing predictions {rec['missing']} · predic
 {conf_html}
 <h2>Statuses</h2><table id="statuses"><tr><th>status</th><th>records</th></tr>{statuses}</table>
 <h2>Errors by class</h2>{''.join(examples) or '<p>none</p>'}
+{_grounding_html(result)}
 <h2>Provenance</h2><pre>{e(_prov_text(prov))}</pre>
 </body></html>
 """
+
+
+MARK_CSS = ("mark{background:#ffe08a;color:#000}mark.normalized{background:#c9e7ff}mark.fuzzy{background:#f3c9ff}"
+            ".copied{color:#b00}")
+
+
+def highlighted(example: dict) -> str:
+    """An example's text window as HTML, each highlight in a <mark>: cut at the offsets, then each piece
+    escaped on its own (escaping first would move the offsets and could split an entity)."""
+    text = str(example.get("snippet", ""))
+    out, at = [], 0
+    for h in sorted(example.get("highlights") or [], key=lambda h: h["start"]):
+        start, end = max(at, int(h["start"])), min(len(text), int(h["end"]))
+        if end <= start:
+            continue
+        match = h.get("match") if h.get("match") in ("exact", "normalized", "fuzzy") else "exact"
+        out.append(html.escape(text[at:start]))
+        out.append(f"<mark class='{match}' title='{match} match'>{html.escape(text[start:end])}</mark>")
+        at = end
+    out.append(html.escape(text[at:]))
+    return "".join(out)
+
+
+def _rate(v) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def _grounding_html(result: dict) -> str:
+    g = result.get("grounding")
+    if not g:
+        return ""
+    e = html.escape
+    cols = ("extracted", "grounded", "rate", "exact", "normalized", "fuzzy", "copied_from_prompt")
+    head = "<tr><th>field</th>" + "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols) + "</tr>"
+    rows = [*g["fields"].items(), ("micro", g["micro"])]
+    body = "".join(f"<tr class='{'avg' if name == 'micro' else 'cls'}'><td>{e(name)}</td>"
+                   + "".join(f"<td>{_rate(m[c]) if c == 'rate' else m[c]}</td>" for c in cols) + "</tr>"
+                   for name, m in rows)
+    parts = [f"<h2>Grounded rate</h2><p>values found in their record's text / values extracted; "
+             f"records grounded {g['records']['grounded']}, with values but no text {g['records']['without_text']}"
+             f"</p><table id='grounding'><thead>{head}</thead><tbody>{body}</tbody></table>"]
+    if g.get("by_outcome"):
+        keys = ("tp_grounded", "tp_ungrounded", "fp_grounded", "fp_ungrounded")
+        split = [*g["by_outcome"]["classes"].items(), ("micro", g["by_outcome"]["micro"])]
+        parts.append("<h3>Grounded and ungrounded predictions by outcome</h3><table id='by-outcome'><tr>"
+                     "<th>class</th>" + "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys) + "</tr>"
+                     + "".join(f"<tr><td>{e(c)}</td>" + "".join(f"<td>{m[k]}</td>" for k in keys) + "</tr>"
+                               for c, m in split) + "</table>")
+    lists = []
+    for field, values in g["ungrounded"].items():
+        items = "".join(f"<li><code>{e(v['value'])}</code> ×{v['count']} — record <b>{e(v['id'])}</b>"
+                        + (" <span class='copied'>copied from the prompt</span>" if v["copied_from_prompt"] else "")
+                        + "</li>" for v in values)
+        lists.append(f"<h3>{e(field)}: ungrounded values</h3><ul>{items}</ul>")
+    parts.append("<div id='ungrounded'>" + ("".join(lists) or "<p>every value was found in its text</p>") + "</div>")
+    return "".join(parts)
+
+
+def _gold_free_html(result: dict, title: str) -> str:
+    e = html.escape
+    prov = result.get("provenance", {})
+    statuses = "".join(f"<tr><td>{e(s)}</td><td>{n}</td></tr>" for s, n in result["status_counts"].items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}
+tr.avg{{font-weight:bold;background:#f3f3f3}}{MARK_CSS}</style></head>
+<body><h1>{e(title)}</h1>
+<p>task <b>{e(str(prov.get('task', '')))}</b> v{e(str(prov.get('task_version', '')))} · no gold ·
+predictions {result['records']['predictions']} · grounded rate
+<b id="grounded-rate">{_rate(result['grounding']['micro']['rate'])}</b></p>
+{_grounding_html(result)}
+<h2>Statuses</h2><table id="statuses"><tr><th>status</th><th>records</th></tr>{statuses}</table>
+<h2>Provenance</h2><pre>{e(_prov_text(prov))}</pre>
+</body></html>
+"""
+
+
+def _grounding_markdown(result: dict) -> list[str]:
+    g = result.get("grounding")
+    if not g:
+        return []
+    e = md_text
+    lines = ["| field | extracted | grounded | rate | copied from prompt |", "| --- | --- | --- | --- | --- |"]
+    for name, m in [*g["fields"].items(), ("micro", g["micro"])]:
+        lines.append(f"| {e(name)} | {m['extracted']} | {m['grounded']} | {_rate(m['rate'])} | "
+                     f"{m['copied_from_prompt']} |")
+    for field, values in g["ungrounded"].items():
+        for v in values[:3]:
+            lines.append(f"- {e(field)} ungrounded: “{e(v['value'])}” ×{v['count']} (record {e(v['id'])})")
+    return ["", *lines, ""]
 
 
 def _prov_text(prov: dict) -> str:
@@ -205,6 +308,7 @@ def _markdown(result: dict, title: str, has_conf: bool) -> str:
     lines += ["| status | records |", "| --- | --- |"]
     lines += [f"| {e(s)} | {n} |" for s, n in result["status_counts"].items()]
     lines += ["", f"lenient token-overlap micro F1: {result['lenient']['micro']['f1']:.4f}", ""]
+    lines += _grounding_markdown(result)
     for cls, ex in result["examples"].items():
         for kind in ("false_positives", "false_negatives"):
             for x in ex[kind][:3]:
