@@ -76,7 +76,7 @@ def eval_(predictions, gold, corpus, task_name, metrics_path, report_dir, repars
         _print_gold_free(console, doc, quiet, task, pred_path, out)
     elif not quiet:
         title = escape(f"{task.name} v{task.version}: {pred_path.name} vs {gold_path.name}")
-        console.print(metrics_table(_markup_safe(doc), title=title))
+        console.print(metrics_table(doc, title=title))  # cells are escaped by metrics_table
         console.print(status_table(doc["status_counts"]))
         _print_records(console, doc)
         _print_grounding(console, doc)

@@ -51,7 +51,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="extractor")
+@click.version_option(__version__, "-V", "--version", prog_name="extractor")
 def cli():
     """Batch LLM information extraction and evaluation.
 
@@ -59,6 +59,12 @@ def cli():
     Example:
       extractor tasks
       extractor data synth-jd --n 1000 --out corpus.jsonl --gold gold.jsonl
+
+    \b
+    Shell completion (commands, options, task names):
+      eval "$(_EXTRACTOR_COMPLETE=bash_source extractor)"   # in ~/.bashrc
+      eval "$(_EXTRACTOR_COMPLETE=zsh_source extractor)"    # in ~/.zshrc
+      _EXTRACTOR_COMPLETE=fish_source extractor | source    # in ~/.config/fish/completions/extractor.fish
     """
 
 

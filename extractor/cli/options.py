@@ -56,3 +56,19 @@ def bad_record_options(fn):
     fn = click.option("--rejects", type=click.Path(dir_okay=False), default=None,
                       help="Rejects file for --on-bad-record skip (default: <output>.rejects.jsonl).")(fn)
     return fn
+
+
+def complete_task_names(ctx, param, incomplete: str) -> list[str]:
+    """Shell completion of a task name: the bundled tasks, $EXTRACTOR_TASKS_DIR's and --tasks-dir's (where
+    already typed). Completion must never fail, so a folder it cannot read completes nothing of its own."""
+    from extractor.tasks import available
+    dirs = ctx.params.get("tasks_dirs") or ()
+    try:
+        names = available(dirs)
+    except Exception:  # noqa: BLE001 - a completion that raises prints a traceback into the shell
+        return []
+    return sorted(name for name in names if name.startswith(incomplete))
+
+
+def json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON on stdout.")

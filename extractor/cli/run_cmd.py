@@ -5,14 +5,13 @@ from collections import Counter
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from extractor import storage
 from extractor.backends import backend_class
 from extractor.clashes import FileSet, refuse_overlaps, rejects_written, written_beside
 from extractor.cli.openai_options import openai_options
 from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_option
-from extractor.cli.tables import status_table
+from extractor.cli.tables import console as make_console, status_table
 from extractor.corpus import check_corpus, is_stream
 from extractor.errors import InputError
 from extractor.hub import RunSources
@@ -100,7 +99,7 @@ def run(**params):
     """
     cfg = RunConfig.from_params(params)
     task = load_task(cfg.task_name, cfg.tasks_dirs)
-    console = Console(stderr=True, quiet=cfg.quiet)
+    console = make_console(stderr=True, quiet=cfg.quiet)
     _check_checkpoints(cfg)
     # hub ids -> cached snapshots; fails first
     checkpoints = [RunSources.resolve(model, cfg.adapters, cfg.backend) for model in cfg.models]

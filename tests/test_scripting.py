@@ -1,0 +1,110 @@
+"""Scripting conventions: -V, --json on tasks and data check, full-width tables off a terminal, escaped
+table cells, column suggestions, progress bounded by --limit, truncation flags, checks before loading,
+--print-prompt, stdin/stdout, --log-file, typed Parquet predictions, completion of task names."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, read_jsonl, write_jsonl
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def cli(*args, input=None, env=None, timeout=60):
+    """The installed CLI in a subprocess (no terminal: stdout and stderr are pipes)."""
+    return subprocess.run([sys.executable, "-m", "extractor", *map(str, args)], capture_output=True, text=True,
+                          input=input, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "COLUMNS": "", **(env or {})})
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version_short_and_long(run_cli, flag):
+    result = run_cli(flag)
+    assert result.exit_code == 0 and result.output.startswith("extractor, version ")
+
+
+def test_tasks_json_list_and_one(run_cli):
+    listed = json.loads(run_cli("tasks", "--json").stdout)
+    assert {t["name"] for t in listed} >= {"jd_requirements", "skills"}
+    one = json.loads(run_cli("tasks", "jd_requirements", "--json").stdout)
+    assert one["name"] == "jd_requirements" and one["input_fields"] == ["text"]
+    assert one["schema"]["type"] == "object" and "<text>" in one["example_prompt"]
+
+
+def test_tasks_json_unknown_is_one_line(run_cli):
+    result = run_cli("tasks", "jd_requirment", "--json")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "did you mean 'jd_requirements'" in result.stderr.lower()
+
+
+def test_tables_full_width_off_a_terminal(tmp_path):
+    """A CI log (stdout a pipe) gets whole cells, not `专业要…` cut at 80 columns."""
+    long_class = "专业要求" * 30
+    doc = {"classes": {long_class: {"precision": 1, "recall": 1, "f1": 1, "support": 1, "tp": 1, "fp": 0,
+                                    "fn": 0}},
+           "micro": {"precision": 1, "recall": 1, "f1": 1, "support": 1, "tp": 1, "fp": 0, "fn": 0},
+           "macro": {"precision": 1, "recall": 1, "f1": 1}, "weighted": {"precision": 1, "recall": 1, "f1": 1}}
+    code = ("import json,sys; from extractor.cli.tables import console, metrics_table; "
+            "console().print(metrics_table(json.loads(sys.stdin.read())))")
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(doc), capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "COLUMNS": ""}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert long_class in out.stdout and "…" not in out.stdout
+
+
+@pytest.mark.parametrize("name", ["[/x]", "[bold]", "[link=x]y[/link]", "\\[", "[/]"])
+def test_table_cells_are_not_markup(name):
+    """A class named like rich markup prints as itself (it crashed the table before)."""
+    from rich.console import Console
+    from extractor.cli.tables import metrics_table, status_table
+    m = {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2, "tp": 1, "fp": 1, "fn": 1}
+    doc = {"classes": {name: m}, "micro": m, "macro": m, "weighted": m}
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    console.print(metrics_table(doc))
+    console.print(status_table({name: 3}))
+    assert console.export_text().count(name) == 2
+
+
+def _parquet(path, columns: dict):
+    import polars as pl
+    pl.DataFrame(columns).write_parquet(path)
+    return path
+
+
+def test_check_parquet_without_text_column_one_line_with_suggestion(tmp_path):
+    dump = _parquet(tmp_path / "dump.parquet", {
+        "job_id": [f"j{i}" for i in range(20)], "title": ["Engineer"] * 20,
+        "description": ["需要本科以上学历，熟悉Java和Python" * 3] * 20, "salary": list(range(20))})
+    result = cli("data", "check", dump)
+    assert result.returncode == 2
+    bad = [line for line in result.stdout.splitlines() if line.startswith("bad:")]
+    assert bad == [f"bad: {dump}: 20 records (lines 1, 2, 3, 4, 5, …) have no field 'text'; the likely text "
+                   "column is 'description' (the longest strings on average): pass --text-field description "
+                   "--id-field job_id"]
+    doc = json.loads(cli("data", "check", dump, "--json").stdout)
+    assert doc["ok"] is False and doc["missing_text_field"]["suggested_text_field"] == "description"
+    assert doc["missing_text_field"]["suggested_id_field"] == "job_id"
+    fixed = cli("data", "check", dump, "--text-field", "description", "--id-field", "job_id", "--json")
+    assert fixed.returncode == 0 and json.loads(fixed.stdout)["records"] == 20
+
+
+def test_check_json_lists_bad_records(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "x"}\nnot json\n{"id": "a", "text": "y"}\n', encoding="utf-8")
+    result = cli("data", "check", corpus, "--json")
+    doc = json.loads(result.stdout)
+    assert result.returncode == 2 and doc["records"] == 1 and doc["bad"] == 2 and doc["duplicate_ids"] == 1
+    assert [b["line"] for b in doc["bad_records"]] == [2, 3] and doc["missing_text_field"] is None
+    assert doc["text_length"]["max"] == 1
+
+
+def test_check_no_string_column_says_which_fields(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"n": i} for i in range(3)])
+    result = cli("data", "check", corpus)
+    assert result.returncode == 2 and "choose the column holding the text with --text-field (fields: n)" \
+        in result.stdout
