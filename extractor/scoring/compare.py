@@ -19,6 +19,12 @@ The smallest drop seen with 80% power: a column is flagged when its Δ falls bel
 critical value in null-spread units, s0: the null spread), and Δ spreads by `se` around a true drop, so
 a drop of c·s0 + z₀.₈·se is flagged 80% of the time.
 
+The grounded rate (values found in their record's text / values extracted, `grounded_rate.py`) joins the
+family as more columns, micro (`grounded`) and per field (`grounded: <field>`), tested the same way: a
+rate g/e is the F1 of the counts (g, e − g, e − g) — its precision and recall are both g/e — so each record
+carries those counts and the resampling, the swaps and the step-down serve F1 and rates alike. Without gold
+the grounded columns are the whole family: the gate of a nightly run over fresh, unlabelled data.
+
 Only runs of the gold's eval set are compared (`check_coverage`): a run that lacks gold ids (empty, stopped
 half way) or holds ids the gold lacks (run on another corpus) is a broken job, not a regression, and is
 refused before any test.
@@ -26,7 +32,7 @@ refused before any test.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from statistics import NormalDist
 
@@ -35,6 +41,7 @@ import numpy as np
 from extractor.errors import InputError
 
 MICRO = "micro"
+GROUNDED = "grounded"  # the micro grounded-rate column
 DROP, TWO_SIDED = "drop", "two-sided"
 POWER = 0.8
 Z_POWER = NormalDist().inv_cdf(POWER)
@@ -50,7 +57,18 @@ class RunCounts:
     name: str
     ids: list[str]
     classes: list[str]
-    counts: np.ndarray  # shape (records, classes + 1, 3); column 0 is the micro total
+    counts: np.ndarray  # shape (records, columns, 3); column 0 is the micro total (when `micro`)
+    rates: list[str] = field(default_factory=list)  # fields of the grounded-rate columns, after the classes
+    micro: bool = True  # False without gold: no F1 columns at all
+
+    @property
+    def names(self) -> list[str]:
+        """Column names in order: micro F1 and the classes' F1 (with gold), then the grounded rates."""
+        f1 = [MICRO, *self.classes] if self.micro else []
+        return f1 + ([GROUNDED, *(rate_column(f) for f in self.rates)] if self.rates else [])
+
+    def is_rate(self, name: str) -> bool:
+        return self.names.index(name) >= (len(self.classes) + 1 if self.micro else 0)
 
     def f1(self, weights: np.ndarray | None = None) -> np.ndarray:
         """F1 per column (micro first) for each weight vector; weights shape (resamples, records)."""
@@ -105,23 +123,50 @@ def check_coverage(name: str, gold: int, matched: int, extra: int, min_coverage:
                          f"--min-coverage {min_coverage:g} allows: it was run on another corpus; {fix}")
 
 
-def align(named_records: list[tuple[str, list]]) -> list[RunCounts]:
-    """Build aligned count arrays from Evaluator.records of each run (same gold => same ids)."""
-    ids = sorted(rid for rid, _ in named_records[0][1])
-    for name, records in named_records[1:]:
-        if sorted(rid for rid, _ in records) != ids:
-            raise ValueError(f"run {name} was scored on different records than {named_records[0][0]}")
-    classes = sorted({c for _, recs in named_records for _, per in recs for c in per})
+def rate_column(field_name: str) -> str:
+    return f"{GROUNDED}: {field_name}"
+
+
+def rate_counts(grounded: int, extracted: int) -> tuple[int, int, int]:
+    """Counts whose F1 is grounded / extracted (see the module's docstring)."""
+    return grounded, extracted - grounded, extracted - grounded
+
+
+def align(named_records: list[tuple[str, list]], rates: list[list] | None = None,
+          ids: list[str] | None = None) -> list[RunCounts]:
+    """Build aligned count arrays from Evaluator.records of each run (same gold => same ids).
+
+    rates: per run, the grounded rate's per-record (grounded, extracted) per field (`GroundedRate.records`),
+    added as columns. Without gold (no F1 records) pass the `ids` to align on (the corpus's, or the first
+    run's): a record a run lacks counts nothing, one outside `ids` is left out."""
+    micro = ids is None
+    if ids is None:
+        ids = sorted(rid for rid, _ in named_records[0][1])
+        for name, records in named_records[1:]:
+            if sorted(rid for rid, _ in records) != ids:
+                raise ValueError(f"run {name} was scored on different records than {named_records[0][0]}")
+    classes = sorted({c for _, recs in named_records for _, per in recs for c in per}) if micro else []
+    fields = sorted({f for run in rates or [] for _, per in run for f in per})
+    first_rate = len(classes) + 1 if micro else 0
     col = {c: i + 1 for i, c in enumerate(classes)}
+    rate_col = {f: first_rate + 1 + i for i, f in enumerate(fields)}
+    width = first_rate + (len(fields) + 1 if fields else 0)
     row = {rid: i for i, rid in enumerate(ids)}
     runs = []
-    for name, records in named_records:
-        arr = np.zeros((len(ids), len(classes) + 1, 3), dtype=np.int64)
-        for rid, per in records:
+    for k, (name, records) in enumerate(named_records):
+        arr = np.zeros((len(ids), width, 3), dtype=np.int64)
+        for rid, per in records if micro else ():
             for c, triple in per.items():
                 arr[row[rid], col[c]] = triple
-        arr[:, 0] = arr[:, 1:].sum(axis=1)
-        runs.append(RunCounts(name, ids, classes, arr))
+        if micro:
+            arr[:, 0] = arr[:, 1:first_rate].sum(axis=1)
+        if fields:
+            for rid, per in rates[k]:
+                if rid in row:
+                    for f, (g, e) in per.items():
+                        arr[row[rid], rate_col[f]] = rate_counts(g, e)
+            arr[:, first_rate] = arr[:, first_rate + 1:].sum(axis=1)
+        runs.append(RunCounts(name, ids, classes, arr, fields, micro))
     return runs
 
 
@@ -239,8 +284,9 @@ def compare_pair(a: RunCounts, b: RunCounts, settings: CompareSettings = Compare
     lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
     fa, fb = a.f1()[0], b.f1()[0]
     out = {}
-    for i, name in enumerate([MICRO] + a.classes):
-        out[name] = {"f1_a": float(fa[i]), "f1_b": float(fb[i]), "delta": float(observed[i]),
+    for i, name in enumerate(a.names):
+        out[name] = {"metric": "grounded_rate" if a.is_rate(name) else "f1",
+                     "f1_a": float(fa[i]), "f1_b": float(fb[i]), "delta": float(observed[i]),
                      "ci95": [float(lo[i]), float(hi[i])], "se": float(se[i]),
                      "p_value": float(test["raw"][i]), "p_adjusted": float(test["adjusted"][i]),
                      "mde80": None if np.isnan(mde[i]) else float(mde[i]), "mde_basis": basis[i]}
@@ -248,9 +294,12 @@ def compare_pair(a: RunCounts, b: RunCounts, settings: CompareSettings = Compare
 
 
 def flipped(a: RunCounts, b: RunCounts, limit: int = 10) -> dict:
-    """Per class: records right in A and wrong in B, and the reverse (right = no FP and no FN)."""
+    """Per class: records right in A and wrong in B, and the reverse (right = no FP and no FN); per grounded
+    field: records whose every value was grounded in A and not in B, and the reverse."""
     out = {}
-    for i, cls in enumerate(a.classes, start=1):
+    for i, cls in enumerate(a.names):
+        if cls in (MICRO, GROUNDED):
+            continue
         involved_a = a.counts[:, i].sum(axis=1) > 0
         involved_b = b.counts[:, i].sum(axis=1) > 0
         wrong_a = a.counts[:, i, 1:].sum(axis=1) > 0

@@ -289,6 +289,8 @@ class Evaluator:
     def add_prediction(self, rid: str, pred: PredRecord) -> None:
         """Without gold: a prediction's status and grounding only."""
         self.n_predictions += 1
+        if self.keep_records:
+            self.records.append((rid, {}))  # no F1 counts: the ids, for compare's coverage and alignment
         status = pred.status
         if status in SCORED_STATUSES and self.facts.malformed(pred.obj):
             status = MALFORMED
