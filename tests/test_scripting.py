@@ -108,3 +108,23 @@ def test_check_no_string_column_says_which_fields(tmp_path):
     result = cli("data", "check", corpus)
     assert result.returncode == 2 and "choose the column holding the text with --text-field (fields: n)" \
         in result.stdout
+
+
+@pytest.mark.parametrize("words, incomplete", [("extractor tasks", "jd"), ("extractor run c.jsonl --task", "jd"),
+                                               ("extractor train --task", "jd")])
+def test_completion_lists_task_names(words, incomplete):
+    """click's completion protocol, as `eval "$(_EXTRACTOR_COMPLETE=bash_source extractor)"` drives it."""
+    out = subprocess.run([sys.executable, "-c", "from extractor.cli.main import main; main()"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60,
+                         env={**os.environ, "_EXTRACTOR_COMPLETE": "bash_complete",
+                              "COMP_WORDS": f"{words} {incomplete}", "COMP_CWORD": str(len(words.split()))})
+    assert out.returncode == 0, out.stderr
+    assert "plain,jd_requirements" in out.stdout.splitlines()
+
+
+def test_completion_script_is_documented_and_emitted(run_cli):
+    assert "_EXTRACTOR_COMPLETE=bash_source extractor" in run_cli("--help").output
+    out = subprocess.run([sys.executable, "-c", "from extractor.cli.main import main; main()"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60,
+                         env={**os.environ, "_EXTRACTOR_COMPLETE": "bash_source"})
+    assert "complete -o nosort -F" in out.stdout

@@ -10,7 +10,7 @@ from extractor import storage
 from extractor.backends import backend_class
 from extractor.clashes import FileSet, refuse_overlaps, rejects_written, written_beside
 from extractor.cli.openai_options import openai_options
-from extractor.cli.options import bad_record_options, corpus_options, tasks_dir_option
+from extractor.cli.options import bad_record_options, complete_task_names, corpus_options, tasks_dir_option
 from extractor.cli.tables import console as make_console, status_table
 from extractor.corpus import check_corpus, is_stream
 from extractor.errors import InputError
@@ -26,7 +26,8 @@ from extractor.tasks import load_task
 
 @click.command()
 @click.argument("corpus", type=click.Path(dir_okay=False))  # or a URI: s3://, gs://, az://, hf://
-@click.option("--task", "task_name", required=True, help="Task name (see `extractor tasks`).")
+@click.option("--task", "task_name", required=True, help="Task name (see `extractor tasks`).",
+              shell_complete=complete_task_names)
 @click.option("--model", "models", required=True, multiple=True,
               help="Local model folder, or a hub id ORG/NAME[@revision] found in the local Hugging Face cache "
                    "(hf, vllm; never downloaded); a gold file (echo). hf: repeat it to score several full "

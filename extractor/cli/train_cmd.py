@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from extractor.cli.options import tasks_dir_option
+from extractor.cli.options import complete_task_names, tasks_dir_option
 
 
 @click.command()
@@ -19,7 +19,8 @@ from extractor.cli.options import tasks_dir_option
 @click.option("--gold", type=click.Path(dir_okay=False), default=None, help="Gold labels of --train.")
 @click.option("--dev", type=click.Path(dir_okay=False), default=None, help="Dev set (same kinds as --train).")
 @click.option("--dev-gold", type=click.Path(dir_okay=False), default=None)
-@click.option("--task", "task_name", default=None, help="Task: renders corpus prompts and scores dev F1.")
+@click.option("--task", "task_name", default=None, help="Task: renders corpus prompts and scores dev F1.",
+              shell_complete=complete_task_names)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for checkpoints.")
 @click.option("--max-source-len", type=int, default=512, show_default=True)
 @click.option("--max-target-len", type=int, default=256, show_default=True)
