@@ -3,7 +3,8 @@ actor). Its keys, and how a prediction row and an error row are built, are spell
 
 A row: id, task, prediction (the parsed object or None), status (`outputs.STATUSES`), error, raw (the model's
 text, kept so `eval --reparse` can judge it again), prompt_tokens, output_tokens, finish_reason, adapter, then
-the `--keep-field` columns copied from the input record.
+`spans` (where each extracted value is in the record's text, `scoring/grounding.py`; scored statuses of
+tasks with text values only), then the `--keep-field` columns copied from the input record.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from extractor.outputs import ERROR, Parsed, writable_text
 
 ROW_KEYS = ("id", "task", "prediction", "status", "error", "raw", "prompt_tokens", "output_tokens",
             "finish_reason", "adapter")
-RESERVED = frozenset(ROW_KEYS)  # what a --keep-field column may not be called
+RESERVED = frozenset((*ROW_KEYS, "spans"))  # what a --keep-field column may not be called
 
 
 def prediction_row(record_id: str, task: str, gen, parsed: Parsed, adapter: str | None) -> dict:

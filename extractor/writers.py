@@ -15,7 +15,7 @@ from extractor import jsonutil, storage
 from extractor.errors import InputError, OutputError, output_error
 from extractor.provenance import manifest_path, write_json_atomic
 
-JSON_COLUMNS = ("prediction", "gold", "kept")  # nested values stored as JSON text in Parquet
+JSON_COLUMNS = ("prediction", "gold", "kept", "spans")  # nested values stored as JSON text in Parquet
 
 
 def journal_path(out: Path) -> Path:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from extractor.backends.base import Backend, GenParams, Generation
 from extractor.errors import InputError, LongInputError
-from extractor.outputs import Validator, judge
+from extractor.outputs import SCORED_STATUSES, Validator, judge
 from extractor.pipeline.lanes import stream_lanes
 from extractor.prompting import PromptBuilder
 from extractor.rows import error_row, keep_fields, prediction_row
+from extractor.scoring.grounding import Grounder
 
 
 class Predictor:
@@ -22,6 +23,7 @@ class Predictor:
         self.builder = PromptBuilder(task, backend.tokenizer, few_shot)
         self.encoder = backend.encoder()  # token counts and ids, taken once: no calls back into the backend
         self.validator = Validator(task.schema, task.registry)
+        self.grounder = Grounder(task)  # each row's `spans`: where its values are in the record's text
         self.on_long = on_long
         self.adapter_key = adapter_key  # the backend's name of the adapter, sent with every request
         self.limit = max_input_tokens or backend.max_input_tokens(params, adapter_key)
@@ -117,4 +119,6 @@ class Predictor:
         else:
             row = prediction_row(rec["id"], self.task.name, gen, judge(gen.text, gen.finish_reason, self.validator),
                                  self.adapter)
+            if self.grounder.active and row["status"] in SCORED_STATUSES:
+                row["spans"] = self.grounder.ground(rec["values"][self.task.spec.input_fields[0]], row["prediction"])
         return keep_fields(row, rec["row"], self.keep_fields)
