@@ -21,7 +21,8 @@ How, per value, first hit wins:
   at least m − 1 − 2k bigrams); the edit-distance table runs only over the few candidate windows of about
   the value's length, never over the whole text.
 Exact and normalized hits must not cut a word: a hit whose edge falls between two letters or digits of a
-non-CJK script ("go" in "Google", "3年" in "13年") is passed over for the next one. Chinese has no such
+non-CJK script ("go" in "Google", "3年" in "13年") is passed over for the next one, up to MAX_HITS hits (a
+text of one letter repeated cannot make a long value cost its length per character). Chinese has no such
 edge.
 
 Each span's offsets are the text's Python string offsets: text[start:end] is the value (exact), has the
@@ -45,6 +46,7 @@ SEPARATORS = "、,"  # after NFKD: the full-width ，and the half-width ､ beco
 FUZZY_THRESHOLD = 0.8
 FUZZY_MIN_CHARS = 5  # below this one edit already falls under the threshold
 FUZZY_MAX_CHARS = 256  # the edit-distance table is value length × window: bounded
+MAX_HITS = 1000  # exact or normalized hits tried per value (each passed over when it cuts a word)
 MAX_BIGRAM_HITS = 512  # per distinct bigram of a value: a hostile text of one repeated pair costs no more
 FUZZY_CANDIDATES = 3
 CJK_START = "\u2e80"  # CJK radicals onwards: scripts without spaces between words
@@ -135,7 +137,9 @@ class Aligner:
 
     def _exact(self, s: str, value: str) -> Span | None:
         i = s.find(value)
-        while i >= 0:
+        for _ in range(MAX_HITS):
+            if i < 0:
+                break
             if not self._cuts_word(s, i, i + len(value)):
                 return Span(i, i + len(value), EXACT)
             i = s.find(value, i + 1)
@@ -144,7 +148,9 @@ class Aligner:
     def _normalized(self, text: _Text, vkey: str) -> Span | None:
         key = text.key
         i = key.find(vkey)
-        while i >= 0:
+        for _ in range(MAX_HITS):
+            if i < 0:
+                break
             start, end = text.to_text(i, i + len(vkey))
             # A hit starting or ending inside one character's expansion ("ﬁ" -> "fi") is no slice of the text.
             if self.key(text.text[start:end]) == vkey and not self._cuts_word(text.text, start, end):
