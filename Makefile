@@ -37,7 +37,7 @@ $(VSTAMP): pyproject.toml
 	touch $(VSTAMP)
 
 test-vllm: $(VSTAMP)
-	VLLM_CPU_KVCACHE_SPACE=1 $(VPY) -m pytest -q tests/test_vllm.py
+	VLLM_CPU_KVCACHE_SPACE=1 $(VPY) -m pytest -q tests/test_vllm.py tests/test_openai_backend.py
 
 demo: $(STAMP)
 	$(VENV)/bin/extractor demo

