@@ -85,6 +85,17 @@ def refuse_overlaps(writes: list[tuple[str, storage.Location, list]], inputs: Fi
             written.add(f"the {what} of {flag} {path}", location)
 
 
+def refuse_overwriting_inputs(outputs: dict[str, storage.Location], inputs: dict[str, storage.Location]) -> None:
+    """eval, compare, validate: refuse, before anything is written, an output that is one of the inputs."""
+    known = FileSet()
+    for name, path in inputs.items():
+        known.add(f"the {name} file {path}", path)
+    for name, out in outputs.items():
+        clash = known.find(out)
+        if clash is not None:
+            raise InputError(f"{name} {out}: is {clash}; writing there would destroy it — choose another path")
+
+
 def _path_key(location: storage.Location) -> str:
     if storage.is_remote(location):
         return "remote:" + str(location).rstrip("/")

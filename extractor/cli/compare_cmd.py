@@ -17,7 +17,7 @@ from extractor.scoring.compare import (DROP, MICRO, POWER, TWO_SIDED, CompareSet
 from extractor.scoring.evaluate import CorpusJoin
 from extractor.errors import InputError
 from extractor.provenance import stamp, write_json_atomic
-from extractor.scoring.document import refuse_overwriting_inputs
+from extractor.clashes import refuse_overwriting_inputs
 from extractor.scoring.evaluate import evaluate
 from extractor.tasks import load_task
 

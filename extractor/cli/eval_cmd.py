@@ -14,7 +14,8 @@ from extractor.cli.options import READABLE, corpus_options, tasks_dir_option
 from extractor.errors import InputError
 from extractor.cli.tables import metrics_table, status_table
 from extractor.provenance import write_json_atomic
-from extractor.scoring.document import metrics_document, refuse_overwriting_inputs
+from extractor.clashes import refuse_overwriting_inputs
+from extractor.scoring.document import metrics_document
 from extractor.scoring.evaluate import CorpusJoin, evaluate
 from extractor.scoring.grounding import FUZZY_THRESHOLD
 from extractor.tasks import load_task

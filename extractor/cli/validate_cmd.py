@@ -55,7 +55,7 @@ def validate(predictions, task_name, field, examples, corpus, spans_out, id_fiel
     if spans_out and not corpus:
         raise InputError("--spans-out needs --corpus: spans are offsets into the corpus's texts")
     if spans_out:
-        from extractor.scoring.document import refuse_overwriting_inputs
+        from extractor.clashes import refuse_overwriting_inputs
         refuse_overwriting_inputs({"--spans-out": storage.target(spans_out)},
                                   {"predictions": Path(predictions), "corpus": storage.target(corpus)})
     validator = Validator(task.schema, task.registry)
