@@ -46,7 +46,7 @@ def test_torch_decode_attention_equals_sdpa_reference():
     SDPA over each row's concatenated keys: per-row lengths, scattered slots, grouped heads, prefix or none."""
     import torch
 
-    from extractor.backends import fast_attention as fa
+    from extractor.backends.fast import attention as fa
     torch.manual_seed(0)
     for heads, kv_heads, p in [(12, 2, 20), (7, 1, 0), (4, 4, 5)]:
         q = torch.randn(4, heads, 32)
@@ -65,14 +65,14 @@ def test_decode_attention_kernels_agree():
     lengths, scattered slots, grouped heads, with and without a shared prefix, softcaps, and sliding windows
     that cut into the prefix or leave all of it (and some own keys) behind, a head dim not a power of two;
     and with prefix groups (one prefix per mixed LoRA adapter, a group per row)."""
-    fa = pytest.importorskip("extractor.backends.fast_attention")
+    fa = pytest.importorskip("extractor.backends.fast.attention")
     if not fa.available():
         pytest.skip("triton is not installed")
     import subprocess
     import sys
     code = """
 import torch
-from extractor.backends import fast_attention as fa
+from extractor.backends.fast import attention as fa
 torch.manual_seed(0)
 # windows: wider than everything, cutting into the prefix, past the whole prefix and into the own keys
 for heads, kv_heads, p, softcap, window, *rest in [(12, 2, 20, None, None), (7, 1, 0, None, None), (4, 4, 5, None, None),

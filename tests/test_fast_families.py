@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from extractor.backends.fast_families import FAMILIES
+from extractor.backends.fast.families import FAMILIES
 from tests.conftest import read_jsonl, synth_corpus
 from tests.families import OVERRIDES, build_family_model
 

@@ -207,7 +207,7 @@ def test_mixed_layers_swap_class_and_close_restores_exactly(tiny_model, loras): 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from extractor.backends.fast_families import FastPathError
+    from extractor.backends.fast.families import FastPathError
     from extractor.backends.lora_mixed import MixedLoRA
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), loras[0],
                                       adapter_name=loras[0].name)

@@ -336,7 +336,7 @@ class HFBackend(TokenizerBackend):
             from extractor.backends.prompt_learning import KINDS, kind
             if kind(self.model) not in KINDS:
                 return f"peft adapters of type {kind(self.model)} decode with plain generate"
-        from extractor.backends.fast_families import refusal
+        from extractor.backends.fast.families import refusal
         return refusal(self.base)  # a LoRA adapter's layers are injected into the base: its own forward runs them
 
     def _use_fast(self, params: GenParams) -> bool:
@@ -364,7 +364,7 @@ class HFBackend(TokenizerBackend):
     def _generate_fast(self, encoded: list[list[int]], budgets: list[int], params: GenParams,
                        schema=None) -> list[Generation]:
         from extractor.backends.fast import common_prefix
-        from extractor.backends.fast_families import FastPathError
+        from extractor.backends.fast.families import FastPathError
         prefix = common_prefix(encoded)
         need = max(len(e) + b for e, b in zip(encoded, budgets)) - len(prefix)
         try:
@@ -423,7 +423,7 @@ class HFBackend(TokenizerBackend):
         the fast path before any record is out hands every record to the plain path (--fast on: one line,
         exit 2); after that, one line and exit 2, the output kept."""
         from extractor.backends.fast import common_prefix
-        from extractor.backends.fast_families import FastPathError
+        from extractor.backends.fast.families import FastPathError
         first = list(itertools.islice(requests, self.PEEK))
         if not first:
             return
@@ -530,7 +530,7 @@ class HFBackend(TokenizerBackend):
             return True
         if self.fast_mode == "off" or params.temperature > 0:
             return False  # the per-adapter path says why it goes plain
-        from extractor.backends.fast_families import refusal
+        from extractor.backends.fast.families import refusal
         if refusal(self.base) is not None or self.weights.refuses_mix(names):
             return False
         self.use_adapter(None)

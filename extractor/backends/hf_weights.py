@@ -130,7 +130,7 @@ class Weights:
         (lora_mixed's fold): a decoder built before must not outlive this call."""
         from peft import PeftModel
 
-        from extractor.backends.fast_families import FastPathError
+        from extractor.backends.fast.families import FastPathError
         from extractor.backends.lora_mixed import MixedLoRA
         self.use(None)
         try:

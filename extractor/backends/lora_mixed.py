@@ -33,7 +33,7 @@ from contextlib import contextmanager
 
 import torch
 
-from extractor.backends.fast_families import FastPathError
+from extractor.backends.fast.families import FastPathError
 
 # adapter_config.json keys whose (truthy) value means the adapter is not a plain LoRA this mixes exactly
 REFUSED_CONFIG = {

@@ -217,6 +217,26 @@ def _expand(kv, group: int):
     return kv if group == 1 else kv.repeat_interleave(group, dim=1)
 
 
+def flash_takes_gqa(device, dtype, head_dim: int) -> bool:
+    """Whether this torch's flash attention runs grouped K/V heads with a lower-right causal mask (and
+    agrees with the expanded computation); else prefill expands K/V per query head."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+    q = torch.randn(2, 4, 16, head_dim, device=device, dtype=dtype)
+    k = torch.randn(2, 2, 40, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            got = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(16, 40), enable_gqa=True)
+    except RuntimeError:
+        return False
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                         attn_mask=causal_lower_right(16, 40))
+    return bool((got - ref).abs().max() < 2e-2)
+
+
 def prefill_attention(q, k, v, scale: float, softcap: float | None = None, window: int | None = None,
                       flash_gqa: bool = False):
     """Many queries at once (a prefill chunk, or the shared prefix itself): q [B, H, T, D]; k/v [B, KVH, K, D]
