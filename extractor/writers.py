@@ -16,6 +16,9 @@ from extractor.errors import InputError, OutputError, output_error
 from extractor.provenance import manifest_path, write_json_atomic
 
 JSON_COLUMNS = ("prediction", "gold", "kept", "spans")  # nested values stored as JSON text in Parquet
+# Row flags present only in the rows they flag (`--on-long truncate`'s): a Parquet column of every row, null
+# where absent, read back absent.
+FLAG_COLUMNS = ("input_truncated",)
 
 
 def journal_path(out: Path) -> Path:
@@ -120,6 +123,9 @@ def iter_rows(path: storage.Location) -> Iterator[tuple[int, dict]]:
                 for col in JSON_COLUMNS:
                     if isinstance(row.get(col), str):
                         row[col] = jsonutil.loads(row[col])
+                for col in FLAG_COLUMNS:
+                    if col in row and row[col] is None:
+                        del row[col]
                 yield line, row
                 line += 1
 
@@ -165,6 +171,9 @@ def write_parquet(rows: Iterable[dict], dest: storage.Location, batch_size: int 
 
 def _flatten(row: dict) -> dict:
     out = dict(row)
+    if "id" in out and "status" in out:  # a results row: its flags are columns of every row
+        for col in FLAG_COLUMNS:
+            out.setdefault(col, None)
     for col in JSON_COLUMNS:
         if col in out and out[col] is not None:
             out[col] = jsonutil.dumps(out[col])
@@ -174,6 +183,12 @@ def _flatten(row: dict) -> dict:
 def _write(batch, sink, writer, pa, pq):
     table = pa.Table.from_pylist(batch)
     if writer is None:
+        schema = table.schema
+        for col in FLAG_COLUMNS:  # all null in the first batch: typed as the flag it is, not as null
+            i = schema.get_field_index(col)
+            if i >= 0 and schema.field(i).type == pa.null():
+                schema = schema.set(i, pa.field(col, pa.bool_()))
+        table = table.cast(schema)
         writer = pq.ParquetWriter(sink, table.schema)
     elif table.schema != writer.schema:
         table = table.cast(writer.schema)

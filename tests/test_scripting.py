@@ -128,3 +128,117 @@ def test_completion_script_is_documented_and_emitted(run_cli):
                          capture_output=True, text=True, cwd=REPO, timeout=60,
                          env={**os.environ, "_EXTRACTOR_COMPLETE": "bash_source"})
     assert "complete -o nosort -F" in out.stdout
+
+
+# -- checks before loading, --limit, truncation ---------------------------------------------------------------
+
+def _backend_loaded_probe(*args):
+    """Run the CLI in a subprocess that says at exit whether the hf backend module was ever imported (it is
+    what loads weights): a check that fails before it did not wait for the model."""
+    code = ("import atexit, sys; atexit.register(lambda: print('BACKEND', 'extractor.backends.hf' in sys.modules,"
+            " file=sys.stderr)); sys.argv = ['extractor', *sys.argv[1:]]; "
+            "from extractor.cli.main import main; main()")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=60, env={**os.environ, "COLUMNS": ""})
+
+
+def _long_corpus(tmp_path):
+    return write_jsonl(tmp_path / "c.jsonl", [{"id": "short", "text": "本科"},
+                                              {"id": "long", "text": "计算机专业 " * 400}])
+
+
+@pytest.mark.parametrize("limit_args, limit", [(["--max-input-tokens", "600"], 600),
+                                               (["--max-new-tokens", "8"], 2048 - 8)])
+def test_too_long_prompt_fails_before_weights_load_and_leaves_nothing(tmp_path, tiny_model, limit_args, limit):
+    """The default limit is computed as the run computes it: the model's context minus max new tokens."""
+    corpus = _long_corpus(tmp_path)
+    if limit == 2040:
+        write_jsonl(corpus, [{"id": "long", "text": "计算机专业 " * 1200}])
+    out = tmp_path / "o.jsonl"
+    result = _backend_loaded_probe("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", out,
+                                   *limit_args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"record long: prompt has" in lines[0] and f"the limit {limit};" in lines[0]
+    assert "BACKEND False" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]  # no output, no manifest
+
+
+def test_existing_output_refused_before_weights_load(tmp_path, tiny_model):
+    corpus = _long_corpus(tmp_path)
+    out = tmp_path / "o.jsonl"
+    out.write_text("", encoding="utf-8")
+    result = _backend_loaded_probe("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", out)
+    assert result.returncode == 2 and "already exists; pass --resume" in result.stderr
+    assert "BACKEND False" in result.stderr and out.read_text() == ""
+
+
+def test_resume_with_other_settings_refused_before_weights_load(tmp_path, tiny_model, run_cli):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "本科"}])
+    out = tmp_path / "o.jsonl"
+    args = ["run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", out, "--quiet"]
+    assert run_cli(*args, "--max-new-tokens", "4").exit_code == 0
+    before = out.read_bytes()
+    result = _backend_loaded_probe(*args, "--max-new-tokens", "5", "--resume")
+    assert result.returncode == 2 and "--resume refused" in result.stderr and "params.max_new_tokens" in result.stderr
+    assert "BACKEND False" in result.stderr and out.read_bytes() == before
+
+
+def test_truncated_inputs_flagged_and_counted(tmp_path, tiny_model, run_cli):
+    corpus = _long_corpus(tmp_path)
+    out = tmp_path / "t.jsonl"
+    result = run_cli("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", out,
+                     "--max-new-tokens", "4", "--max-input-tokens", "600", "--on-long", "truncate")
+    assert result.exit_code == 0, result.output
+    rows = {r["id"]: r for r in read_jsonl(out)}
+    assert rows["long"]["input_truncated"] is True and "input_truncated" not in rows["short"]
+    summary = json.loads((tmp_path / "t.jsonl.manifest.json").read_text())["summary"]
+    assert summary["input_truncated"] == 1
+    assert "input truncated (--on-long truncate)" in result.stderr
+    again = run_cli("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", out,
+                    "--max-new-tokens", "4", "--max-input-tokens", "600", "--on-long", "truncate", "--resume")
+    summary = json.loads((tmp_path / "t.jsonl.manifest.json").read_text())["summary"]
+    assert again.exit_code == 0 and summary["input_truncated"] == 1 and summary["already_done"] == 2
+
+
+def _echo_corpus(tmp_path, n=20):
+    rows = [{"id": f"r{i}", "text": f"本科 {i}"} for i in range(n)]
+    corpus = write_jsonl(tmp_path / "c.jsonl", rows)
+    gold = write_jsonl(tmp_path / "gold.jsonl", [{"id": r["id"], "gold": {"学历要求": ["本科"]}} for r in rows])
+    return corpus, gold
+
+
+def _bar_ends(stderr: str) -> list[str]:
+    import re
+    return re.findall(r"\| (\d+/\d+) \[", stderr.replace("\r", "\n"))
+
+
+def test_progress_bar_honours_limit(tmp_path):
+    corpus, gold = _echo_corpus(tmp_path)
+    args = ["run", corpus, "--task", "jd_requirements", "--backend", "echo", "--model", gold,
+            "--out", tmp_path / "o.jsonl", "--limit", "5"]
+    first = cli(*args)
+    assert first.returncode == 0 and _bar_ends(first.stderr)[-1] == "5/5", first.stderr
+    second = cli(*args, "--resume")
+    assert second.returncode == 0 and _bar_ends(second.stderr)[-1] == "5/5"
+    third = cli(*args[:-2], "--limit", "50", "--resume")  # 10 left: the bar ends at 10
+    assert third.returncode == 0 and _bar_ends(third.stderr)[-1] == "10/10"
+    assert len(read_jsonl(tmp_path / "o.jsonl")) == 20
+
+
+def test_truncation_flag_survives_parquet(tmp_path, tiny_model, run_cli):
+    from extractor.writers import iter_rows
+    rows = [{"id": f"s{i}", "text": "本科"} for i in range(3)] + [{"id": "long", "text": "计算机专业 " * 400}]
+    corpus = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "t.parquet"
+    result = run_cli("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", out, "--quiet",
+                     "--max-new-tokens", "4", "--max-input-tokens", "600", "--on-long", "truncate", "--window", "2")
+    assert result.exit_code == 0, result.output
+    got = {row["id"]: row for _, row in iter_rows(out)}
+    assert got["long"]["input_truncated"] is True and "input_truncated" not in got["s0"]
+
+
+def test_prompt_learning_kinds_match():
+    from extractor.backends.prompt_learning import KINDS
+    from extractor.pipeline.preflight import PROMPT_LEARNING
+    assert PROMPT_LEARNING == KINDS

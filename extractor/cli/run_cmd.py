@@ -18,6 +18,7 @@ from extractor.hub import RunSources
 from extractor.pipeline import OnePass, Predictor, Run, RunOptions, Summary, output_for_adapter, run_key
 from extractor.pipeline.claim import Claim
 from extractor.pipeline.config import RunConfig
+from extractor.pipeline.predictor import INPUT_TRUNCATED
 from extractor.pipeline.summary import NoResultError
 from extractor.provenance import check_writable
 from extractor.rows import RESERVED
@@ -116,7 +117,7 @@ def run(**params):
     if cfg.gpus:
         _run_sharded(cfg, out, console, labels)
         return
-    clash = RESERVED.intersection(cfg.keep_fields)
+    clash = (RESERVED | {INPUT_TRUNCATED}).intersection(cfg.keep_fields)
     if clash:
         raise InputError(f"--keep-field {', '.join(sorted(clash))} would overwrite an output field; keep others")
     opts = cfg.run_options(task)
@@ -125,6 +126,7 @@ def run(**params):
         if cfg.ray_address:
             _run_on_ray(cfg, task, opts, sources, console)
             return
+        _preflight(cfg, task, opts, sources, outs)
         engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
         _expect(engine, opts)
         names = engine.adapters()
@@ -178,6 +180,7 @@ def _run_checkpoints(cfg: RunConfig, task, checkpoints: list[RunSources], corpus
     opts = cfg.run_options(task)
     check_writable(opts.out)
     with Claim(outs, _locked(cfg, outs)):
+        _preflight(cfg, task, opts, checkpoints[0], outs)
         engine = backend_class(cfg.backend)(**cfg.backend_kwargs(checkpoints[0].model, ()))
         _expect(engine, opts)
         targets, summaries = [], []
@@ -190,6 +193,24 @@ def _run_checkpoints(cfg: RunConfig, task, checkpoints: list[RunSources], corpus
             summaries.append(job.execute(job.prepare(_key(task, engine, predictor, opts, sources))))
             _finish(console, [target], [summaries[-1]], cfg, check_results=False)
         _check_results(cfg, targets, [summary.statuses for summary in summaries])
+
+
+def _preflight(cfg: RunConfig, task, opts: RunOptions, sources: RunSources, outs: list) -> None:
+    """What can fail without the weights fails before they load (pipeline/preflight.py): an output already
+    there; with hf, from the tokenizer alone, a --resume with other settings and the first window's prompts
+    (length, rendering, bad records)."""
+    from extractor.pipeline import preflight
+    preflight.refuse_existing(outs, cfg.resume, cfg.overwrite)
+    if cfg.backend != "hf":
+        return
+    view = preflight.TokenizerView(sources.model, sources.adapters, cfg.trust_remote_code)
+    predictors = [_adapter_predictor(cfg, task, view, opts, sources, name) for name in view.adapters()]
+    if cfg.resume:
+        keys = [preflight.partial_key(task, p, opts) for p in predictors]
+        preflight.check_resume(outs, keys if len(keys) == len(outs) else keys[:1] * len(outs))
+    if not is_stream(opts.corpus):
+        for predictor in predictors:
+            preflight.check_first_window(predictor, opts)
 
 
 def _expect(engine, opts: RunOptions) -> None:
@@ -339,7 +360,8 @@ def _check_results(cfg: RunConfig, targets: list, statuses: list) -> None:
 
 def _report(console, target: Path, summary) -> None:
     d = summary.as_dict()
-    console.print(status_table(d["statuses"]))
+    notes = {"input truncated (--on-long truncate)": d["input_truncated"]} if d["input_truncated"] else None
+    console.print(status_table(d["statuses"], notes))
     rate = f"{d['records_per_s']:.2f} rec/s, {d['output_tokens_per_s']:.1f} output tok/s" if d["records_per_s"] else "-"
     console.print(f"{target}: {d['records']} records ({d['new_this_run']} new, {d['already_done']} already done, "
                   f"{d['rejected_input']} rejected input) in {d['elapsed_s']:.1f}s — {rate}", highlight=False)

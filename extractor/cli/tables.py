@@ -52,10 +52,15 @@ def metrics_table(result: dict, title: str = "") -> Table:
     return table
 
 
-def status_table(status_counts: dict) -> Table:
+def status_table(status_counts: dict, notes: dict | None = None) -> Table:
+    """Records per status; `notes`: counts across statuses (records whose input was truncated), below."""
     table = _table("status", "records")
     for status, n in status_counts.items():
         _row(table, status, n)
+    if notes:
+        table.add_section()
+        for what, n in notes.items():
+            _row(table, what, n, style="dim")
     return table
 
 

@@ -11,6 +11,12 @@ from extractor.rows import error_row, keep_fields, prediction_row
 from extractor.scoring.grounding import Grounder
 
 
+# The row field that flags a record whose text --on-long truncate cut to fit the limit (absent otherwise),
+# and the record key that carries the cut from rendering to the row.
+INPUT_TRUNCATED = "input_truncated"
+TRUNCATED_AT = "truncated_at"
+
+
 class Predictor:
     """Records -> output rows for one task and backend. Shared by `run` and by training's F1 evaluation."""
 
@@ -91,6 +97,8 @@ class Predictor:
                 skipped[i] = f"{message}; skipped (--on-long skip)"
             else:
                 prompts[i] = self._truncate(records[i], n)
+                # Noted on the record per limit: lanes of other limits share the record, not its cut.
+                records[i].setdefault(TRUNCATED_AT, set()).add(self.limit)
         return prompts, skipped
 
     def _truncate(self, record: dict, n_tokens: int) -> str:
@@ -121,4 +129,6 @@ class Predictor:
                                  self.adapter)
             if self.grounder.active and row["status"] in SCORED_STATUSES:
                 row["spans"] = self.grounder.ground(rec["values"][self.task.spec.input_fields[0]], row["prediction"])
+        if self.limit in rec.get(TRUNCATED_AT, ()):
+            row[INPUT_TRUNCATED] = True
         return keep_fields(row, rec["row"], self.keep_fields)

@@ -83,6 +83,7 @@ class Run:
         self.ctrl_c = ctrl_c or CtrlC(console)  # shared by the outputs of one pass
         self.total = total  # records in the corpus (the progress bar's end), where already counted
         self.complete = False  # a Parquet output already converted: nothing left to do
+        self.created = False  # this run wrote the manifest: a failure before any row leaves nothing behind
 
     def prepare(self, key: dict) -> set[int]:
         """Check or write the manifest; return the id keys already written."""
@@ -98,6 +99,7 @@ class Run:
         if exists:
             self.complete = self.store.finished()
             return self._done_ids()
+        self.created = True
         self.manifest = {"format": MANIFEST_FORMAT, "run_key": key, "corpus": str(self.opts.corpus),
                          "output": str(self.out), "rejects": self._rejects_name(), **stamp(), "summary": None}
         self.store.write_manifest(self.manifest)
@@ -160,6 +162,7 @@ class Run:
                 continue
             done.add(key)
             self.summary.statuses[_row_field(row, "status", source, line)] += 1
+            self.summary.input_truncated += row.get("input_truncated") is True
         if duplicates:
             self.store.rewrite(self.manifest, first_of_each_id(self.store.done_rows(self.manifest)))
             if self.console is not None:
@@ -189,16 +192,29 @@ class Run:
         progress = self._progress(start)
         sink = RowSink(writer, self.p.rows, self.opts.window, self.summary, progress)
         try:
-            yield sink
-            sink.close()
-        finally:
-            sink.close(raise_errors=False)
-            writer.close()
-            if progress is not None:
-                progress.close()
-            self.summary.elapsed = time.perf_counter() - start
+            try:
+                yield sink
+                sink.close()
+            finally:
+                sink.close(raise_errors=False)
+                writer.close()
+                if progress is not None:
+                    progress.close()
+                self.summary.elapsed = time.perf_counter() - start
+        except BaseException:
+            self._discard_if_empty()
+            raise
         self.summary.interrupted = self._stop
         self._finish()
+
+    def _discard_if_empty(self) -> None:
+        """A run that failed before writing a row leaves nothing behind (not an empty output and a manifest
+        that the corrected command would have to --overwrite)."""
+        try:
+            if self.created and self.summary.new == 0 and self.store.is_empty():
+                self.store.clear()
+        except Exception:  # noqa: BLE001 - the error that stopped the run is the one to report
+            pass
 
     def _produce(self, done: set[int], sink: RowSink) -> None:
         """Read the corpus (windows on a thread ahead of the backend), generate, hand the rows to the sink."""
@@ -219,6 +235,9 @@ class Run:
             return None
         from tqdm import tqdm
         total = self.total if self.total is not None else count_records(self.opts.corpus)
+        if self.opts.limit is not None:  # the bar counts this run's records only (Todo skips none)
+            left = None if total is None else max(0, total - self.summary.already_done)
+            total = self.opts.limit if left is None else min(self.opts.limit, left)
         bar = tqdm(total=total, unit="rec", desc=self.out.name, dynamic_ncols=True)
         return Progress(bar, self.summary, start)
 
@@ -266,8 +285,8 @@ def produce(runs: list[Run], dones: list[set[int]], sinks: list[RowSink]) -> Non
 
 
 class Todo:
-    """One output's share of each reading window: the records it has not written yet, within --limit; the
-    others go to its progress bar as skipped."""
+    """One output's share of each reading window: the records it has not written yet, within --limit; without
+    a limit the others go to its progress bar as skipped (its end is then the corpus's size)."""
 
     def __init__(self, done: set[int], limit: int | None, sink: RowSink):
         self.done, self.limit, self.sink = done, limit, sink
@@ -278,7 +297,8 @@ class Todo:
         if self.limit is not None:
             todo = todo[: max(0, self.limit - self.sent)]
         self.sent += len(todo)
-        self.sink.skipped(len(window) - len(todo))
+        if self.limit is None:  # with --limit the bar counts new records only, up to the limit
+            self.sink.skipped(len(window) - len(todo))
         return todo
 
     @property

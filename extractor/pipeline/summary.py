@@ -27,6 +27,7 @@ class Summary:
     interrupted: bool = False
     decoders: Counter = field(default_factory=Counter)  # records of this run per decoding path
     decoder_reasons: Counter = field(default_factory=Counter)
+    input_truncated: int = 0  # rows whose input --on-long truncate cut (already done ones included)
 
     def as_dict(self) -> dict:
         return {"records": sum(self.statuses.values()), "new_this_run": self.new,
@@ -36,6 +37,7 @@ class Summary:
                 "records_per_s": round(self.new / self.elapsed, 3) if self.elapsed else None,
                 "output_tokens_per_s": round(self.output_tokens / self.elapsed, 3) if self.elapsed else None,
                 "interrupted": self.interrupted, "complete": not self.interrupted,
+                "input_truncated": self.input_truncated,
                 **({"decoder": dict(sorted(self.decoders.items()))} if self.decoders else {}),
                 **({"decoder_reason": "; ".join(self.decoder_reasons)} if self.decoder_reasons else {})}
 
@@ -44,6 +46,7 @@ class Summary:
         for row in rows:
             self.statuses[row["status"]] += 1
             self.output_tokens += row["output_tokens"] or 0
+            self.input_truncated += bool(row.get("input_truncated"))
         self.new += len(rows)
 
     def count_decoders(self, triples) -> None:
