@@ -166,12 +166,26 @@ def run_demo(cfg: DemoConfig, invoke: Invoke) -> dict:
                "train_seconds": round(summary["seconds"], 1),
                "test_micro_f1": results["test"]["micro"]["f1"],
                "heldout_micro_f1": results["test_heldout"]["micro"]["f1"],
+               # values found in the posting's own text (exact, normalised or fuzzy): no gold needed
+               "test_grounded_rate": _grounded_rate(results["test"]),
+               "heldout_grounded_rate": _grounded_rate(results["test_heldout"]),
                "regression_gate": results["regression"],
                "report": str(cfg.out / "report-test" / "report.html")}
     (cfg.out / "demo_summary.json").write_text(json.dumps(outcome, indent=2) + "\n", encoding="utf-8")
     _say(f"test micro F1 {outcome['test_micro_f1']:.4f}; held-out micro F1 (values and phrasings never in "
-         f"training) {outcome['heldout_micro_f1']:.4f}; {summary['steps']} training steps in "
+         f"training) {outcome['heldout_micro_f1']:.4f}, grounded rate {_rate_text(outcome['heldout_grounded_rate'])} "
+         f"(extracted values found in the posting; test {_rate_text(outcome['test_grounded_rate'])}); "
+         f"{summary['steps']} training steps in "
          f"{summary['seconds']:.0f}s{' (cut short by the time cap: a busy CPU)' if cut_short else ''}; "
          f"demo took {elapsed:.0f}s")
     _say(f"report: {outcome['report']}")
     return outcome
+
+
+def _grounded_rate(metrics: dict) -> float | None:
+    """The micro grounded rate of an eval's metrics.json (None where eval had no text to ground against)."""
+    return ((metrics.get("grounding") or {}).get("micro") or {}).get("rate")
+
+
+def _rate_text(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.4f}"

@@ -117,6 +117,10 @@ def test_short_demo_end_to_end(tmp_path):
                                   max_seconds=120, hidden=64, vocab=600, max_new_tokens=24))
     assert (out / "report-test" / "report.html").exists() and (out / "report-test" / "metrics.json").exists()
     assert 0.0 <= outcome["test_micro_f1"] <= 1.0 and outcome["regression_gate"].startswith("skipped")
+    heldout = json.loads((out / "report-test_heldout" / "metrics.json").read_text())
+    # printed beside the F1; absent where no held-out output came out ok (a 40-step model)
+    want = heldout["grounding"]["micro"]["rate"] if "grounding" in heldout else None
+    assert outcome["heldout_grounded_rate"] == want and "heldout_grounded_rate" in outcome
     evals = [r for r in read_jsonl(out / "train" / "metrics.jsonl") if r["kind"] == "eval"]
     best = json.loads((out / "train" / "best.json").read_text())
     top = max(evals, key=lambda r: (r["micro_f1"], -r["dev_loss"]))  # ties: the lower dev loss
