@@ -26,7 +26,16 @@ DEFAULT_BATCH = 4096
 _SKIP_HINT = "; fix the record or pass --on-bad-record skip to write bad records to a rejects file"
 
 
+STDIN = "-"  # the corpus read from standard input (JSONL), once
+
+
+def is_stdin(path) -> bool:
+    return not storage.is_remote(path) and str(path) == STDIN
+
+
 def corpus_format(path: storage.Location) -> str:
+    if is_stdin(path):
+        return "jsonl"
     name = path.name.lower()
     for suffix, fmt in ((".jsonl.gz", "jsonl"), (".ndjson.gz", "jsonl"), (".jsonl", "jsonl"),
                         (".ndjson", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".csv", "csv")):
@@ -42,6 +51,8 @@ def check_corpus(path: storage.Location) -> str:
         if not storage.is_file(path):
             raise InputError(f"{path}: no such file; check the corpus path")
         return corpus_format(path)
+    if is_stdin(path):
+        return "jsonl"
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -64,6 +75,8 @@ def is_stream(path: storage.Location) -> bool:
     """A local corpus that can be read once only (a FIFO): no counting, hashing or second reader."""
     if storage.is_remote(path):
         return False
+    if is_stdin(path):
+        return True
     try:
         return not stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
@@ -80,6 +93,8 @@ def corpus_identity(path: storage.Location) -> dict:
     checksum. A FIFO cannot be read twice: only its path, and `stream`."""
     if storage.is_remote(path):
         return storage.fingerprint(path)
+    if is_stdin(path):
+        return {"path": STDIN, "stream": True}
     real = os.path.realpath(path)
     if is_stream(path):
         return {"path": real, "stream": True}
@@ -374,6 +389,9 @@ def _raw(row) -> str:
 
 
 def open_binary(path: storage.Location):
+    if is_stdin(path):
+        import sys
+        return contextlib.nullcontext(sys.stdin.buffer)  # read, not closed: the process owns stdin
     if not path.name.lower().endswith(".gz"):
         return storage.open_read(path)
     if not storage.is_remote(path):

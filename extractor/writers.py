@@ -196,6 +196,63 @@ def _write(batch, sink, writer, pa, pq):
     return writer
 
 
+STDOUT = "-"  # `--out -`: JSONL rows on standard output
+
+
+def is_stdout(path) -> bool:
+    return not storage.is_remote(path) and str(path) == STDOUT
+
+
+class StdoutOutput:
+    """`--out -`: rows as JSONL lines on stdout, each window flushed as it is written. Nothing to resume, so
+    no manifest (the summary goes to stderr) and never anything already there."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def exists(self) -> bool:
+        return False
+
+    def is_empty(self) -> bool:
+        return True
+
+    def clear(self) -> None:
+        pass
+
+    def write_manifest(self, manifest: dict) -> None:
+        pass
+
+    def finished(self) -> bool:
+        return False
+
+    def appender(self, manifest: dict) -> "StdoutAppender":
+        return StdoutAppender()
+
+    def finish(self, manifest: dict, complete: bool) -> None:
+        pass
+
+
+class StdoutAppender:
+    def __init__(self):
+        import sys
+        self.stream = sys.stdout.buffer
+
+    def write_batch(self, rows: Iterable[dict]) -> None:
+        data = "".join(jsonutil.dumps(r) + "\n" for r in rows).encode("utf-8")
+        try:
+            self.stream.write(data)
+            self.stream.flush()
+        except BrokenPipeError:
+            raise OutputError("--out -: stdout was closed (the reader of the pipe exited) before the run ended; "
+                              "the rows after it are lost — rerun, writing to a file to be able to --resume") from None
+
+    def close(self) -> None:
+        try:
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+
 class JournalOutput:
     """A local output's life cycle: rows appended to a journal (the output itself, or a JSONL beside a
     Parquet output, converted when the run completes), and its manifest beside it."""

@@ -201,10 +201,13 @@ def test_truncated_inputs_flagged_and_counted(tmp_path, tiny_model, run_cli):
     assert again.exit_code == 0 and summary["input_truncated"] == 1 and summary["already_done"] == 2
 
 
+GOLD = {"学历要求": ["本科"], "专业要求": ["计算机"], "工作年限要求": ["3年以上"], "编程语言": ["java"], "加分项": ["无"]}
+
+
 def _echo_corpus(tmp_path, n=20):
     rows = [{"id": f"r{i}", "text": f"本科 {i}"} for i in range(n)]
     corpus = write_jsonl(tmp_path / "c.jsonl", rows)
-    gold = write_jsonl(tmp_path / "gold.jsonl", [{"id": r["id"], "gold": {"学历要求": ["本科"]}} for r in rows])
+    gold = write_jsonl(tmp_path / "gold.jsonl", [{"id": r["id"], "gold": GOLD} for r in rows])
     return corpus, gold
 
 
@@ -242,3 +245,77 @@ def test_prompt_learning_kinds_match():
     from extractor.backends.prompt_learning import KINDS
     from extractor.pipeline.preflight import PROMPT_LEARNING
     assert PROMPT_LEARNING == KINDS
+
+
+# -- --print-prompt, --dry-run, stdin/stdout, --log-file, -q/-v ----------------------------------------------
+
+def test_print_prompt_exact_chat_input_no_weights_nothing_written(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "本科，java"}, {"id": "b", "text": "硕士"}])
+    out = tmp_path / "o.jsonl"
+    result = _backend_loaded_probe("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", out,
+                                   "--print-prompt", "b")
+    assert result.returncode == 0, result.stderr
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert result.stdout.startswith(tok.bos_token or "<|im_start|>") and "硕士" in result.stdout
+    assert result.stdout.rstrip("\n").endswith("assistant")  # the chat template's generation prompt
+    n = len(tok(result.stdout, add_special_tokens=False)["input_ids"])
+    info = [line for line in result.stderr.splitlines() if line.startswith("record b:")]
+    assert info and "prompt tokens, limit 1888; chat template" in info[0]
+    assert abs(int(info[0].split()[2]) - n) <= 1
+    assert "BACKEND False" in result.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["--print-prompt", "zz"], 2, "no record has id 'zz'"),
+    (["--dry-run"], 0, "record a:"),
+    (["--dry-run", "--max-input-tokens", "50"], 2, "record a: prompt has"),
+    (["--print-prompt", "a", "--max-input-tokens", "50"], 0, "the run stops on this record (--on-long fail)"),
+])
+def test_dry_run_cases(tmp_path, tiny_model, args, code, says):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "本科，java"}])
+    result = cli("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", tmp_path / "o.jsonl",
+                 *args)
+    assert result.returncode == code and says in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+def test_stdin_to_stdout_jsonl(tmp_path):
+    corpus, gold = _echo_corpus(tmp_path, n=3)
+    result = cli("run", "-", "--task", "jd_requirements", "--backend", "echo", "--model", gold, "--out", "-",
+                 input=corpus.read_text(encoding="utf-8"))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2"] and {r["status"] for r in rows} == {"ok"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "gold.jsonl"]  # no manifest, no lock
+
+
+@pytest.mark.parametrize("corpus_arg, out_arg, extra, says", [
+    ("-", "o.jsonl", ["--resume"], "--resume does not apply to the corpus from stdin (-)"),
+    ("c.jsonl", "-", ["--resume"], "--resume does not apply to --out - (stdout)"),
+    ("-", "o.jsonl", ["--gpus", "2"], "--gpus cannot be combined with the corpus from stdin"),
+    ("c.jsonl", "-", ["--on-bad-record", "skip"], "name the rejects file with --rejects PATH"),
+])
+def test_stdio_refusals(tmp_path, corpus_arg, out_arg, extra, says):
+    corpus, gold = _echo_corpus(tmp_path, n=2)
+    out = out_arg if out_arg == "-" else tmp_path / out_arg
+    result = cli("run", corpus if corpus_arg != "-" else "-", "--task", "jd_requirements", "--backend", "echo",
+                 "--model", gold, "--out", out, *extra, input="")
+    assert result.returncode == 2 and says in result.stderr and result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+def test_log_file_gets_stderr_lines_and_the_error(tmp_path):
+    corpus, gold = _echo_corpus(tmp_path, n=3)
+    log = tmp_path / "run.log"
+    args = ["run", corpus, "--task", "jd_requirements", "--backend", "echo", "--model", gold,
+            "--out", tmp_path / "o.jsonl", "--log-file", log]
+    first = cli(*args, "-v")
+    assert first.returncode == 0
+    text = log.read_text(encoding="utf-8")
+    assert text.count("--- ") == 1 and "backend echo, model" in text and "3 records (3 new" in text
+    assert "\r" not in text and text.count("3/3") == 1  # the bar's final state only
+    second = cli(*args, "-q")  # the output exists now: refused, and the refusal is logged too
+    assert second.returncode == 2
+    text = log.read_text(encoding="utf-8")
+    assert text.count("--- ") == 2 and text.rstrip().endswith("--overwrite to start over")

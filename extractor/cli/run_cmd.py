@@ -12,7 +12,7 @@ from extractor.clashes import FileSet, refuse_overlaps, rejects_written, written
 from extractor.cli.openai_options import openai_options
 from extractor.cli.options import bad_record_options, complete_task_names, corpus_options, tasks_dir_option
 from extractor.cli.tables import console as make_console, status_table
-from extractor.corpus import check_corpus, is_stream
+from extractor.corpus import check_corpus, is_stdin, is_stream
 from extractor.errors import InputError
 from extractor.hub import RunSources
 from extractor.pipeline import OnePass, Predictor, Run, RunOptions, Summary, output_for_adapter, run_key
@@ -23,10 +23,11 @@ from extractor.pipeline.summary import NoResultError
 from extractor.provenance import check_writable
 from extractor.rows import RESERVED
 from extractor.tasks import load_task
+from extractor.writers import is_stdout
 
 
 @click.command()
-@click.argument("corpus", type=click.Path(dir_okay=False))  # or a URI: s3://, gs://, az://, hf://
+@click.argument("corpus", type=click.Path(dir_okay=False))  # or a URI: s3://, gs://, az://, hf://; - for stdin
 @click.option("--task", "task_name", required=True, help="Task name (see `extractor tasks`).",
               shell_complete=complete_task_names)
 @click.option("--model", "models", required=True, multiple=True,
@@ -34,8 +35,9 @@ from extractor.tasks import load_task
                    "(hf, vllm; never downloaded); a gold file (echo). hf: repeat it to score several full "
                    "checkpoints of one architecture in one process, each loaded in place of the last (the "
                    "decoder, its compiled code and graphs kept), one output each (preds.<checkpoint>.jsonl).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="Predictions: .jsonl or .parquet, a local path or an s3:// gs:// az:// URI.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Predictions: .jsonl or .parquet, a local path or an s3:// gs:// az:// URI; - for JSONL on stdout "
+                   "(no manifest, no --resume).")
 @click.option("--backend", default="hf", show_default=True, help="hf | vllm | echo | openai (a server: --openai-*)")
 @click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="vllm: GPUs per model replica.")
@@ -78,7 +80,17 @@ from extractor.tasks import load_task
               help="Exit 0 even when no record came out ok or repaired (by default such a run exits 1 with the "
                    "status counts; its output is still written whole). Also $EXTRACTOR_ALLOW_NO_RESULT=1.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after this many new records.")
-@click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary table.")
+@click.option("-v", "--verbose", is_flag=True, help="Also say the settings the run resolved (prompt format, token "
+                                                    "limit, outputs) before it starts.")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Also append every line written to stderr (progress as its final line) to this file.")
+@click.option("--print-prompt", metavar="ID", default=None,
+              help="Print record ID's exact model input (chat template applied) to stdout and its token count to "
+                   "stderr; load no weights, write nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Run every check that needs no weights (outputs, --resume settings, the first window's prompts), "
+                   "print the first record's model input as --print-prompt does, and exit.")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
               help="Worker processes, one per GPU (with --device cpu: CPU workers); shards merged in input order.")
 @click.option("--shard", default=None, hidden=True, help="K/N: this worker's share (set by --gpus).")
@@ -94,12 +106,22 @@ def run(**params):
     """Extract from CORPUS with a model; one validated prediction per record in --out.
 
     \b
+    CORPUS - reads JSONL from stdin; --out - writes JSONL to stdout. Neither can be resumed (stdin cannot be
+    read again to check it, stdout keeps no rows to continue): --resume is refused with them.
+
+    \b
     Examples:
       extractor run corpus.jsonl --task jd_requirements --model ./model --out preds.jsonl
       extractor run corpus.jsonl --task jd_requirements --model ./model --adapter ./lora --constrained \\
           --out preds.jsonl --resume
+      extractor run corpus.jsonl --task jd_requirements --model ./model --out x --print-prompt jd-17
+      cat corpus.jsonl | extractor run - --task jd_requirements --model ./model --out - -q | jq .prediction
     """
     cfg = RunConfig.from_params(params)
+    if cfg.log_file:
+        from extractor.cli.logfile import tee_stderr
+        tee_stderr(cfg.log_file)
+    _check_stdio(cfg)
     task = load_task(cfg.task_name, cfg.tasks_dirs)
     console = make_console(stderr=True, quiet=cfg.quiet)
     _check_checkpoints(cfg)
@@ -108,6 +130,10 @@ def run(**params):
     sources = checkpoints[0]
     corpus, out = storage.target(cfg.corpus), storage.target(cfg.out)
     _check_corpus(cfg, corpus)
+    if cfg.print_prompt is not None or cfg.dry_run:
+        from extractor.cli.dry_run import dry_run
+        dry_run(cfg, task, sources, _make_predictor(cfg, task, sources), console)
+        return
     if len(checkpoints) > 1:
         _run_checkpoints(cfg, task, checkpoints, corpus, out, console)
         return
@@ -121,12 +147,16 @@ def run(**params):
     if clash:
         raise InputError(f"--keep-field {', '.join(sorted(clash))} would overwrite an output field; keep others")
     opts = cfg.run_options(task)
-    check_writable(opts.out)
-    with Claim(outs, _locked(cfg, outs)):
+    to_stdout = is_stdout(opts.out)
+    if not to_stdout:
+        check_writable(opts.out)
+    with Claim([] if to_stdout else outs, [] if to_stdout else _locked(cfg, outs)):
         if cfg.ray_address:
             _run_on_ray(cfg, task, opts, sources, console)
             return
         _preflight(cfg, task, opts, sources, outs)
+        if cfg.verbose:
+            _say_settings(console, cfg, opts, outs)
         engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
         _expect(engine, opts)
         names = engine.adapters()
@@ -195,6 +225,53 @@ def _run_checkpoints(cfg: RunConfig, task, checkpoints: list[RunSources], corpus
         _check_results(cfg, targets, [summary.statuses for summary in summaries])
 
 
+def _check_stdio(cfg: RunConfig) -> None:
+    """`-` for stdin or stdout: one stream, read or written once, by one process; nothing to resume."""
+    stdin, stdout = is_stdin(cfg.corpus), is_stdout(cfg.out)
+    if not (stdin or stdout):
+        return
+    what = "the corpus from stdin (-)" if stdin else "--out - (stdout)"
+    if cfg.resume:
+        why = ("stdin cannot be read again to check it is the corpus the output was made from" if stdin
+               else "stdout keeps no rows to continue from")
+        raise InputError(f"--resume does not apply to {what}: {why}; save the corpus to a file, or write --out to "
+                         "a file, to be able to resume")
+    for flag, used in (("--gpus", cfg.gpus), ("--ray", cfg.ray_address)):
+        if used:
+            raise InputError(f"{flag} cannot be combined with {what}: its workers each need the file; use files")
+    if stdout:
+        if len(cfg.models) > 1 or len(cfg.adapters) > 1:
+            raise InputError("--out - (stdout) takes one output: give one --model and at most one --adapter, or "
+                             "write --out to a file (one file per adapter or checkpoint)")
+        if cfg.on_bad_record == "skip" and not cfg.rejects:
+            raise InputError("--out - with --on-bad-record skip: name the rejects file with --rejects PATH")
+
+
+def _say_settings(console, cfg: RunConfig, opts: RunOptions, outs: list) -> None:
+    """-v: what the run resolved, before the backend loads."""
+    limit = cfg.max_input_tokens or "the model's context - max new tokens"
+    lines = [f"backend {cfg.backend}, model {cfg.model}" + (f", adapters {', '.join(cfg.adapters)}" if cfg.adapters
+                                                             else ""),
+             f"generation: {opts.params.as_dict()}",
+             f"prompt limit: {limit} tokens, --on-long {cfg.on_long}; window {cfg.window} records"
+             + (f"; --limit {cfg.limit}" if cfg.limit else ""),
+             f"corpus {opts.corpus} -> " + ", ".join(str(o) for o in outs)]
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _make_predictor(cfg: RunConfig, task, sources: RunSources):
+    """A predictor for --print-prompt and --dry-run: on the tokenizer alone (hf, vllm), else characters."""
+    from extractor.pipeline import preflight
+    if cfg.backend in ("hf", "vllm"):
+        view = preflight.TokenizerView(sources.model, sources.adapters, cfg.trust_remote_code, cfg.backend)
+        name = view.adapters()[0]
+    else:
+        view, name = preflight.NoTokenizer(cfg.backend), None
+    opts = cfg.run_options(task)
+    return _adapter_predictor(cfg, task, view, opts, sources, name) if name else _predictor(cfg, task, view, opts)
+
+
 def _preflight(cfg: RunConfig, task, opts: RunOptions, sources: RunSources, outs: list) -> None:
     """What can fail without the weights fails before they load (pipeline/preflight.py): an output already
     there; with hf, from the tokenizer alone, a --resume with other settings and the first window's prompts
@@ -234,7 +311,8 @@ def _check_corpus(cfg: RunConfig, corpus) -> None:
 def _refuse_overwriting_inputs(cfg: RunConfig, sources: RunSources, corpus, outs: list) -> None:
     """No file the run writes (outputs, manifests, journals, locks, rejects) may be one of its inputs."""
     inputs = FileSet()
-    inputs.add(f"the corpus ({corpus})", corpus)
+    if not is_stdin(corpus):
+        inputs.add(f"the corpus ({corpus})", corpus)
     model = Path(sources.model)
     if cfg.backend == "echo":
         inputs.add(f"the echo backend's --model file ({sources.model})", model)
@@ -243,7 +321,7 @@ def _refuse_overwriting_inputs(cfg: RunConfig, sources: RunSources, corpus, outs
     for adapter in sources.adapters:
         if Path(adapter).is_dir():
             inputs.add_folder(f"a file of the --adapter folder {adapter}", Path(adapter))
-    writes = [("--out", o, written_beside(o)) for o in outs]
+    writes = [("--out", o, written_beside(o)) for o in outs if not is_stdout(o)]
     rejects = _rejects(cfg, outs)
     writes += [("--rejects", r, rejects_written(r)) for r in rejects]
     refuse_overlaps(writes, inputs)

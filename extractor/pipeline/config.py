@@ -43,6 +43,10 @@ class RunConfig:
     allow_no_result: bool = False
     limit: int | None = None
     quiet: bool = False
+    verbose: bool = False
+    log_file: str | None = None  # stderr's lines also appended here
+    print_prompt: str | None = None  # a record id: show its model input, load no weights, write nothing
+    dry_run: bool = False
     gpus: int | None = None
     shard: str | None = None
     ray_address: str | None = None

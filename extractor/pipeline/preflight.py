@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from extractor.backends.base import GenParams, TokenizerBackend
+from extractor.backends.base import Backend, GenParams, TokenizerBackend
 from extractor.errors import ManifestError, ModelError
 from extractor.pipeline.predictor import Predictor
 from extractor.pipeline.run import key_differences, output_store, run_key, shard_windows
@@ -35,9 +35,10 @@ class TokenizerView(TokenizerBackend):
     name = "hf"
     supports_constrained = True
 
-    def __init__(self, model: str, adapters=(), trust_remote_code: bool = False):
+    def __init__(self, model: str, adapters=(), trust_remote_code: bool = False, name: str = "hf"):
         from extractor.backends.base import name_adapters
         from extractor.backends.model_files import check_adapter_dir, check_model_dir, load_tokenizer
+        self.name = name
         self.model_path = Path(model)
         check_model_dir(self.model_path)
         self.adapter_paths = name_adapters(adapters, check_adapter_dir)
@@ -53,7 +54,7 @@ class TokenizerView(TokenizerBackend):
         return getattr(config, "max_position_embeddings", None)
 
     def max_input_tokens(self, params: GenParams, adapter: str | None = None) -> int | None:
-        if self.context is None:
+        if self.context is None or self.name != "hf":  # vllm's limit is its engine's max_model_len
             return None
         return self.context - params.max_new_tokens - self._virtual_tokens(adapter)
 
@@ -70,6 +71,19 @@ class TokenizerView(TokenizerBackend):
 
     def identity(self, adapter: str | None = None) -> dict:
         raise NotImplementedError("the weights' identity is the loaded backend's")
+
+
+class NoTokenizer(Backend):
+    """A backend without a local tokenizer (echo, openai) as far as rendering goes: the raw or chat messages
+    as text, lengths in characters."""
+
+    supports_constrained = True
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def identity(self, adapter: str | None = None) -> dict:
+        raise NotImplementedError("the backend's identity is the loaded backend's")
 
 
 def check_resume(outs, keys: list[dict]) -> None:

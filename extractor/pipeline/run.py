@@ -18,7 +18,7 @@ from extractor.pipeline.sink import Progress, RowSink, prefetch
 from extractor.pipeline.summary import Summary
 from extractor.provenance import manifest_path, stamp
 from extractor.storage import Location, exists, is_remote
-from extractor.writers import JournalOutput
+from extractor.writers import JournalOutput, StdoutOutput, is_stdout
 
 MANIFEST_FORMAT = "extractor.manifest/1"
 
@@ -66,6 +66,8 @@ def output_store(out):
     if is_remote(out):
         from extractor.parts import PartsOutput
         return PartsOutput(out)
+    if is_stdout(out):
+        return StdoutOutput(out)
     return JournalOutput(out)
 
 

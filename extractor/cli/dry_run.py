@@ -1,0 +1,52 @@
+"""`run --print-prompt ID` and `run --dry-run`: the exact model input of one record, with no weights loaded
+and nothing written. The prompt goes to stdout as the model gets it (chat template applied, cut to the limit
+under --on-long truncate); its token count and the limit go to stderr."""
+from __future__ import annotations
+
+import click
+
+from extractor.corpus import CorpusReader, is_stream
+from extractor.errors import InputError, LongInputError
+
+
+def dry_run(cfg, task, sources, predictor, console) -> None:
+    """--dry-run first runs every check the run makes before loading (on the first window); --print-prompt
+    ID looks for that record only."""
+    from extractor.cli.run_cmd import output_for_adapter, _output_labels, _preflight
+    opts = cfg.run_options(task)
+    if cfg.dry_run and cfg.print_prompt is None:
+        outs = [output_for_adapter(opts.out, label, 1) for label in _output_labels(sources)]
+        _preflight(cfg, task, opts, sources, outs)
+    record = _find(opts, task, cfg.print_prompt)
+    try:
+        prompts, ids, skipped = predictor.render([record])
+    except LongInputError as exc:  # shown whole all the same: what is too long is what the user wants to see
+        prompt = predictor.builder.build(record["values"])
+        click.echo(prompt, nl=not prompt.endswith("\n"))
+        click.echo(f"{exc}; the run stops on this record (--on-long fail)", err=True)
+        return
+    if 0 in skipped:
+        click.echo(f"record {record['id']}: {skipped[0]}", err=True)
+        return
+    tokens = len(ids[0]) if ids[0] is not None else predictor.encoder.count_tokens(prompts)[0]
+    unit = "tokens" if predictor.backend.tokenizer is not None else "characters (this backend has no local " \
+                                                                       "tokenizer)"
+    limit = f"limit {predictor.limit}" if predictor.limit is not None else "no limit known before loading"
+    cut = "; its text was cut to fit (--on-long truncate)" if record.get("truncated_at") else ""
+    fmt = "chat template" if predictor.builder.chat else "raw format"
+    click.echo(prompts[0], nl=not prompts[0].endswith("\n"))
+    click.echo(f"record {record['id']}: {tokens} prompt {unit}, {limit}; {fmt}{cut}", err=True)
+
+
+def _find(opts, task, record_id: str | None) -> dict:
+    """The record with this id (the first record when None), read with the run's field mapping."""
+    reader = CorpusReader(opts.corpus, task.spec.input_fields, opts.id_field, opts.text_field, opts.on_bad,
+                          None, batch_size=256)
+    for window in reader:
+        for record in window:
+            if record_id is None or record["id"] == record_id:
+                return record
+    where = "the corpus has no records" if record_id is None else f"no record has id '{record_id}'"
+    hint = "" if is_stream(opts.corpus) or record_id is None else \
+        f" (ids come from --id-field {opts.id_field}; without it they are line numbers)"
+    raise InputError(f"{opts.corpus}: {where}{hint}")
