@@ -319,3 +319,43 @@ def test_log_file_gets_stderr_lines_and_the_error(tmp_path):
     assert second.returncode == 2
     text = log.read_text(encoding="utf-8")
     assert text.count("--- ") == 2 and text.rstrip().endswith("--overwrite to start over")
+
+
+# -- training -------------------------------------------------------------------------------------------------
+
+def _train_args(tmp_path, model, *extra):
+    from tests.conftest import synth_corpus
+    corpus, gold = synth_corpus(tmp_path, n=8, seed=1)
+    return ["train", "--model", model, "--train", corpus, "--gold", gold, "--task", "jd_requirements",
+            "--out", tmp_path / "run", "--batch-size", "4", "--max-source-len", "300", "--max-target-len", "64",
+            *extra]
+
+
+def test_lora_target_error_lists_the_models_modules(tmp_path, tiny_model):
+    result = cli(*_train_args(tmp_path, tiny_model, "--method", "lora", "--lora-target", "foo_proj", "-q"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = [x for x in result.stderr.splitlines() if x.startswith("error:")][0]
+    assert "--lora-target takes this model's linear layers:" in line
+    for name in ("q_proj", "v_proj", "o_proj", "up_proj"):
+        assert name in line
+    assert "lm_head" not in line.split("linear layers:")[1]
+
+
+def test_train_without_dev_is_quiet_and_says_no_best(tmp_path, tiny_model):
+    result = cli(*_train_args(tmp_path, tiny_model, "--method", "lora", "--max-steps", "2", "--save-steps", "2",
+                              "--quiet"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "best: None" not in result.stderr and "no best checkpoint (no --dev" in result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+
+
+def test_two_adapters_named_alike_get_unambiguous_outputs(tmp_path, tiny_model, run_cli):
+    from tests.conftest import make_adapter
+    a = make_adapter(tiny_model, "lora", tmp_path / "runA" / "best")
+    b = make_adapter(tiny_model, "lora", tmp_path / "runB" / "best", seed=1)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "本科"}])
+    result = run_cli("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--adapter", a,
+                     "--adapter", b, "--out", tmp_path / "two.jsonl", "--max-new-tokens", "4", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert read_jsonl(tmp_path / "two.runA-best.jsonl")[0]["adapter"] == "runA-best"
+    assert read_jsonl(tmp_path / "two.runB-best.jsonl")[0]["adapter"] == "runB-best"

@@ -371,15 +371,31 @@ def _run_in_one_pass(cfg: RunConfig, task, engine, opts: RunOptions, sources: Ru
 def _adapter_predictor(cfg: RunConfig, task, engine, opts: RunOptions, sources: RunSources, name) -> Predictor:
     """The predictor whose requests name adapter `name`; its rows carry the adapter's label."""
     predictor = _predictor(cfg, task, engine, opts, name)
-    predictor.adapter = sources.adapter_labels.get(name, name)
+    predictor.adapter = _adapter_labels(sources).get(name, name)
     return predictor
+
+
+def _adapter_labels(sources: RunSources) -> dict:
+    """Backend adapter name -> the label its rows and output carry: the folder's name; where two folders share
+    one (runs/a/best, runs/b/best), parent-name (a-best, b-best), not best and best-1."""
+    from extractor.backends.base import name_adapters
+    paths = name_adapters(sources.adapters, lambda path: None)
+    folder_names = [Path(p).name for p in paths.values()]
+    labels = {}
+    for name, path in paths.items():
+        path = Path(path)
+        shared = folder_names.count(path.name) > 1 and name not in sources.adapter_labels
+        labels[name] = f"{path.parent.name}-{path.name}" if shared else sources.adapter_labels.get(name, name)
+    twice = sorted({label for label in labels.values() if list(labels.values()).count(label) > 1})
+    if twice:
+        raise InputError(f"--adapter: two adapters would both be labelled '{twice[0]}' (preds.{twice[0]}.jsonl); give "
+                         "folders whose names (or parent and name) differ")
+    return labels
 
 
 def _output_labels(sources: RunSources) -> list[str | None]:
     """The label each adapter's output is named by (as the backend names the adapters; [None]: none)."""
-    from extractor.backends.base import name_adapters
-    names = name_adapters(sources.adapters, lambda path: None)
-    return [sources.adapter_labels.get(n, n) for n in names] or [None]
+    return list(_adapter_labels(sources).values()) or [None]
 
 
 def _predictor(cfg: RunConfig, task, backend, opts: RunOptions, adapter_key: str | None = None) -> Predictor:

@@ -55,7 +55,8 @@ from extractor.cli.options import complete_task_names, tasks_dir_option
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @click.option("--processes", type=int, default=1, show_default=True,
               help="Data-parallel processes on this host (re-launched with torchrun; gloo on CPU).")
-@click.option("--quiet", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="No step lines, and no libraries' warnings (transformers, "
+                                                  "matplotlib).")
 @tasks_dir_option
 def train(model, method, train_path, gold, dev, dev_gold, task_name, out, max_source_len, max_target_len, lora_r,
           lora_alpha, lora_dropout, lora_targets, virtual_tokens, encoder_hidden, prefix_len, batch_size, grad_accum,
@@ -73,6 +74,8 @@ def train(model, method, train_path, gold, dev, dev_gold, task_name, out, max_so
     if processes > 1 and "LOCAL_RANK" not in os.environ:
         _relaunch(processes)
         return
+    if quiet:
+        _silence_libraries()
     from extractor.hub import resolve
     from extractor.training.loop import TrainConfig, Trainer
     model, source = resolve(model)
@@ -89,8 +92,26 @@ def train(model, method, train_path, gold, dev, dev_gold, task_name, out, max_so
                       merge_lora=merge_lora, resume=resume, quiet=quiet, extra={"tasks_dirs": tasks_dirs, **hub})
     summary = Trainer(cfg, log=lambda m: click.echo(m, err=True)).train()
     best = summary.get("best") or {}
+    if best.get("checkpoint") is None:
+        kept = f"no best checkpoint (no --dev to score checkpoints by); the last one is in {out}"
+    else:
+        kept = f"best: {best.get('checkpoint')} ({best.get('by')} {best.get('score')})"
     click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s on {summary['processes']} process(es); "
-               f"best: {best.get('checkpoint')} ({best.get('by')} {best.get('score')})", err=True)
+               f"{kept}", err=True)
+
+
+def _silence_libraries() -> None:
+    """--quiet: the libraries' own warnings (transformers' FutureWarnings, matplotlib's legend warning) and
+    info logs off; the command's errors still reach stderr."""
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(matplotlib|transformers|peft|torch)")
+    warnings.filterwarnings("ignore", message="No artists with labels found")  # raised at our call site
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _relaunch(processes: int) -> None:

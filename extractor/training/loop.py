@@ -120,7 +120,11 @@ class Trainer:
         try:
             return get_peft_model(model, config)
         except ValueError as exc:
-            raise ExtractorError(f"cannot apply {cfg.method} to {cfg.model} ({exc}); check --lora-target") from None
+            hint = "check --lora-target"
+            if cfg.method == "lora":
+                hint = f"--lora-target takes this model's linear layers: {', '.join(_linear_names(model))}"
+            raise ExtractorError(f"cannot apply {cfg.method} to {cfg.model} ({str(exc).splitlines()[0][:200]}); "
+                                 f"{hint}") from None
 
     def _load_task(self):
         from extractor.tasks import load_task
@@ -453,6 +457,14 @@ class Trainer:
         if self.acc.is_main_process:
             write_json_atomic(self.out / "summary.json", summary)
         return summary
+
+
+def _linear_names(model) -> list[str]:
+    """The names --lora-target matches: each linear layer's own name (q_proj, up_proj, ...), the output head
+    left out (LoRA on it is rarely meant)."""
+    import torch
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    return sorted(names - {"lm_head"})
 
 
 def _rank(score: float, metrics: dict) -> tuple:
