@@ -109,7 +109,8 @@ class OpenAIBackend(Backend):
             if exc.status in (404, 405, 501):
                 return
             raise ServerError(exc.describe(self.base_url)) from None
-        served = {m.get("id") for m in listing.get("data", []) if isinstance(m, dict)} if isinstance(listing, dict) else set()
+        data = listing.get("data") if isinstance(listing, dict) else None
+        served = {m.get("id") for m in data if isinstance(m, dict)} if isinstance(data, list) else set()
         if not served:
             return
         for name in (self.model, *self.adapter_names.values()):
