@@ -2,16 +2,17 @@
 gold (F1 and, where the texts are at hand, the grounded rate) or without (the grounded rate alone)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from extractor import storage
 from extractor.cli.options import READABLE, corpus_options, tasks_dir_option
+from extractor.cli.tables import console as make_console
 from extractor.scoring.compare import (DROP, MICRO, POWER, TWO_SIDED, CompareSettings, align, check_coverage,
                                        compare_pair, flipped, rate_column, regressions, significant, too_small)
 from extractor.scoring.evaluate import CorpusJoin
@@ -51,8 +52,11 @@ WARN_LISTED = 8
               help="Share of the gold ids (without gold: the corpus's, else the first run's) each run must hold "
                    "a row for, and of each run's ids that must be among them. A run below it (empty, stopped half way, run on another corpus) is refused with exit "
                    "2: a broken job, not a regression.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the full comparison as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              is_flag=False, flag_value="-",
+              help="The full comparison as JSON, with a top-level \"pass\" (true or false under --fail-if-drop, "
+                   "else null): to PATH, or with no PATH (or -) on stdout and nothing else there, the tables "
+                   "going to stderr. Exit codes stay as without it.")
 @corpus_options
 @tasks_dir_option
 def compare(runs, gold, corpus, task_name, resamples, seed, alpha, fail_if_drop, min_coverage, json_path, id_field,
@@ -72,17 +76,21 @@ def compare(runs, gold, corpus, task_name, resamples, seed, alpha, fail_if_drop,
       extractor compare ckpt-100.jsonl ckpt-200.jsonl ckpt-300.jsonl --gold gold.jsonl --task spo
       extractor compare baseline.jsonl nightly.jsonl --gold gold.jsonl --task spo --fail-if-drop 0.01
       extractor compare last.jsonl tonight.jsonl --corpus dump.jsonl --task jd_requirements --fail-if-drop 0.02
+      extractor compare base.jsonl new.jsonl --gold gold.jsonl --task spo --fail-if-drop 0.01 --json | jq .pass
     """
+    to_stdout = json_path == "-"
+    if json_path and not to_stdout:
+        _check_json_target(json_path)
     if len(runs) < 2:
         raise InputError("compare needs at least two prediction files (baseline first)")
     task = load_task(task_name, tasks_dirs)
-    if json_path:
+    if json_path and not to_stdout:
         inputs = {f"run {i + 1}": storage.target(r) for i, r in enumerate(runs)}
         outputs = {"--json": Path(json_path), "--json (its temporary file)": Path(json_path + ".tmp")}
         extra = {name: storage.target(p) for name, p in (("gold", gold), ("corpus", corpus)) if p}
         refuse_overwriting_inputs(outputs, {**inputs, **extra})
     source = _TextSource(task, corpus, id_field, text_field)
-    console = Console()
+    console = make_console(stderr=to_stdout)
     if gold:
         aligned = _load_runs(console, task, runs, gold, min_coverage, source)
     else:
@@ -98,9 +106,26 @@ def compare(runs, gold, corpus, task_name, resamples, seed, alpha, fail_if_drop,
         _print_flips(console, c["flipped"])
         _warn_too_small(console, c, fail_if_drop, len(aligned[0].ids), settings)
     if json_path:
-        write_json_atomic(Path(json_path), _report(task, runs, gold, corpus, settings, comparisons))
+        report = _report(task, runs, gold, corpus, settings, comparisons, fail_if_drop)
+        if to_stdout:
+            click.echo(json.dumps(report, ensure_ascii=False, indent=2))
+        else:
+            write_json_atomic(Path(json_path), report)
     if fail_if_drop is not None:
         _gate(console, comparisons, fail_if_drop, alpha)
+
+
+def _check_json_target(json_path: str) -> None:
+    """--json takes an optional PATH, so `compare --json base.jsonl new.jsonl` reads base.jsonl as the PATH: an
+    existing file that is no comparison is refused rather than overwritten."""
+    path = Path(json_path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        head = f.read(4096).decode("utf-8", "replace")
+    if '"format": "extractor.compare/' not in head:
+        raise InputError(f"--json {json_path}: the file exists and holds no comparison (a run taken as the --json "
+                         "PATH?); put --json after the runs, write --json - for stdout, or remove the file")
 
 
 class _TextSource:
@@ -185,8 +210,15 @@ def _comparison(base, run, settings: CompareSettings, fail_if_drop: float | None
             "too_small": too_small(tests, fail_if_drop) if gated else {}}
 
 
-def _report(task, runs, gold, corpus, settings: CompareSettings, comparisons: list[dict]) -> dict:
-    return {"format": "extractor.compare/2", "provenance": {**task.provenance(), **stamp()},
+def _report(task, runs, gold, corpus, settings: CompareSettings, comparisons: list[dict],
+            fail_if_drop: float | None) -> dict:
+    """pass: the gate's verdict (no later run regressed), null without --fail-if-drop (nothing was gated);
+    gate: its threshold and the rows that regressed."""
+    regressed = [f"{c['b']}: {name}" for c in comparisons for name in c["regressed"]]
+    gated = fail_if_drop is not None
+    return {"pass": not regressed if gated else None,
+            "gate": {"fail_if_drop": fail_if_drop, "alpha": settings.alpha, "regressed": regressed} if gated else None,
+            "format": "extractor.compare/2", "provenance": {**task.provenance(), **stamp()},
             "runs": list(runs), "gold": gold, "corpus": corpus, "resamples": settings.resamples,
             "seed": settings.seed, "alpha": settings.alpha,
             "test": {"alternative": settings.alternative,

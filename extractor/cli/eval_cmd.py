@@ -2,17 +2,17 @@
 tables and an HTML report."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from extractor import storage
 from extractor.cli.options import READABLE, corpus_options, tasks_dir_option
 from extractor.errors import InputError
-from extractor.cli.tables import metrics_table, status_table
+from extractor.cli.tables import console as make_console, metrics_table, status_table
 from extractor.provenance import write_json_atomic
 from extractor.clashes import refuse_overwriting_inputs
 from extractor.scoring.document import metrics_document
@@ -40,10 +40,13 @@ from extractor.tasks import load_task
 @click.option("--examples", type=click.IntRange(0, 100), default=5, show_default=True,
               help="False positives/negatives listed per class.")
 @click.option("--quiet", is_flag=True, help="Print only the micro F1 line.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the metrics document (what metrics.json holds) on stdout and nothing else there; "
+                   "tables and notes go to stderr (none with --quiet).")
 @corpus_options
 @tasks_dir_option
-def eval_(predictions, gold, corpus, task_name, metrics_path, report_dir, reparse, examples, quiet, id_field,
-          text_field, tasks_dirs):
+def eval_(predictions, gold, corpus, task_name, metrics_path, report_dir, reparse, examples, quiet, as_json,
+          id_field, text_field, tasks_dirs):
     """Score PREDICTIONS against GOLD: P/R/F1 per class, micro/macro/weighted, status counts; and the grounded
     rate (values found in their record's text / values extracted) per field, with or without gold.
 
@@ -51,6 +54,7 @@ def eval_(predictions, gold, corpus, task_name, metrics_path, report_dir, repars
     Examples:
       extractor eval preds.jsonl --gold gold.jsonl --task jd_requirements --report report/
       extractor eval nightly.jsonl --corpus dump.jsonl --task jd_requirements
+      extractor eval preds.jsonl --gold gold.jsonl --task jd_requirements --json --quiet | jq .micro.f1
     """
     task = load_task(task_name, tasks_dirs)
     pred_path = storage.target(predictions)
@@ -72,7 +76,7 @@ def eval_(predictions, gold, corpus, task_name, metrics_path, report_dir, repars
         _check_gold_free(task, pred_path, ev, corpus)
     doc = metrics_document(task, result, pred_path, gold_path, corpus, joined if reader else None)
     write_json_atomic(out, doc)
-    console = Console()
+    console = make_console(stderr=as_json, quiet=as_json and quiet)
     if gold_path is None:
         _print_gold_free(console, doc, quiet, task, pred_path, out)
     elif not quiet:
@@ -88,6 +92,8 @@ def eval_(predictions, gold, corpus, task_name, metrics_path, report_dir, repars
         from extractor.scoring.report import write_report
         html_path, md_path = write_report(doc, Path(report_dir), f"{task.name}: {pred_path.name}")
         console.print(f"report: {html_path} (summary {md_path})", highlight=False, markup=False)
+    if as_json:
+        click.echo(json.dumps(doc, ensure_ascii=False, indent=2))
 
 
 def _markup_safe(doc: dict) -> dict:

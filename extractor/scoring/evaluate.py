@@ -12,6 +12,10 @@ to score against). Both are listed by id.
 Grounding (`grounding.py`, `grounded_rate.py`): each scored prediction's values are looked for in its
 record's text — the corpus's (`corpus`), the row's kept `text`, or the gold's — or, with no text, taken from
 the row's `spans`. Without gold (`gold_path` None) only the grounded rate and the statuses are reported.
+
+For error analysis (`analysis.py`): each record's errors with wrong values paired as (predicted, expected),
+a bounded number of such records per class with their text and the values located in it; the records whose
+output failed, per status, with their raw text; a confusion matrix per enum or boolean field.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from pathlib import Path
 from extractor.corpus import id_key, seed_passage
 from extractor.errors import InputError
 from extractor.outputs import SCORED_STATUSES, STATUSES, Validator, judge, parse_json
+from extractor.scoring.analysis import ErrorRecords, FailedRecords, FieldConfusion, categorical_fields, pair_errors
 from extractor.scoring.facts import FactExtractor, is_text, key_text
 from extractor.scoring.grounded_rate import GroundedRate
 from extractor.scoring.grounding import Grounder, Span, check_spans
@@ -52,6 +57,8 @@ class PredRecord:
     status: str
     text: str | None = None
     spans: dict | None = None
+    raw: str | None = None
+    error: str | None = None
 
 
 def iter_gold(path: Path) -> Iterator[GoldRecord]:
@@ -79,11 +86,12 @@ def iter_predictions(path: Path, validator: Validator | None = None) -> Iterator
     """Prediction lines as `run` writes them. With a validator, statuses are recomputed from `raw`."""
     for line, row in iter_rows(path):
         rid = str(row["id"]) if row.get("id") is not None else str(line)
-        if validator is not None and isinstance(row.get("raw"), str):
-            parsed = judge(row["raw"], row.get("finish_reason") or "stop", validator)
-            obj, status = parsed.prediction, parsed.status
+        raw = row.get("raw") if isinstance(row.get("raw"), str) else None
+        if validator is not None and raw is not None:
+            parsed = judge(raw, row.get("finish_reason") or "stop", validator)
+            obj, status, error = parsed.prediction, parsed.status, parsed.error
         else:
-            obj = row.get("prediction")
+            obj, error = row.get("prediction"), row.get("error")
             status = row.get("status") or ("ok" if obj is not None else "invalid_json")
             if status not in STATUSES:
                 raise InputError(f"{path}:{line}: unknown status '{status}'; expected one of {', '.join(STATUSES)}")
@@ -97,7 +105,7 @@ def iter_predictions(path: Path, validator: Validator | None = None) -> Iterator
                 spans = check_spans(spans, f"{path}:{line}")
             except ValueError as exc:
                 raise InputError(f"{exc}; fix the row or drop its spans") from None
-        yield PredRecord(rid, obj, status, text, spans)
+        yield PredRecord(rid, obj, status, text, spans, raw, error if isinstance(error, str) else None)
 
 
 @dataclass
@@ -219,6 +227,16 @@ class Examples:
                 for key, n in self.counts.most_common(k)]
 
 
+class PairExamples(Examples):
+    """Most frequent wrong values of one class: (predicted, expected) as display texts, one record each."""
+
+    def top(self, k: int) -> list[dict]:
+        out = super().top(k)
+        for x in out:
+            x["predicted"], x["expected"] = x.pop("key")
+        return out
+
+
 def snippet(text: str, spans: list[Span]) -> tuple[str, int, list[dict]]:
     """A window of text around the first span (its start, else the text's head), and the spans inside it
     as offsets into the window."""
@@ -255,6 +273,10 @@ class Evaluator:
         self.records: list[tuple[str, dict[str, tuple[int, int, int]]]] = []
         self.single_label = task.spec.scoring.kind == "labels"
         self.confusion: Counter = Counter()
+        self.pair_examples: dict[str, PairExamples] = {}
+        self.error_records = ErrorRecords()
+        self.failed = FailedRecords()
+        self.field_confusion = FieldConfusion(categorical_fields(task, self.facts.norm))
 
     def add(self, rid: str, pred: PredRecord | None, gold: GoldRecord | None) -> None:
         if gold is None:
@@ -276,11 +298,12 @@ class Evaluator:
             status = MALFORMED
         else:
             status = pred.status
-        self._count_status(status, rid)
+        self._count_status(status, rid, pred)
         pred_facts = self.facts(pred.obj) if status in SCORED_STATUSES else set()
         gold_facts = self.facts(gold.obj)
         text = (pred.text if pred else None) or gold.text
-        self._count(rid, pred_facts, gold_facts, text)
+        self._count(rid, pred_facts, gold_facts, text, status, pred.error if pred else None)
+        self.field_confusion.add(rid, pred_facts, gold_facts)
         summary = self._ground(rid, pred, text) if status in SCORED_STATUSES else None
         if summary is not None:
             grounded = self.grounder.grounded_facts(pred_facts, summary)
@@ -294,7 +317,7 @@ class Evaluator:
         status = pred.status
         if status in SCORED_STATUSES and self.facts.malformed(pred.obj):
             status = MALFORMED
-        self._count_status(status, rid)
+        self._count_status(status, rid, pred)
         if status in SCORED_STATUSES:
             self._ground(rid, pred, pred.text)
 
@@ -315,23 +338,30 @@ class Evaluator:
         self.grounding.add(rid, summary, written)
         return summary
 
-    def _count_status(self, status: str, rid: str) -> None:
+    def _count_status(self, status: str, rid: str, pred: PredRecord | None = None) -> None:
         self.status_counts[status] += 1
         listed = self.malformed_ids.get(status)
         if listed is not None and len(listed) < MAX_LISTED_IDS:
             listed.append(rid)
+        if pred is not None and status not in SCORED_STATUSES:
+            error = pred.error
+            if status == MALFORMED:
+                error = f"the prediction is no output the scoring kind '{self.facts.kind}' can read; scored as empty"
+            self.failed.add(rid, status, pred.raw, error, pred.obj)
 
-    def _count(self, rid: str, pred: set, gold: set, text: str | None) -> None:
+    def _count(self, rid: str, pred: set, gold: set, text: str | None, status: str = "ok",
+               error: str | None = None) -> None:
         per_record: dict[str, list[int]] = {}
         for cls, _ in pred & gold:
             per_record.setdefault(cls, [0, 0, 0])[0] += 1
         fps, fns = pred - gold, gold - pred
         for fact in fps:
             per_record.setdefault(fact[0], [0, 0, 0])[1] += 1
-            self.fp_examples.setdefault(fact[0], Examples()).add(key_text(fact[1]), rid, text, self._locator(fact, text))
         for fact in fns:
             per_record.setdefault(fact[0], [0, 0, 0])[2] += 1
-            self.fn_examples.setdefault(fact[0], Examples()).add(key_text(fact[1]), rid, text, self._locator(fact, text))
+        failed = status not in SCORED_STATUSES
+        if fps or fns or failed:
+            self._errors(rid, fps, fns, text, status if failed else None, error)
         for cls, (tp, fp, fn) in per_record.items():
             c = self.per_class.get(cls)
             if c is None:
@@ -346,8 +376,27 @@ class Evaluator:
         if self.keep_records:
             self.records.append((rid, {c: tuple(v) for c, v in per_record.items()}))
 
-    def _locator(self, fact, text: str | None):
-        return lambda: self.grounder.locate_fact(fact, text)
+    def _errors(self, rid: str, fps: set, fns: set, text: str | None, failed: str | None,
+                error: str | None) -> None:
+        """A record's errors: wrong values paired, the rest plain; counted for the class lists, and the
+        record kept with its text while its classes (or its failed status) have room."""
+        items = pair_errors(fps, fns, overlap_f1)
+        for item in items:
+            if item.kind == "wrong":
+                facts = ((item.cls, item.predicted), (item.cls, item.expected))
+                self.pair_examples.setdefault(item.cls, PairExamples()).add(
+                    (key_text(item.predicted), key_text(item.expected)), rid, text, self._locator(facts, text))
+            else:
+                fact = (item.cls, item.predicted if item.kind == "fp" else item.expected)
+                examples = self.fp_examples if item.kind == "fp" else self.fn_examples
+                examples.setdefault(item.cls, Examples()).add(key_text(fact[1]), rid, text,
+                                                              self._locator((fact,), text))
+        if self.error_records.wants({i.cls for i in items}, failed):
+            self.error_records.add(rid, failed or "ok", error if failed else None, items, text,
+                                   self.grounder.locate_fact)
+
+    def _locator(self, facts, text: str | None):
+        return lambda: sorted(s for fact in facts for s in self.grounder.locate_fact(fact, text))
 
     def _soft_overlap(self, fps: set, fns: set) -> None:
         """Partial credit of unmatched facts: best token overlap with an unmatched fact of the same class.
@@ -393,7 +442,8 @@ class Evaluator:
     def _gold_free_result(self) -> dict:
         return {"records": {"predictions": self.n_predictions, "malformed": self.status_counts[MALFORMED]},
                 "status_counts": dict(sorted(self.status_counts.items())),
-                "malformed_ids": self.malformed_ids[MALFORMED], "grounding": self.grounding.result()}
+                "malformed_ids": self.malformed_ids[MALFORMED], "failed": self.failed.result(),
+                "grounding": self.grounding.result()}
 
     def _scores(self) -> dict:
         classes = {cls: c.as_dict() for cls, c in sorted(self.per_class.items())}
@@ -406,9 +456,13 @@ class Evaluator:
             "malformed_ids": self.malformed_ids[MALFORMED], "malformed_gold_ids": self.malformed_ids[MALFORMED_GOLD],
             "classes": classes, **averages(self.per_class),
             "lenient": self._lenient_result(),
-            "examples": {cls: {"false_positives": self.fp_examples.get(cls, Examples()).top(self.n_examples),
+            "examples": {cls: {"wrong_values": self.pair_examples.get(cls, PairExamples()).top(self.n_examples),
+                               "false_positives": self.fp_examples.get(cls, Examples()).top(self.n_examples),
                                "false_negatives": self.fn_examples.get(cls, Examples()).top(self.n_examples)}
                          for cls in classes},
+            "errors": self.error_records.result(),
+            "failed": self.failed.result(),
+            "confusion_fields": self.field_confusion.result(),
         }
         if self.single_label and self.confusion:
             out["confusion"] = [{"gold": g, "pred": p, "count": n} for (g, p), n in sorted(self.confusion.items())]

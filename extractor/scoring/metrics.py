@@ -72,3 +72,37 @@ def averages(per_class: dict[str, Counts]) -> dict[str, dict]:
                 for k in ("precision", "recall", "f1")}
     return {"micro": micro.as_dict(), "macro": {**macro, "classes": n},
             "weighted": {**weighted, "support": total_support}}
+
+
+NONE_LABEL = "(none)"
+MAX_UNSEEN_LABELS = 12  # a longer enum shows only the labels that occur
+
+
+class ConfusionMatrix:
+    """Gold × predicted counts of one categorical field, one value (or none) per record on each side.
+    `labels`: the order to show (a schema's enum, say; all of it when short, else those that occur); labels
+    seen but not listed follow, sorted, and "(none)" comes last."""
+
+    def __init__(self, labels: list[str]):
+        self.order = list(dict.fromkeys(labels))
+        self.counts: dict[tuple[str, str], int] = {}
+        self.records = 0
+
+    def add(self, gold: str | None, pred: str | None) -> None:
+        cell = (NONE_LABEL if gold is None else gold, NONE_LABEL if pred is None else pred)
+        self.counts[cell] = self.counts.get(cell, 0) + 1
+        self.records += 1
+
+    def labels(self) -> list[str]:
+        seen = {lab for cell in self.counts for lab in cell}
+        order = self.order if len(self.order) <= MAX_UNSEEN_LABELS else [x for x in self.order if x in seen]
+        extra = sorted(seen - set(order) - {NONE_LABEL})
+        return [*order, *extra, NONE_LABEL]
+
+    def as_dict(self) -> dict:
+        """rows: gold labels, columns: predicted labels, in `labels` order; correct: the diagonal's sum
+        ("(none)" against "(none)" included)."""
+        labels = self.labels()
+        matrix = [[self.counts.get((g, p), 0) for p in labels] for g in labels]
+        correct = sum(matrix[i][i] for i in range(len(labels)))
+        return {"labels": labels, "matrix": matrix, "records": self.records, "correct": correct}
