@@ -305,6 +305,19 @@ def test_raw_prompt_format_goes_to_completions(fake, tmp_path, user_tasks):
 
 
 @pytest.mark.timeout(60)
+def test_print_prompt_shows_the_messages_sent(tmp_path):
+    """--print-prompt needs no server: the chat messages exactly as the request carries them."""
+    from extractor.backends.openai_backend import MESSAGES_MARK
+    result = run(base_args(tmp_path, corpus(tmp_path, n=3)) + ["--print-prompt", "r1"], closed_port_url())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(MESSAGES_MARK)
+    messages = json.loads(result.stdout[len(MESSAGES_MARK):])
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[-1]["content"].endswith("要求本科 record-001")
+    assert "characters" in result.stderr and "chat template" in result.stderr
+
+
+@pytest.mark.timeout(60)
 def test_adapters_by_model_name_one_pass_one_output_each(fake, tmp_path):
     args = base_args(tmp_path, corpus(tmp_path, n=4)) + ["--adapter", "lora-a", "--adapter", "lora-b"]
     result = run(args, fake.url)

@@ -29,7 +29,9 @@ from extractor.backends.base import LENGTH, STOP, Backend, GenParams, Generation
 from extractor.errors import ExtractorError, ModelError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"  # what OpenAI's own clients use when OPENAI_BASE_URL is unset
-MESSAGES_MARK = "\x1eopenai-messages:"  # starts a prompt that holds chat messages as JSON (never a raw prompt)
+# Starts a prompt that holds chat messages as JSON: readable in --print-prompt, and never the start of a raw
+# prompt (those start with "Instruction: ").
+MESSAGES_MARK = "messages for /v1/chat/completions:\n"
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 30.0
 
@@ -43,7 +45,7 @@ class MessagesTemplate:
     MESSAGES_MARK (the server applies the model's real template)."""
 
     name_or_path = "openai backend"
-    chat_template = MESSAGES_MARK + "{{ messages | tojson }}"
+    chat_template = MESSAGES_MARK + "{{ messages | tojson(indent=1) }}"
 
 
 def served_names(adapters) -> dict[str, str]:

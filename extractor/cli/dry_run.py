@@ -29,7 +29,7 @@ def dry_run(cfg, task, sources, predictor, console) -> None:
         click.echo(f"record {record['id']}: {skipped[0]}", err=True)
         return
     tokens = len(ids[0]) if ids[0] is not None else predictor.encoder.count_tokens(prompts)[0]
-    unit = "tokens" if predictor.backend.tokenizer is not None else "characters (this backend has no local " \
+    unit = "tokens" if ids[0] is not None else "characters (this backend has no local " \
                                                                        "tokenizer)"
     limit = f"limit {predictor.limit}" if predictor.limit is not None else "no limit known before loading"
     cut = "; its text was cut to fit (--on-long truncate)" if record.get("truncated_at") else ""

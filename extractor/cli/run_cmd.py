@@ -268,6 +268,7 @@ def _make_predictor(cfg: RunConfig, task, sources: RunSources):
         name = view.adapters()[0]
     else:
         view, name = preflight.NoTokenizer(cfg.backend), None
+        view.tokenizer = backend_class(cfg.backend).tokenizer  # openai: chat messages, as the server gets them
     opts = cfg.run_options(task)
     return _adapter_predictor(cfg, task, view, opts, sources, name) if name else _predictor(cfg, task, view, opts)
 
