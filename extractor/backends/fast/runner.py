@@ -97,8 +97,8 @@ def buckets_up_to(slots: int, smallest: int = 8, per_octave: int = 4) -> list[in
 
 
 class ModelRunner:
-    """The passes FastDecoder runs through the model (a part of FastDecoder: `slots`, `unique_len`, `stats`
-    and the K/V buffers of KVCache come from there)."""
+    """The passes FastDecoder runs through the model (a part of FastDecoder: `slots` and `unique_len` come
+    from there, the K/V buffers and where a pass stores them from KVCache)."""
 
     def _init_runner(self, model, attention: str, compile: bool, compile_scope: str, adapters) -> None:
         """The model's shape, the attention kernel, the cache, compiled code and static decode inputs; then
