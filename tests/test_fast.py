@@ -1,4 +1,4 @@
-"""FastDecoder (issue 6 work in progress): greedy outputs equal `generate`, with the shared prefix prefilled
+"""FastDecoder: its outputs equal plain `generate` (fp32), its kernels, buckets and prefix handling."""
 once, fewer slots than requests (slots refilled as sequences finish) and EOS handling."""
 import random
 

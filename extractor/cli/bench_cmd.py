@@ -83,7 +83,7 @@ def _fast_refusal(model: str) -> str | None:
 
     from transformers import AutoConfig
 
-    from extractor.backends.fast_families import refusal
+    from extractor.backends.fast.families import refusal
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError, KeyError) as exc:
