@@ -1,5 +1,5 @@
-"""FastDecoder: its outputs equal plain `generate` (fp32), its kernels, buckets and prefix handling."""
-once, fewer slots than requests (slots refilled as sequences finish) and EOS handling."""
+"""FastDecoder: greedy outputs equal `generate`, with the shared prefix prefilled once, fewer slots than
+requests (slots refilled as sequences finish) and EOS handling; its kernels and buckets."""
 import random
 
 import pytest
