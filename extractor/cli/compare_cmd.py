@@ -79,9 +79,9 @@ def compare(runs, gold, corpus, task_name, resamples, seed, alpha, fail_if_drop,
       extractor compare base.jsonl new.jsonl --gold gold.jsonl --task spo --fail-if-drop 0.01 --json | jq .pass
     """
     to_stdout = json_path == "-"
-    if json_path and not to_stdout:
-        _check_json_target(json_path)
     if len(runs) < 2:
+        if json_path and not to_stdout:
+            _check_json_target(json_path)
         raise InputError("compare needs at least two prediction files (baseline first)")
     task = load_task(task_name, tasks_dirs)
     if json_path and not to_stdout:
@@ -89,6 +89,7 @@ def compare(runs, gold, corpus, task_name, resamples, seed, alpha, fail_if_drop,
         outputs = {"--json": Path(json_path), "--json (its temporary file)": Path(json_path + ".tmp")}
         extra = {name: storage.target(p) for name, p in (("gold", gold), ("corpus", corpus)) if p}
         refuse_overwriting_inputs(outputs, {**inputs, **extra})
+        _check_json_target(json_path)
     source = _TextSource(task, corpus, id_field, text_field)
     console = make_console(stderr=to_stdout)
     if gold:

@@ -162,7 +162,7 @@ def _html(result: dict, title: str, f1: Chart, conf: Chart | None) -> str:
     e = html.escape
     head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th><th>TP</th><th>FP</th><th>FN</th></tr>"
     body = "".join(
-        (f"<tr class='avg'>" if name in ('micro', 'macro', 'weighted') else f"<tr class='cls fc' data-class=\"{e(name)}\">")
+        (f"<tr class='avg'>" if name in ('micro', 'macro', 'weighted') else f"<tr class='cls fc' data-class='{_key(name)}'>")
         + f"<td>{e(name)}</td>"
         + "".join(f"<td>{_fmt(m.get(k, ''))}</td>" for k in ("precision", "recall", "f1", "support", "tp", "fp", "fn"))
         + "</tr>" for name, m in _rows(result))
@@ -209,15 +209,19 @@ PAGE_CSS = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{borde
             "overflow:auto}[hidden]{display:none !important}")
 
 
-# Filtering: elements of class `fc` carry data-class, those of class `fs` data-status; a record (`rec`) shows
-# when its status passes and any of its errors' classes does. Plain DOM calls, run once the page is parsed.
+# Filtering: elements of class `fc` carry data-class, those of class `fs` data-status (each a `_key`, the options'
+# values); a record (`rec`) shows when its status passes and any of its errors' classes does. The address's
+# #class=NAME&status=NAME picks options by their text. Plain DOM calls, run once the page is parsed.
 FILTER_JS = """(function () {
   var cls = document.getElementById('f-class'), st = document.getElementById('f-status');
   var count = document.getElementById('f-shown');
-  function pick(select, value) {
-    for (var i = 0; i < select.options.length; i++) {
-      if (select.options[i].value === value) { select.value = value; return; }
+  function pick(select, name) {
+    for (var i = 1; i < select.options.length; i++) {
+      if (select.options[i].text === name) { select.selectedIndex = i; return; }
     }
+  }
+  function chosen(select) {
+    return select.selectedIndex > 0 ? select.options[select.selectedIndex].text : '';
   }
   function apply() {
     var c = cls.value, s = st.value, shown = 0;
@@ -235,8 +239,8 @@ FILTER_JS = """(function () {
     });
     if (count) count.textContent = String(shown);
     var hash = new URLSearchParams();
-    if (c !== '') hash.set('class', c);
-    if (s !== '') hash.set('status', s);
+    if (c !== '') hash.set('class', chosen(cls));
+    if (s !== '') hash.set('status', chosen(st));
     history.replaceState(null, '', hash.toString() ? '#' + hash.toString() : location.pathname);
   }
   var wanted = new URLSearchParams(location.hash.slice(1));
@@ -263,11 +267,16 @@ def _filters(classes: list[str], statuses: list[str], records: bool = True) -> s
     """The class and status selects (a class is a field where there is no gold); records: whether to count the
     error records shown."""
     e = html.escape
-    opts = lambda names: "".join(f"<option value=\"{e(n)}\">{e(n)}</option>" for n in names)  # noqa: E731
+    opts = lambda names: "".join(f"<option value='{_key(n)}'>{e(n)}</option>" for n in names)  # noqa: E731
     shown = "<span>records shown: <b id='f-shown'>–</b></span>" if records else ""
     return (f"<form id='filters'><label>class <select id='f-class'><option value=''>all"
             f"</option>{opts(classes)}</select></label><label>status <select id='f-status'><option value=''>"
             f"all</option>{opts(statuses)}</select></label>{shown}</form>")
+
+
+def _key(name) -> str:
+    """A class or status as the filters know it: a digest, so no value of the data sits in an attribute."""
+    return "k" + hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _statuses(result: dict) -> list[str]:
@@ -276,7 +285,7 @@ def _statuses(result: dict) -> list[str]:
 
 def _status_html(result: dict) -> str:
     e = html.escape
-    rows = "".join(f"<tr class='fs' data-status=\"{e(s)}\"><td>{e(s)}</td><td>{n}</td></tr>"
+    rows = "".join(f"<tr class='fs' data-status='{_key(s)}'><td>{e(s)}</td><td>{n}</td></tr>"
                    for s, n in result["status_counts"].items())
     return f"<h2>Statuses</h2><table id=\"statuses\"><tr><th>status</th><th>records</th></tr>{rows}</table>"
 
@@ -287,7 +296,7 @@ def _field_confusion_html(fields: dict) -> str:
     parts = []
     for name, m in fields.items():
         if "skipped" in m:
-            parts.append(f"<div class='fc' data-class=\"{e(name)}\"><h3>{e(name)}</h3><p>{e(m['skipped'])}</p></div>")
+            parts.append(f"<div class='fc' data-class='{_key(name)}'><h3>{e(name)}</h3><p>{e(m['skipped'])}</p></div>")
             continue
         labels, matrix = m["labels"], m["matrix"]
         top = max((v for row in matrix for v in row), default=0) or 1
@@ -297,7 +306,7 @@ def _field_confusion_html(fields: dict) -> str:
                 f"<td class='{'hit' if i == j else 'miss'}' style='background:rgba(59,125,216,{v / top * 0.6:.2f})'>"
                 f"{v}</td>" for j, v in enumerate(row)) + "</tr>"
             for i, (g, row) in enumerate(zip(labels, matrix)))
-        parts.append(f"<div class='fc' data-class=\"{e(name)}\"><h3>{e(name)}</h3><table class='cm'>{head}{body}"
+        parts.append(f"<div class='fc' data-class='{_key(name)}'><h3>{e(name)}</h3><table class='cm'>{head}{body}"
                      f"</table><p>{m['correct']} of {m['records']} records on the diagonal</p></div>")
     if not parts:
         return ""
@@ -318,7 +327,7 @@ def _error_item(item: dict) -> str:
         what = f"predicted <code class='pred'>{e(item['predicted'])}</code>, expected nothing"
     else:
         what = f"predicted nothing, expected <code class='gold'>{e(item['expected'])}</code>"
-    return (f"<li class='fc err-{kind}' data-class=\"{e(item['class'])}\"><b>{e(item['class'])}</b>: {what} "
+    return (f"<li class='fc err-{kind}' data-class='{_key(item['class'])}'><b>{e(item['class'])}</b>: {what} "
             f"<span class='kind'>({KIND_TEXT[kind]})</span></li>")
 
 
@@ -335,7 +344,7 @@ def _error_records_html(errors: dict | None) -> str:
         src = (f"<div class='src'>{layered(r)}</div>" if r["has_text"]
                else "<p class='kind'>no text for this record (pass --corpus, or keep the text in the rows)</p>")
         error = f"<p>error: <code>{e(r['error'])}</code></p>" if r.get("error") else ""
-        blocks.append(f"<div class='rec' data-status=\"{e(r['status'])}\"><b>record {e(r['id'])}</b> "
+        blocks.append(f"<div class='rec' data-status='{_key(r['status'])}'><b>record {e(r['id'])}</b> "
                       f"<span class='status{' failed' if failed else ''}'>{e(r['status'])}</span>{error}{src}"
                       f"<ul>{''.join(_error_item(i) for i in items)}</ul></div>")
     note = (f"{errors['shown']} of {errors['records_with_errors']} records with errors shown (up to "
@@ -361,7 +370,7 @@ def _examples_html(examples: dict) -> str:
             if items:
                 lists.append(f"<h3>{e(cls)}: top {label}</h3><ul>{items}</ul>")
         if lists:
-            parts.append(f"<div class='fc' data-class=\"{e(cls)}\">{''.join(lists)}</div>")
+            parts.append(f"<div class='fc' data-class='{_key(cls)}'>{''.join(lists)}</div>")
     return "".join(parts) or "<p>none</p>"
 
 
@@ -379,7 +388,7 @@ def _failed_html(failed: dict) -> str:
             rows.append(f"<li>record <b>{e(r['id'])}</b>{error}<pre class='raw'>{e(r['raw']) or '(no output)'}"
                         f"</pre>{cut}</li>")
         more = f"; the first {len(entry['records'])} listed" if entry["count"] > len(entry["records"]) else ""
-        parts.append(f"<div class='fs' data-status=\"{e(status)}\"><h3>{e(status)}: {entry['count']} records{more}"
+        parts.append(f"<div class='fs' data-status='{_key(status)}'><h3>{e(status)}: {entry['count']} records{more}"
                      f"</h3><ul>{''.join(rows)}</ul></div>")
     return ("<h2>Failed outputs</h2><p>records scored as empty: their raw output and the parser's error</p>"
             f"<div id='failed'>{''.join(parts)}</div>")
@@ -448,7 +457,7 @@ def _grounding_html(result: dict) -> str:
     cols = ("extracted", "grounded", "rate", "exact", "normalized", "fuzzy", "copied_from_prompt")
     head = "<tr><th>field</th>" + "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols) + "</tr>"
     rows = [*g["fields"].items(), ("micro", g["micro"])]
-    body = "".join(("<tr class='avg'>" if name == "micro" else f"<tr class='cls fc' data-class=\"{e(name)}\">")
+    body = "".join(("<tr class='avg'>" if name == "micro" else f"<tr class='cls fc' data-class='{_key(name)}'>")
                    + f"<td>{e(name)}</td>"
                    + "".join(f"<td>{_rate(m[c]) if c == 'rate' else m[c]}</td>" for c in cols) + "</tr>"
                    for name, m in rows)
@@ -467,7 +476,7 @@ def _grounding_html(result: dict) -> str:
         items = "".join(f"<li><code>{e(v['value'])}</code> ×{v['count']} — record <b>{e(v['id'])}</b>"
                         + (" <span class='copied'>copied from the prompt</span>" if v["copied_from_prompt"] else "")
                         + "</li>" for v in values)
-        lists.append(f"<div class='fc' data-class=\"{e(field)}\"><h3>{e(field)}: ungrounded values</h3>"
+        lists.append(f"<div class='fc' data-class='{_key(field)}'><h3>{e(field)}: ungrounded values</h3>"
                      f"<ul>{items}</ul></div>")
     parts.append("<div id='ungrounded'>" + ("".join(lists) or "<p>every value was found in its text</p>") + "</div>")
     return "".join(parts)
