@@ -395,14 +395,14 @@ def _failed_html(failed: dict) -> str:
 
 
 ROLE_TEXT = {"pred": "predicted", "gold": "expected"}
+MATCH_KINDS = ("exact", "normalized", "fuzzy")
 
 
 def layered(record: dict) -> str:
     """A record's text window as HTML with every predicted and expected value in a <mark>. Spans may overlap
     (predicted "Acme" inside expected "Acme Corp"): the text is cut at every span edge and each piece marked
-    with the roles of the spans covering it, then escaped on its own."""
+    with the roles of the spans covering it, then escaped on its own. Attributes hold only fixed words."""
     text = str(record.get("snippet", ""))
-    errors = record.get("errors") or []
     marks = [h for h in record.get("highlights") or [] if 0 <= int(h["start"]) < int(h["end"]) <= len(text)]
     edges = sorted({0, len(text), *(int(h["start"]) for h in marks), *(int(h["end"]) for h in marks)})
     out = []
@@ -413,15 +413,10 @@ def layered(record: dict) -> str:
             out.append(piece)
             continue
         roles = sorted({h["role"] for h in over if h.get("role") in ROLE_TEXT})
-        title = "; ".join(f"{ROLE_TEXT.get(h.get('role'), '')} {_item_class(errors, h)} ({h.get('match')} match)"
-                          for h in over)
-        out.append(f"<mark class='{' '.join(roles)}' title=\"{html.escape(title)}\">{piece}</mark>")
+        title = "; ".join(f"{ROLE_TEXT[h['role']]}, {h['match']} match" for h in over
+                          if h.get("role") in ROLE_TEXT and h.get("match") in MATCH_KINDS)
+        out.append(f"<mark class='{' '.join(roles)}' title='{title}'>{piece}</mark>")
     return "".join(out)
-
-
-def _item_class(errors: list, mark: dict) -> str:
-    n = mark.get("item")
-    return str(errors[n]["class"]) if isinstance(n, int) and 0 <= n < len(errors) else ""
 
 
 MARK_CSS = ("mark{background:#ffe08a;color:#000}mark.normalized{background:#c9e7ff}mark.fuzzy{background:#f3c9ff}"
