@@ -123,8 +123,9 @@ def test_html_report_renders_in_chromium(jd_runs, run_cli, tmp_path):
         assert "pwned" not in dom.split("<title>")[1].split("</title>")[0]
         assert 'id="per-class"' in dom and "学历要求" in dom
     # The images must decode: a screenshot of the page with the chart is non-trivial in size.
-    js_check = "<script>" not in (report2 / "report.html").read_text(encoding="utf-8")
-    assert js_check
+    from extractor.scoring.report import FILTER_JS
+    page_text = (report2 / "report.html").read_text(encoding="utf-8")
+    assert page_text.count("<script") == 1 and f"<script>{FILTER_JS}</script>" in page_text  # the filter only
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *flags, "--window-size=1200,1600", f"--screenshot={shot}",
                     f"file://{report2 / 'report.html'}"], capture_output=True, timeout=120)
