@@ -206,12 +206,13 @@ PAGE_CSS = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{borde
             "mark.pred.gold{background:linear-gradient(#ffd0a8 50%,#c8f0c8 50%)}"
             "table.cm td.hit{font-weight:bold}table.cm th.gold{text-align:left}"
             "pre.raw{white-space:pre-wrap;word-break:break-all;background:#f6f6f6;padding:.4em;max-height:20em;"
-            "overflow:auto}[hidden]{display:none !important}")
+            "overflow:auto}[hidden]{display:none !important}mark.off{background:none !important}")
 
 
 # Filtering: elements of class `fc` carry data-class, those of class `fs` data-status (each a `_key`, the options'
-# values); a record (`rec`) shows when its status passes and any of its errors' classes does. The address's
-# #class=NAME&status=NAME picks options by their text. Plain DOM calls, run once the page is parsed.
+# values); a record (`rec`) shows when its status passes and any of its errors' classes does, its marks of other
+# classes unmarked. The address's #class=NAME&status=NAME picks options by their text. Plain DOM calls, run
+# once the page is parsed.
 FILTER_JS = """(function () {
   var cls = document.getElementById('f-class'), st = document.getElementById('f-status');
   var count = document.getElementById('f-shown');
@@ -230,6 +231,9 @@ FILTER_JS = """(function () {
     });
     document.querySelectorAll('.fs').forEach(function (el) {
       el.hidden = s !== '' && el.getAttribute('data-status') !== s;
+    });
+    document.querySelectorAll('mark[data-classes]').forEach(function (m) {
+      m.classList.toggle('off', c !== '' && m.getAttribute('data-classes').split(' ').indexOf(c) < 0);
     });
     document.querySelectorAll('.rec').forEach(function (el) {
       var items = el.querySelectorAll('li.fc'), any = c === '' && items.length === 0;
@@ -401,8 +405,10 @@ MATCH_KINDS = ("exact", "normalized", "fuzzy")
 def layered(record: dict) -> str:
     """A record's text window as HTML with every predicted and expected value in a <mark>. Spans may overlap
     (predicted "Acme" inside expected "Acme Corp"): the text is cut at every span edge and each piece marked
-    with the roles of the spans covering it, then escaped on its own. Attributes hold only fixed words."""
+    with the roles of the spans covering it (and its classes' `_key`s, to unmark it when another class is
+    picked), then escaped on its own. Attributes hold only fixed words and digests."""
     text = str(record.get("snippet", ""))
+    errors = record.get("errors") or []
     marks = [h for h in record.get("highlights") or [] if 0 <= int(h["start"]) < int(h["end"]) <= len(text)]
     edges = sorted({0, len(text), *(int(h["start"]) for h in marks), *(int(h["end"]) for h in marks)})
     out = []
@@ -415,7 +421,9 @@ def layered(record: dict) -> str:
         roles = sorted({h["role"] for h in over if h.get("role") in ROLE_TEXT})
         title = "; ".join(f"{ROLE_TEXT[h['role']]}, {h['match']} match" for h in over
                           if h.get("role") in ROLE_TEXT and h.get("match") in MATCH_KINDS)
-        out.append(f"<mark class='{' '.join(roles)}' title='{title}'>{piece}</mark>")
+        keys = " ".join(sorted({_key(errors[h["item"]]["class"]) for h in over
+                                if isinstance(h.get("item"), int) and 0 <= h["item"] < len(errors)}))
+        out.append(f"<mark class='{' '.join(roles)}' title='{title}' data-classes='{keys}'>{piece}</mark>")
     return "".join(out)
 
 
@@ -569,10 +577,10 @@ def _confusion_markdown(fields: dict) -> list[str]:
         if "skipped" in m:
             continue
         lines += ["", f"{e(name)}: gold (rows) × predicted (columns)", "",
-                  "| gold \\\\ predicted | " + " | ".join(e(lab) for lab in m["labels"]) + " |",
+                  "| gold | " + " | ".join(e(lab) for lab in m["labels"]) + " |",
                   "| --- |" + " --- |" * len(m["labels"])]
         lines += [f"| {e(g)} | " + " | ".join(str(v) for v in row) + " |" for g, row in zip(m["labels"], m["matrix"])]
-    return lines
+    return [*lines, ""] if lines else lines
 
 
 def _failed_markdown(failed: dict) -> list[str]:
