@@ -38,7 +38,7 @@ from extractor.tasks import load_task
               help="Write report.html, summary.md and PNG charts to this folder.")
 @click.option("--reparse", is_flag=True, help="Recompute statuses from the raw outputs with the current parser.")
 @click.option("--examples", type=click.IntRange(0, 100), default=5, show_default=True,
-              help="False positives/negatives listed per class.")
+              help="Most frequent wrong values, false positives and false negatives listed per class.")
 @click.option("--quiet", is_flag=True, help="Print only the micro F1 line.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the metrics document (what metrics.json holds) on stdout and nothing else there; "
