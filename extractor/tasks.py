@@ -82,8 +82,20 @@ class PromptSpec(_Strict):
     absent_marker: str | None = None  # a value meaning "not required"; scored as an empty list
     generation: Generation = Generation()
     scoring: Scoring
+    # A prompt over the input limit (the command line's --on-long, --chunk-tokens, --chunk-overlap win):
+    # stop, cut the text, skip the record, or split it into overlapping chunks (pipeline/chunks.py).
+    on_long: Literal["fail", "truncate", "skip", "chunk"] | None = None
+    chunk_tokens: int | None = Field(None, ge=1)  # tokens of text per chunk; default: as many as fit the limit
+    chunk_overlap: int | None = Field(None, ge=0)  # tokens each chunk repeats of the one before (default 64)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _chunk_overlap_below_size(self):
+        if self.chunk_tokens is not None and self.chunk_overlap is not None and self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be less than chunk_tokens "
+                             f"({self.chunk_tokens}); lower the overlap")
+        return self
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """`run --print-prompt ID` and `run --dry-run`: the exact model input of one record, with no weights loaded
 and nothing written. The prompt goes to stdout as the model gets it (chat template applied, cut to the limit
-under --on-long truncate); its token count and the limit go to stderr."""
+under --on-long truncate); its token count and the limit go to stderr. A record split into chunks (--on-long
+chunk) shows every chunk's prompt, each after a line on stderr saying which chunk it is, where in the text it
+lies and how many tokens it has."""
 from __future__ import annotations
 
 import click
@@ -19,23 +21,34 @@ def dry_run(cfg, task, sources, predictor, console) -> None:
         _preflight(cfg, task, opts, sources, outs)
     record = _find(opts, task, cfg.print_prompt)
     try:
-        prompts, ids, skipped = predictor.render([record])
+        rendered = predictor.render([record])
     except LongInputError as exc:  # shown whole all the same: what is too long is what the user wants to see
         prompt = predictor.builder.build(record["values"])
         click.echo(prompt, nl=not prompt.endswith("\n"))
-        click.echo(f"{exc}; the run stops on this record (--on-long fail)", err=True)
+        click.echo(f"{exc}; the run stops on this record (--on-long {predictor.on_long})", err=True)
         return
-    if 0 in skipped:
-        click.echo(f"record {record['id']}: {skipped[0]}", err=True)
+    if 0 in rendered.skipped:
+        click.echo(f"record {record['id']}: {rendered.skipped[0]}", err=True)
         return
-    tokens = len(ids[0]) if ids[0] is not None else predictor.encoder.count_tokens(prompts)[0]
-    unit = "tokens" if ids[0] is not None else "characters (this backend has no local " \
-                                                                       "tokenizer)"
+    prompts, ids = rendered.prompts[0], rendered.ids[0]
+    tokens = [len(i) for i in ids] if ids[0] is not None else predictor.encoder.count_tokens(prompts)
+    unit = "tokens" if ids[0] is not None else "characters (this backend has no local tokenizer)"
     limit = f"limit {predictor.limit}" if predictor.limit is not None else "no limit known before loading"
     cut = "; its text was cut to fit (--on-long truncate)" if record.get("truncated_at") else ""
     fmt = "chat template" if predictor.builder.chat else "raw format"
-    click.echo(prompts[0], nl=not prompts[0].endswith("\n"))
-    click.echo(f"record {record['id']}: {tokens} prompt {unit}, {limit}; {fmt}{cut}", err=True)
+    chunks = rendered.chunks.get(0)
+    for k, prompt in enumerate(prompts):
+        if chunks:
+            c = chunks[k]
+            click.echo(f"record {record['id']}: chunk {k + 1} of {len(chunks)}, text[{c.start}:{c.end}], "
+                       f"{tokens[k]} prompt {unit}", err=True)
+        click.echo(prompt, nl=bool(chunks) or not prompt.endswith("\n"))  # chunks: each on lines of its own
+    if chunks:
+        click.echo(f"record {record['id']}: over the {limit}, split into {len(chunks)} chunks (--on-long chunk, "
+                   f"overlap {predictor.chunking.overlap}): {', '.join(map(str, tokens))} prompt {unit}; {fmt}",
+                   err=True)
+        return
+    click.echo(f"record {record['id']}: {tokens[0]} prompt {unit}, {limit}; {fmt}{cut}", err=True)
 
 
 def _find(opts, task, record_id: str | None) -> dict:

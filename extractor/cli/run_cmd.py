@@ -69,8 +69,16 @@ from extractor.writers import is_stdout
                    "and the records in flight; --resume redoes them.")
 @click.option("--max-input-tokens", type=click.IntRange(min=1), default=None,
               help="Prompt token limit (default: the model's context minus max new tokens).")
-@click.option("--on-long", type=click.Choice(["fail", "truncate", "skip"]), default="fail", show_default=True,
-              help="A prompt over the limit: stop, cut the record's text, or write it with status error.")
+@click.option("--on-long", type=click.Choice(["fail", "truncate", "skip", "chunk"]), default=None,
+              help="A prompt over the limit: stop, cut the record's text, write it with status error, or split "
+                   "its text at sentence or line ends into overlapping chunks, one request each, merged into "
+                   "one row. Default: the task's on_long, else fail.")
+@click.option("--chunk-tokens", type=click.IntRange(min=1), default=None,
+              help="--on-long chunk: tokens of the record's text per chunk (default: the task's chunk_tokens, "
+                   "else as many as fit the limit).")
+@click.option("--chunk-overlap", type=click.IntRange(min=0), default=None,
+              help="--on-long chunk: tokens each chunk repeats of the one before, at most half a chunk (default: "
+                   "the task's chunk_overlap, else 64).")
 @click.option("--few-shot", type=click.IntRange(min=0), default=None,
               help="Use only the first N of the task's few-shot examples (default: all).")
 @click.option("--keep-field", "keep_fields", multiple=True, help="Copy this input field into each output record.")
@@ -253,7 +261,10 @@ def _say_settings(console, cfg: RunConfig, opts: RunOptions, outs: list) -> None
     lines = [f"backend {cfg.backend}, model {cfg.model}" + (f", adapters {', '.join(cfg.adapters)}" if cfg.adapters
                                                              else ""),
              f"generation: {opts.params.as_dict()}",
-             f"prompt limit: {limit} tokens, --on-long {cfg.on_long}; window {cfg.window} records"
+             f"prompt limit: {limit} tokens, --on-long {opts.on_long}"
+             + (f" (chunks of {opts.chunking.tokens or 'as many'} text tokens"
+                + ("" if opts.chunking.tokens else " as fit") + f", overlap {opts.chunking.overlap})"
+                if opts.chunking else "") + f"; window {cfg.window} records"
              + (f"; --limit {cfg.limit}" if cfg.limit else ""),
              f"corpus {opts.corpus} -> " + ", ".join(str(o) for o in outs)]
     for line in lines:
@@ -400,8 +411,8 @@ def _output_labels(sources: RunSources) -> list[str | None]:
 
 
 def _predictor(cfg: RunConfig, task, backend, opts: RunOptions, adapter_key: str | None = None) -> Predictor:
-    return Predictor(task, backend, opts.params, cfg.on_long, cfg.max_input_tokens, tuple(cfg.keep_fields),
-                     cfg.few_shot, adapter_key)
+    return Predictor(task, backend, opts.params, opts.on_long, cfg.max_input_tokens, tuple(cfg.keep_fields),
+                     cfg.few_shot, adapter_key, chunking=opts.chunking)
 
 
 def _key(task, engine, predictor, opts, sources: RunSources) -> dict:
@@ -455,8 +466,12 @@ def _check_results(cfg: RunConfig, targets: list, statuses: list) -> None:
 
 def _report(console, target: Path, summary) -> None:
     d = summary.as_dict()
-    notes = {"input truncated (--on-long truncate)": d["input_truncated"]} if d["input_truncated"] else None
-    console.print(status_table(d["statuses"], notes))
+    notes = {"input truncated (--on-long truncate)": d["input_truncated"]} if d["input_truncated"] else {}
+    if "chunked" in d:
+        c = d["chunked"]
+        notes[f"split into chunks (--on-long chunk; {c['requests']} requests, {c['failed_chunks']} failed)"] = \
+            c["records"]
+    console.print(status_table(d["statuses"], notes or None))
     rate = f"{d['records_per_s']:.2f} rec/s, {d['output_tokens_per_s']:.1f} output tok/s" if d["records_per_s"] else "-"
     console.print(f"{target}: {d['records']} records ({d['new_this_run']} new, {d['already_done']} already done, "
                   f"{d['rejected_input']} rejected input) in {d['elapsed_s']:.1f}s — {rate}", highlight=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from extractor import storage
 from extractor.backends.base import GenParams
 from extractor.errors import InputError
+from extractor.pipeline.chunks import DEFAULT_OVERLAP, ChunkSettings
 from extractor.pipeline.run import RunOptions
 
 
@@ -35,7 +36,9 @@ class RunConfig:
     batch_tokens: int = 32768
     window: int = 256
     max_input_tokens: int | None = None
-    on_long: str = "fail"
+    on_long: str | None = None  # None: the task's on_long, else fail
+    chunk_tokens: int | None = None  # None: the task's chunk_tokens, else as many as fit
+    chunk_overlap: int | None = None  # None: the task's chunk_overlap, else chunks.DEFAULT_OVERLAP
     few_shot: int | None = None
     keep_fields: tuple[str, ...] = ()
     resume: bool = False
@@ -88,8 +91,31 @@ class RunConfig:
                           params=self.gen_params(task), id_field=self.id_field, text_field=self.text_field,
                           keep_fields=tuple(self.keep_fields), on_bad=self.on_bad_record,
                           rejects=storage.target(self.rejects) if self.rejects else None, resume=self.resume,
-                          overwrite=self.overwrite, on_long=self.on_long, max_input_tokens=self.max_input_tokens,
+                          overwrite=self.overwrite, on_long=self.long_input_policy(task),
+                          chunking=self.chunking(task), max_input_tokens=self.max_input_tokens,
                           window=self.window, quiet=self.quiet, limit=self.limit, shard=parse_shard(self.shard))
+
+    def long_input_policy(self, task) -> str:
+        """--on-long, else the task file's on_long, else fail."""
+        return self.on_long or task.spec.on_long or "fail"
+
+    def chunking(self, task) -> ChunkSettings | None:
+        """The chunk size and overlap under --on-long chunk (the command line's, else the task's); None under
+        another policy, where a chunk option given on the command line is refused (it would do nothing)."""
+        if self.long_input_policy(task) != "chunk":
+            given = [flag for flag, v in (("--chunk-tokens", self.chunk_tokens), ("--chunk-overlap", self.chunk_overlap))
+                     if v is not None]
+            if given:
+                raise InputError(f"{', '.join(given)} applies to --on-long chunk only (this run's policy is "
+                                 f"{self.long_input_policy(task)}); add --on-long chunk or drop it")
+            return None
+        spec = task.spec
+        tokens = self.chunk_tokens if self.chunk_tokens is not None else spec.chunk_tokens
+        overlap = next((v for v in (self.chunk_overlap, spec.chunk_overlap) if v is not None), DEFAULT_OVERLAP)
+        if tokens is not None and overlap >= tokens:
+            raise InputError(f"--chunk-overlap {overlap} must be less than the chunk size {tokens} tokens "
+                             "(--chunk-tokens or the task's chunk_tokens); lower the overlap")
+        return ChunkSettings(tokens, overlap)
 
     def backend_kwargs(self, model: str, adapters: tuple[str, ...]) -> dict:
         """What the backend class is built with (model and adapters as local folders)."""

@@ -3,7 +3,9 @@
 Each reading window's records are rendered and tokenized once per prompt limit the lanes have (LoRA adapters
 all share the base's; a prompt-learning adapter's virtual tokens lower its own), and requested once per lane
 that still needs them, naming that lane's adapter. The backend answers in any order; each lane's results are
-put back in the order its records were sent, so every output's rows stay in input order.
+put back in the order its records were sent, so every output's rows stay in input order. A record split into
+chunks (`--on-long chunk`) is k requests side by side, and one result: released only once all k are back, so
+a stream that stops early (Ctrl-C, a kill) leaves no row of a record half done, and --resume redoes it whole.
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict]
     one backend, task and generation settings; the backend pulls requests as it is ready for them."""
     first = predictors[0]
     orders = [InOrder() for _ in predictors]
-    sent: dict[int, tuple[int, int, dict]] = {}  # seq -> (lane, position, record), until its result is back
+    sent: dict[int, tuple] = {}  # seq -> (lane, position, record, chunk index or None), until its result is back
+    parts: dict[tuple[int, int], list] = {}  # (lane, position) of a chunked record -> its chunks' generations
     groups: dict = {}  # lanes by prompt limit: one rendering serves a group
     for lane, p in enumerate(predictors):
         groups.setdefault(p.limit, []).append(lane)
@@ -72,19 +75,34 @@ def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict]
                 group = [r for r in records if any(id(r) in ids_ for _, ids_ in wants)]
                 if not group:
                     continue
-                prompts, ids, skipped = renderer.render(group)
+                rendered = renderer.render(group)
                 for i, rec in enumerate(group):
                     for lane, wanted in wants:
                         if id(rec) not in wanted:
                             continue
                         position = orders[lane].send()
-                        if i in skipped:
-                            orders[lane].done(position, (rec, None, skipped[i]))
+                        if i in rendered.skipped:
+                            orders[lane].done(position, (rec, None, rendered.skipped[i]))
                             continue
-                        sent[seq] = (lane, position, rec)
-                        yield Request(prompts[i], rec["id"], ids=ids[i], seq=seq,
-                                      adapter=predictors[lane].adapter_key, window=window)
-                        seq += 1
+                        chunked = i in rendered.chunks
+                        if chunked:
+                            parts[lane, position] = [None] * len(rendered.prompts[i])
+                        for k, (prompt, ids) in enumerate(zip(rendered.prompts[i], rendered.ids[i])):
+                            sent[seq] = (lane, position, rec, k if chunked else None)
+                            yield Request(prompt, rec["id"], ids=ids, seq=seq, adapter=predictors[lane].adapter_key,
+                                          window=window)
+                            seq += 1
+
+    def arrived(request, gen) -> None:
+        lane, position, rec, k = sent.pop(request.seq)
+        if k is None:
+            orders[lane].done(position, (rec, gen, None))
+            return
+        gens = parts[lane, position]
+        gens[k] = gen
+        if all(g is not None for g in gens):
+            del parts[lane, position]
+            orders[lane].done(position, (rec, gens, None))
 
     def released(drain: bool = False):
         for lane, order in enumerate(orders):
@@ -96,8 +114,7 @@ def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict]
     try:
         for pairs in stream:
             for request, gen in pairs:
-                lane, position, rec = sent.pop(request.seq)
-                orders[lane].done(position, (rec, gen, None))
+                arrived(request, gen)
             yield from released()
             if stop_requested():  # Ctrl-C: what is finished and in order is out; the rest is redone on resume
                 return

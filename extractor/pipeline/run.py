@@ -11,6 +11,7 @@ from typing import Iterator
 from extractor.backends.base import Backend, GenParams
 from extractor.corpus import CorpusReader, RejectsWriter, corpus_identity, count_records, id_key
 from extractor.errors import InputError, ManifestError
+from extractor.pipeline.chunks import ChunkSettings
 from extractor.pipeline.interrupt import CtrlC
 from extractor.pipeline.lanes import stream_lanes
 from extractor.pipeline.predictor import Predictor
@@ -36,6 +37,7 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     on_long: str = "fail"
+    chunking: ChunkSettings | None = None  # chunk size and overlap under on_long chunk
     max_input_tokens: int | None = None
     window: int = 256
     quiet: bool = False
@@ -52,13 +54,15 @@ def output_for_adapter(out: Location, adapter: str | None, n_adapters: int) -> L
 
 
 def run_key(task, backend: Backend, predictor: Predictor, opts: RunOptions) -> dict:
-    """What must match for --resume to continue an output."""
+    """What must match for --resume to continue an output (the chunk settings only where they apply, so
+    outputs written before chunking existed resume as they did)."""
+    chunking = {"chunking": predictor.chunking.as_dict()} if predictor.on_long == "chunk" else {}
     return {**task.provenance(), "backend": backend.identity(predictor.adapter_key), "params": opts.params.as_dict(),
             "prompt_format": "chat" if predictor.builder.chat else "raw", "few_shot": predictor.builder.few_shot,
             "id_field": opts.id_field,
             "text_field": opts.text_field, "on_long": opts.on_long, "max_input_tokens": predictor.limit,
             "keep_fields": list(opts.keep_fields), "shard": list(opts.shard) if opts.shard else None,
-            "corpus": corpus_identity(opts.corpus)}
+            "corpus": corpus_identity(opts.corpus), **chunking}
 
 
 def output_store(out):
@@ -164,7 +168,7 @@ class Run:
                 continue
             done.add(key)
             self.summary.statuses[_row_field(row, "status", source, line)] += 1
-            self.summary.input_truncated += row.get("input_truncated") is True
+            self.summary.count_chunks(row)
         if duplicates:
             self.store.rewrite(self.manifest, first_of_each_id(self.store.done_rows(self.manifest)))
             if self.console is not None:

@@ -28,6 +28,9 @@ class Summary:
     decoders: Counter = field(default_factory=Counter)  # records of this run per decoding path
     decoder_reasons: Counter = field(default_factory=Counter)
     input_truncated: int = 0  # rows whose input --on-long truncate cut (already done ones included)
+    chunked: int = 0  # rows of records split into chunks (--on-long chunk; already done ones included)
+    chunk_requests: int = 0  # requests those records took, one per chunk
+    chunks_failed: int = 0  # chunks whose output was not ok or repaired (their rows say which)
 
     def as_dict(self) -> dict:
         return {"records": sum(self.statuses.values()), "new_this_run": self.new,
@@ -38,6 +41,8 @@ class Summary:
                 "output_tokens_per_s": round(self.output_tokens / self.elapsed, 3) if self.elapsed else None,
                 "interrupted": self.interrupted, "complete": not self.interrupted,
                 "input_truncated": self.input_truncated,
+                **({"chunked": {"records": self.chunked, "requests": self.chunk_requests,
+                                "failed_chunks": self.chunks_failed}} if self.chunked else {}),
                 **({"decoder": dict(sorted(self.decoders.items()))} if self.decoders else {}),
                 **({"decoder_reason": "; ".join(self.decoder_reasons)} if self.decoder_reasons else {})}
 
@@ -46,11 +51,23 @@ class Summary:
         for row in rows:
             self.statuses[row["status"]] += 1
             self.output_tokens += row["output_tokens"] or 0
-            self.input_truncated += bool(row.get("input_truncated"))
+            self.count_chunks(row)
         self.new += len(rows)
+
+    def count_chunks(self, row: dict) -> None:
+        """A written row's marks of the long-input policy (rows of this run, or already done ones)."""
+        self.input_truncated += row.get("input_truncated") is True
+        chunks = row.get("chunks")
+        if isinstance(chunks, int) and not isinstance(chunks, bool) and chunks > 0:
+            self.chunked += 1
+            self.chunk_requests += chunks
+            statuses = row.get("chunk_statuses")
+            self.chunks_failed += sum(s not in SCORED_STATUSES for s in statuses) if isinstance(statuses, list) else 0
 
     def count_decoders(self, triples) -> None:
         for _, gen, _ in triples:
+            if isinstance(gen, list):  # a chunked record: counted once, by its first chunk's path
+                gen = gen[0]
             if gen is not None and gen.decoder:
                 self.decoders[gen.decoder] += 1
                 if gen.decoder_reason:

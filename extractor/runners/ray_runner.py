@@ -55,7 +55,8 @@ class PredictActor:
         # the workers decoded with base weights).
         self.predictor = Predictor(self.task, backend, params, opts_dict["on_long"], opts_dict["max_input_tokens"],
                                    tuple(opts_dict["keep_fields"]), opts_dict["few_shot"],
-                                   backend.adapters()[0] if opts_dict["adapter"] else None)
+                                   backend.adapters()[0] if opts_dict["adapter"] else None,
+                                   chunking=opts_dict["chunking"])
         self.predictor.adapter = opts_dict["adapter"]
         self.field_map = opts_dict["field_map"]
         self.id_field = opts_dict["id_field"]
@@ -246,7 +247,8 @@ class RayRun(Run):
         except Exception as exc:  # noqa: BLE001 - Ray wraps reader errors in several types
             raise ExtractorError(f"{path}: Ray cannot read it ({str(exc).splitlines()[0][:200]})") from None
         field_map = input_columns(self.p.task.spec.input_fields, self.opts.text_field)
-        opts_dict = {"on_long": self.opts.on_long, "max_input_tokens": self.opts.max_input_tokens,
+        opts_dict = {"on_long": self.opts.on_long, "chunking": self.opts.chunking,
+                     "max_input_tokens": self.opts.max_input_tokens,
                      "keep_fields": list(self.opts.keep_fields), "few_shot": self.p.builder.few_shot,
                      "adapter": self.p.adapter, "field_map": field_map, "id_field": self.opts.id_field}
         return self._map(ds, opts_dict, done_ref)
