@@ -53,7 +53,7 @@ WARN_LISTED = 8
                    "a row for, and of each run's ids that must be among them. A run below it (empty, stopped half way, run on another corpus) is refused with exit "
                    "2: a broken job, not a regression.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
-              is_flag=False, flag_value="-",
+              is_flag=False, flag_value="-", metavar="[PATH]",
               help="The full comparison as JSON, with a top-level \"pass\" (true or false under --fail-if-drop, "
                    "else null): to PATH, or with no PATH (or -) on stdout and nothing else there, the tables "
                    "going to stderr. Exit codes stay as without it.")
