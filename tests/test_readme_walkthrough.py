@@ -88,6 +88,8 @@ def test_walkthrough_runs_as_written(tmp_path):
     text = json.dumps(metrics, ensure_ascii=False)
     for cls in ("company", "salary.min", "salary.max", "remote", "skills"):
         assert f'"{cls}"' in text, cls
+    assert "remote" in metrics["confusion_fields"]  # the README promises a confusion matrix for the enum
+    assert "grounding" in metrics
     assert "micro F1" in proc.stdout or "micro F1" in proc.stderr
     html = (report / "report.html").read_text(encoding="utf-8")
     assert "remote" in html
