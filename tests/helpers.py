@@ -11,15 +11,18 @@ from extractor.constrain.batch import BatchConstraint
 
 
 def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choose_from: int | None = None,
-                    workers: int = 0) -> dict:
+                    workers: int = 0, prefer: list[int] = ()) -> dict:
     """Constrained decoding without a model, as FastDecoder's packed rows do it: each row takes its
     preferred allowed token (a seeded random preference over the first `choose_from` ids, rotated every
     step), like a random-weight model. `width` is the logits' width (the model's head); `workers`: grammar
     worker processes (BatchConstraint's). Returns each row's tokens and finish reason, the tokens decoded,
-    the seconds spent in the constraint, its stats and the engine's seconds per step."""
+    the seconds spent in the constraint, its stats and the engine's seconds per step. `prefer`: token ids
+    every row takes first wherever they are allowed (a model that loves digits, say)."""
     constraint = BatchConstraint(grammar, workers=workers)
     choose_from = choose_from or width
     pref = np.random.default_rng(seed).random((rows, choose_from)).astype(np.float32)
+    boost = np.zeros(choose_from, np.float32)
+    boost[[i for i in prefer if i < choose_from]] = 10.0
     keys = list(range(rows))
     constraint.start(keys, [budget] * rows)
     out: dict[int, list[int]] = {k: [] for k in keys}
@@ -28,7 +31,7 @@ def stand_in_decode(grammar, rows: int, budget: int, seed: int, width: int, choo
     def choose(alive, logits) -> list[int]:
         picks = []
         for i, k in enumerate(alive):  # masked logits: allowed tokens kept their 0
-            picks.append(int(np.argmax(np.where(logits[i, :choose_from] > -1, pref[k], -2))))
+            picks.append(int(np.argmax(np.where(logits[i, :choose_from] > -1, pref[k] + boost, -2))))
             pref[k] = np.roll(pref[k], 7)
         return picks
 

@@ -61,7 +61,7 @@ class Grammar:
                                                        stop_token_ids=stop_token_ids)
         try:
             self.compiled = xgr.GrammarCompiler(self.info).compile_json_schema(
-                json.dumps(schema), any_whitespace=False)
+                json.dumps(int64_bounded(schema)), any_whitespace=False)
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError variants
             raise TaskError(f"the task's schema cannot be compiled into a grammar ({exc}); "
                             "simplify it or run without --constrained") from None
@@ -167,6 +167,8 @@ class Grammar:
                     if any(sim.accept_string(b) for b in (b"\x80", b"\x90", b"\xa0")):
                         tokens += 1
                         continue
+                if not text and not scan.in_string and sim.accept_string(","):  # as closing_token moves on
+                    text = ","
                 if not text:
                     return None  # the grammar wants other content first (e.g. an enum value): walk tokens
             tokens += self._greedy_tokens(text)
@@ -195,7 +197,9 @@ class Grammar:
             return None
         if matcher.is_completed():
             return self.stop_token_ids[0]
-        for target in (_forced(matcher), scanner.closing_text()):
+        # Last: "," where closing is not allowed yet (an object still owes a required key, an array items):
+        # inside a number nothing else ends it, and a model may write digits until the budget runs out.
+        for target in (_forced(matcher), scanner.closing_text(), "" if scanner.in_string else ","):
             if target:
                 best = self._longest_prefix_token(target, allowed)
                 if best is not None:
@@ -229,6 +233,26 @@ class Grammar:
         if first not in self._by_first:
             self._by_first[first] = [i for i, t in enumerate(self.token_texts) if t[:1] == first]
         return self._by_first[first]
+
+
+INT64 = (-2 ** 63, 2 ** 63 - 1)
+
+
+def int64_bounded(schema):
+    """The schema with every integer held to 64 bits where it sets no bound of its own: an output's integers
+    are written as 64-bit (orjson, Parquet), and an unbounded integer lets a model write digits for ever."""
+    if isinstance(schema, list):
+        return [int64_bounded(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("enum", "const", "default", "examples") else int64_bounded(v) for k, v in schema.items()}
+    types = out.get("type")
+    if types == "integer" or (isinstance(types, list) and "integer" in types):
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = INT64[0]
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = INT64[1]
+    return out
 
 
 def utf8_tail(data: bytes) -> bytes | None:
