@@ -76,7 +76,7 @@ class PartsOutput:
         parts = self._parts()
         rows = list(rows)  # read whole before the output object is replaced
         if is_parquet(self.out):
-            write_parquet(rows, self.out)
+            write_parquet(rows, self.out, prediction_schema=manifest.get("prediction_schema"))
         else:
             write_jsonl(rows, self.out)
         manifest["committed"] = True
@@ -98,7 +98,7 @@ class PartsOutput:
             return
         rows = (row for part in parts for _, row in iter_rows(part))
         if is_parquet(self.out):
-            write_parquet(rows, self.out)
+            write_parquet(rows, self.out, prediction_schema=manifest.get("prediction_schema"))
         else:
             write_jsonl(rows, self.out)
         manifest["committed"] = True

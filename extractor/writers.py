@@ -19,6 +19,7 @@ JSON_COLUMNS = ("prediction", "gold", "kept", "spans")  # nested values stored a
 # Row flags present only in the rows they flag (`--on-long truncate`'s): a Parquet column of every row, null
 # where absent, read back absent.
 FLAG_COLUMNS = ("input_truncated",)
+TYPED_TEXT = "prediction_json"  # beside a typed `prediction` column: the exact prediction as JSON text
 
 
 def journal_path(out: Path) -> Path:
@@ -120,6 +121,9 @@ def iter_rows(path: storage.Location) -> Iterator[tuple[int, dict]]:
         line = 1
         for batch in pfile.iter_batches(batch_size=8192):
             for row in batch.to_pylist():
+                if TYPED_TEXT in row:  # a typed prediction column: the exact value is its text
+                    text = row.pop(TYPED_TEXT)
+                    row["prediction"] = None if text is None else jsonutil.loads(text)
                 for col in JSON_COLUMNS:
                     if isinstance(row.get(col), str):
                         row[col] = jsonutil.loads(row[col])
@@ -130,9 +134,10 @@ def iter_rows(path: storage.Location) -> Iterator[tuple[int, dict]]:
                 line += 1
 
 
-def jsonl_to_parquet(src: Path, dest: storage.Location, batch_size: int = 8192) -> int:
-    """Convert a results journal to Parquet atomically; nested columns become JSON text."""
-    return write_parquet((row for _, row in iter_jsonl_rows(src)), dest, batch_size)
+def jsonl_to_parquet(src: Path, dest: storage.Location, batch_size: int = 8192, prediction_schema=None) -> int:
+    """Convert a results journal to Parquet atomically; nested columns become JSON text (the prediction also a
+    typed column where `prediction_schema`, the task's JSON Schema, can be expressed: arrow_types.py)."""
+    return write_parquet((row for _, row in iter_jsonl_rows(src)), dest, batch_size, prediction_schema)
 
 
 def write_jsonl(rows: Iterable[dict], dest: storage.Location) -> int:
@@ -145,23 +150,28 @@ def write_jsonl(rows: Iterable[dict], dest: storage.Location) -> int:
     return count
 
 
-def write_parquet(rows: Iterable[dict], dest: storage.Location, batch_size: int = 8192) -> int:
-    """Results rows to a Parquet file or object that appears whole (storage.atomic_writer)."""
+def write_parquet(rows: Iterable[dict], dest: storage.Location, batch_size: int = 8192,
+                  prediction_schema=None) -> int:
+    """Results rows to a Parquet file or object that appears whole (storage.atomic_writer). With the task's
+    `prediction_schema`, where expressible, `prediction` is a typed column and `prediction_json` its text."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from extractor.arrow_types import arrow_type, compile_type
+    node = compile_type(prediction_schema)[0] if prediction_schema is not None else None
+    typed = (node, arrow_type(node)) if node is not None else None
     writer = None
     count = 0
     with storage.atomic_writer(dest) as fh:
         try:
             batch: list[dict] = []
             for row in rows:
-                batch.append(_flatten(row))
+                batch.append(_flatten(row, typed))
                 if len(batch) >= batch_size:
-                    writer = _write(batch, fh, writer, pa, pq)
+                    writer = _write(batch, fh, writer, pa, pq, typed)
                     count += len(batch)
                     batch = []
             if batch or writer is None:
-                writer = _write(batch, fh, writer, pa, pq)
+                writer = _write(batch, fh, writer, pa, pq, typed)
                 count += len(batch)
         finally:
             if writer is not None:
@@ -169,19 +179,30 @@ def write_parquet(rows: Iterable[dict], dest: storage.Location, batch_size: int 
     return count
 
 
-def _flatten(row: dict) -> dict:
+def _flatten(row: dict, typed=None) -> dict:
     out = dict(row)
-    if "id" in out and "status" in out:  # a results row: its flags are columns of every row
+    results = "id" in out and "status" in out
+    if results:  # a results row: its flags are columns of every row
         for col in FLAG_COLUMNS:
             out.setdefault(col, None)
+    if typed is not None and results:  # the exact value as text; the typed view where it fits exactly
+        from extractor.arrow_types import conforms
+        value = out.get("prediction")
+        out[TYPED_TEXT] = None if value is None else jsonutil.dumps(value)
+        out["prediction"] = value if conforms(value, typed[0]) else None
     for col in JSON_COLUMNS:
-        if col in out and out[col] is not None:
+        if col in out and out[col] is not None and not (typed is not None and results and col == "prediction"):
             out[col] = jsonutil.dumps(out[col])
     return out
 
 
-def _write(batch, sink, writer, pa, pq):
-    table = pa.Table.from_pylist(batch)
+def _write(batch, sink, writer, pa, pq, typed=None):
+    if typed is not None and batch and "prediction" in batch[0]:
+        values = [row.pop("prediction") for row in batch]
+        table = pa.Table.from_pylist(batch).append_column(pa.field("prediction", typed[1]),
+                                                          pa.array(values, type=typed[1]))
+    else:
+        table = pa.Table.from_pylist(batch)
     if writer is None:
         schema = table.schema
         for col in FLAG_COLUMNS:  # all null in the first batch: typed as the flag it is, not as null
@@ -294,7 +315,7 @@ class JournalOutput:
         source = self.journal if self.journal.exists() else self.out
         try:
             if is_parquet(source):
-                write_parquet(rows, source)
+                write_parquet(rows, source, prediction_schema=manifest.get("prediction_schema"))
             else:
                 write_jsonl(rows, source)
         except OSError as exc:
@@ -310,15 +331,15 @@ class JournalOutput:
 
     def finish(self, manifest: dict, complete: bool) -> None:
         if complete and is_parquet(self.out):
-            self._convert()
+            self._convert(manifest.get("prediction_schema"))
         self.write_manifest(manifest)
 
-    def _convert(self) -> None:
+    def _convert(self, prediction_schema=None) -> None:
         """The journal to Parquet (a temporary file renamed into place); the journal goes only once the Parquet
         file is whole, so a failure (disk full) loses nothing and --resume converts again."""
         import pyarrow as pa
         try:
-            jsonl_to_parquet(self.journal, self.out)
+            jsonl_to_parquet(self.journal, self.out, prediction_schema=prediction_schema)
         except (OSError, pa.ArrowException) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
             raise OutputError(f"cannot write {self.out}: {reason}; the rows are kept in {self.journal} — fix it "

@@ -107,6 +107,7 @@ class Run:
             return self._done_ids()
         self.created = True
         self.manifest = {"format": MANIFEST_FORMAT, "run_key": key, "corpus": str(self.opts.corpus),
+                         "prediction_schema": self.p.task.schema,  # a Parquet output's typed column
                          "output": str(self.out), "rejects": self._rejects_name(), **stamp(), "summary": None}
         self.store.write_manifest(self.manifest)
         return set()

@@ -167,9 +167,11 @@ def merge(out: Location, shards: list[Location]) -> dict:
     statuses: dict = {}
     rows = _interleave(shards, statuses)
     # The merged output appears whole or not at all: an inconsistency found part-way leaves no output.
-    count = write_parquet(rows, out) if is_parquet(out) else write_jsonl(rows, out)
+    count = write_parquet(rows, out, prediction_schema=manifests[0].get("prediction_schema")) if is_parquet(out) \
+        else write_jsonl(rows, out)
     summary = {"records": count, "statuses": dict(sorted(statuses.items())), "complete": True}
     write_json_atomic(manifest_path(out), {"format": MERGED_FORMAT, "shards": [str(s) for s in shards],
+                                           "prediction_schema": manifests[0].get("prediction_schema"),
                                            "run_key": {k: v for k, v in manifests[0]["run_key"].items() if k != "shard"},
                                            "shard_manifests": manifests, **stamp(), "summary": summary})
     for s in shards:
