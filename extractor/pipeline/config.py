@@ -103,8 +103,8 @@ class RunConfig:
         """The chunk size and overlap under --on-long chunk (the command line's, else the task's); None under
         another policy, where a chunk option given on the command line is refused (it would do nothing)."""
         if self.long_input_policy(task) != "chunk":
-            given = [flag for flag, v in (("--chunk-tokens", self.chunk_tokens), ("--chunk-overlap", self.chunk_overlap))
-                     if v is not None]
+            flags = (("--chunk-tokens", self.chunk_tokens), ("--chunk-overlap", self.chunk_overlap))
+            given = [flag for flag, v in flags if v is not None]
             if given:
                 raise InputError(f"{', '.join(given)} applies to --on-long chunk only (this run's policy is "
                                  f"{self.long_input_policy(task)}); add --on-long chunk or drop it")

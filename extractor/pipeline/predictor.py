@@ -54,13 +54,13 @@ class Predictor:
         self.limit = max_input_tokens or backend.max_input_tokens(params, adapter_key)
         self.keep_fields = keep_fields
         self.adapter: str | None = None  # the label output rows carry
-        # Chunk settings: the caller's, else the task file's (a Ray worker builds its predictor from these).
+        # Chunk settings: the caller's (the command line's over the task's), else the task file's.
         spec = task.spec
         self.chunking = chunking or ChunkSettings(spec.chunk_tokens, spec.chunk_overlap if spec.chunk_overlap
                                                   is not None else ChunkSettings().overlap)
         self.merger = Merger(task)
-        self.chunker = None if self.limit is None else Chunker(self.builder, self.encoder, spec.input_fields[0],
-                                                               self.limit, self.chunking)
+        self.chunker = Chunker(self.builder, self.encoder, spec.input_fields[0], self.limit, self.chunking) \
+            if on_long == "chunk" and self.limit is not None else None
         if params.constrained:
             if not backend.supports_constrained:
                 raise InputError(f"backend '{backend.name}' does not support --constrained")
@@ -73,7 +73,8 @@ class Predictor:
 
     def stream(self, windows):
         """Windows of records in; lists of (record, generation, skip_reason) out, in input order, as the
-        backend finishes them (a chunked record's generation: the list of its chunks', once all are back) (rows are built from these by `rows`, off the generating thread). The backend
+        backend finishes them (a chunked record's generation: the list of its chunks', once all are back;
+        rows are built from these by `rows`, off the generating thread). The backend
         pulls requests one at a time, so it may work on several windows at once (hf's fast path keeps its
         slots full across windows); each window is rendered and tokenized in one call as it is reached."""
         for _, triples in stream_lanes([self], ((records, [records]) for records in windows)):
