@@ -15,7 +15,8 @@ from extractor import jsonutil, storage
 from extractor.errors import InputError, OutputError, output_error
 from extractor.provenance import manifest_path, write_json_atomic
 
-JSON_COLUMNS = ("prediction", "gold", "kept", "spans")  # nested values stored as JSON text in Parquet
+# nested values stored as JSON text in Parquet (their keys vary from row to row: no one column type fits)
+JSON_COLUMNS = ("prediction", "gold", "kept", "spans", "chunk_conflicts")
 # Row flags present only in the rows they flag (`--on-long truncate`'s): a Parquet column of every row, null
 # where absent, read back absent.
 FLAG_COLUMNS = ("input_truncated",)

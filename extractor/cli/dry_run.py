@@ -11,14 +11,10 @@ from extractor.corpus import CorpusReader, is_stream
 from extractor.errors import InputError, LongInputError
 
 
-def dry_run(cfg, task, sources, predictor, console) -> None:
-    """--dry-run first runs every check the run makes before loading (on the first window); --print-prompt
-    ID looks for that record only."""
-    from extractor.cli.run_cmd import output_for_adapter, _output_labels, _preflight
+def dry_run(cfg, task, predictor, console) -> None:
+    """The first record's model input (--dry-run, after run_cmd made every check the run makes before
+    loading), or record ID's (--print-prompt ID)."""
     opts = cfg.run_options(task)
-    if cfg.dry_run and cfg.print_prompt is None:
-        outs = [output_for_adapter(opts.out, label, 1) for label in _output_labels(sources)]
-        _preflight(cfg, task, opts, sources, outs)
     record = _find(opts, task, cfg.print_prompt)
     try:
         rendered = predictor.render([record])

@@ -49,7 +49,7 @@ from extractor.writers import is_stdout
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code (off by default).")
 @click.option("--fast", type=click.Choice(["off", "auto", "on"]), default="auto", show_default=True,
               help="hf: FastDecoder (shared-prefix KV, continuous batching across windows; CUDA graphs on CUDA) "
-                   "for greedy base-weight runs of the model types on its list (README), constrained or not. "
+                   "for greedy base-weight runs of the model types on its list (docs/backends.md), constrained or not. "
                    "auto: where it applies, else plain generate with one line saying why; on: FastDecoder or "
                    "exit 2; off: plain generate.")
 @click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -140,7 +140,11 @@ def run(**params):
     _check_corpus(cfg, corpus)
     if cfg.print_prompt is not None or cfg.dry_run:
         from extractor.cli.dry_run import dry_run
-        dry_run(cfg, task, sources, _make_predictor(cfg, task, sources), console)
+        if cfg.dry_run and cfg.print_prompt is None:  # every check the run makes before loading, first
+            opts = cfg.run_options(task)
+            _preflight(cfg, task, opts, sources, [output_for_adapter(opts.out, label, 1)
+                                                  for label in _output_labels(sources)])
+        dry_run(cfg, task, _make_predictor(cfg, task, sources), console)
         return
     if len(checkpoints) > 1:
         _run_checkpoints(cfg, task, checkpoints, corpus, out, console)
