@@ -79,3 +79,22 @@ def generate_reference(model, ids: list[int], max_new: int, eos_ids: list[int]) 
                              do_sample=False, eos_token_id=list(eos_ids), pad_token_id=0)[0, len(ids):].tolist()
     stop = next((i for i, t in enumerate(out) if t in eos_ids), None)
     return out if stop is None else out[: stop + 1]
+
+
+class HtmlTags:
+    """An HTML page's start tags, their attributes and its text, as a browser's parser sees them."""
+
+    def __init__(self, text: str):
+        from html.parser import HTMLParser
+        found = self
+        self.tags, self.attrs, self.text = [], [], []
+
+        class _Parser(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                found.tags.append(tag)
+                found.attrs += attrs
+
+            def handle_data(self, data):
+                found.text.append(data)
+        _Parser().feed(text)
+

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import unicodedata
 from fractions import Fraction
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from extractor.scoring.evaluate import evaluate
 from extractor.tasks import load_task_file
 from tests.conftest import write_jsonl
+from tests.helpers import HtmlTags
 
 ABSENT = "N/A"
 
@@ -365,23 +365,8 @@ HOSTILE = ["<script>alert(1)</script>", "`</code><img src=x onerror=alert(1)>`",
            "<!-- c -->", "\\`x\\`", "$x^$"]
 
 
-class Tags(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tags, self.attrs, self.text = [], [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-        self.attrs += attrs
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
-def parse_html(text: str) -> Tags:
-    p = Tags()
-    p.feed(text)
-    return p
+def parse_html(text: str) -> HtmlTags:
+    return HtmlTags(text)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from extractor.scoring.evaluate import overlap_f1
 from extractor.scoring.metrics import ConfusionMatrix
 from extractor.scoring.report import FILTER_JS, f1_figure, layered
 from tests.conftest import write_jsonl
+from tests.helpers import HtmlTags
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
@@ -215,23 +215,8 @@ def test_a_long_raw_output_is_cut_and_says_so(tmp_path):
 
 # --- rendering -------------------------------------------------------------------------------------------------
 
-class Page(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tags, self.attrs, self.text = [], [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-        self.attrs += attrs
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
-def parse(text: str) -> Page:
-    p = Page()
-    p.feed(text)
-    return p
+def parse(text: str) -> HtmlTags:
+    return HtmlTags(text)
 
 
 HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "a|b", "&amp;", "[x](javascript:alert(1))",
