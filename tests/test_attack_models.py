@@ -316,9 +316,10 @@ def test_truncate_is_unchanged_below_the_head_bound(tiny_model):
     counts = predictor.encoder.count_tokens(texts)
     assert counts[2] + overhead < 600 < counts[3] + overhead < 620  # within, and just over the limit
     assert len(texts[-1]) > (600 + 16) * predictor.encoder.max_token_chars() > len(texts[-2])  # its head counted
-    prompts, ids, skipped = predictor.render(records)
-    want_prompts, want_ids, _ = reference.render(records)
-    assert not skipped and prompts == want_prompts and ids == want_ids
+    got, want = predictor.render(records), reference.render(records)
+    assert not got.skipped and got.prompts == want.prompts and got.ids == want.ids
+    assert all(len(p) == 1 for p in got.prompts)  # one prompt a record (no chunks under truncate)
+    prompts, ids = [p[0] for p in got.prompts], [i[0] for i in got.ids]
     assert prompts[:3] == [predictor.builder.build(r["values"]) for r in records[:3]]  # within: untouched
     assert all(len(i) <= 600 for i in ids) and all(len(i) > 580 for i in ids[3:])
 
