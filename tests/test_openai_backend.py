@@ -554,3 +554,13 @@ def test_vllm_serve_killed_mid_run_then_resume_exactly_once(vllm_server, tmp_pat
     rows = read_jsonl(out)
     assert sorted(r["id"] for r in rows) == sorted(want)  # each id exactly once
     assert [r["id"] for r in rows[:len(ids)]] == ids  # what was written before is kept as it was
+
+
+def test_ray_with_the_openai_backend_is_refused_in_one_line(tmp_path, run_cli):
+    """--ray has nothing to start for a server backend: one line naming the way to go, not a folder error."""
+    from conftest import synth_corpus
+    corpus, _ = synth_corpus(tmp_path, n=2)
+    result = run_cli("run", corpus, "--task", "jd_requirements", "--backend", "openai", "--model", "tiny",
+                     "--ray", "--out", tmp_path / "p.jsonl")
+    assert result.exit_code == 2 and "--openai-concurrency" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "p.jsonl").exists()

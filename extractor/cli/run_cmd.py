@@ -133,6 +133,9 @@ def run(**params):
     task = load_task(cfg.task_name, cfg.tasks_dirs)
     console = make_console(stderr=True, quiet=cfg.quiet)
     _check_checkpoints(cfg)
+    if cfg.ray_address and cfg.backend == "openai":
+        raise InputError("--ray starts a model on each Ray worker, and --backend openai has none to start (the server "
+                         "decodes); run without --ray and raise --openai-concurrency instead")
     # hub ids -> cached snapshots; fails first
     checkpoints = [RunSources.resolve(model, cfg.adapters, cfg.backend) for model in cfg.models]
     sources = checkpoints[0]
