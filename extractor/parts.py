@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from extractor import jsonutil, storage
 from extractor.errors import ManifestError
 from extractor.provenance import manifest_path, write_json_atomic
-from extractor.writers import is_parquet, iter_rows, write_jsonl, write_parquet
+from extractor.writers import iter_rows, write_jsonl, write_rows
 
 _PART = re.compile(r"^part-(\d{8})\.jsonl$")
 
@@ -73,16 +73,7 @@ class PartsOutput:
     def rewrite(self, manifest: dict, rows: Iterable[dict]) -> None:
         """Replace the rows already written: committed as the output object (the parts, if any, deleted
         after the manifest says so), which a --resume then continues from part 0 as after any commit."""
-        parts = self._parts()
-        rows = list(rows)  # read whole before the output object is replaced
-        if is_parquet(self.out):
-            write_parquet(rows, self.out, prediction_schema=manifest.get("prediction_schema"))
-        else:
-            write_jsonl(rows, self.out)
-        manifest["committed"] = True
-        self.write_manifest(manifest)
-        for part in parts:
-            storage.remove(part)
+        self._commit(manifest, list(rows), self._parts())  # rows read whole before the output is replaced
         self._next = 0
 
     def is_empty(self) -> bool:
@@ -96,11 +87,12 @@ class PartsOutput:
         if not complete or (manifest.get("committed") and not parts):
             self.write_manifest(manifest)
             return
-        rows = (row for part in parts for _, row in iter_rows(part))
-        if is_parquet(self.out):
-            write_parquet(rows, self.out, prediction_schema=manifest.get("prediction_schema"))
-        else:
-            write_jsonl(rows, self.out)
+        self._commit(manifest, (row for part in parts for _, row in iter_rows(part)), parts)
+
+    def _commit(self, manifest: dict, rows: Iterable[dict], parts: list) -> None:
+        """The rows as the output object, then the manifest says committed, then the parts go (in this order:
+        a kill at any point leaves one of the two states a resume knows)."""
+        write_rows(rows, self.out, manifest.get("prediction_schema"))
         manifest["committed"] = True
         self.write_manifest(manifest)
         for part in parts:

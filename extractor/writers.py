@@ -180,6 +180,13 @@ def write_parquet(rows: Iterable[dict], dest: storage.Location, batch_size: int 
     return count
 
 
+def write_rows(rows: Iterable[dict], dest: storage.Location, prediction_schema=None) -> int:
+    """Results rows to `dest` whole: Parquet (the prediction typed by the task's schema) or JSONL, by its name."""
+    if is_parquet(dest):
+        return write_parquet(rows, dest, prediction_schema=prediction_schema)
+    return write_jsonl(rows, dest)
+
+
 def _flatten(row: dict, typed=None) -> dict:
     out = dict(row)
     results = "id" in out and "status" in out
@@ -315,10 +322,7 @@ class JournalOutput:
         new one is complete)."""
         source = self.journal if self.journal.exists() else self.out
         try:
-            if is_parquet(source):
-                write_parquet(rows, source, prediction_schema=manifest.get("prediction_schema"))
-            else:
-                write_jsonl(rows, source)
+            write_rows(rows, source, manifest.get("prediction_schema"))
         except OSError as exc:
             raise output_error(source, exc) from None
 

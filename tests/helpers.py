@@ -98,3 +98,22 @@ class HtmlTags:
                 found.text.append(data)
         _Parser().feed(text)
 
+
+def kill_when_output_grows(cmd, out, rng, env, settle: float) -> int:
+    """Start `cmd`, SIGKILL it at a random moment (up to `settle` s) once `out` has grown; its return code."""
+    import os
+    import signal
+    import subprocess
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 60
+    start_size = out.stat().st_size if out.exists() else 0
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.stat().st_size > start_size:
+            time.sleep(rng.uniform(0.0, settle))
+            break
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return proc.returncode
+

@@ -13,7 +13,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from extractor.pipeline.merge import Merger
 from extractor.synth import ABSENT
 from extractor.tasks import load_task
 from tests.conftest import REPO, read_jsonl, write_jsonl
+from tests.helpers import kill_when_output_grows
 
 EXTRACTOR = [sys.executable, "-m", "extractor"]
 DEMO_MODEL = REPO / "eval" / "demo" / "model"
@@ -354,21 +354,6 @@ def test_fast_path_chunks_are_the_chunk_texts_own_prompts(tmp_path, tiny_model, 
     assert [r["raw"] for r in read_jsonl(tmp_path / "s.jsonl")] == expected
 
 
-def _kill_when_output_grows(cmd, out, rng, env):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 60
-    start_size = out.stat().st_size if out.exists() else 0
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and out.stat().st_size > start_size:
-            time.sleep(rng.uniform(0.0, 0.4))
-            break
-        time.sleep(0.02)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return proc.returncode
-
-
 @pytest.mark.timeout(300)
 def test_sigkill_chunked_run_then_resume_is_exactly_once(tmp_path, tiny_model, run_cli):
     """Chunks of a record are decoded in different steps (batch size 2, three or more chunks a record), so
@@ -387,7 +372,8 @@ def test_sigkill_chunked_run_then_resume_is_exactly_once(tmp_path, tiny_model, r
     out = tmp_path / "killed.jsonl"
     rng = random.Random(5)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    kills = sum(_kill_when_output_grows(cmd(out, "--resume"), out, rng, env) == -signal.SIGKILL for _ in range(3))
+    kills = sum(kill_when_output_grows(cmd(out, "--resume"), out, rng, env, settle=0.4) == -signal.SIGKILL
+                for _ in range(3))
     subprocess.run(cmd(out, "--resume"), check=True, capture_output=True)
     assert kills >= 2
     got = read_jsonl(out)

@@ -4,7 +4,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from extractor.backends.base import GenParams, Request
 from extractor.backends.hf import HFBackend
 from tests.conftest import make_adapter, read_jsonl, synth_corpus, write_jsonl
+from tests.helpers import kill_when_output_grows
 
 EXTRACTOR = [sys.executable, "-m", "extractor"]
 
@@ -186,21 +186,6 @@ def test_bad_model_dirs_fail_before_work(tmp_path, tiny_model, run_cli):
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
-def _kill_when_output_grows(cmd, out, rng, env):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 60
-    start_size = out.stat().st_size if out.exists() else 0
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and out.stat().st_size > start_size:
-            time.sleep(rng.uniform(0.0, 0.6))
-            break
-        time.sleep(0.02)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return proc.returncode
-
-
 def test_sigkill_then_resume_is_exactly_once(tmp_path, tiny_model):
     corpus, _ = synth_corpus(tmp_path, n=60, seed=4)
     ref = tmp_path / "ref.jsonl"
@@ -211,7 +196,8 @@ def test_sigkill_then_resume_is_exactly_once(tmp_path, tiny_model):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     kills = 0
     for _ in range(4):
-        code = _kill_when_output_grows(EXTRACTOR + run_args(corpus, tiny_model, out, "--resume", *args), out, rng, env)
+        code = kill_when_output_grows(EXTRACTOR + run_args(corpus, tiny_model, out, "--resume", *args), out, rng, env,
+                                      settle=0.6)
         kills += code == -signal.SIGKILL
         if out.exists() and out.read_bytes() and not out.read_bytes().endswith(b"\n"):
             pass  # a half-written line: the next resume must drop it

@@ -20,7 +20,7 @@ from extractor import storage
 from extractor.errors import ExtractorError
 from extractor.provenance import manifest_path, read_manifest, stamp, write_json_atomic
 from extractor.storage import Location
-from extractor.writers import drop_partial_tail, is_parquet, iter_jsonl_rows, write_jsonl, write_parquet
+from extractor.writers import drop_partial_tail, iter_jsonl_rows, write_rows
 
 MERGED_FORMAT = "extractor.merged/1"
 
@@ -167,8 +167,7 @@ def merge(out: Location, shards: list[Location]) -> dict:
     statuses: dict = {}
     rows = _interleave(shards, statuses)
     # The merged output appears whole or not at all: an inconsistency found part-way leaves no output.
-    count = write_parquet(rows, out, prediction_schema=manifests[0].get("prediction_schema")) if is_parquet(out) \
-        else write_jsonl(rows, out)
+    count = write_rows(rows, out, manifests[0].get("prediction_schema"))
     summary = {"records": count, "statuses": dict(sorted(statuses.items())), "complete": True}
     write_json_atomic(manifest_path(out), {"format": MERGED_FORMAT, "shards": [str(s) for s in shards],
                                            "prediction_schema": manifests[0].get("prediction_schema"),
