@@ -173,15 +173,16 @@ def run(**params):
         if cfg.verbose:
             _say_settings(console, cfg, opts, outs)
         engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
-        _expect(engine, opts)
+        total = _expect(engine, opts)
         names = engine.adapters()
         if len(names) > 1 and engine.decodes_together(names, opts.params):
-            _run_in_one_pass(cfg, task, engine, opts, sources, names, console)
+            _run_in_one_pass(cfg, task, engine, opts, sources, names, console, total)
             return
         targets, summaries = [], []
         for name in names:  # one run per adapter, one after another: this backend cannot decode them together
             predictor = _adapter_predictor(cfg, task, engine, opts, sources, name)
-            job = Run(predictor, opts, output_for_adapter(opts.out, predictor.adapter, len(names)), console)
+            job = Run(predictor, opts, output_for_adapter(opts.out, predictor.adapter, len(names)), console,
+                      total=total)
             targets.append(job.out)
             summaries.append(job.execute(job.prepare(_key(task, engine, predictor, opts, sources))))
             _finish(console, [job.out], [summaries[-1]], cfg, check_results=False)
@@ -227,13 +228,13 @@ def _run_checkpoints(cfg: RunConfig, task, checkpoints: list[RunSources], corpus
     with Claim(outs, _locked(cfg, outs)):
         _preflight(cfg, task, opts, checkpoints[0], outs)
         engine = backend_class(cfg.backend)(**cfg.backend_kwargs(checkpoints[0].model, ()))
-        _expect(engine, opts)
+        total = _expect(engine, opts)
         targets, summaries = [], []
         for i, (sources, target) in enumerate(zip(checkpoints, outs)):
             if i:
                 engine.use_checkpoint(Path(sources.model))
             predictor = _predictor(cfg, task, engine, opts)
-            job = Run(predictor, opts, target, console)
+            job = Run(predictor, opts, target, console, total=total)
             targets.append(target)
             summaries.append(job.execute(job.prepare(_key(task, engine, predictor, opts, sources))))
             _finish(console, [target], [summaries[-1]], cfg, check_results=False)
@@ -309,13 +310,14 @@ def _preflight(cfg: RunConfig, task, opts: RunOptions, sources: RunSources, outs
             preflight.check_first_window(predictor, opts)
 
 
-def _expect(engine, opts: RunOptions) -> None:
-    """Tell the backend how many records the run decodes at most, where cheap to know (--compile auto)."""
+def _expect(engine, opts: RunOptions) -> int | None:
+    """Tell the backend how many records the run decodes at most, where cheap to know (--compile auto); the
+    corpus's record count (None: not cheap to know), counted once here for the progress bars too."""
     from extractor.corpus import count_records
-    total = None if is_stream(opts.corpus) else count_records(opts.corpus)
-    if opts.limit is not None:
-        total = opts.limit if total is None else min(total, opts.limit)
-    engine.expect(total, opts.params)
+    total = count_records(opts.corpus)  # None for streams and remote JSONL
+    at_most = opts.limit if total is None else total if opts.limit is None else min(total, opts.limit)
+    engine.expect(at_most, opts.params)
+    return total
 
 
 def _check_corpus(cfg: RunConfig, corpus) -> None:
@@ -378,11 +380,12 @@ def _run_sharded(cfg: RunConfig, out, console, labels) -> None:
         _check_results(cfg, [target for target, _ in merged], [statuses for _, statuses in merged])
 
 
-def _run_in_one_pass(cfg: RunConfig, task, engine, opts: RunOptions, sources: RunSources, names, console) -> None:
+def _run_in_one_pass(cfg: RunConfig, task, engine, opts: RunOptions, sources: RunSources, names, console,
+                     total: int | None) -> None:
     """Every adapter's requests through one stream of a backend that mixes them; one output each."""
     predictors = [_adapter_predictor(cfg, task, engine, opts, sources, name) for name in names]
     job = OnePass(predictors, opts, [output_for_adapter(opts.out, p.adapter, len(names)) for p in predictors],
-                  console)
+                  console, total)
     dones = job.prepare([_key(task, engine, p, opts, sources) for p in predictors])
     _finish(console, [run.out for run in job.runs], job.execute(dones), cfg)
 

@@ -19,9 +19,11 @@ from extractor.storage import Location
 class OnePass:
     """One `Run` per (predictor, output), executed together."""
 
-    def __init__(self, predictors: list[Predictor], opts: RunOptions, outs: list[Location], console=None):
+    def __init__(self, predictors: list[Predictor], opts: RunOptions, outs: list[Location], console=None,
+                 total: int | None = None):
         self.ctrl_c = CtrlC(console)
-        total = None if opts.quiet else count_records(opts.corpus)  # counted once for every progress bar
+        if total is None and not opts.quiet:
+            total = count_records(opts.corpus)  # counted once for every progress bar
         self.runs = [Run(p, opts, out, console, self.ctrl_c, total) for p, out in zip(predictors, outs)]
 
     def prepare(self, keys: list[dict]) -> list[set[int]]:
