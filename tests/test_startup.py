@@ -176,6 +176,9 @@ def test_several_checkpoints_refusals(two_checkpoints, tmp_path, run_cli):
     (bigger / "config.json").write_text(json.dumps(cfg))
     other = run_cli(*_run_args(corpus, tmp_path / "q.jsonl", first, bigger))
     assert other.exit_code == 2 and "num_hidden_layers" in other.stderr and "Traceback" not in other.output
+    assert not (tmp_path / f"q.{first.name}.jsonl").exists()  # refused before the first checkpoint ran
+    missing = run_cli(*_run_args(corpus, tmp_path / "r.jsonl", first, tmp_path / "nope"))
+    assert missing.exit_code == 2 and "nope" in missing.stderr and not list(tmp_path.glob("r.*"))
 
 
 @pytest.mark.parametrize("kind", ["full", "ptuning"])

@@ -15,6 +15,16 @@ from extractor.errors import ModelError
 _IDENTITY_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_commit_hash"}
 
 
+def check_swappable(loaded: Path, other: Path) -> None:
+    """ModelError, in one line, unless `other` is a sound model folder whose weights can replace `loaded`'s."""
+    from extractor.backends.model_files import check_model_dir
+    check_model_dir(other)
+    why = same_architecture(loaded, other)
+    if why is not None:
+        raise ModelError(f"--model {other}: cannot take the place of {loaded} in one process: {why}; "
+                         "score it with a command of its own")
+
+
 def same_architecture(loaded: Path, other: Path) -> str | None:
     """Why `other`'s weights cannot replace `loaded`'s in the same model (None: they can)."""
     try:

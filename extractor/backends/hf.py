@@ -123,14 +123,10 @@ class HFBackend(TokenizerBackend):
         """Another full checkpoint of the same architecture and tokenizer, its weights copied into the loaded
         model's own tensors: the decoder keeps its cache, compiled code and graphs; its shared-prefix K/V
         are recomputed. Anything else is refused in one line (run that checkpoint in its own command)."""
-        from extractor.backends.checkpoint_swap import load_in_place, same_architecture
+        from extractor.backends.checkpoint_swap import check_swappable, load_in_place
         from extractor.backends.startup import size_text
         path = Path(path)
-        check_model_dir(path)
-        why = same_architecture(self.model_path, path)
-        if why is not None:
-            raise ModelError(f"--model {path}: cannot take the place of {self.model_path} in one process: {why}; "
-                             "score it with a command of its own")
+        check_swappable(self.model_path, path)
         if self.adapter_paths:
             raise ModelError("several --model with --adapter: score each checkpoint's adapters in a command of its own")
         self.use_adapter(None)

@@ -219,6 +219,9 @@ def checkpoint_labels(models: list[str]) -> list[str]:
 def _run_checkpoints(cfg: RunConfig, task, checkpoints: list[RunSources], corpus, out, console) -> None:
     """Each checkpoint's weights into the same loaded model in turn, each its own Run and output, exactly as
     one command per checkpoint would write them."""
+    from extractor.backends.checkpoint_swap import check_swappable
+    for later in checkpoints[1:]:  # before anything loads, not after the first checkpoint's whole run
+        check_swappable(Path(checkpoints[0].model), Path(later.model))
     labels = checkpoint_labels([c.model for c in checkpoints])
     outs = [output_for_adapter(out, label, len(labels)) for label in labels]
     for sources in checkpoints:
