@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import pickle
 import sys
 from collections import deque
 from dataclasses import replace
@@ -16,22 +15,8 @@ from extractor.backends.base import (LENGTH, STOP, GenParams, Generation, Reques
 from extractor.backends.hf_weights import Weights
 from extractor.backends.model_files import (WEIGHT_PATTERNS, check_adapter_dir, check_model_dir,  # noqa: F401
                                             file_fingerprint, load_tokenizer)
+from extractor.backends.model_load import load_base_model, resolve_device, resolve_dtype
 from extractor.errors import ModelError
-
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def _attention_for(path: Path, trust_remote_code: bool) -> dict:
-    """Attention scores softcapped (Gemma-2): eager attention, since transformers' sdpa drops the softcap
-    where it is the default (seen with 5.17), and the plain path must compute what the model defines."""
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return {}  # from_pretrained reports it
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return {"attn_implementation": "eager"} if getattr(text, "attn_logit_softcapping", None) else {}
-
 
 # Python's switch interval while the fast path decodes with a constraint (None: leave it). There the main
 # thread mostly waits (on the GPU, on grammar workers' answers) and must take the GIL back from the writer
@@ -81,8 +66,8 @@ class HFBackend(TokenizerBackend):
         self.torch = torch
         self.model_path = Path(model)
         self.adapter_paths = name_adapters(adapters, check_adapter_dir)
-        self.device = self._device(device)
-        self.dtype = self._dtype(dtype)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.trust_remote_code = trust_remote_code
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.fast_mode = fast
@@ -96,28 +81,7 @@ class HFBackend(TokenizerBackend):
         self._attach(base, self.tokenizer)
 
     def _load_weights(self, path: Path):
-        """The model, its weights read straight to the device in the run's dtype (no CPU copy on CUDA)."""
-        from safetensors import SafetensorError
-        from transformers import AutoModelForCausalLM
-        cuda = self.device.startswith("cuda")
-        size = sum(p.stat().st_size for pattern in WEIGHT_PATTERNS for p in path.glob(pattern))
-        from extractor.backends.startup import size_text
-        try:
-            with self.startup.phase("loading weights", f"{size_text(size)} to {self.device}"):
-                base = AutoModelForCausalLM.from_pretrained(
-                    path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
-                    use_safetensors=any(path.glob("*.safetensors")) or None,
-                    **({"device_map": self.device} if cuda else {}),
-                    **_attention_for(path, self.trust_remote_code))
-                base = base if cuda else base.to(self.device)
-        except (OSError, ValueError, AttributeError, ImportError, KeyError, RuntimeError, TypeError,
-                pickle.UnpicklingError, SafetensorError) as exc:  # what the folder's checks could not see
-            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ModelError(f"{path}: cannot load ({first})") from None
-        # Inference only; and peft freezes the base when an adapter loads: frozen from the start, the model
-        # an adapter leaves behind is the one compiled code was traced on (requires_grad is in its guards).
-        base.requires_grad_(False)
-        return base
+        return load_base_model(path, self.dtype, self.device, self.trust_remote_code, self.startup)
 
     def use_checkpoint(self, path: Path) -> None:
         """Another full checkpoint of the same architecture and tokenizer, its weights copied into the loaded
@@ -204,24 +168,6 @@ class HFBackend(TokenizerBackend):
     adapter = property(lambda self: self.weights.adapter)
 
     # -- setup ---------------------------------------------------------------------------------------
-    def _device(self, device: str) -> str:
-        torch = self.torch
-        if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
-        return device
-
-    def _dtype(self, dtype: str):
-        torch = self.torch
-        if dtype == "auto":
-            if self.device.startswith("cuda"):
-                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.float32
-        if dtype not in DTYPES:
-            raise ModelError(f"unknown --dtype '{dtype}'; use auto, bf16, fp16 or fp32")
-        return getattr(torch, DTYPES[dtype])
-
     def _check_tokenizer(self) -> None:
         vocab = self.base.get_input_embeddings().weight.shape[0]
         if len(self.tokenizer) > vocab:

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 from extractor.backends.base import LENGTH, STOP, GenParams, Generation, Request, TokenizerBackend, name_adapters
-from extractor.backends.hf import DTYPES, check_adapter_dir, check_model_dir, file_fingerprint
+from extractor.backends.model_files import check_adapter_dir, check_model_dir, file_fingerprint
+from extractor.backends.model_load import DTYPES
 from extractor.errors import ModelError
 
 PROMPT_LEARNING = {"P_TUNING", "PREFIX_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING"}

@@ -1,0 +1,69 @@
+"""Loading a model folder's weights for inference: the device and dtype a run asked for, the attention
+implementation the model needs, and one error line for what the folder's checks could not see."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+from extractor.backends.model_files import WEIGHT_PATTERNS
+from extractor.errors import ModelError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def resolve_device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown --dtype '{dtype}'; use auto, bf16, fp16 or fp32")
+    return getattr(torch, DTYPES[dtype])
+
+
+def attention_for(path: Path, trust_remote_code: bool) -> dict:
+    """Attention scores softcapped (Gemma-2): eager attention, since transformers' sdpa drops the softcap
+    where it is the default (seen with 5.17), and the plain path must compute what the model defines."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return {}  # from_pretrained reports it
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"attn_implementation": "eager"} if getattr(text, "attn_logit_softcapping", None) else {}
+
+
+def load_base_model(path: Path, dtype, device: str, trust_remote_code: bool, startup):
+    """The model, its weights read straight to the device in the run's dtype (no CPU copy on CUDA), frozen."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from extractor.backends.startup import size_text
+    cuda = device.startswith("cuda")
+    size = sum(p.stat().st_size for pattern in WEIGHT_PATTERNS for p in path.glob(pattern))
+    try:
+        with startup.phase("loading weights", f"{size_text(size)} to {device}"):
+            base = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code,
+                use_safetensors=any(path.glob("*.safetensors")) or None,
+                **({"device_map": device} if cuda else {}),
+                **attention_for(path, trust_remote_code))
+            base = base if cuda else base.to(device)
+    except (OSError, ValueError, AttributeError, ImportError, KeyError, RuntimeError, TypeError,
+            pickle.UnpicklingError, SafetensorError) as exc:  # what the folder's checks could not see
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: cannot load ({first})") from None
+    # Inference only; and peft freezes the base when an adapter loads: frozen from the start, the model
+    # an adapter leaves behind is the one compiled code was traced on (requires_grad is in its guards).
+    base.requires_grad_(False)
+    return base
