@@ -53,8 +53,8 @@ def _say(msg: str) -> None:
 
 
 def make_data(cfg: DemoConfig) -> dict[str, tuple[Path, Path]]:
-    from extractor.synth import write_pairs
-    from extractor.synth_compose import generate
+    from extractor.datasets.synth import write_pairs
+    from extractor.datasets.synth_compose import generate
     data = cfg.out / "data"
     splits = {"train": (cfg.train_n, 1, "in"), "dev": (cfg.dev_n, 2, "in"), "test": (cfg.test_n, 3, "in"),
               "test_heldout": (cfg.test_n, 4, "heldout")}
@@ -69,7 +69,7 @@ def make_data(cfg: DemoConfig) -> dict[str, tuple[Path, Path]]:
 def fixed_tokens(task, builder) -> tuple[str, ...]:
     """Strings that are never values: the prompt's lines, the chat roles, the answer's JSON skeleton
     (`{"学历要求": ["`, `"], "专业要求": ["`, …, `", "`), the field names and the absent marker."""
-    from extractor.synth import FIELDS
+    from extractor.datasets.synth import FIELDS
     lines = [ln for m in builder.messages({"text": ""}) for ln in m["content"].splitlines() if ln.strip()]
     skeleton = task.format_output({f: ["\ue000", "\ue000"] for f in FIELDS}).split("\ue000")
     return tuple(dict.fromkeys(lines + ["system", "user", "assistant"] + skeleton + list(FIELDS)
@@ -78,9 +78,9 @@ def fixed_tokens(task, builder) -> tuple[str, ...]:
 
 def make_model(cfg: DemoConfig, train: tuple[Path, Path]) -> Path:
     """A per-character tokenizer trained on the training split; a small random Qwen2 model."""
-    from extractor.prompting import PromptBuilder
-    from extractor.tasks import load_task
-    from extractor.tiny_models import build_tiny_model
+    from extractor.tasks.prompting import PromptBuilder
+    from extractor.tasks.task import load_task
+    from extractor.datasets.tiny_models import build_tiny_model
     task = load_task(TASK)
     texts = []
     with open(train[0], encoding="utf-8") as fh, open(train[1], encoding="utf-8") as gh:

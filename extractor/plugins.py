@@ -1,4 +1,4 @@
-"""Plugin seams, as simonw/llm has them: an installed package adds a backend or a scoring kind by declaring
+"""Plugin seams and the registries behind them, as simonw/llm has them: an installed package adds a backend or a scoring kind by declaring
 an entry point in one of these groups, `name = "module:attribute"` (pyproject.toml's [project.entry-points]).
 The bundled ones are declared the same way and listed beside each registry too, so a checkout whose installed
 metadata predates one still finds it. Lookups give "module:attribute" strings: nothing is imported until a
@@ -39,3 +39,33 @@ class Registry:
         """Import what `name` is registered as (an ImportError goes to the caller, which knows the fix)."""
         module, attr = self.find(name).split(":")
         return getattr(import_module(module), attr)
+
+
+# The bundled backends and scoring kinds (pyproject.toml declares the same entry points).
+BACKENDS = {
+    "hf": "extractor.backends.hf:HFBackend",
+    "echo": "extractor.backends.echo:EchoBackend",
+    "vllm": "extractor.backends.vllm_backend:VLLMBackend",
+    "openai": "extractor.backends.openai_backend:OpenAIBackend",
+}
+SCORING_KINDS = {
+    "fields": "extractor.scoring.facts:FieldFacts",
+    "tuples": "extractor.scoring.facts:TupleFacts",
+    "labels": "extractor.scoring.facts:LabelFacts",
+}
+BACKEND_REGISTRY = Registry("extractor.backends", "backend", BACKENDS)
+SCORING_REGISTRY = Registry("extractor.scoring_kinds", "scoring kind", SCORING_KINDS)
+
+
+def backend_class(name: str):
+    """The backend class registered as `name` (imported only now: `extractor --help` never imports torch)."""
+    try:
+        return BACKEND_REGISTRY.load(name)
+    except ImportError as exc:
+        raise ExtractorError(f"backend '{name}' needs a package that is not installed ({exc.name}); "
+                             f"install the matching extra, e.g. pip install 'extractor[{name}]'") from None
+
+
+def scoring_kind(name: str):
+    """The scoring kind (a FactKind subclass, scoring/facts.py) registered as `name`."""
+    return SCORING_REGISTRY.load(name)

@@ -57,14 +57,14 @@ def user_tasks(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random Qwen2 model with a locally trained tokenizer and chat template."""
-    from extractor.tiny_models import build_tiny_model
+    from extractor.datasets.tiny_models import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_raw_model(tmp_path_factory):
     """The same kind of model without a chat template: prompts use the seed's raw format."""
-    from extractor.tiny_models import build_tiny_model
+    from extractor.datasets.tiny_models import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny_raw", chat_template=False, seed=1)
 
 
@@ -93,7 +93,7 @@ def make_adapter(model_dir, kind: str, out, seed: int = 0):
 
 
 def synth_corpus(tmp_path, n=24, seed=0, lang="zh"):
-    from extractor.synth import write_corpus
+    from extractor.datasets.synth import write_corpus
     corpus, gold = tmp_path / f"corpus{seed}.jsonl", tmp_path / f"gold{seed}.jsonl"
     write_corpus(corpus, gold, n, seed=seed, lang=lang)
     return corpus, gold

@@ -48,7 +48,7 @@ def one_error(result, code: int = 2, *needles: str) -> str:
 @pytest.fixture
 def job(tmp_path):
     """A folder with a 20-record corpus `c.jsonl` and its echo gold `g.jsonl`."""
-    from extractor.synth import write_corpus
+    from extractor.datasets.synth import write_corpus
     write_corpus(tmp_path / "c.jsonl", tmp_path / "g.jsonl", N, seed=0, lang="zh")
     return tmp_path
 
@@ -380,7 +380,7 @@ def _fill(mnt: Path, leave: int) -> Path:
 
 
 def test_disk_full_during_parquet_conversion_loses_nothing(job, small_disk):
-    from extractor.synth import write_corpus
+    from extractor.datasets.synth import write_corpus
     corpus, gold = job / "big.jsonl", job / "bigg.jsonl"
     write_corpus(corpus, gold, 1500, seed=3, lang="zh")
     assert run(corpus, gold, job / "ref.jsonl").returncode == 0

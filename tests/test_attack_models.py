@@ -295,7 +295,7 @@ def test_truncate_is_unchanged_below_the_head_bound(tiny_model):
     from extractor.backends.base import GenParams, TokenizerEncoder
     from extractor.backends.hf import HFBackend
     from extractor.pipeline.predictor import Predictor
-    from extractor.tasks import load_task
+    from extractor.tasks.task import load_task
 
     class Whole(TokenizerEncoder):
         """The reference: a head as long as the text, so every prompt is counted whole."""

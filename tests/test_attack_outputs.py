@@ -13,11 +13,11 @@ import time
 import pytest
 
 from extractor.jsonutil import loads
-from extractor.outputs import INVALID_JSON, OK, SCHEMA_VIOLATION, Validator, judge, parse_json, repair
+from extractor.results.judge import INVALID_JSON, OK, SCHEMA_VIOLATION, Validator, judge, parse_json, repair
 from extractor.pipeline.sink import RowSink, WorkerError, prefetch
 from extractor.pipeline.summary import Summary
-from extractor.tasks import load_task
-from extractor.writers import JsonlAppender, iter_rows
+from extractor.tasks.task import load_task
+from extractor.store.writers import JsonlAppender, iter_rows
 from tests.conftest import synth_corpus, write_jsonl
 
 EXTRACTOR = [sys.executable, "-m", "extractor"]

@@ -20,7 +20,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from extractor.scoring.evaluate import evaluate
-from extractor.tasks import load_task_file
+from extractor.tasks.task import load_task_file
 from tests.conftest import write_jsonl
 from tests.helpers import HtmlTags
 

@@ -349,7 +349,7 @@ def test_template_failing_on_a_few_shot_example_is_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
     """A small model folder (its tokenizer trained on a few lines) with the tiny models' chat template."""
-    from extractor.tiny_models import build_tiny_model
+    from extractor.datasets.tiny_models import build_tiny_model
     texts = ["硕士 计算机 python", '{"v": ["a"]}', "Instruction Input Answer"] * 20
     return build_tiny_model(tmp_path_factory.mktemp("models") / "m", vocab_size=300, hidden=32, layers=1, heads=1,
                             intermediate=32, texts=texts)
@@ -371,8 +371,8 @@ CHAT_TEMPLATES = {
 def test_chat_template_rendered_as_transformers_does(small_model, name):
     from transformers import AutoTokenizer
 
-    from extractor.prompting import PromptBuilder
-    from extractor.tasks import load_task
+    from extractor.tasks.prompting import PromptBuilder
+    from extractor.tasks.task import load_task
     tokenizer = AutoTokenizer.from_pretrained(small_model)
     if CHAT_TEMPLATES[name] is not None:
         tokenizer.chat_template = CHAT_TEMPLATES[name]
@@ -400,8 +400,8 @@ def test_hostile_chat_template_is_one_line(small_model, tmp_path, case):
     from transformers import AutoTokenizer
 
     from extractor.errors import TaskError
-    from extractor.prompting import PromptBuilder
-    from extractor.tasks import load_task
+    from extractor.tasks.prompting import PromptBuilder
+    from extractor.tasks.task import load_task
     template, expected = HOSTILE_CHAT[case]
     tokenizer = AutoTokenizer.from_pretrained(small_model)
     tokenizer.chat_template = template

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from extractor.backends import backend_class
+from extractor.plugins import backend_class
 from extractor.backends.base import GenParams, Request
 
 PROMPTS = ["本科，java", "硕士及以上学历，计算机相关专业，熟练掌握python和go，有开源项目经验者优先。" * 3, "x", "3年以上"]

@@ -21,8 +21,8 @@ from hypothesis import given, settings, strategies as st
 from extractor.backends.base import TextEncoder, TokenizerEncoder
 from extractor.pipeline.chunks import ChunkSettings, Splitter, pack, units
 from extractor.pipeline.merge import Merger
-from extractor.synth import ABSENT
-from extractor.tasks import load_task
+from extractor.datasets.synth import ABSENT
+from extractor.tasks.task import load_task
 from tests.conftest import REPO, read_jsonl, write_jsonl
 from tests.helpers import kill_when_output_grows
 
@@ -111,7 +111,7 @@ def test_split_property_covers_text_within_budget(sentences, budget):
 def _long_records(n: int, filler_sentences: tuple[int, int], seed: int = 0, lang: str = "zh"):
     """Demo-style postings (synth_compose's clauses, or synth's English ones) after a long company
     description: the requirement clauses come last."""
-    from extractor import synth, synth_compose as sc
+    from extractor.datasets import synth, synth_compose as sc
     rng = random.Random(f"long:{seed}:{lang}")
     records, golds = [], []
     for i in range(n):

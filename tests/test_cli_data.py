@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from extractor.synth import ABSENT, FIELDS, generate
+from extractor.datasets.synth import ABSENT, FIELDS, generate
 from tests.conftest import read_jsonl
 
 
@@ -93,5 +93,5 @@ def test_skillspan_converter(tmp_path, run_cli):
 
 
 def test_bio_spans():
-    from extractor.skillspan import bio_spans
+    from extractor.datasets.skillspan import bio_spans
     assert bio_spans(list("abcde"), ["B", "I", "O", "B", "B"]) == ["a b", "d", "e"]

@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 
 from extractor.scoring.compare import (DROP, MICRO, TWO_SIDED, RunCounts, CompareSettings, compare_pair, maxt_stepdown,
                                regressions, too_small)
-from extractor.synth import generate
+from extractor.datasets.synth import generate
 from tests.conftest import write_jsonl
 from tests.test_eval_cli import perturb
 

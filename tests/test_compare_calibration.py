@@ -1,4 +1,4 @@
-"""The gate's calibration, by seeded simulation through the real scorer and gate (extractor.scoring.calibration).
+"""The gate's calibration, by seeded simulation through the real scorer and gate (extractor.datasets.calibration).
 
 Equally good pairs must fail the gate at most alpha of the time, over micro and every class together, within
 a binomial tolerance; planted one-class drops must be caught and named. The long version with its figures is
@@ -8,7 +8,7 @@ from math import comb
 
 import pytest
 
-from extractor.scoring.calibration import Scenario, Simulator, false_flags, trial
+from extractor.datasets.calibration import Scenario, Simulator, false_flags, trial
 
 ALPHA = 0.05
 N_RECORDS = 300

@@ -4,7 +4,7 @@ loves digits otherwise writes digits until the budget ends: invalid JSON, an int
 import pytest
 
 from extractor.constrain.grammar import Grammar
-from extractor.outputs import Validator, judge
+from extractor.results.judge import Validator, judge
 from tests.helpers import stand_in_decode
 
 VOCAB = 4096 + 904
@@ -15,7 +15,7 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from extractor.tiny_models import tokenizer_corpus, train_tokenizer
+    from extractor.datasets.tiny_models import tokenizer_corpus, train_tokenizer
     return train_tokenizer(tokenizer_corpus(600), vocab_size=4096)
 
 

@@ -4,8 +4,8 @@ off, gives identical outputs, every one schema-valid."""
 import pytest
 
 from extractor.constrain.grammar import Grammar, utf8_missing, utf8_tail
-from extractor.outputs import Validator, judge
-from extractor.tasks import load_task
+from extractor.results.judge import Validator, judge
+from extractor.tasks.task import load_task
 from tests.helpers import stand_in_decode
 
 VOCAB = 4096 + 904  # the model's head is larger than the tokenizer, as with real checkpoints
@@ -13,7 +13,7 @@ VOCAB = 4096 + 904  # the model's head is larger than the tokenizer, as with rea
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from extractor.tiny_models import tokenizer_corpus, train_tokenizer
+    from extractor.datasets.tiny_models import tokenizer_corpus, train_tokenizer
     return train_tokenizer(tokenizer_corpus(600), vocab_size=4096)
 
 

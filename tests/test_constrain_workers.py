@@ -11,8 +11,8 @@ from extractor.backends.fast import FastDecoder
 from extractor.constrain.batch import BatchConstraint, shard_pool
 from extractor.constrain.grammar import Grammar
 from extractor.constrain.workers import WorkerError, auto_workers
-from extractor.outputs import Validator, judge
-from extractor.tasks import load_task
+from extractor.results.judge import Validator, judge
+from extractor.tasks.task import load_task
 
 
 @pytest.fixture(scope="module")

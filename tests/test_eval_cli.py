@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from extractor.synth import generate
+from extractor.datasets.synth import generate
 from tests.conftest import read_jsonl, shared_path, write_jsonl
 
 

@@ -159,9 +159,9 @@ def test_cpu_default_takes_the_fast_path_within_the_token_budget(tmp_path, tiny_
     batches (slots x cached positions), and the same outputs as --fast off."""
     from extractor.backends.base import GenParams
     from extractor.backends.hf import HFBackend
-    from extractor.corpus import CorpusReader
+    from extractor.store.corpus import CorpusReader
     from extractor.pipeline import Predictor
-    from extractor.tasks import load_task
+    from extractor.tasks.task import load_task
     from tests.conftest import synth_corpus
     corpus, _ = synth_corpus(tmp_path, n=6)
     records = [r for window in CorpusReader(corpus) for r in window]

@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from extractor.backends.base import Generation
 from extractor.cli.main import cli
-from extractor.outputs import SCORED_STATUSES, STATUSES, Validator, judge, writable_text
-from extractor.rows import prediction_row
+from extractor.results.judge import SCORED_STATUSES, STATUSES, Validator, judge, writable_text
+from extractor.results.rows import prediction_row
 from extractor.scoring.evaluate import evaluate
-from extractor.tasks import load_task
-from extractor.writers import JsonlAppender, iter_rows, write_parquet
+from extractor.tasks.task import load_task
+from extractor.store.writers import JsonlAppender, iter_rows, write_parquet
 from tests.conftest import write_jsonl
 
 TASK = load_task("jd_requirements")

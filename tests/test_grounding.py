@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from extractor.scoring.grounding import (EXACT, FUZZY, FUZZY_THRESHOLD, NORMALIZED, Aligner, Grounder, best_substring,
                                          levenshtein, similarity)
-from extractor.synth import generate
-from extractor.tasks import load_task
+from extractor.datasets.synth import generate
+from extractor.tasks.task import load_task
 from tests.conftest import read_jsonl, write_jsonl
 
 EXTRACTOR = [sys.executable, "-m", "extractor"]

@@ -404,7 +404,7 @@ def test_garbage_answer_stops_the_run(fake, tmp_path):
 @pytest.mark.timeout(60)
 def test_generate_returns_request_order_and_identity_has_no_key(fake, monkeypatch):
     """The batch form in request order though answers finish in reverse; identity is the URL and names only."""
-    from extractor.backends import backend_class
+    from extractor.plugins import backend_class
     from extractor.backends.base import LENGTH, GenParams, Request
     fake.key, fake.models = KEY, ["tiny", "org/lora-a"]
     monkeypatch.setenv("OPENAI_API_KEY", KEY)

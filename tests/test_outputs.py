@@ -2,9 +2,9 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from extractor.outputs import (INVALID_JSON, OK, REPAIRED, SCHEMA_VIOLATION, TRUNCATED, Validator, judge,
+from extractor.results.judge import (INVALID_JSON, OK, REPAIRED, SCHEMA_VIOLATION, TRUNCATED, Validator, judge,
                                parse_json)
-from extractor.tasks import load_task
+from extractor.tasks.task import load_task
 
 V = Validator(load_task("jd_requirements").schema)
 GOOD = {"学历要求": ["本科"], "专业要求": ["计算机"], "工作年限要求": ["3年以上"], "编程语言": ["java"], "加分项": ["该JD未要求"]}

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import read_jsonl, synth_corpus, write_jsonl
-from extractor.arrow_types import arrow_type, compile_type, conforms
-from extractor.tasks import load_task
-from extractor.writers import iter_rows, write_parquet
+from extractor.store.arrow_types import arrow_type, compile_type, conforms
+from extractor.tasks.task import load_task
+from extractor.store.writers import iter_rows, write_parquet
 
 SCHEMA = {"$defs": {"money": {"type": "integer"}},
           "type": "object", "additionalProperties": False,

@@ -98,8 +98,8 @@ def test_unknown_plugin_names_are_one_line_with_a_suggestion(tmp_path):
 def test_bundled_entry_points_match_the_registries():
     """pyproject.toml declares the bundled backends and scoring kinds as the plugins declare theirs."""
     import tomllib
-    from extractor.backends import BACKENDS
-    from extractor.scoring.facts import SCORING_KINDS
+    from extractor.plugins import BACKENDS
+    from extractor.plugins import SCORING_KINDS
     points = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]
     assert points["extractor.backends"] == BACKENDS
     assert points["extractor.scoring_kinds"] == SCORING_KINDS

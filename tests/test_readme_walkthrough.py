@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from extractor.outputs import STATUSES
-from extractor.tasks import Generation, PromptSpec, Scoring
+from extractor.results.judge import STATUSES
+from extractor.tasks.task import Generation, PromptSpec, Scoring
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

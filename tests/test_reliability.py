@@ -11,10 +11,10 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from extractor.corpus import CorpusReader
+from extractor.store.corpus import CorpusReader
 from extractor.errors import ExtractorError, InputError, TaskError
 from extractor.scoring.evaluate import evaluate
-from extractor.tasks import load_task
+from extractor.tasks.task import load_task
 from tests.conftest import REPO, read_jsonl, synth_corpus, write_jsonl
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -83,7 +83,7 @@ def test_permission_denied_fails_before_work(tmp_path):
 
 
 def test_mismatched_tokenizer_is_refused(tmp_path, tiny_model, run_cli):
-    from extractor.tiny_models import build_tiny_model
+    from extractor.datasets.tiny_models import build_tiny_model
     other = build_tiny_model(tmp_path / "big_vocab", vocab_size=1600)
     mixed = tmp_path / "mixed"
     shutil.copytree(tiny_model, mixed)

@@ -7,12 +7,12 @@ from hypothesis import given, settings, strategies as st
 from sklearn.metrics import precision_recall_fscore_support
 from sklearn.preprocessing import MultiLabelBinarizer
 
-from extractor.outputs import parse_json
+from extractor.results.judge import parse_json
 from extractor.scoring.evaluate import Evaluator, GoldRecord, PredRecord, evaluate, overlap_f1
 from extractor.scoring.facts import FactExtractor
 from extractor.scoring.metrics import Counts
 from extractor.scoring.normalize import make_normalizer
-from extractor.tasks import load_task
+from extractor.tasks.task import load_task
 from tests.conftest import shared_path, write_jsonl
 
 LABELS = ["水果", "衣服", "洗浴", "平板", "酒店", "书籍", "电脑", "蒙牛"]

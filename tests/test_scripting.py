@@ -230,7 +230,7 @@ def test_progress_bar_honours_limit(tmp_path):
 
 
 def test_truncation_flag_survives_parquet(tmp_path, tiny_model, run_cli):
-    from extractor.writers import iter_rows
+    from extractor.store.writers import iter_rows
     rows = [{"id": f"s{i}", "text": "本科"} for i in range(3)] + [{"id": "long", "text": "计算机专业 " * 400}]
     corpus = write_jsonl(tmp_path / "c.jsonl", rows)
     out = tmp_path / "t.parquet"

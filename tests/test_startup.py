@@ -122,7 +122,7 @@ def _compiled_counts(path, scope: str):
 def test_regional_compile_compiles_one_layer_for_all(tmp_path):
     """Scope "layers": one compiled forward per decoder-layer class, reused by every layer, so a deeper model
     compiles no more frames; its tokens equal the eager decoder's (fp32)."""
-    from extractor.tiny_models import build_tiny_model
+    from extractor.datasets.tiny_models import build_tiny_model
     shallow, deep = (build_tiny_model(tmp_path / f"l{n}", layers=n) for n in (2, 4))
     got2, eager2, frames2 = _compiled_counts(shallow, "layers")
     got4, eager4, frames4 = _compiled_counts(deep, "layers")

@@ -7,8 +7,8 @@ import sys
 import polars as pl
 import pytest
 
-from extractor import storage
-from extractor.writers import iter_rows
+from extractor.store import locations
+from extractor.store.writers import iter_rows
 from tests.conftest import REPO, read_jsonl, synth_corpus
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -23,7 +23,7 @@ def echo_args(corpus, gold, out, *extra):
 
 
 def rows(uri: str) -> list[dict]:
-    return [row for _, row in iter_rows(storage.target(uri))]
+    return [row for _, row in iter_rows(locations.target(uri))]
 
 
 def one_error_line(result, *needles) -> str:

@@ -2,8 +2,8 @@
 value is copied verbatim from its posting, and the same seed gives the same corpus."""
 import pytest
 
-from extractor.synth import ABSENT, FIELDS
-from extractor.synth_compose import cue_pools, generate, value_pools
+from extractor.datasets.synth import ABSENT, FIELDS
+from extractor.datasets.synth_compose import cue_pools, generate, value_pools
 
 
 def test_pools_are_large_and_the_splits_disjoint():

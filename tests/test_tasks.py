@@ -1,8 +1,8 @@
 import pytest
 
 from extractor.errors import TaskError
-from extractor.prompting import PromptBuilder
-from extractor.tasks import available, load_task
+from extractor.tasks.prompting import PromptBuilder
+from extractor.tasks.task import available, load_task
 
 
 def test_bundled_tasks_load():

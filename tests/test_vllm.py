@@ -45,8 +45,8 @@ def test_greedy_equals_transformers(engines):
 
 
 def test_structured_outputs(engines):
-    from extractor.outputs import Validator, judge
-    from extractor.tasks import load_task
+    from extractor.results.judge import Validator, judge
+    from extractor.tasks.task import load_task
     engines["vllm"].use_adapter(None)
     for task_name in ("jd_requirements", "review_topic"):
         schema = load_task(task_name).schema

@@ -22,7 +22,7 @@ class EchoBackend(Backend):
     mixes_adapters = True  # it ignores adapters (its outputs are gold): any mix in one stream
 
     def __init__(self, model: str, **_):
-        from extractor.writers import iter_rows
+        from extractor.store.writers import iter_rows
         path = Path(model)
         if not path.is_file():
             raise ModelError(f"echo backend: --model must be a gold file, '{model}' is not a file")

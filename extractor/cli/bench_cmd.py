@@ -10,7 +10,7 @@ from rich.table import Table
 
 from extractor.cli.options import tasks_dir_option
 from extractor.errors import InputError, ModelError
-from extractor.provenance import check_writable, stamp, write_json_atomic
+from extractor.store.provenance import check_writable, stamp, write_json_atomic
 
 
 @click.command()
@@ -44,8 +44,8 @@ def bench(model, task_name, corpus, n, baseline_n, max_new_tokens, constrained, 
     """
     from extractor.backends.hf import HFBackend, check_model_dir
     from extractor.benchmark import FORMAT, compare_paths
-    from extractor.synth import write_corpus
-    from extractor.tasks import load_task
+    from extractor.datasets.synth import write_corpus
+    from extractor.tasks.task import load_task
     task = load_task(task_name, tasks_dirs)
     if corpus is not None and not Path(corpus).is_file():
         raise InputError(f"{corpus}: no such file; check the corpus path or leave --corpus out for synthetic postings")

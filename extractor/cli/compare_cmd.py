@@ -10,17 +10,17 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from extractor import storage
+from extractor.store import locations
 from extractor.cli.options import READABLE, corpus_options, tasks_dir_option
 from extractor.cli.tables import console as make_console
 from extractor.scoring.compare import (DROP, MICRO, POWER, TWO_SIDED, CompareSettings, align, check_coverage,
                                        compare_pair, flipped, rate_column, regressions, significant, too_small)
 from extractor.scoring.evaluate import CorpusJoin
 from extractor.errors import InputError
-from extractor.provenance import stamp, write_json_atomic
-from extractor.clashes import refuse_overwriting_inputs
+from extractor.store.provenance import stamp, write_json_atomic
+from extractor.store.clashes import refuse_overwriting_inputs
 from extractor.scoring.evaluate import evaluate
-from extractor.tasks import load_task
+from extractor.tasks.task import load_task
 
 METHOD = ("p: paired randomization test (each record's two runs swapped at random); p_adjusted: max-T step-down "
           "(Westfall-Young) over micro and every class, and the grounded rate (micro and per field) where "
@@ -85,9 +85,9 @@ def compare(runs, gold, corpus, task_name, resamples, seed, alpha, fail_if_drop,
         raise InputError("compare needs at least two prediction files (baseline first)")
     task = load_task(task_name, tasks_dirs)
     if json_path and not to_stdout:
-        inputs = {f"run {i + 1}": storage.target(r) for i, r in enumerate(runs)}
+        inputs = {f"run {i + 1}": locations.target(r) for i, r in enumerate(runs)}
         outputs = {"--json": Path(json_path), "--json (its temporary file)": Path(json_path + ".tmp")}
-        extra = {name: storage.target(p) for name, p in (("gold", gold), ("corpus", corpus)) if p}
+        extra = {name: locations.target(p) for name, p in (("gold", gold), ("corpus", corpus)) if p}
         refuse_overwriting_inputs(outputs, {**inputs, **extra})
         _check_json_target(json_path)
     source = _TextSource(task, corpus, id_field, text_field)
@@ -138,16 +138,16 @@ class _TextSource:
     def reader(self):
         if not self.corpus:
             return None
-        from extractor.corpus import CorpusReader
+        from extractor.store.corpus import CorpusReader
         return CorpusReader(self.corpus, self.task.spec.input_fields, id_field=self.id_field,
                             text_field=self.text_field)
 
 
 def _load_runs(console, task, runs, gold, min_coverage: float, source: _TextSource):
-    gold_path = storage.target(gold)
+    gold_path = locations.target(gold)
     records, evaluators = [], []
     for run in runs:
-        path = storage.target(run)
+        path = locations.target(run)
         ev = evaluate(task, path, gold_path, keep_records=True, corpus=source.reader())
         check_coverage(str(run), ev.n_scored, ev.n_scored - ev.n_missing, ev.n_extra, min_coverage)
         records.append((path.name, ev.records))
@@ -183,7 +183,7 @@ def _load_gold_free(task, runs, min_coverage: float, source: _TextSource):
                          "ground, so runs cannot be compared without gold; pass --gold")
     names, rates, ref = [], [], None
     for run in runs:
-        path = storage.target(run)
+        path = locations.target(run)
         joined = CorpusJoin()
         ev = evaluate(task, path, None, keep_records=True, corpus=source.reader(), corpus_join=joined)
         ids = {rid for rid, _ in ev.records}

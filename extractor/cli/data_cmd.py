@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 from extractor.cli.options import corpus_options, json_option
 from extractor.cli.tables import console as make_console, rows_table
-from extractor.corpus import CorpusReader, suggest_columns
-from extractor.synth import write_corpus
+from extractor.store.corpus import CorpusReader, suggest_columns
+from extractor.datasets.synth import write_corpus
 
 MAX_LISTED = 20
 
@@ -61,7 +61,7 @@ def skillspan(source, out, gold):
     Example:
       extractor data skillspan ../shared/data/skillspan/dev.json --out skills.jsonl --gold skills.gold.jsonl
     """
-    from extractor.skillspan import convert
+    from extractor.datasets.skillspan import convert
     count = convert(Path(source), Path(out), Path(gold))
     click.echo(f"wrote {count} sentences to {out} and gold spans to {gold}")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from extractor.corpus import CorpusReader, is_stream
+from extractor.store.corpus import CorpusReader, is_stream
 from extractor.errors import InputError, LongInputError
 
 

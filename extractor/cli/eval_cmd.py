@@ -9,16 +9,16 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from extractor import storage
+from extractor.store import locations
 from extractor.cli.options import READABLE, corpus_options, tasks_dir_option
 from extractor.errors import InputError
 from extractor.cli.tables import console as make_console, metrics_table, status_table
-from extractor.provenance import write_json_atomic
-from extractor.clashes import refuse_overwriting_inputs
+from extractor.store.provenance import write_json_atomic
+from extractor.store.clashes import refuse_overwriting_inputs
 from extractor.scoring.document import metrics_document
 from extractor.scoring.evaluate import CorpusJoin, evaluate
 from extractor.scoring.grounding import FUZZY_THRESHOLD
-from extractor.tasks import load_task
+from extractor.tasks.task import load_task
 
 
 @click.command("eval")
@@ -57,13 +57,13 @@ def eval_(predictions, gold, corpus, task_name, metrics_path, report_dir, repars
       extractor eval preds.jsonl --gold gold.jsonl --task jd_requirements --json --quiet | jq .micro.f1
     """
     task = load_task(task_name, tasks_dirs)
-    pred_path = storage.target(predictions)
-    gold_path = storage.target(gold) if gold else None
-    if report_dir and storage.is_remote(storage.target(report_dir)):
+    pred_path = locations.target(predictions)
+    gold_path = locations.target(gold) if gold else None
+    if report_dir and locations.is_remote(locations.target(report_dir)):
         raise InputError(f"--report {report_dir}: the report is a local folder; pass a local path")
-    out = storage.target(metrics_path) if metrics_path else (
+    out = locations.target(metrics_path) if metrics_path else (
         Path(report_dir) / "metrics.json" if report_dir else pred_path.with_name(pred_path.name + ".metrics.json"))
-    inputs = {"predictions": pred_path, "gold": gold_path, "corpus": storage.target(corpus) if corpus else None}
+    inputs = {"predictions": pred_path, "gold": gold_path, "corpus": locations.target(corpus) if corpus else None}
     refuse_overwriting_inputs(_outputs(out, report_dir), {k: v for k, v in inputs.items() if v is not None})
     reader = _corpus_reader(task, corpus, id_field, text_field)
     joined = CorpusJoin()
@@ -132,7 +132,7 @@ def _print_records(console, doc):
 def _corpus_reader(task, corpus, id_field: str, text_field: str | None):
     if not corpus:
         return None
-    from extractor.corpus import CorpusReader
+    from extractor.store.corpus import CorpusReader
     return CorpusReader(corpus, task.spec.input_fields, id_field=id_field, text_field=text_field)
 
 

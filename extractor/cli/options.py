@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from extractor import storage
-from extractor.tasks import TASKS_DIR_ENV
+from extractor.store import locations
+from extractor.tasks.task import TASKS_DIR_ENV
 
 
 class Readable(click.ParamType):
@@ -15,10 +15,10 @@ class Readable(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            location = storage.target(value)
-        except storage.StorageError as exc:
+            location = locations.target(value)
+        except locations.StorageError as exc:
             self.fail(str(exc), param, ctx)
-        if not storage.is_remote(location) and not location.is_file():
+        if not locations.is_remote(location) and not location.is_file():
             self.fail(f"'{value}': {_not_a_file(location)}", param, ctx)
         return value
 
@@ -61,7 +61,7 @@ def bad_record_options(fn):
 def complete_task_names(ctx, param, incomplete: str) -> list[str]:
     """Shell completion of a task name: the bundled tasks, $EXTRACTOR_TASKS_DIR's and --tasks-dir's (where
     already typed). Completion must never fail, so a folder it cannot read completes nothing of its own."""
-    from extractor.tasks import available
+    from extractor.tasks.task import available
     dirs = ctx.params.get("tasks_dirs") or ()
     try:
         names = available(dirs)

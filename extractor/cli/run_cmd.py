@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from extractor import storage
-from extractor.backends import backend_class
-from extractor.clashes import FileSet, refuse_overlaps, rejects_written, written_beside
+from extractor.store import locations
+from extractor.plugins import backend_class
+from extractor.store.clashes import FileSet, refuse_overlaps, rejects_written, written_beside
 from extractor.cli.openai_options import openai_options
 from extractor.cli.options import bad_record_options, complete_task_names, corpus_options, tasks_dir_option
 from extractor.cli.tables import console as make_console, status_table
-from extractor.corpus import check_corpus, is_stdin, is_stream
+from extractor.store.corpus import check_corpus, is_stdin, is_stream
 from extractor.errors import InputError
 from extractor.hub import RunSources
 from extractor.pipeline import OnePass, Predictor, Run, RunOptions, Summary, output_for_adapter, run_key
@@ -20,10 +20,10 @@ from extractor.pipeline.claim import Claim
 from extractor.pipeline.config import RunConfig
 from extractor.pipeline.predictor import INPUT_TRUNCATED
 from extractor.pipeline.summary import NoResultError
-from extractor.provenance import check_writable
-from extractor.rows import RESERVED
-from extractor.tasks import load_task
-from extractor.writers import is_stdout
+from extractor.store.provenance import check_writable
+from extractor.results.rows import RESERVED
+from extractor.tasks.task import load_task
+from extractor.store.writers import is_stdout
 
 
 @click.command()
@@ -139,7 +139,7 @@ def run(**params):
     # hub ids -> cached snapshots; fails first
     checkpoints = [RunSources.resolve(model, cfg.adapters, cfg.backend) for model in cfg.models]
     sources = checkpoints[0]
-    corpus, out = storage.target(cfg.corpus), storage.target(cfg.out)
+    corpus, out = locations.target(cfg.corpus), locations.target(cfg.out)
     _check_corpus(cfg, corpus)
     if cfg.print_prompt is not None or cfg.dry_run:
         from extractor.cli.dry_run import dry_run
@@ -316,7 +316,7 @@ def _preflight(cfg: RunConfig, task, opts: RunOptions, sources: RunSources, outs
 def _expect(engine, opts: RunOptions) -> int | None:
     """Tell the backend how many records the run decodes at most, where cheap to know (--compile auto); the
     corpus's record count (None: not cheap to know), counted once here for the progress bars too."""
-    from extractor.corpus import count_records
+    from extractor.store.corpus import count_records
     total = count_records(opts.corpus)  # None for streams and remote JSONL
     at_most = opts.limit if total is None else total if opts.limit is None else min(total, opts.limit)
     engine.expect(at_most, opts.params)
@@ -356,7 +356,7 @@ def _rejects(cfg: RunConfig, outs: list) -> list:
     if cfg.on_bad_record != "skip":
         return []
     if cfg.rejects:
-        return [storage.target(cfg.rejects)]
+        return [locations.target(cfg.rejects)]
     return [o.with_name(o.name + ".rejects.jsonl") for o in outs]
 
 
@@ -365,7 +365,7 @@ def _locked(cfg: RunConfig, outs: list) -> list:
     their parent's, which the parent holds)."""
     locked = [(o, "--out") for o in outs]
     if cfg.rejects and cfg.on_bad_record == "skip" and not cfg.shard:
-        locked.append((storage.target(cfg.rejects), "--rejects"))
+        locked.append((locations.target(cfg.rejects), "--rejects"))
     return locked
 
 
@@ -376,7 +376,7 @@ def _run_sharded(cfg: RunConfig, out, console, labels) -> None:
     check_writable(out)
     with Claim([], _locked(cfg, targets)):
         if cfg.rejects and cfg.on_bad_record == "skip" and not (cfg.overwrite or cfg.resume) \
-                and storage.exists(storage.target(cfg.rejects)):
+                and locations.exists(locations.target(cfg.rejects)):
             raise InputError(f"--rejects {cfg.rejects} already exists; pass --overwrite to replace it or choose "
                              "another --rejects")
         merged = run_sharded(ctx.command, ctx.params, out, cfg.gpus, cfg.device, console, labels)

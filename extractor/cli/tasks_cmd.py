@@ -7,8 +7,8 @@ import click
 
 from extractor.cli.options import complete_task_names, json_option, tasks_dir_option
 from extractor.cli.tables import console as make_console, rows_table
-from extractor.prompting import render_messages, messages_to_raw
-from extractor.tasks import available, load_task
+from extractor.tasks.prompting import render_messages, messages_to_raw
+from extractor.tasks.task import available, load_task
 
 
 @click.command()

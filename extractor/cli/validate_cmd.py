@@ -13,14 +13,14 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from extractor import storage
+from extractor.store import locations
 from extractor.cli.options import READABLE, corpus_options, tasks_dir_option
 from extractor.cli.tables import status_table
 from extractor.errors import InputError
-from extractor.outputs import INVALID_JSON, OK, SCHEMA_VIOLATION, SCORED_STATUSES, Validator, judge
+from extractor.results.judge import INVALID_JSON, OK, SCHEMA_VIOLATION, SCORED_STATUSES, Validator, judge
 from extractor import jsonutil
-from extractor.tasks import load_task
-from extractor.writers import iter_rows
+from extractor.tasks.task import load_task
+from extractor.store.writers import iter_rows
 
 TEXT_KEYS = ("raw", "output", "text", "response")
 
@@ -55,9 +55,9 @@ def validate(predictions, task_name, field, examples, corpus, spans_out, id_fiel
     if spans_out and not corpus:
         raise InputError("--spans-out needs --corpus: spans are offsets into the corpus's texts")
     if spans_out:
-        from extractor.clashes import refuse_overwriting_inputs
-        refuse_overwriting_inputs({"--spans-out": storage.target(spans_out)},
-                                  {"predictions": Path(predictions), "corpus": storage.target(corpus)})
+        from extractor.store.clashes import refuse_overwriting_inputs
+        refuse_overwriting_inputs({"--spans-out": locations.target(spans_out)},
+                                  {"predictions": Path(predictions), "corpus": locations.target(corpus)})
     validator = Validator(task.schema, task.registry)
     counts: Counter = Counter()
     shown: dict[str, list[str]] = {}
@@ -66,7 +66,7 @@ def validate(predictions, task_name, field, examples, corpus, spans_out, id_fiel
     if grounding is not None:
         checked = grounding.rows(checked)
     with contextlib.ExitStack() as stack:
-        out = stack.enter_context(storage.atomic_writer(storage.target(spans_out))) if spans_out else None
+        out = stack.enter_context(locations.atomic_writer(locations.target(spans_out))) if spans_out else None
         for item in checked:
             _tally(item, counts, shown, examples)
             if out is not None:
@@ -132,7 +132,7 @@ class _Grounding:
     """validate --corpus: each checked row joined with its corpus record by id, its values grounded."""
 
     def __init__(self, task, corpus, id_field, text_field, predictions, spans_out):
-        from extractor.corpus import CorpusReader
+        from extractor.store.corpus import CorpusReader
         from extractor.scoring.grounded_rate import GroundedRate
         from extractor.scoring.grounding import Grounder
         self.reader = CorpusReader(corpus, task.spec.input_fields, id_field=id_field, text_field=text_field)

@@ -19,7 +19,7 @@ from extractor.pipeline.predictor import Predictor
 from extractor.pipeline.run import MANIFEST_FORMAT, Run, RunOptions, output_for_adapter, output_store, run_key
 from extractor.pipeline.sink import Progress, RowSink, prefetch
 from extractor.pipeline.summary import Summary
-from extractor.rows import RESERVED
+from extractor.results.rows import RESERVED
 
 __all__ = ["MANIFEST_FORMAT", "RESERVED", "OnePass", "Predictor", "Progress", "RowSink", "Run", "RunOptions", "Summary",
            "output_for_adapter", "output_store", "prefetch", "run_key"]

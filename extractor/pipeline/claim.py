@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import contextlib
 
-from extractor import storage
-from extractor.locks import OutputLock
-from extractor.provenance import manifest_path
-from extractor.storage import Location
+from extractor.store import locations
+from extractor.store.locks import OutputLock
+from extractor.store.provenance import manifest_path
+from extractor.store.locations import Location
 
 
 class Claim:
@@ -25,7 +25,7 @@ class Claim:
         try:
             seen = set()
             for path, flag in self.locked:
-                if not storage.is_remote(path) and str(path) not in seen:  # a store has no lock (locks.py)
+                if not locations.is_remote(path) and str(path) not in seen:  # a store has no lock (locks.py)
                     seen.add(str(path))
                     self._stack.enter_context(OutputLock(path, flag))
             self.fresh = [out for out in self.outputs if not _anything_there(out)]
@@ -54,4 +54,4 @@ class Claim:
 
 def _anything_there(out: Location) -> bool:
     from extractor.pipeline.run import output_store
-    return output_store(out).exists() or storage.exists(manifest_path(out))
+    return output_store(out).exists() or locations.exists(manifest_path(out))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from extractor import storage
+from extractor.store import locations
 from extractor.backends.base import GenParams
 from extractor.errors import InputError
 from extractor.pipeline.chunks import DEFAULT_OVERLAP, ChunkSettings
@@ -87,10 +87,10 @@ class RunConfig:
                          constrained=self.constrained)
 
     def run_options(self, task) -> RunOptions:
-        return RunOptions(corpus=storage.target(self.corpus), out=storage.target(self.out),
+        return RunOptions(corpus=locations.target(self.corpus), out=locations.target(self.out),
                           params=self.gen_params(task), id_field=self.id_field, text_field=self.text_field,
                           keep_fields=tuple(self.keep_fields), on_bad=self.on_bad_record,
-                          rejects=storage.target(self.rejects) if self.rejects else None, resume=self.resume,
+                          rejects=locations.target(self.rejects) if self.rejects else None, resume=self.resume,
                           overwrite=self.overwrite, on_long=self.long_input_policy(task),
                           chunking=self.chunking(task), max_input_tokens=self.max_input_tokens,
                           window=self.window, quiet=self.quiet, limit=self.limit, shard=parse_shard(self.shard))

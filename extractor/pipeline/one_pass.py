@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
-from extractor.corpus import count_records
+from extractor.store.corpus import count_records
 from extractor.pipeline.interrupt import CtrlC
 from extractor.pipeline.predictor import Predictor
 from extractor.pipeline.run import Run, RunOptions, produce
 from extractor.pipeline.summary import Summary
-from extractor.storage import Location
+from extractor.store.locations import Location
 
 
 class OnePass:

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 from extractor.backends.base import Backend, GenParams, Generation
 from extractor.errors import InputError, LongInputError
-from extractor.outputs import ERROR, REPAIRED, SCHEMA_VIOLATION, SCORED_STATUSES, OK, Parsed, Validator, judge
+from extractor.results.judge import ERROR, REPAIRED, SCHEMA_VIOLATION, SCORED_STATUSES, OK, Parsed, Validator, judge
 from extractor.pipeline.chunks import Chunk, Chunker, ChunkSettings
 from extractor.pipeline.lanes import stream_lanes
 from extractor.pipeline.merge import Merger
-from extractor.prompting import PromptBuilder
-from extractor.rows import chunked_row, error_row, keep_fields, prediction_row
+from extractor.tasks.prompting import PromptBuilder
+from extractor.results.rows import chunked_row, error_row, keep_fields, prediction_row
 from extractor.scoring.grounding import Grounder
 
 

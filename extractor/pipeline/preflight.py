@@ -11,7 +11,7 @@ from extractor.backends.base import Backend, GenParams, TokenizerBackend
 from extractor.errors import ManifestError, ModelError
 from extractor.pipeline.predictor import Predictor
 from extractor.pipeline.run import key_differences, output_store, run_key, shard_windows
-from extractor.provenance import manifest_path
+from extractor.store.provenance import manifest_path
 
 # peft's prompt-learning types, whose virtual tokens come before every prompt (prompt_learning.KINDS, which
 # imports torch: kept equal to it by a test)
@@ -119,7 +119,7 @@ def check_first_window(predictor: Predictor, opts) -> None:
     """Render and length-check the records the run starts with (its first window, within --limit): a
     prompt over the limit with --on-long fail, a record the task cannot render, a bad record with
     --on-bad-record fail, all fail here. Nothing is written (no rejects file)."""
-    from extractor.corpus import CorpusReader
+    from extractor.store.corpus import CorpusReader
     n = min(opts.window, opts.limit or opts.window)
     reader = CorpusReader(opts.corpus, predictor.task.spec.input_fields, opts.id_field, opts.text_field,
                           opts.on_bad, None, batch_size=n)

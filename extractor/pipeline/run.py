@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from extractor.backends.base import Backend, GenParams
-from extractor.corpus import CorpusReader, RejectsWriter, corpus_identity, count_records, id_key
+from extractor.store.corpus import CorpusReader, RejectsWriter, corpus_identity, count_records, id_key
 from extractor.errors import InputError, ManifestError
 from extractor.pipeline.chunks import ChunkSettings
 from extractor.pipeline.interrupt import CtrlC
@@ -17,9 +17,9 @@ from extractor.pipeline.lanes import stream_lanes
 from extractor.pipeline.predictor import Predictor
 from extractor.pipeline.sink import Progress, RowSink, prefetch
 from extractor.pipeline.summary import Summary
-from extractor.provenance import manifest_path, stamp
-from extractor.storage import Location, exists, is_remote
-from extractor.writers import JournalOutput, StdoutOutput, is_stdout
+from extractor.store.provenance import manifest_path, stamp
+from extractor.store.locations import Location, exists, is_remote
+from extractor.store.writers import JournalOutput, StdoutOutput, is_stdout
 
 MANIFEST_FORMAT = "extractor.manifest/1"
 
@@ -68,7 +68,7 @@ def run_key(task, backend: Backend, predictor: Predictor, opts: RunOptions) -> d
 def output_store(out):
     """How rows reach the output: appended to a local journal, or put as parts to an object store."""
     if is_remote(out):
-        from extractor.parts import PartsOutput
+        from extractor.store.parts import PartsOutput
         return PartsOutput(out)
     if is_stdout(out):
         return StdoutOutput(out)

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from extractor.errors import ExtractorError
-from extractor.outputs import SCORED_STATUSES
+from extractor.results.judge import SCORED_STATUSES
 
 if TYPE_CHECKING:
     from extractor.pipeline.summary import Summary

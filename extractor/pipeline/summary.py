@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from extractor.errors import ExtractorError
-from extractor.outputs import SCORED_STATUSES
+from extractor.results.judge import SCORED_STATUSES
 
 
 class NoResultError(ExtractorError):

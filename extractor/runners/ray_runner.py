@@ -26,13 +26,15 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from extractor import jsonutil, storage
+from extractor import jsonutil
+
+from extractor.store import locations
 from extractor.backends.base import Backend
-from extractor.corpus import RecordProblem, check_record, corpus_format, id_key, input_columns
+from extractor.store.corpus import RecordProblem, check_record, corpus_format, id_key, input_columns
 from extractor.errors import ExtractorError
 from extractor.pipeline import Run
 from extractor.pipeline.config import RunConfig
-from extractor.rows import error_row
+from extractor.results.rows import error_row
 from extractor.runners import ray_capacity
 
 READ_CPUS = 0.25  # Ray Data's read tasks parse JSON/Parquet blocks: light next to a model
@@ -46,9 +48,9 @@ class PredictActor:
 
     def __init__(self, task_name, tasks_dirs, backend_name, backend_kwargs, params, opts_dict, done_ref):
         import ray
-        from extractor.backends import backend_class
+        from extractor.plugins import backend_class
         from extractor.pipeline import Predictor
-        from extractor.tasks import load_task
+        from extractor.tasks.task import load_task
         self.task = load_task(task_name, tasks_dirs)
         backend = backend_class(backend_name)(**backend_kwargs)
         # The worker's backend was built with the run's one adapter: every request names it (without this
@@ -126,7 +128,7 @@ class RayRun(Run):
         import ray
         self._init_ray(ray)
         # A local corpus is read on the driver's node, the one node sure to have it.
-        self.read_node = None if storage.is_remote(self.opts.corpus) else ray.get_runtime_context().get_node_id()
+        self.read_node = None if locations.is_remote(self.opts.corpus) else ray.get_runtime_context().get_node_id()
         self._check_capacity(ray, self.read_node)
         return super().prepare(key)
 
@@ -168,7 +170,7 @@ class RayRun(Run):
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance for this run only
         # Read tasks on other nodes reach the corpus's store as this process does (endpoint, credentials).
-        env = storage.forwarded_env() if storage.is_remote(self.opts.corpus) else {}
+        env = locations.forwarded_env() if locations.is_remote(self.opts.corpus) else {}
         runtime_env = {"env_vars": env} if env else None
         common = dict(log_to_driver=False, runtime_env=runtime_env,
                       logging_level=logging.WARNING if self.opts.quiet else logging.INFO)
@@ -232,7 +234,7 @@ class RayRun(Run):
         ctx.enable_progress_bars = not self.opts.quiet
         fmt = corpus_format(self.opts.corpus)
         read_args = {"num_cpus": READ_CPUS}
-        if storage.is_remote(self.opts.corpus):
+        if locations.is_remote(self.opts.corpus):
             # Ray resolves the URI itself (pyarrow's S3/GCS/Azure filesystems, else fsspec's), on each worker
             # from the variables forwarded at init; its line-JSON reader takes no filesystem of ours.
             path = self.opts.corpus.uri
@@ -333,7 +335,7 @@ def node_path(item: str) -> str:
 def worker_tasks_dirs(tasks_dirs) -> tuple[str, ...]:
     """--tasks-dir and $EXTRACTOR_TASKS_DIR as the workers must see them (they have neither)."""
     import os
-    from extractor.tasks import TASKS_DIR_ENV
+    from extractor.tasks.task import TASKS_DIR_ENV
     env = [d for d in os.environ.get(TASKS_DIR_ENV, "").split(os.pathsep) if d]
     return tuple(node_path(d) for d in (*tasks_dirs, *env))
 
@@ -365,5 +367,5 @@ def check_ray_installed() -> None:
 def ray_temp_dir(out) -> str:
     # Ray's socket paths must stay short (107 bytes): a short folder under /tmp, named after the output.
     import hashlib
-    name = str(out) if storage.is_remote(out) else str(out.resolve())
+    name = str(out) if locations.is_remote(out) else str(out.resolve())
     return f"/tmp/ray-{hashlib.sha1(name.encode()).hexdigest()[:8]}"

@@ -16,11 +16,11 @@ import sys
 
 import click
 
-from extractor import storage
+from extractor.store import locations
 from extractor.errors import ExtractorError
-from extractor.provenance import manifest_path, read_manifest, stamp, write_json_atomic
-from extractor.storage import Location
-from extractor.writers import drop_partial_tail, iter_jsonl_rows, write_rows
+from extractor.store.provenance import manifest_path, read_manifest, stamp, write_json_atomic
+from extractor.store.locations import Location
+from extractor.store.writers import drop_partial_tail, iter_jsonl_rows, write_rows
 
 MERGED_FORMAT = "extractor.merged/1"
 
@@ -99,10 +99,10 @@ def run_sharded(command: click.Command, params: dict, out: Location, gpus: int, 
                              "continue the unfinished shards and merge")
     merged = []
     for target, shards in targets:
-        if storage.exists(target) and (read_manifest(target) or {}).get("format") == MERGED_FORMAT:
+        if locations.exists(target) and (read_manifest(target) or {}).get("format") == MERGED_FORMAT:
             for s in shards:  # merged before: shards a resumed worker wrote again are not needed
-                storage.remove(s)
-                storage.remove(manifest_path(s))
+                locations.remove(s)
+                locations.remove(manifest_path(s))
             merged.append((target, _summary(read_manifest(target)).get("statuses") or {}))
             continue
         summary = merge(target, shards)
@@ -121,14 +121,14 @@ def _already_merged(out: Location, shards: list[Location], params: dict, console
     """True when a complete merged output is there to keep (--resume); clears it for --overwrite; refuses to
     replace anything else."""
     if params.get("overwrite") and not params.get("resume"):
-        storage.remove(out)
-        storage.remove(manifest_path(out))
+        locations.remove(out)
+        locations.remove(manifest_path(out))
         return False
-    if not storage.exists(out):
+    if not locations.exists(out):
         return False
     manifest = read_manifest(out)
     if not (manifest and manifest.get("format") == MERGED_FORMAT):
-        if not any(storage.exists(s) for s in shards):  # a merge removes shards last
+        if not any(locations.exists(s) for s in shards):  # a merge removes shards last
             raise ExtractorError(f"{out} already exists and was not merged by a --gpus run; use another --out or "
                                  "--overwrite")
         if params.get("resume"):
@@ -162,7 +162,7 @@ def merge(out: Location, shards: list[Location]) -> dict:
     for s, m in zip(shards, manifests):
         if not _summary(m).get("complete") or not isinstance(m.get("run_key"), dict):
             raise ExtractorError(f"{s} is not complete; rerun with --resume before merging")
-        if not storage.is_remote(s):
+        if not locations.is_remote(s):
             drop_partial_tail(s)
     statuses: dict = {}
     rows = _interleave(shards, statuses)
@@ -174,8 +174,8 @@ def merge(out: Location, shards: list[Location]) -> dict:
                                            "run_key": {k: v for k, v in manifests[0]["run_key"].items() if k != "shard"},
                                            "shard_manifests": manifests, **stamp(), "summary": summary})
     for s in shards:
-        storage.remove(s)
-        storage.remove(manifest_path(s))
+        locations.remove(s)
+        locations.remove(manifest_path(s))
     return summary
 
 

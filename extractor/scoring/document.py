@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extractor.provenance import read_manifest, stamp
+from extractor.store.provenance import read_manifest, stamp
 
 METRICS_FORMAT = "extractor.metrics/1"
 

@@ -24,16 +24,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from extractor.corpus import id_key, seed_passage
+from extractor.store.corpus import id_key, seed_passage
 from extractor.errors import InputError
-from extractor.outputs import SCORED_STATUSES, STATUSES, Validator, judge, parse_json
+from extractor.results.judge import SCORED_STATUSES, STATUSES, Validator, judge, parse_json
 from extractor.scoring.analysis import ErrorRecords, FailedRecords, FieldConfusion, categorical_fields, pair_errors
 from extractor.scoring.facts import FactExtractor, is_text, key_text
 from extractor.scoring.grounded_rate import GroundedRate
 from extractor.scoring.grounding import Grounder, Span, check_spans
 from extractor.scoring.metrics import Counts, averages, prf_f1
 from extractor.scoring.normalize import tokens
-from extractor.writers import iter_rows
+from extractor.store.writers import iter_rows
 
 MISSING = "missing"
 MALFORMED, MALFORMED_GOLD = "malformed", "malformed_gold"

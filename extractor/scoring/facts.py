@@ -16,31 +16,16 @@ counts it under its own status instead of scoring it as empty.
 
 Each kind is a `FactKind` class registered by name; another package adds one through the entry-point group
 `extractor.scoring_kinds` (`plugins.py`), and a task's `scoring.kind` then names it. The fields a spec names
-must be properties of the task's schema (`check_scoring_fields`, called when a task loads).
+must be properties of the task's schema (`tasks.task.check_scoring_fields`, called when a task loads).
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-from extractor import plugins
-from extractor.errors import TaskError
+from extractor.plugins import scoring_kind
 from extractor.scoring.normalize import make_normalizer
-
-SCORING_KINDS = {
-    "fields": "extractor.scoring.facts:FieldFacts",
-    "tuples": "extractor.scoring.facts:TupleFacts",
-    "labels": "extractor.scoring.facts:LabelFacts",
-}
-
-REGISTRY = plugins.Registry("extractor.scoring_kinds", "scoring kind", SCORING_KINDS)
-
-
-def scoring_kind(name: str) -> type["FactKind"]:
-    return REGISTRY.load(name)
-
 
 @dataclass(frozen=True)
 class Scalar:
@@ -176,20 +161,6 @@ def _properties(schema) -> set[str] | None:
         if isinstance(part, dict) and isinstance(part.get("properties"), dict):
             names.update(part["properties"])
     return names
-
-
-def check_scoring_fields(scoring, schema, prompt_path: Path, schema_path: Path) -> None:
-    """Every field a scoring spec names must be a property of the schema: a misspelt field would score as
-    'no fact on either side' on every record, which reads as a perfect score."""
-    key, names, declared = scoring_kind(scoring.kind).schema_fields(scoring, schema)
-    if not names:
-        return
-    declared = declared or set()
-    for name in names:
-        if name not in declared:
-            have = ", ".join(sorted(declared)) or "none (declare them under properties)"
-            raise TaskError(f"{prompt_path}: scoring.{key} names '{name}', which is not a property of the "
-                            f"schema {schema_path.name}; its properties: {have}")
 
 
 class FactExtractor:

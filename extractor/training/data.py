@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from extractor.corpus import CorpusReader
+from extractor.store.corpus import CorpusReader
 from extractor.errors import InputError
-from extractor.prompting import PromptBuilder
+from extractor.tasks.prompting import PromptBuilder
 from extractor.scoring.evaluate import iter_gold
-from extractor.writers import iter_rows
+from extractor.store.writers import iter_rows
 
 IGNORE = -100
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from extractor.errors import ExtractorError, InputError
-from extractor.provenance import stamp, write_json_atomic
+from extractor.store.provenance import stamp, write_json_atomic
 
 STATE_FILE = "trainer_state.pt"
 
@@ -127,7 +127,7 @@ class Trainer:
                                  f"{hint}") from None
 
     def _load_task(self):
-        from extractor.tasks import load_task
+        from extractor.tasks.task import load_task
         if self.cfg.task is None:
             if self.cfg.gold or self.cfg.dev_gold:
                 raise InputError("--gold needs --task: the task's prompt renders the corpus")
@@ -158,8 +158,8 @@ class Trainer:
     def _seed_dev_records(self, dev):
         """Seed dev lines: F1 is computed on the passage rendered with the task's prompt (as `run` would),
         against the parsed target."""
-        from extractor.corpus import seed_passage
-        from extractor.outputs import parse_json
+        from extractor.store.corpus import seed_passage
+        from extractor.results.judge import parse_json
         field0 = self.task.spec.input_fields[0] if self.task else "text"
         records = [{"id": e.id, "values": {field0: seed_passage(e.prompt)}, "row": {}} for e in dev]
         golds = {e.id: parse_json(e.target)[0] for e in dev}

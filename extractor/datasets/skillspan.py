@@ -10,7 +10,7 @@ from pathlib import Path
 
 from extractor import jsonutil
 from extractor.errors import InputError
-from extractor.writers import iter_jsonl_rows
+from extractor.store.writers import iter_jsonl_rows
 
 
 def bio_spans(tokens: list[str], tags: list[str]) -> list[str]:

@@ -19,8 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from extractor.errors import ExtractorError, TaskError
-from extractor.schema_refs import SchemaRegistry, load_registry
-from extractor.templates import Templates
+from extractor.plugins import scoring_kind
+from extractor.tasks.schema_refs import SchemaRegistry, load_registry
+from extractor.tasks.templates import Templates
 
 TASKS_DIR_ENV = "EXTRACTOR_TASKS_DIR"
 PROMPT_SUFFIX = ".yaml"
@@ -58,7 +59,6 @@ class Scoring(_Strict):
 
     @model_validator(mode="after")
     def _kind_needs(self):
-        from extractor.scoring.facts import scoring_kind
         try:
             needs = scoring_kind(self.kind).needs
         except ExtractorError as exc:
@@ -141,7 +141,7 @@ def _sha(text: str) -> str:
 
 def bundled_dirs() -> list[Path]:
     """The bundled task root: inside an installed wheel, or the source checkout (editable install)."""
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parent.parent  # the extractor package
     for root in (pkg / "_tasks", pkg.parent):
         if (root / "prompts").is_dir() and (root / "schemas").is_dir():
             return [root]
@@ -192,7 +192,6 @@ def load_task_file(path: Path) -> Task:
                         f"'{path.stem}'")
     schema_path = _schema_path(path, spec.schema_file)
     schema, registry = load_registry(schema_path, _task_root(path))
-    from extractor.scoring.facts import check_scoring_fields
     check_scoring_fields(spec.scoring, schema, path, schema_path)
     task = Task(spec=spec, schema=schema, prompt_path=path, schema_path=schema_path, registry=registry)
     _check_templates(task)
@@ -271,7 +270,7 @@ def _check_templates(task: Task) -> None:
 
 
 def _check_few_shot(task: Task) -> None:
-    from extractor.outputs import Validator
+    from extractor.results.judge import Validator
     validator = Validator(task.schema, task.registry)
     for i, shot in enumerate(task.spec.few_shot):
         missing = [f for f in task.spec.input_fields if f not in shot.input]
@@ -281,3 +280,17 @@ def _check_few_shot(task: Task) -> None:
         error = validator.first_error(shot.output)
         if error is not None:
             raise TaskError(f"{task.prompt_path}: few_shot.{i}.output does not match the schema: {error}")
+
+
+def check_scoring_fields(scoring, schema, prompt_path: Path, schema_path: Path) -> None:
+    """Every field a scoring spec names must be a property of the schema: a misspelt field would score as
+    'no fact on either side' on every record, which reads as a perfect score."""
+    key, names, declared = scoring_kind(scoring.kind).schema_fields(scoring, schema)
+    if not names:
+        return
+    declared = declared or set()
+    for name in names:
+        if name not in declared:
+            have = ", ".join(sorted(declared)) or "none (declare them under properties)"
+            raise TaskError(f"{prompt_path}: scoring.{key} names '{name}', which is not a property of the "
+                            f"schema {schema_path.name}; its properties: {have}")

@@ -1,6 +1,6 @@
 """How often `compare`'s gate flags equally good runs, and how often it catches a planted drop: simulation.
 
-Gold: `jd_requirements` postings from `extractor.synth` (5 fields), or `spo` records generated here (1–3
+Gold: `jd_requirements` postings from `extractor.datasets.synth` (5 fields), or `spo` records generated here (1–3
 triples each over the task's 44 predicates, drawn Zipf-like so a few predicates are common and most are rare,
 as in DuIE). Predictions: each gold fact is kept, or with its class's error rate lost (FN) or given a wrong
 value (FP + FN); now and then a spurious fact is added (FP). Two runs of equal quality draw independently
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from extractor.scoring.compare import DROP, MICRO, CompareSettings, align, compare_pair, regressions
 from extractor.scoring.evaluate import Evaluator, GoldRecord, PredRecord
-from extractor.synth import ABSENT, FIELDS, generate
-from extractor.tasks import load_task
+from extractor.datasets.synth import ABSENT, FIELDS, generate
+from extractor.tasks.task import load_task
 
 WRONG = "误"  # prefix of wrong values: never a gold value
 

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Iterator
 from functools import lru_cache
 
-from extractor.synth import requirement_clauses
+from extractor.datasets.synth import requirement_clauses
 
 HELDOUT_SHARE = 30  # percent of values and clause phrasings kept out of training
 

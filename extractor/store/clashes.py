@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from extractor import storage
+from extractor.store import locations
 from extractor.errors import InputError
 
 MAX_FOLDER_FILES = 10_000  # a model folder is a few dozen files; a huge tree is not walked whole
@@ -24,7 +24,7 @@ class FileSet:
         self.paths: dict[str, str] = {}
         self.inodes: dict[tuple[int, int], str] = {}
 
-    def add(self, label: str, location: storage.Location) -> None:
+    def add(self, label: str, location: locations.Location) -> None:
         key = _path_key(location)
         self.paths.setdefault(key, label)
         node = _inode(location)
@@ -39,7 +39,7 @@ class FileSet:
             if path.is_file():
                 self.add(f"{label} ({path.name})", path)
 
-    def find(self, location: storage.Location) -> str | None:
+    def find(self, location: locations.Location) -> str | None:
         label = self.paths.get(_path_key(location))
         if label is not None:
             return label
@@ -47,16 +47,16 @@ class FileSet:
         return self.inodes.get(node) if node is not None else None
 
 
-def written_beside(out: storage.Location) -> list[tuple[str, storage.Location]]:
+def written_beside(out: locations.Location) -> list[tuple[str, locations.Location]]:
     """What a run writes for the output `out`, besides `out` itself."""
-    from extractor.locks import lock_path
-    from extractor.provenance import manifest_path
-    from extractor.writers import journal_path
+    from extractor.store.locks import lock_path
+    from extractor.store.provenance import manifest_path
+    from extractor.store.writers import journal_path
     manifest = manifest_path(out)
     found = [("manifest", manifest), ("manifest's temporary file", manifest.with_name(manifest.name + ".tmp")),
              ("temporary file", out.with_name(out.name + ".tmp")),
              ("write probe", out.with_name(f".{out.name}.probe"))]
-    if not storage.is_remote(out):
+    if not locations.is_remote(out):
         found.append(("lock file", lock_path(out)))
         journal = journal_path(out)
         if journal != out:
@@ -64,13 +64,13 @@ def written_beside(out: storage.Location) -> list[tuple[str, storage.Location]]:
     return found
 
 
-def rejects_written(rejects: storage.Location) -> list[tuple[str, storage.Location]]:
+def rejects_written(rejects: locations.Location) -> list[tuple[str, locations.Location]]:
     """Besides the rejects file, its lock (its lines gather in a new file of a name of its own)."""
-    from extractor.locks import lock_path
-    return [] if storage.is_remote(rejects) else [("lock file", lock_path(rejects))]
+    from extractor.store.locks import lock_path
+    return [] if locations.is_remote(rejects) else [("lock file", lock_path(rejects))]
 
 
-def refuse_overlaps(writes: list[tuple[str, storage.Location, list]], inputs: FileSet) -> None:
+def refuse_overlaps(writes: list[tuple[str, locations.Location, list]], inputs: FileSet) -> None:
     """`writes`: (flag, path, [(what, derived path)]) for each file a command writes. InputError when one is
     an input, or when two of them are the same file."""
     written = FileSet()
@@ -85,7 +85,7 @@ def refuse_overlaps(writes: list[tuple[str, storage.Location, list]], inputs: Fi
             written.add(f"the {what} of {flag} {path}", location)
 
 
-def refuse_overwriting_inputs(outputs: dict[str, storage.Location], inputs: dict[str, storage.Location]) -> None:
+def refuse_overwriting_inputs(outputs: dict[str, locations.Location], inputs: dict[str, locations.Location]) -> None:
     """eval, compare, validate: refuse, before anything is written, an output that is one of the inputs."""
     known = FileSet()
     for name, path in inputs.items():
@@ -96,14 +96,14 @@ def refuse_overwriting_inputs(outputs: dict[str, storage.Location], inputs: dict
             raise InputError(f"{name} {out}: is {clash}; writing there would destroy it — choose another path")
 
 
-def _path_key(location: storage.Location) -> str:
-    if storage.is_remote(location):
+def _path_key(location: locations.Location) -> str:
+    if locations.is_remote(location):
         return "remote:" + str(location).rstrip("/")
     return os.path.realpath(location)
 
 
-def _inode(location: storage.Location) -> tuple[int, int] | None:
-    if storage.is_remote(location):
+def _inode(location: locations.Location) -> tuple[int, int] | None:
+    if locations.is_remote(location):
         return None
     try:
         st = os.stat(location)

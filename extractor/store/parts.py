@@ -17,10 +17,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
-from extractor import jsonutil, storage
+from extractor import jsonutil
+
+from extractor.store import locations
 from extractor.errors import ManifestError
-from extractor.provenance import manifest_path, write_json_atomic
-from extractor.writers import iter_rows, write_jsonl, write_rows
+from extractor.store.provenance import manifest_path, write_json_atomic
+from extractor.store.writers import iter_rows, write_jsonl, write_rows
 
 _PART = re.compile(r"^part-(\d{8})\.jsonl$")
 
@@ -28,23 +30,23 @@ _PART = re.compile(r"^part-(\d{8})\.jsonl$")
 class PartsOutput:
     """The object-store counterpart of writers.JournalOutput (same methods, same meaning)."""
 
-    def __init__(self, out: storage.Remote):
+    def __init__(self, out: locations.Remote):
         self.out = out
         self.folder = out.with_name(out.name + ".parts")
         self.manifest_path = manifest_path(out)
         self._next = 0
 
     def exists(self) -> bool:
-        return storage.exists(self.out) or bool(self._parts())
+        return locations.exists(self.out) or bool(self._parts())
 
     def clear(self) -> None:
         for part in self._parts():
-            storage.remove(part)
-        storage.remove(self.out)
-        storage.remove(self.manifest_path)
+            locations.remove(part)
+        locations.remove(self.out)
+        locations.remove(self.manifest_path)
 
     def manifest_text(self) -> str:
-        return storage.read_text(self.manifest_path)
+        return locations.read_text(self.manifest_path)
 
     def write_manifest(self, manifest: dict) -> None:
         write_json_atomic(self.manifest_path, manifest)
@@ -56,11 +58,11 @@ class PartsOutput:
         """(object, line, row) for each row already written."""
         parts = self._parts()
         if manifest.get("committed"):
-            if not storage.exists(self.out):
+            if not locations.exists(self.out):
                 raise ManifestError(f"{self.manifest_path} says the run was committed, but {self.out} is gone; "
                                     "use --overwrite to start over")
             for part in parts:  # leftovers: parts already in the output, or a part 0 not yet taken over
-                storage.remove(part)
+                locations.remove(part)
             self._next = 0
             for line, row in iter_rows(self.out):
                 yield str(self.out), line, row
@@ -77,7 +79,7 @@ class PartsOutput:
         self._next = 0
 
     def is_empty(self) -> bool:
-        return not self._parts() and not storage.exists(self.out)
+        return not self._parts() and not locations.exists(self.out)
 
     def appender(self, manifest: dict) -> "PartWriter":
         return PartWriter(self, manifest)
@@ -96,7 +98,7 @@ class PartsOutput:
         manifest["committed"] = True
         self.write_manifest(manifest)
         for part in parts:
-            storage.remove(part)
+            locations.remove(part)
 
     def uncommit(self, manifest: dict) -> None:
         """More rows for a committed output: its rows become part 0, then the parts are the rows again."""
@@ -107,14 +109,14 @@ class PartsOutput:
 
     def put_part(self, rows: list[dict]) -> None:
         data = "".join(jsonutil.dumps(r) + "\n" for r in rows).encode("utf-8")
-        storage.put(self._part(self._next), data)
+        locations.put(self._part(self._next), data)
         self._next += 1
 
-    def _part(self, n: int) -> storage.Remote:
+    def _part(self, n: int) -> locations.Remote:
         return self.folder.child(f"part-{n:08d}.jsonl")
 
-    def _parts(self) -> list[storage.Remote]:
-        parts = [p for p in storage.listing(self.folder) if _PART.match(p.name)]
+    def _parts(self) -> list[locations.Remote]:
+        parts = [p for p in locations.listing(self.folder) if _PART.match(p.name)]
         return sorted(parts, key=_number)
 
 
@@ -136,5 +138,5 @@ class PartWriter:
         pass
 
 
-def _number(part: storage.Remote) -> int:
+def _number(part: locations.Remote) -> int:
     return int(_PART.match(part.name).group(1))

@@ -7,8 +7,8 @@ the task's templates (a model folder is input too), to the text tokenizer.apply_
 from __future__ import annotations
 
 from extractor.errors import TaskError
-from extractor.tasks import Task
-from extractor.templates import ChatTemplate, Templates
+from extractor.tasks.task import Task
+from extractor.tasks.templates import ChatTemplate, Templates
 
 RAW_FORMAT = ("Instruction: ", "\nInput: ", "\nAnswer: ")
 

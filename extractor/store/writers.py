@@ -11,9 +11,11 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from extractor import jsonutil, storage
+from extractor import jsonutil
+
+from extractor.store import locations
 from extractor.errors import InputError, OutputError, output_error
-from extractor.provenance import manifest_path, write_json_atomic
+from extractor.store.provenance import manifest_path, write_json_atomic
 
 # nested values stored as JSON text in Parquet (their keys vary from row to row: no one column type fits)
 JSON_COLUMNS = ("prediction", "gold", "kept", "spans", "chunk_conflicts")
@@ -99,7 +101,7 @@ def drop_partial_tail(path: Path) -> int:
 
 def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line, object) for each line of a JSONL file the project wrote; a bad line is an InputError."""
-    from extractor.corpus import BadRecord, iter_jsonl
+    from extractor.store.corpus import BadRecord, iter_jsonl
     for item in iter_jsonl(path):
         if isinstance(item, BadRecord):
             raise InputError(f"{item.source}:{item.line}: {item.reason}")
@@ -108,13 +110,13 @@ def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
         yield item
 
 
-def iter_rows(path: storage.Location) -> Iterator[tuple[int, dict]]:
+def iter_rows(path: locations.Location) -> Iterator[tuple[int, dict]]:
     """Rows of a JSONL or Parquet results file, local or in an object store (Parquet JSON columns decoded)."""
     if not is_parquet(path):
         yield from iter_jsonl_rows(path)
         return
     import pyarrow.parquet as pq
-    with storage.open_read(path) as fh:
+    with locations.open_read(path) as fh:
         try:
             pfile = pq.ParquetFile(fh)
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for broken files
@@ -135,34 +137,34 @@ def iter_rows(path: storage.Location) -> Iterator[tuple[int, dict]]:
                 line += 1
 
 
-def jsonl_to_parquet(src: Path, dest: storage.Location, batch_size: int = 8192, prediction_schema=None) -> int:
+def jsonl_to_parquet(src: Path, dest: locations.Location, batch_size: int = 8192, prediction_schema=None) -> int:
     """Convert a results journal to Parquet atomically; nested columns become JSON text (the prediction also a
     typed column where `prediction_schema`, the task's JSON Schema, can be expressed: arrow_types.py)."""
     return write_parquet((row for _, row in iter_jsonl_rows(src)), dest, batch_size, prediction_schema)
 
 
-def write_jsonl(rows: Iterable[dict], dest: storage.Location) -> int:
-    """Results rows to a JSONL file or object that appears whole (storage.atomic_writer)."""
+def write_jsonl(rows: Iterable[dict], dest: locations.Location) -> int:
+    """Results rows to a JSONL file or object that appears whole (locations.atomic_writer)."""
     count = 0
-    with storage.atomic_writer(dest) as fh:
+    with locations.atomic_writer(dest) as fh:
         for row in rows:
             fh.write((jsonutil.dumps(row) + "\n").encode("utf-8"))
             count += 1
     return count
 
 
-def write_parquet(rows: Iterable[dict], dest: storage.Location, batch_size: int = 8192,
+def write_parquet(rows: Iterable[dict], dest: locations.Location, batch_size: int = 8192,
                   prediction_schema=None) -> int:
-    """Results rows to a Parquet file or object that appears whole (storage.atomic_writer). With the task's
+    """Results rows to a Parquet file or object that appears whole (locations.atomic_writer). With the task's
     `prediction_schema`, where expressible, `prediction` is a typed column and `prediction_json` its text."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from extractor.arrow_types import arrow_type, compile_type
+    from extractor.store.arrow_types import arrow_type, compile_type
     node = compile_type(prediction_schema)[0] if prediction_schema is not None else None
     typed = (node, arrow_type(node)) if node is not None else None
     writer = None
     count = 0
-    with storage.atomic_writer(dest) as fh:
+    with locations.atomic_writer(dest) as fh:
         try:
             batch: list[dict] = []
             for row in rows:
@@ -180,7 +182,7 @@ def write_parquet(rows: Iterable[dict], dest: storage.Location, batch_size: int 
     return count
 
 
-def write_rows(rows: Iterable[dict], dest: storage.Location, prediction_schema=None) -> int:
+def write_rows(rows: Iterable[dict], dest: locations.Location, prediction_schema=None) -> int:
     """Results rows to `dest` whole: Parquet (the prediction typed by the task's schema) or JSONL, by its name."""
     if is_parquet(dest):
         return write_parquet(rows, dest, prediction_schema=prediction_schema)
@@ -194,7 +196,7 @@ def _flatten(row: dict, typed=None) -> dict:
         for col in FLAG_COLUMNS:
             out.setdefault(col, None)
     if typed is not None and results:  # the exact value as text; the typed view where it fits exactly
-        from extractor.arrow_types import conforms
+        from extractor.store.arrow_types import conforms
         value = out.get("prediction")
         out[TYPED_TEXT] = None if value is None else jsonutil.dumps(value)
         out["prediction"] = value if conforms(value, typed[0]) else None
@@ -229,7 +231,7 @@ STDOUT = "-"  # `--out -`: JSONL rows on standard output
 
 
 def is_stdout(path) -> bool:
-    return not storage.is_remote(path) and str(path) == STDOUT
+    return not locations.is_remote(path) and str(path) == STDOUT
 
 
 class StdoutOutput:

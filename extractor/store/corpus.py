@@ -1,6 +1,6 @@
 """Stream corpora of any size (JSONL, JSONL.gz, Parquet, CSV) as batches of records, memory flat.
 
-Local paths and object-store URIs (`storage.py`) alike: a URI streams through its filesystem in blocks.
+Local paths and object-store URIs (`locations.py`) alike: a URI streams through its filesystem in blocks.
 
 A record is a dict: `id` (str), `line` (1-based line or row number, for error messages), `values` (the
 task's input fields) and `row` (the whole source object, for --keep-field). Bad records fail fast with
@@ -17,7 +17,9 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from extractor import jsonutil, storage
+from extractor import jsonutil
+
+from extractor.store import locations
 from extractor.errors import InputError, output_error
 
 SEED_CONTEXT_FIELD = "context"  # the seed's {context, target} lines
@@ -30,10 +32,10 @@ STDIN = "-"  # the corpus read from standard input (JSONL), once
 
 
 def is_stdin(path) -> bool:
-    return not storage.is_remote(path) and str(path) == STDIN
+    return not locations.is_remote(path) and str(path) == STDIN
 
 
-def corpus_format(path: storage.Location) -> str:
+def corpus_format(path: locations.Location) -> str:
     if is_stdin(path):
         return "jsonl"
     name = path.name.lower()
@@ -44,11 +46,11 @@ def corpus_format(path: storage.Location) -> str:
     raise InputError(f"{path}: unknown corpus format; use .jsonl, .jsonl.gz, .parquet or .csv")
 
 
-def check_corpus(path: storage.Location) -> str:
+def check_corpus(path: locations.Location) -> str:
     """The corpus's format, once it is known to be readable as one: a file (or object) of a known format, or a
     FIFO (a named pipe) holding JSONL, read as the stream it is. Anything else is one InputError line."""
-    if storage.is_remote(path):
-        if not storage.is_file(path):
+    if locations.is_remote(path):
+        if not locations.is_file(path):
             raise InputError(f"{path}: no such file; check the corpus path")
         return corpus_format(path)
     if is_stdin(path):
@@ -71,9 +73,9 @@ def check_corpus(path: storage.Location) -> str:
                      "file first (only a JSONL corpus can come from a FIFO)")
 
 
-def is_stream(path: storage.Location) -> bool:
+def is_stream(path: locations.Location) -> bool:
     """A local corpus that can be read once only (a FIFO): no counting, hashing or second reader."""
-    if storage.is_remote(path):
+    if locations.is_remote(path):
         return False
     if is_stdin(path):
         return True
@@ -86,13 +88,13 @@ def is_stream(path: storage.Location) -> bool:
 IDENTITY_BLOCK = 1 << 16
 
 
-def corpus_identity(path: storage.Location) -> dict:
+def corpus_identity(path: locations.Location) -> dict:
     """What tells this corpus from another one with the same ids (a resume's run key): the resolved path, the
     size and a hash of the first and last 64 KiB (a change in the middle that keeps the size is not seen; a
     full hash would read a 100 GB corpus once more per run). An object: its size and the store's ETag or
     checksum. A FIFO cannot be read twice: only its path, and `stream`."""
-    if storage.is_remote(path):
-        return storage.fingerprint(path)
+    if locations.is_remote(path):
+        return locations.fingerprint(path)
     if is_stdin(path):
         return {"path": STDIN, "stream": True}
     real = os.path.realpath(path)
@@ -174,7 +176,7 @@ class RejectsWriter:
     leaves it as it was. A pass with no rejects removes the old file: every pass reads the whole corpus and
     rebuilds its rejects, so the old lines are stale."""
 
-    def __init__(self, path: storage.Location):
+    def __init__(self, path: locations.Location):
         self.path = path
         self._fh = None
         self._staging: str | None = None  # the local file this pass's lines gather in
@@ -194,7 +196,7 @@ class RejectsWriter:
         self.count += 1
 
     def _open(self):
-        if storage.is_remote(self.path):
+        if locations.is_remote(self.path):
             # An object cannot be appended to: the lines gather in a local file, uploaded on close. A killed run
             # loses them, and loses nothing: every pass reads the whole corpus and rebuilds its rejects.
             import tempfile
@@ -209,12 +211,12 @@ class RejectsWriter:
     def close(self) -> None:
         """This pass's rejects become the rejects file (none: the old file is removed)."""
         if self._fh is None:
-            storage.remove(self.path)
+            locations.remove(self.path)
             return
         try:
-            if storage.is_remote(self.path):
+            if locations.is_remote(self.path):
                 self._fh.seek(0)
-                storage.put(self.path, self._fh.read().encode("utf-8"))
+                locations.put(self.path, self._fh.read().encode("utf-8"))
                 self._fh.close()
             else:
                 self._fh.flush()
@@ -253,10 +255,10 @@ def seed_passage(context: str) -> str:
 class CorpusReader:
     """Iterates batches of records from one corpus file, checking every record."""
 
-    def __init__(self, path: str | storage.Location, input_fields=("text",), id_field: str = "id",
+    def __init__(self, path: str | locations.Location, input_fields=("text",), id_field: str = "id",
                  text_field: str | None = None, on_bad: str = "fail", rejects: RejectsWriter | None = None,
                  batch_size: int = DEFAULT_BATCH, check_duplicates: bool = True):
-        self.path = storage.target(path)
+        self.path = locations.target(path)
         self.format = check_corpus(self.path)
         self.input_fields = list(input_fields)
         self.field_map = input_columns(self.input_fields, text_field)
@@ -388,15 +390,15 @@ def _raw(row) -> str:
         return repr(row)
 
 
-def open_binary(path: storage.Location):
+def open_binary(path: locations.Location):
     if is_stdin(path):
         import sys
         return contextlib.nullcontext(sys.stdin.buffer)  # read, not closed: the process owns stdin
     if not path.name.lower().endswith(".gz"):
-        return storage.open_read(path)
-    if not storage.is_remote(path):
+        return locations.open_read(path)
+    if not locations.is_remote(path):
         return gzip.open(path, "rb")
-    return _RemoteGzip(storage.open_read(path))
+    return _RemoteGzip(locations.open_read(path))
 
 
 class _RemoteGzip(gzip.GzipFile):
@@ -413,11 +415,11 @@ class _RemoteGzip(gzip.GzipFile):
             self._raw.close()
 
 
-def iter_jsonl(path: storage.Location):
+def iter_jsonl(path: locations.Location):
     """Yields (line, object) or a BadRecord per non-blank line; a broken file raises InputError."""
     src = str(path)
     line = 0
-    remote = storage.translated(path, "read") if storage.is_remote(path) else contextlib.nullcontext()
+    remote = locations.translated(path, "read") if locations.is_remote(path) else contextlib.nullcontext()
     try:
         with remote, open_binary(path) as fh:
             for line, raw in enumerate(fh, 1):
@@ -441,8 +443,8 @@ def _parse_line(src: str, line: int, raw: bytes):
         return BadRecord(src, line, f"malformed JSON ({str(exc).splitlines()[0][:120]})", text.strip()[:10_000])
 
 
-def _iter_table(path: storage.Location, fmt: str, first_line: int):
-    if storage.is_remote(path):
+def _iter_table(path: locations.Location, fmt: str, first_line: int):
+    if locations.is_remote(path):
         yield from _iter_remote_table(path, fmt, first_line)
         return
     import polars as pl
@@ -462,7 +464,7 @@ def _iter_table(path: storage.Location, fmt: str, first_line: int):
             from None
 
 
-def _iter_remote_table(path: storage.Remote, fmt: str, first_line: int):
+def _iter_remote_table(path: locations.Remote, fmt: str, first_line: int):
     """Parquet row groups or CSV blocks streamed from the store with pyarrow (polars reads local files only
     through its own cloud client, with other credentials rules). CSV columns stay text, as the local reader
     reads them."""
@@ -470,7 +472,7 @@ def _iter_remote_table(path: storage.Remote, fmt: str, first_line: int):
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
     line = first_line
-    with storage.translated(path, "read"), storage.open_read(path) as fh:
+    with locations.translated(path, "read"), locations.open_read(path) as fh:
         try:
             if fmt == "parquet":
                 batches = pq.ParquetFile(fh).iter_batches(batch_size=DEFAULT_BATCH)
@@ -494,17 +496,17 @@ def _iter_remote_table(path: storage.Remote, fmt: str, first_line: int):
                              "file") from None
 
 
-def count_records(path: storage.Location) -> int | None:
+def count_records(path: locations.Location) -> int | None:
     """Total records when cheap to know (Parquet metadata, uncompressed local JSONL line count)."""
     fmt = corpus_format(path)
     if fmt == "parquet":
         import pyarrow.parquet as pq
         try:
-            with storage.open_read(path) as fh:
+            with locations.open_read(path) as fh:
                 return pq.ParquetFile(fh).metadata.num_rows
         except Exception:  # noqa: BLE001 - a broken file is reported by the reader itself
             return None
-    if storage.is_remote(path) or is_stream(path):
+    if locations.is_remote(path) or is_stream(path):
         return None  # counting lines would read the whole object once more (a FIFO: its only reading)
     if fmt == "jsonl" and not path.name.endswith(".gz"):
         with open(path, "rb") as fh:

@@ -229,8 +229,8 @@ class Validator:
     (schema_regex), and a value nested too deep to check is an error of that value, not a crash."""
 
     def __init__(self, schema, registry=None):
-        from extractor.schema_refs import inline_registry
-        from extractor.schema_regex import bounded_validator_class
+        from extractor.tasks.schema_refs import inline_registry
+        from extractor.tasks.schema_regex import bounded_validator_class
         registry = inline_registry(schema) if registry is None else registry
         # The root is entered through its URI, so relative $ids and refs resolve as they did at load.
         self._validator = bounded_validator_class()({"$ref": registry.root_uri}, registry=registry.registry)
@@ -246,7 +246,7 @@ class Validator:
     def first_error(self, value) -> str | None:
         from referencing.exceptions import Unresolvable
 
-        from extractor.schema_regex import PatternTimeout, record_budget
+        from extractor.tasks.schema_regex import PatternTimeout, record_budget
         if self._fast is not None:
             try:
                 self._fast(value)

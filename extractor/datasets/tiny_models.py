@@ -21,9 +21,9 @@ SPECIAL = [PAD, "<|im_start|>", EOS]
 
 def tokenizer_corpus(n_postings: int = 2000, seed: int = 0) -> list[str]:
     """Text the tokenizer learns from: postings, their gold JSON, and every bundled task's prompt."""
-    from extractor.prompting import PromptBuilder
-    from extractor.synth import generate
-    from extractor.tasks import available, load_task
+    from extractor.tasks.prompting import PromptBuilder
+    from extractor.datasets.synth import generate
+    from extractor.tasks.task import available, load_task
     texts = []
     for rec, gold in generate(n_postings, seed=seed, lang="mix", split="all"):
         texts.append(rec["text"])

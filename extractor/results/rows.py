@@ -15,7 +15,7 @@ field, the kept one first).
 from __future__ import annotations
 
 from extractor import jsonutil
-from extractor.outputs import ERROR, Parsed, writable_text
+from extractor.results.judge import ERROR, Parsed, writable_text
 
 ROW_KEYS = ("id", "task", "prediction", "status", "error", "raw", "prompt_tokens", "output_tokens",
             "finish_reason", "adapter")
