@@ -45,7 +45,7 @@ class Outcome:
 
     flagged: list[str]
     flagged_raw: list[str]  # columns whose own (unadjusted) p is below alpha: no family-wise control
-    flagged_raw_half: list[str]  # ... below alpha/2: the gate before issue 20 (two-sided p < alpha per column)
+    flagged_raw_half: list[str]  # ... below alpha/2: the earlier gate, with no family-wise control (two-sided p < alpha per column)
     tests: dict = field(repr=False)
 
 
