@@ -270,7 +270,7 @@ def _check_templates(task: Task) -> None:
 
 
 def _check_few_shot(task: Task) -> None:
-    from extractor.results.judge import Validator
+    from extractor.tasks.validation import Validator
     validator = Validator(task.schema, task.registry)
     for i, shot in enumerate(task.spec.few_shot):
         missing = [f for f in task.spec.input_fields if f not in shot.input]
