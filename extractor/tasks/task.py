@@ -122,6 +122,13 @@ class Task:
         return _sha(json.dumps(self.schema, sort_keys=True, ensure_ascii=False))
 
     @cached_property
+    def constraint_schema(self):
+        """The schema as one document (references to other files bundled under `$defs`): what constrained
+        decoding compiles, since grammar engines do not follow references out of the document."""
+        from extractor.tasks.schema_bundle import self_contained
+        return self_contained(self.schema, self.registry)
+
+    @cached_property
     def prompt_hash(self) -> str:
         return _sha(self.prompt_path.read_text(encoding="utf-8"))
 
