@@ -5,7 +5,9 @@ import polars as pl
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from extractor.store.corpus import CorpusReader, RejectsWriter, seed_passage
+from extractor.store.corpus import CorpusReader
+from extractor.store.records import seed_passage
+from extractor.store.rejects import RejectsWriter
 from extractor.errors import InputError
 from extractor.store.writers import JsonlAppender, drop_partial_tail, iter_rows, jsonl_to_parquet
 from tests.conftest import read_jsonl, shared_path, write_jsonl

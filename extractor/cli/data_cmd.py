@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 from extractor.cli.options import corpus_options, json_option
 from extractor.cli.tables import console as make_console, rows_table
-from extractor.store.corpus import CorpusReader, suggest_columns
+from extractor.store.column_stats import suggest_columns
+from extractor.store.corpus import CorpusReader
 from extractor.datasets.synth import write_corpus
 
 MAX_LISTED = 20

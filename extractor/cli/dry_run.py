@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import click
 
-from extractor.store.corpus import CorpusReader, is_stream
+from extractor.store.corpus import CorpusReader
+from extractor.store.corpus_path import is_stream
 from extractor.errors import InputError, LongInputError
 
 

@@ -12,7 +12,7 @@ from extractor.store.clashes import FileSet, refuse_overlaps, rejects_written, w
 from extractor.cli.openai_options import openai_options
 from extractor.cli.options import bad_record_options, complete_task_names, corpus_options, tasks_dir_option
 from extractor.cli.tables import console as make_console, status_table
-from extractor.store.corpus import check_corpus, is_stdin, is_stream
+from extractor.store.corpus_path import check_corpus, is_stdin, is_stream
 from extractor.errors import InputError
 from extractor.hub import RunSources
 from extractor.pipeline import OnePass, Predictor, Run, RunOptions, Summary, output_for_adapter, run_key
@@ -316,7 +316,7 @@ def _preflight(cfg: RunConfig, task, opts: RunOptions, sources: RunSources, outs
 def _expect(engine, opts: RunOptions) -> int | None:
     """Tell the backend how many records the run decodes at most, where cheap to know (--compile auto); the
     corpus's record count (None: not cheap to know), counted once here for the progress bars too."""
-    from extractor.store.corpus import count_records
+    from extractor.store.corpus_path import count_records
     total = count_records(opts.corpus)  # None for streams and remote JSONL
     at_most = opts.limit if total is None else total if opts.limit is None else min(total, opts.limit)
     engine.expect(at_most, opts.params)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
-from extractor.store.corpus import count_records
+from extractor.store.corpus_path import count_records
 from extractor.pipeline.interrupt import CtrlC
 from extractor.pipeline.predictor import Predictor
 from extractor.pipeline.run import Run, RunOptions, produce

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from extractor.backends.base import Backend, GenParams
-from extractor.store.corpus import CorpusReader, RejectsWriter, corpus_identity, count_records, id_key
+from extractor.store.corpus import CorpusReader
+from extractor.store.corpus_path import corpus_identity, count_records
+from extractor.store.records import id_key
+from extractor.store.rejects import RejectsWriter
 from extractor.errors import InputError, ManifestError
 from extractor.pipeline.chunks import ChunkSettings
 from extractor.pipeline.interrupt import CtrlC

@@ -30,7 +30,8 @@ from extractor import jsonutil
 
 from extractor.store import locations
 from extractor.backends.base import Backend
-from extractor.store.corpus import RecordProblem, check_record, corpus_format, id_key, input_columns
+from extractor.store.corpus_path import corpus_format
+from extractor.store.records import RecordProblem, check_record, id_key, input_columns
 from extractor.errors import ExtractorError
 from extractor.pipeline import Run
 from extractor.pipeline.config import RunConfig

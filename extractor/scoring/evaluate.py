@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from extractor.store.corpus import id_key, seed_passage
+from extractor.store.records import id_key, seed_passage
 from extractor.errors import InputError
 from extractor.results.judge import SCORED_STATUSES, STATUSES, Validator, judge, parse_json
 from extractor.scoring.analysis import ErrorRecords, FailedRecords, FieldConfusion, categorical_fields, pair_errors

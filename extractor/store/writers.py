@@ -101,7 +101,8 @@ def drop_partial_tail(path: Path) -> int:
 
 def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line, object) for each line of a JSONL file the project wrote; a bad line is an InputError."""
-    from extractor.store.corpus import BadRecord, iter_jsonl
+    from extractor.store.corpus_formats import iter_jsonl
+    from extractor.store.records import BadRecord
     for item in iter_jsonl(path):
         if isinstance(item, BadRecord):
             raise InputError(f"{item.source}:{item.line}: {item.reason}")

@@ -158,7 +158,7 @@ class Trainer:
     def _seed_dev_records(self, dev):
         """Seed dev lines: F1 is computed on the passage rendered with the task's prompt (as `run` would),
         against the parsed target."""
-        from extractor.store.corpus import seed_passage
+        from extractor.store.records import seed_passage
         from extractor.results.judge import parse_json
         field0 = self.task.spec.input_fields[0] if self.task else "text"
         records = [{"id": e.id, "values": {field0: seed_passage(e.prompt)}, "row": {}} for e in dev]
