@@ -31,7 +31,7 @@ DEMO_MODEL = REPO / "eval" / "demo" / "model"
 
 def long_postings(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Demo-style postings behind a long company description (the requirements last)."""
-    from extractor import synth_compose as sc
+    from extractor.datasets import synth_compose as sc
     rng = random.Random(f"bench-long:{seed}")
     records, golds = [], []
     for i in range(n):
@@ -63,7 +63,7 @@ def throughput(make_backend, records, golds, work: Path, limit: int, few_shot: i
     from extractor.backends.base import GenParams
     from extractor.benchmark import time_run
     from extractor.pipeline import Predictor
-    from extractor.tasks import load_task
+    from extractor.tasks.task import load_task
     task = load_task("jd_requirements")
     params = GenParams(max_new_tokens=task.spec.generation.max_new_tokens)
     corpus = write_jsonl(work / "long.jsonl", records)

@@ -1,6 +1,6 @@
 """The gate's false-alarm rate and power, by simulation (the long version of tests/test_compare_calibration.py).
 
-Each trial draws a baseline and a later run from extractor.scoring.calibration's error process (every class 10%
+Each trial draws a baseline and a later run from extractor.datasets.calibration's error process (every class 10%
 wrong or lost, a few spurious facts), scores both with the real scorer and asks the real gate
 (`compare --fail-if-drop 0 --alpha 0.05`: one-sided, family-wise over micro and every class).
 
@@ -24,7 +24,7 @@ import time
 from datetime import date
 from math import sqrt
 
-from extractor.scoring.calibration import Scenario, Simulator, false_flags, trial
+from extractor.datasets.calibration import Scenario, Simulator, false_flags, trial
 
 ALPHA = 0.05
 PLANTED_RATES = {"jd_requirements": (0.125, 0.15, 0.175, 0.2), "spo": (0.15, 0.2, 0.25, 0.3)}

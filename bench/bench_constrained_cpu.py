@@ -41,9 +41,9 @@ def main() -> None:
     parser.add_argument("--task", default="jd_requirements")
     args = parser.parse_args()
     from extractor.constrain.grammar import Grammar
-    from extractor.outputs import Validator, judge
-    from extractor.tasks import load_task
-    from extractor.tiny_models import tokenizer_corpus, train_tokenizer
+    from extractor.results.judge import Validator, judge
+    from extractor.tasks.task import load_task
+    from extractor.datasets.tiny_models import tokenizer_corpus, train_tokenizer
     from tests.helpers import stand_in_decode
     tokenizer = train_tokenizer(tokenizer_corpus(3000), vocab_size=4096)
     task = load_task(args.task)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 def make_files(tmp: Path, n: int) -> tuple[Path, Path]:
     from extractor import jsonutil
-    from extractor.synth import generate
+    from extractor.datasets.synth import generate
     rng = random.Random(0)
     gold_path, pred_path = tmp / "gold.jsonl", tmp / "pred.jsonl"
     with open(gold_path, "w", encoding="utf-8") as g, open(pred_path, "w", encoding="utf-8") as p:
@@ -35,7 +35,7 @@ def make_files(tmp: Path, n: int) -> tuple[Path, Path]:
 
 def streaming(pred: str, gold: str) -> dict:
     from extractor.scoring.evaluate import evaluate
-    from extractor.tasks import load_task
+    from extractor.tasks.task import load_task
     task = load_task("jd_requirements")
     start = time.perf_counter()
     result = evaluate(task, Path(pred), Path(gold)).result()
@@ -46,7 +46,7 @@ def streaming(pred: str, gold: str) -> dict:
 def naive(pred: str, gold: str) -> dict:
     from extractor.scoring.facts import FactExtractor
     from extractor.scoring.metrics import Counts, compare_sets
-    from extractor.tasks import load_task
+    from extractor.tasks.task import load_task
     fx = FactExtractor(load_task("jd_requirements"))
     start = time.perf_counter()
     golds = {r["id"]: r["gold"] for r in map(json.loads, open(gold, encoding="utf-8"))}

@@ -55,8 +55,8 @@ def main() -> None:
         child(json.loads(args.child))
         return
     sizes = sorted(int(x) for x in args.n.split(","))
-    from extractor.synth import write_corpus
-    from extractor.tiny_models import build_tiny_model
+    from extractor.datasets.synth import write_corpus
+    from extractor.datasets.tiny_models import build_tiny_model
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

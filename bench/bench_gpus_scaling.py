@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
     import torch
-    from extractor.synth import write_corpus
-    from extractor.tiny_models import build_tiny_model, tokenizer_corpus
+    from extractor.datasets.synth import write_corpus
+    from extractor.datasets.tiny_models import build_tiny_model, tokenizer_corpus
     root = Path(args.out)
     work = root / "work"
     work.mkdir(parents=True, exist_ok=True)

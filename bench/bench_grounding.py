@@ -35,7 +35,7 @@ def variant(value: str, rng: random.Random) -> str:
 
 
 def make(n: int) -> list[tuple[str, dict]]:
-    from extractor.synth import generate
+    from extractor.datasets.synth import generate
     rng = random.Random(0)
     return [(rec["text"], {k: [variant(v, rng) for v in vs] for k, vs in gold["gold"].items()})
             for rec, gold in generate(n, seed=3, lang="mix")]
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from extractor.scoring.grounding import Grounder
-    from extractor.tasks import load_task
+    from extractor.tasks.task import load_task
     grounder = Grounder(load_task("jd_requirements"))
     records = make(args.n)
     chars = sum(len(t) for t, _ in records)

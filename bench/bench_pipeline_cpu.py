@@ -20,7 +20,7 @@ def ours(corpus: Path, gold: Path, out: Path, window: int) -> float:
     from extractor.backends.base import GenParams
     from extractor.backends.echo import EchoBackend
     from extractor.pipeline import Predictor, Run, RunOptions, run_key
-    from extractor.tasks import load_task
+    from extractor.tasks.task import load_task
     task = load_task("jd_requirements")
     backend = EchoBackend(str(gold))  # loading the answers is not timed: a model load is not either
     params = GenParams()
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--window", type=int, default=1024)
     args = parser.parse_args()
-    from extractor.synth import write_corpus
+    from extractor.datasets.synth import write_corpus
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus, gold = tmp / "corpus.jsonl", tmp / "gold.jsonl"

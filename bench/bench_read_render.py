@@ -20,9 +20,9 @@ from pathlib import Path
 
 
 def streaming(path: str) -> dict:
-    from extractor.corpus import CorpusReader
-    from extractor.prompting import PromptBuilder
-    from extractor.tasks import load_task
+    from extractor.store.corpus import CorpusReader
+    from extractor.tasks.prompting import PromptBuilder
+    from extractor.tasks.task import load_task
     builder = PromptBuilder(load_task("jd_requirements"))
     start = time.perf_counter()
     n = chars = 0
@@ -61,7 +61,7 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    from extractor.synth import write_corpus
+    from extractor.datasets.synth import write_corpus
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "corpus.jsonl"
         start = time.perf_counter()

@@ -30,7 +30,7 @@ def evaluate(model, tokenizer, model_dir, records, fast: str) -> tuple[list[str]
     from extractor.backends.base import GenParams
     from extractor.backends.hf import HFBackend
     from extractor.pipeline import Predictor
-    from extractor.tasks import load_task
+    from extractor.tasks.task import load_task
     task = load_task("jd_requirements")
     backend = HFBackend.from_loaded(model, tokenizer, model_dir, batch_size=32, fast=fast)
     predictor = Predictor(task, backend, GenParams(max_new_tokens=task.spec.generation.max_new_tokens),
@@ -49,7 +49,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from extractor.corpus import CorpusReader
+    from extractor.store.corpus import CorpusReader
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="eval/demo/model")
     parser.add_argument("--records", default="eval/demo/test.jsonl")

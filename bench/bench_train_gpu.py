@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 def build(root: Path) -> tuple[Path, dict]:
-    from extractor.synth import write_corpus
-    from extractor.tiny_models import build_tiny_model, tokenizer_corpus
+    from extractor.datasets.synth import write_corpus
+    from extractor.datasets.tiny_models import build_tiny_model, tokenizer_corpus
     data = {}
     for name, n, seed in (("train", 6000, 1), ("dev", 64, 2)):
         corpus, gold = root / f"{name}.jsonl", root / f"{name}.gold.jsonl"

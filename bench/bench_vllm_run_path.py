@@ -34,10 +34,10 @@ def main() -> None:
     from extractor.backends.base import GenParams
     from extractor.backends.vllm_backend import VLLMBackend
     from extractor.benchmark import time_run
-    from extractor.corpus import CorpusReader
+    from extractor.store.corpus import CorpusReader
     from extractor.pipeline import Predictor
-    from extractor.synth import write_corpus
-    from extractor.tasks import load_task
+    from extractor.datasets.synth import write_corpus
+    from extractor.tasks.task import load_task
 
     task = load_task("jd_requirements")
     backend = VLLMBackend(args.model, dtype=args.dtype)

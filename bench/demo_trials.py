@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from extractor.synth import ABSENT, FIELDS  # noqa: E402
-from extractor.synth_compose import generate  # noqa: E402
-from extractor.tiny_models import CHAT_TEMPLATE, EOS, PAD, train_tokenizer  # noqa: E402
+from extractor.datasets.synth import ABSENT, FIELDS  # noqa: E402
+from extractor.datasets.synth_compose import generate  # noqa: E402
+from extractor.datasets.tiny_models import CHAT_TEMPLATE, EOS, PAD, train_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

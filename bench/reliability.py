@@ -88,8 +88,8 @@ def _check_exactly_once(out: Path, corpus: Path, ref: Path) -> dict:
 
 
 def make_fixture(root: Path, n: int = 1000) -> tuple[Path, Path, Path]:
-    from extractor.synth import write_corpus
-    from extractor.tiny_models import build_tiny_model
+    from extractor.datasets.synth import write_corpus
+    from extractor.datasets.tiny_models import build_tiny_model
     model = root / "model"
     if not model.exists():
         build_tiny_model(model)
@@ -124,14 +124,14 @@ def run_kills(root: Path, kills: int, seed: int = 0, extra: tuple = (), label: s
 
 def store_phase(out: str) -> str:
     """Where a killed store run stopped, from what it left (parts.py's states)."""
-    from extractor import storage
-    from extractor.provenance import read_manifest
-    target = storage.target(out)
-    parts = storage.listing(target.with_name(target.name + ".parts"))
+    from extractor.store import locations
+    from extractor.store.provenance import read_manifest
+    target = locations.target(out)
+    parts = locations.listing(target.with_name(target.name + ".parts"))
     manifest = read_manifest(target) or {}
     if manifest.get("committed"):
         return "committed, deleting parts" if parts else "complete"
-    if storage.exists(target):
+    if locations.exists(target):
         return "output uploaded, commit not recorded"
     return "writing parts" if parts else "before the first part"
 
@@ -140,8 +140,8 @@ def run_kills_store(root: Path, prefix: str, kills: int, seed: int = 0, n: int =
     """Kills of a run whose output is `prefix`/killed.jsonl on an object store (this process's environment
     says which and how). The first two thirds land while parts are being written (soon after one appears),
     the rest during the commit (soon after the output object appears); then a resume to the end."""
-    from extractor import storage
-    from extractor.synth import write_corpus
+    from extractor.store import locations
+    from extractor.datasets.synth import write_corpus
     corpus, gold = root / "store-corpus.jsonl", root / "store-gold.jsonl"
     write_corpus(corpus, gold, n, seed=11)
 
@@ -151,21 +151,21 @@ def run_kills_store(root: Path, prefix: str, kills: int, seed: int = 0, n: int =
     ref = root / "store-ref.jsonl"
     _check_ran(_run_to_end(args(ref)))
     out = f"{prefix}/killed.jsonl"
-    target = storage.target(out)
+    target = locations.target(out)
     parts = target.with_name(target.name + ".parts")
     rng = random.Random(seed)
     landed, phases = 0, {}
     for i in range(kills):
         in_commit = i >= (2 * kills) // 3
         started = time.time()
-        ready = (lambda: _uploaded_since(target, started)) if in_commit else _polled(lambda: storage.listing(parts))
+        ready = (lambda: _uploaded_since(target, started)) if in_commit else _polled(lambda: locations.listing(parts))
         if _kill_at_random(args(out) + ["--resume"], ready, rng, max_delay=0.05 if in_commit else 0.3):
             landed += 1
             phase = store_phase(out)
             phases[phase] = phases.get(phase, 0) + 1
     _check_ran(_run_to_end(args(out) + ["--resume"]))
     local = root / "store-killed.jsonl"
-    local.write_bytes(storage.filesystem(target).cat_file(out))
+    local.write_bytes(locations.filesystem(target).cat_file(out))
     return {"suite": "store", "kills_attempted": kills, "kills_landed": landed, "where_kills_landed": phases,
             **_check_exactly_once(local, corpus, ref)}
 
@@ -183,9 +183,9 @@ def _polled(probe, every: float = 0.05):
 
 
 def _uploaded_since(target, since: float) -> bool:
-    from extractor import storage
+    from extractor.store import locations
     try:
-        info = storage.filesystem(target).info(target.uri, refresh=True)
+        info = locations.filesystem(target).info(target.uri, refresh=True)
     except FileNotFoundError:
         return False
     modified = info.get("LastModified")
