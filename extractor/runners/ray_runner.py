@@ -15,7 +15,7 @@ there. The pool is checked against the cluster first (`ray_capacity.py`): never 
 resources no node has. Failures on the workers come back as one line.
 
 Cluster reads cannot see line numbers, so records need their id field; a record without it, or one that
-fails the corpus reader's checks (`corpus.check_record`), becomes an output row with status `error` naming
+fails the corpus reader's checks (`records.check_record`), becomes an output row with status `error` naming
 the problem (nothing is dropped). The driver writes the rows through the single-process run's own sink, with
 its Ctrl-C handling (stop taking batches, write what came back, summary marked interrupted) and finish.
 """
