@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extractor.scoring.grounding import (EXACT, FUZZY, FUZZY_THRESHOLD, NORMALIZED, Aligner, Grounder, best_substring,
-                                         levenshtein, similarity)
+from extractor.scoring.alignment import EXACT, FUZZY, FUZZY_THRESHOLD, NORMALIZED, Aligner
+from extractor.scoring.edit_distance import best_substring, levenshtein, similarity
+from extractor.scoring.grounding import Grounder
 from extractor.datasets.synth import generate
 from extractor.tasks.task import load_task
 from tests.conftest import read_jsonl, write_jsonl

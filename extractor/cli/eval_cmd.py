@@ -17,7 +17,7 @@ from extractor.store.provenance import write_json_atomic
 from extractor.store.clashes import refuse_overwriting_inputs
 from extractor.scoring.document import metrics_document
 from extractor.scoring.evaluate import CorpusJoin, evaluate
-from extractor.scoring.grounding import FUZZY_THRESHOLD
+from extractor.scoring.alignment import FUZZY_THRESHOLD
 from extractor.tasks.task import load_task
 
 

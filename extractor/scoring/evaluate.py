@@ -30,7 +30,8 @@ from extractor.results.judge import SCORED_STATUSES, STATUSES, Validator, judge,
 from extractor.scoring.analysis import ErrorRecords, FailedRecords, FieldConfusion, categorical_fields, pair_errors
 from extractor.scoring.facts import FactExtractor, is_text, key_text
 from extractor.scoring.grounded_rate import GroundedRate
-from extractor.scoring.grounding import Grounder, Span, check_spans
+from extractor.scoring.alignment import Span
+from extractor.scoring.grounding import Grounder, check_spans
 from extractor.scoring.metrics import Counts, averages, prf_f1
 from extractor.scoring.normalize import tokens
 from extractor.store.writers import iter_rows

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from extractor.scoring.grounding import MATCHES, Grounded
+from extractor.scoring.alignment import MATCHES
+from extractor.scoring.grounding import Grounded
 
 MAX_UNGROUNDED = 20_000  # distinct ungrounded values tracked per field, so memory stays bounded
 
