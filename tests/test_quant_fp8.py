@@ -114,9 +114,8 @@ def loras(tiny_model, tmp_path_factory):
 
 
 def _requests(tmp_path, adapters):
-    from extractor.corpus import read_records  # noqa: F401 — the corpus module is the pipeline's, not needed here
-    corpus, _ = synth_corpus(tmp_path, n=6)
     import json
+    corpus, _ = synth_corpus(tmp_path, n=6)
     texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
     prefix = "从下面的职位描述中抽取要求，输出 JSON。\n"
     return [Request(prefix + t[:60], adapter=adapters[i % len(adapters)]) for i, t in enumerate(texts)]

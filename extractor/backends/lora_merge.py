@@ -44,6 +44,15 @@ def _check_untied(model, layers) -> None:
                              "(tied word embeddings)")
 
 
+def _check_not_fp8(layers) -> None:
+    """FP8 base weights (quant/fp8.py) cannot take a merge: the LoRA would be rounded to e4m3. Raises ValueError
+    (the caller keeps the layers unmerged, beside the FP8 layers: peft's own forward, exactly)."""
+    from extractor.backends.quant.fp8 import FP8Linear
+    for layer in layers:
+        if isinstance(layer.get_base_layer(), FP8Linear):
+            raise ValueError(FP8Linear.MERGE_REFUSAL)
+
+
 class MergedLoRA:
     """The active LoRA adapter of `model` merged into its base layers until `restore()`. What is kept is each
     base module's own parameters (a Linear's weight and bias; an MoE experts module's stacked expert tensors,
@@ -55,6 +64,7 @@ class MergedLoRA:
         self._saved: dict[int, tuple] = {}
         layers = [layer for layer in lora_layers(model) if not layer.merged and layer.active_adapters]
         _check_untied(model, layers)
+        _check_not_fp8(layers)
         keep = _keep_on(layers)
         try:
             for layer in layers:

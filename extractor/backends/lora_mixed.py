@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import torch
 
 from extractor.backends.fast.families import FastPathError
+from extractor.backends.quant.fp8 import FP8Linear
 
 # adapter_config.json keys whose (truthy) value means the adapter is not a plain LoRA this mixes exactly
 REFUSED_CONFIG = {
@@ -156,12 +157,14 @@ class MixedLoRA:
 
     @torch.no_grad()
     def _operands(self, layer):
-        """A_cat [in, R], B_cat [R, out] (the base layer's dtype) and the scale table [groups, R]."""
+        """A_cat [in, R], B_cat [R, out] (the base layer's dtype; an FP8 layer's compute dtype) and the scale
+        table [groups, R]."""
         base = layer.get_base_layer().weight
+        dtype = layer.get_base_layer().compute_dtype if isinstance(layer.get_base_layer(), FP8Linear) else base.dtype
         present = [(g, name) for g, name in enumerate(self.names, 1) if name in layer.lora_A]
-        a = torch.cat([layer.lora_A[name].weight.t() for _, name in present], 1).to(base.dtype).contiguous()
-        b = torch.cat([layer.lora_B[name].weight.t() for _, name in present], 0).to(base.dtype).contiguous()
-        table = torch.zeros(self.groups, a.shape[1], dtype=base.dtype, device=base.device)
+        a = torch.cat([layer.lora_A[name].weight.t() for _, name in present], 1).to(dtype).contiguous()
+        b = torch.cat([layer.lora_B[name].weight.t() for _, name in present], 0).to(dtype).contiguous()
+        table = torch.zeros(self.groups, a.shape[1], dtype=dtype, device=base.device)
         col = 0
         for g, name in present:
             r = layer.lora_A[name].weight.shape[0]

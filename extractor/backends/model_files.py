@@ -57,6 +57,13 @@ def check_model_dir(path: Path) -> None:
     check_tokenizer_files(path)
 
 
+def check_quantization(path: Path) -> None:
+    """The hf backend reads the quantized checkpoints backends/quant/schemes.py lists; any other
+    quantization_config is refused in one line before torch loads (vllm reads more: it does not call this)."""
+    from extractor.backends.quant.schemes import read_scheme
+    read_scheme(read_json(path / "config.json"), str(path / "config.json"))
+
+
 def check_adapter_dir(path: Path) -> None:
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"adapter '{path}' has no adapter_config.json; pass a folder saved by peft's save_pretrained")
