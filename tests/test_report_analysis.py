@@ -16,7 +16,7 @@ import yaml
 from hypothesis import given, settings, strategies as st
 
 from extractor.scoring.analysis import MAX_SCORED_PAIRS, RAW_CHARS, pair_errors
-from extractor.scoring.evaluate import overlap_f1
+from extractor.scoring.lenient import overlap_f1
 from extractor.scoring.metrics import ConfusionMatrix
 from extractor.scoring.report import FILTER_JS, f1_figure, layered
 from tests.conftest import write_jsonl

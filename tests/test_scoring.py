@@ -8,7 +8,9 @@ from sklearn.metrics import precision_recall_fscore_support
 from sklearn.preprocessing import MultiLabelBinarizer
 
 from extractor.results.judge import parse_json
-from extractor.scoring.evaluate import Evaluator, GoldRecord, PredRecord, evaluate, overlap_f1
+from extractor.scoring.evaluate import Evaluator, evaluate
+from extractor.scoring.join import GoldRecord, PredRecord
+from extractor.scoring.lenient import overlap_f1
 from extractor.scoring.facts import FactExtractor
 from extractor.scoring.metrics import Counts
 from extractor.scoring.normalize import make_normalizer

@@ -15,7 +15,7 @@ from extractor.cli.options import READABLE, corpus_options, tasks_dir_option
 from extractor.cli.tables import console as make_console
 from extractor.scoring.compare import (DROP, MICRO, POWER, TWO_SIDED, CompareSettings, align, check_coverage,
                                        compare_pair, flipped, rate_column, regressions, significant, too_small)
-from extractor.scoring.evaluate import CorpusJoin
+from extractor.scoring.join import CorpusJoin
 from extractor.errors import InputError
 from extractor.store.provenance import stamp, write_json_atomic
 from extractor.store.clashes import refuse_overwriting_inputs

@@ -16,7 +16,8 @@ from extractor.cli.tables import console as make_console, metrics_table, status_
 from extractor.store.provenance import write_json_atomic
 from extractor.store.clashes import refuse_overwriting_inputs
 from extractor.scoring.document import metrics_document
-from extractor.scoring.evaluate import CorpusJoin, evaluate
+from extractor.scoring.evaluate import evaluate
+from extractor.scoring.join import CorpusJoin
 from extractor.scoring.alignment import FUZZY_THRESHOLD
 from extractor.tasks.task import load_task
 

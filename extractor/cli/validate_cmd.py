@@ -146,7 +146,7 @@ class _Grounding:
         self.not_in_corpus: list[str] = []
 
     def rows(self, checked: Iterator[_Checked]) -> Iterator[_Checked]:
-        from extractor.scoring.evaluate import CorpusText, join
+        from extractor.scoring.join import CorpusText, join
         texts = (CorpusText(r["id"], r["values"][self.field0]) for batch in self.reader for r in batch)
         for _, item, rec in join(checked, texts, self.path, self.reader.path):
             if item is not None:

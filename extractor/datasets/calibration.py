@@ -16,7 +16,8 @@ import random
 from dataclasses import dataclass, field
 
 from extractor.scoring.compare import DROP, MICRO, CompareSettings, align, compare_pair, regressions
-from extractor.scoring.evaluate import Evaluator, GoldRecord, PredRecord
+from extractor.scoring.evaluate import Evaluator
+from extractor.scoring.join import GoldRecord, PredRecord
 from extractor.datasets.synth import ABSENT, FIELDS, generate
 from extractor.tasks.task import load_task
 

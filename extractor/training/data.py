@@ -8,7 +8,7 @@ from pathlib import Path
 from extractor.store.corpus import CorpusReader
 from extractor.errors import InputError
 from extractor.tasks.prompting import PromptBuilder
-from extractor.scoring.evaluate import iter_gold
+from extractor.scoring.join import iter_gold
 from extractor.store.writers import iter_rows
 
 IGNORE = -100

@@ -338,7 +338,8 @@ class Trainer:
         from extractor.backends.base import GenParams
         from extractor.backends.hf import HFBackend
         from extractor.pipeline import Predictor
-        from extractor.scoring.evaluate import Evaluator, GoldRecord, PredRecord
+        from extractor.scoring.evaluate import Evaluator
+        from extractor.scoring.join import GoldRecord, PredRecord
         records = self.dev_records[: self.cfg.eval_limit] if self.cfg.eval_limit else self.dev_records
         backend = self._eval_backend
         if backend is None or backend.model is not model:  # one backend per training: its decoder is kept
