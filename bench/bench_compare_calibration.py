@@ -5,7 +5,8 @@ wrong or lost, a few spurious facts), scores both with the real scorer and asks 
 (`compare --fail-if-drop 0 --alpha 0.05`: one-sided, family-wise over micro and every class).
 
 - equal quality: how often the gate fails, against the same pairs with each row tested alone at alpha (no
-  family-wise control) and at alpha/2 (the gate before issue 20: a two-sided p < alpha per row);
+  family-wise control) and at alpha/2 (the gate before it controlled the family-wise rate: a two-sided
+  p < alpha per row);
 - a trend: three later runs as good as the baseline, one family (any flag in any run is a false alarm);
 - a planted drop in one class (its error rate raised in the later run only): how often that class is flagged,
   against the drop the gate reports it can see with 80% power (median `mde80`), and false flags elsewhere;

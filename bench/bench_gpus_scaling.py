@@ -3,7 +3,7 @@
 Model: random weights in the Qwen2.5-0.5B shape with a locally trained tokenizer (as bench_train_gpu.py);
 corpus: synthetic job postings rendered with the jd_requirements prompt; greedy, --max-new-tokens 64 (a random
 model rarely stops early, so nearly every record generates 64 tokens). This measures the `hf` backend as it is
-today (plain `generate`, length-sorted batches), not the CUDA fast path of issue 6.
+today (plain `generate`, length-sorted batches), not the CUDA fast path (FastDecoder).
 
     python bench/bench_gpus_scaling.py --out $OUT --n 4096
 """

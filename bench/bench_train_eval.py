@@ -1,6 +1,7 @@
 """How long a checkpoint's dev F1 takes in `extractor train`: its evaluation (HFBackend.from_loaded + Predictor,
-as training/loop.py runs it) with the plain path (`fast="off"`, what training did before issue 15) and with
-the fast path, on the same records, for the demo's full checkpoint and for a LoRA and a P-tuning adapter on it.
+as training/loop.py runs it) with the plain path (`fast="off"`, what training did before adapters ran on the
+fast path) and with the fast path, on the same records, for the demo's full checkpoint and for a LoRA and a
+P-tuning adapter on it.
 Both paths' outputs are compared record by record.
 
     python bench/bench_train_eval.py [--model eval/demo/model] [--records eval/demo/test.jsonl] [--n 300] [--device cuda]

@@ -1,4 +1,4 @@
-"""`extractor run --backend vllm` against raw `LLM.generate` on the same work (issue 16: within 10%).
+"""`extractor run --backend vllm` against raw `LLM.generate` on the same work (the goal: within 10%).
 
 One engine, one process. The same records, rendered and encoded exactly as the run path does it, go to
 `LLM.generate` as token-id prompts in one call (vLLM's own best case: every request queued at once); then

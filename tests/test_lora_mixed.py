@@ -1,4 +1,4 @@
-"""Several LoRA adapters in one stream (issue 15): requests naming different adapters (and base weights,
+"""Several LoRA adapters in one stream: requests naming different adapters (and base weights,
 adapter=None) interleaved in one call. Every output equals that adapter's own single-adapter run through
 peft's forward (the plain path), fp32 on CPU, token for token: grouped per adapter where mixing is not
 possible, and mixed in one FastDecoder (each row its own adapter's LoRA, unmerged) where it is."""
@@ -88,7 +88,7 @@ def test_mixed_lora_rows_equal_each_adapters_own_run(tiny_model, loras, count, s
 
 def test_mixed_lora_constrained(tiny_model, loras):  # noqa: F811
     """Constrained (BatchConstraint over the mixed rows): equal to each adapter's plain constrained run."""
-    from extractor.tasks import load_task
+    from extractor.tasks.task import load_task
     schema = load_task("jd_requirements").schema
     prompts = _prompts(5, shared=True, seed=5)
     params = GenParams(max_new_tokens=40, constrained=True)
@@ -153,7 +153,7 @@ def test_refused_kind_decodes_per_adapter(tmp_path, tiny_model, loras, kind, cap
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
     """A tiny model of 4 decoder layers and 2 LoRA adapters on it (q/v; every linear layer, rsLoRA)."""
-    from extractor.tiny_models import build_tiny_model
+    from extractor.datasets.tiny_models import build_tiny_model
     from tests.conftest import make_adapter
     root = tmp_path_factory.mktemp("deep")
     model = build_tiny_model(root / "tiny4", layers=4)

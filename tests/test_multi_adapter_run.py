@@ -1,4 +1,4 @@
-"""`extractor run --adapter A --adapter B ...` in one pass (issue 15): on a backend that mixes adapters, every
+"""`extractor run --adapter A --adapter B ...` in one pass: on a backend that mixes adapters, every
 adapter's requests go through one generate_stream and each output is byte for byte what a run of that adapter
 alone writes (rows, order, run key); --resume asks only for what each output lacks, a SIGKILL and a Ctrl-C
 lose nothing; a backend that takes one adapter per stream still runs them one after another.
