@@ -402,7 +402,7 @@ def test_markdown_summary_renders_inert(hostile_report):
 def test_html_report_escapes_every_value(hostile_report):
     html_text = (hostile_report / "report.html").read_text(encoding="utf-8")
     page = parse_html(html_text)
-    from extractor.scoring.report import FILTER_JS
+    from extractor.scoring.report.filters import FILTER_JS
     # the one script is the report's own filter, and the page's CSP allows no other
     assert page.tags.count("script") == 1 and html_text.count(f"<script>{FILTER_JS}</script>") == 1
     assert "script-src 'sha256-" in html_text and "img" not in page.tags

@@ -123,7 +123,7 @@ def test_html_report_renders_in_chromium(jd_runs, run_cli, tmp_path):
         assert "pwned" not in dom.split("<title>")[1].split("</title>")[0]
         assert 'id="per-class"' in dom and "学历要求" in dom
     # The images must decode: a screenshot of the page with the chart is non-trivial in size.
-    from extractor.scoring.report import FILTER_JS
+    from extractor.scoring.report.filters import FILTER_JS
     page_text = (report2 / "report.html").read_text(encoding="utf-8")
     assert page_text.count("<script") == 1 and f"<script>{FILTER_JS}</script>" in page_text  # the filter only
     shot = tmp_path / "shot.png"

@@ -18,7 +18,9 @@ from hypothesis import given, settings, strategies as st
 from extractor.scoring.analysis import MAX_SCORED_PAIRS, RAW_CHARS, pair_errors
 from extractor.scoring.lenient import overlap_f1
 from extractor.scoring.metrics import ConfusionMatrix
-from extractor.scoring.report import FILTER_JS, f1_figure, layered
+from extractor.scoring.report.charts import f1_figure
+from extractor.scoring.report.filters import FILTER_JS
+from extractor.scoring.report.marks import layered
 from tests.conftest import write_jsonl
 from tests.helpers import HtmlTags
 

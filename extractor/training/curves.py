@@ -6,11 +6,11 @@ from pathlib import Path
 
 
 def draw_curves(metrics_path: Path, out_dir: Path) -> None:
-    from extractor.scoring.report import _pyplot
+    from extractor.scoring.report.charts import pyplot
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
