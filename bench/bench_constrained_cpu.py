@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-VOCAB = 151936  # the Qwen2.5 head: a small real tokenizer padded to it, as in bench/gpu_fast.py
+VOCAB = 151936  # the Qwen2.5 head: a small real tokenizer padded to it, as in bench/gpu/common.py
 APPLY = {"s": 0.0}  # time in apply_token_bitmask_inplace: one kernel on the GPU, a slow loop on CPU; left out
 
 
