@@ -95,7 +95,8 @@ def make_model(cfg: DemoConfig, train: tuple[Path, Path]) -> Path:
 
 
 def train_model(cfg: DemoConfig, base: Path, paths: dict) -> dict:
-    from extractor.training.loop import TrainConfig, Trainer
+    from extractor.training.config import TrainConfig
+    from extractor.training.loop import Trainer
     tcfg = TrainConfig(model=str(base), out=str(cfg.out / "train"), method="full", task=TASK,
                        train=str(paths["train"][0]), gold=str(paths["train"][1]), dev=str(paths["dev"][0]),
                        dev_gold=str(paths["dev"][1]), batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.1,

@@ -132,7 +132,8 @@ def test_time_aware_schedule_follows_the_faster_budget():
     """anneal_by_time: warmup and cosine follow max(steps spent, seconds spent), so a run the clock cuts
     short still ends annealed."""
     import math
-    from extractor.training.loop import TrainConfig, Trainer
+    from extractor.training.config import TrainConfig
+    from extractor.training.loop import Trainer
     t = Trainer(TrainConfig(model="m", out="o", max_steps=1000, max_seconds=100.0, warmup=0.1, anneal_by_time=True))
     t.total_steps = 1000
 

@@ -77,7 +77,8 @@ def train(model, method, train_path, gold, dev, dev_gold, task_name, out, max_so
     if quiet:
         _silence_libraries()
     from extractor.hub import resolve
-    from extractor.training.loop import TrainConfig, Trainer
+    from extractor.training.config import TrainConfig
+    from extractor.training.loop import Trainer
     model, source = resolve(model)
     hub = {"hub": source.as_dict()} if source else {}
     cfg = TrainConfig(model=model, out=out, method=method, task=task_name, train=train_path, gold=gold, dev=dev,
