@@ -19,17 +19,17 @@ from pathlib import Path
 def ours(corpus: Path, gold: Path, out: Path, window: int) -> float:
     from extractor.backends.base import GenParams
     from extractor.backends.echo import EchoBackend
-    from extractor.pipeline import Predictor, Run, RunOptions, run_key
+    from extractor.pipeline import Lane, OnePass, RunOptions, run_key
     from extractor.tasks.task import load_task
     task = load_task("jd_requirements")
     backend = EchoBackend(str(gold))  # loading the answers is not timed: a model load is not either
     params = GenParams()
     opts = RunOptions(corpus=corpus, out=out, params=params, window=window, quiet=True)
-    predictor = Predictor(task, backend, params)
-    run = Run(predictor, opts, out)
+    lane = Lane.build(task, backend, opts)
+    run = OnePass(task, backend, [lane], opts, [out])
     start = time.perf_counter()
-    done = run.prepare(run_key(task, backend, predictor, opts))
-    summary = run.execute(done)
+    dones = run.prepare([run_key(task, backend, lane, opts)])
+    summary, = run.execute(dones)
     assert summary.statuses["ok"] == sum(1 for _ in open(corpus)), summary.statuses
     return time.perf_counter() - start
 

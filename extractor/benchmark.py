@@ -1,8 +1,8 @@
 """`extractor bench`: how fast the hf backend runs a task on this machine with this model, against plain
 `generate` in the same process.
 
-Both rows go through `extractor run`'s own code path (Predictor + Run: rendering, tokenizing, generating,
-parsing, validating, fsynced writing), on the same records: the fast path (`--fast on`: FastDecoder) and the
+Both rows go through `extractor run`'s own code path (a lane filled by `OnePass`: rendering, tokenizing,
+generating, parsing, validating, fsynced writing), on the same records: the fast path (`--fast on`: FastDecoder) and the
 plain path (`--fast off`: `model.generate` in length-sorted static batches, what a hand-rolled loop does).
 Each row runs once untimed on a few records first, so one-time costs (compiles, graph capture, the grammar)
 are reported apart. Greedy outputs of the two rows are compared record by record.
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from extractor.backends.base import GenParams
-from extractor.pipeline import Predictor, Run, RunOptions, run_key
+from extractor.pipeline import OnePass, Predictor, run_key
 
 FORMAT = "extractor.bench/1"
 
@@ -29,15 +30,15 @@ def time_run(predictor: Predictor, corpus: Path, out: Path, limit: int | None = 
              profiler=None) -> dict:
     """One `extractor run` over `corpus` (its first `limit` records), timed from the first read to the last
     fsync; figures from the rows it wrote."""
-    opts = RunOptions(corpus=corpus, out=out, params=predictor.params, window=window, quiet=True, overwrite=True,
-                      limit=limit)
-    job = Run(predictor, opts, out)
-    job.prepare(run_key(predictor.task, predictor.backend, predictor, opts))
+    opts = replace(predictor.opts, corpus=corpus, out=out, window=window, quiet=True, overwrite=True, limit=limit)
+    lane = predictor.lane()
+    job = OnePass(predictor.task, predictor.backend, [lane], opts, [out])
+    dones = job.prepare([run_key(predictor.task, predictor.backend, lane, opts)])
     sync(predictor.backend)
     start = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    summary = job.execute(set())
+    summary, = job.execute(dones)
     sync(predictor.backend)
     seconds = time.perf_counter() - start
     if profiler is not None:

@@ -1,29 +1,26 @@
-"""`extractor run`: stream a corpus through a model and write one validated prediction per record."""
+"""`extractor run`: stream a corpus through a model and write one validated prediction per record. This module
+is the command (its options) and its wiring: which checks run and which mode drives the outputs
+(`run_modes.py`); what the outputs are is `run_outputs.py`'s, what the run says `run_report.py`'s."""
 from __future__ import annotations
-
-from collections import Counter
-from pathlib import Path
 
 import click
 
-from extractor.store import locations
-from extractor.plugins import backend_class
-from extractor.store.clashes import FileSet, refuse_overlaps, rejects_written, written_beside
 from extractor.cli.openai_options import openai_options
 from extractor.cli.options import bad_record_options, complete_task_names, corpus_options, tasks_dir_option
-from extractor.cli.tables import console as make_console, status_table
-from extractor.store.corpus_path import check_corpus, is_stdin, is_stream
-from extractor.errors import InputError
+from extractor.cli.run_checks import (check_checkpoints, check_corpus_given, check_keep_fields, check_ray_backend,
+                                      check_stdio, preflight)
+from extractor.cli.run_modes import run_adapters, run_checkpoints, run_on_ray, run_sharded
+from extractor.cli.run_outputs import locked_files, output_labels, refuse_overwriting_inputs
+from extractor.cli.run_report import say_settings
+from extractor.cli.tables import console as make_console
 from extractor.hub import RunSources
-from extractor.pipeline import OnePass, Predictor, Run, RunOptions, Summary, output_for_adapter, run_key
+from extractor.pipeline import output_for_adapter
 from extractor.pipeline.claim import Claim
 from extractor.pipeline.config import RunConfig
-from extractor.pipeline.predictor import INPUT_TRUNCATED
-from extractor.pipeline.summary import NoResultError
+from extractor.store import locations
 from extractor.store.provenance import check_writable
-from extractor.results.rows import RESERVED
-from extractor.tasks.task import load_task
 from extractor.store.writers import is_stdout
+from extractor.tasks.task import load_task
 
 
 @click.command()
@@ -129,362 +126,43 @@ def run(**params):
     if cfg.log_file:
         from extractor.cli.logfile import tee_stderr
         tee_stderr(cfg.log_file)
-    _check_stdio(cfg)
+    check_stdio(cfg)
     task = load_task(cfg.task_name, cfg.tasks_dirs)
     console = make_console(stderr=True, quiet=cfg.quiet)
-    _check_checkpoints(cfg)
-    if cfg.ray_address and cfg.backend == "openai":
-        raise InputError("--ray starts a model on each Ray worker, and --backend openai has none to start (the server "
-                         "decodes); run without --ray and raise --openai-concurrency instead")
+    check_checkpoints(cfg)
+    check_ray_backend(cfg)
     # hub ids -> cached snapshots; fails first
     checkpoints = [RunSources.resolve(model, cfg.adapters, cfg.backend) for model in cfg.models]
     sources = checkpoints[0]
     corpus, out = locations.target(cfg.corpus), locations.target(cfg.out)
-    _check_corpus(cfg, corpus)
+    check_corpus_given(cfg, corpus)
     if cfg.print_prompt is not None or cfg.dry_run:
-        from extractor.cli.dry_run import dry_run
+        from extractor.cli.dry_run import dry_run, tokenizer_renderer
         if cfg.dry_run and cfg.print_prompt is None:  # every check the run makes before loading, first
             opts = cfg.run_options(task)
-            _preflight(cfg, task, opts, sources, [output_for_adapter(opts.out, label, 1)
-                                                  for label in _output_labels(sources)])
-        dry_run(cfg, task, _make_predictor(cfg, task, sources), console)
+            preflight(cfg, task, opts, sources, [output_for_adapter(opts.out, label, 1)
+                                                 for label in output_labels(sources)])
+        dry_run(task, tokenizer_renderer(cfg, task, sources), cfg.print_prompt)
         return
     if len(checkpoints) > 1:
-        _run_checkpoints(cfg, task, checkpoints, corpus, out, console)
+        run_checkpoints(cfg, task, checkpoints, corpus, out, console)
         return
-    labels = _output_labels(sources)
+    labels = output_labels(sources)
     outs = [output_for_adapter(out, label, len(labels)) for label in labels]
-    _refuse_overwriting_inputs(cfg, sources, corpus, outs)
+    refuse_overwriting_inputs(cfg, sources, corpus, outs)
     if cfg.gpus:
-        _run_sharded(cfg, out, console, labels)
+        run_sharded(cfg, out, console, labels)
         return
-    clash = (RESERVED | {INPUT_TRUNCATED}).intersection(cfg.keep_fields)
-    if clash:
-        raise InputError(f"--keep-field {', '.join(sorted(clash))} would overwrite an output field; keep others")
+    check_keep_fields(cfg)
     opts = cfg.run_options(task)
     to_stdout = is_stdout(opts.out)
     if not to_stdout:
         check_writable(opts.out)
-    with Claim([] if to_stdout else outs, [] if to_stdout else _locked(cfg, outs)):
+    with Claim([] if to_stdout else outs, [] if to_stdout else locked_files(cfg, outs)):
         if cfg.ray_address:
-            _run_on_ray(cfg, task, opts, sources, console)
+            run_on_ray(cfg, task, opts, sources, console)
             return
-        _preflight(cfg, task, opts, sources, outs)
+        preflight(cfg, task, opts, sources, outs)
         if cfg.verbose:
-            _say_settings(console, cfg, opts, outs)
-        engine = backend_class(cfg.backend)(**cfg.backend_kwargs(sources.model, sources.adapters))
-        total = _expect(engine, opts)
-        names = engine.adapters()
-        if len(names) > 1 and engine.decodes_together(names, opts.params):
-            _run_in_one_pass(cfg, task, engine, opts, sources, names, console, total)
-            return
-        targets, summaries = [], []
-        for name in names:  # one run per adapter, one after another: this backend cannot decode them together
-            predictor = _adapter_predictor(cfg, task, engine, opts, sources, name)
-            job = Run(predictor, opts, output_for_adapter(opts.out, predictor.adapter, len(names)), console,
-                      total=total)
-            targets.append(job.out)
-            summaries.append(job.execute(job.prepare(_key(task, engine, predictor, opts, sources))))
-            _finish(console, [job.out], [summaries[-1]], cfg, check_results=False)
-        _check_results(cfg, targets, [summary.statuses for summary in summaries])
-
-
-def _check_checkpoints(cfg: RunConfig) -> None:
-    """Several --model: full checkpoints swapped into one hf backend, on their own (no adapters, one process)."""
-    if len(cfg.models) < 2:
-        return
-    if cfg.backend != "hf":
-        raise InputError(f"--model given {len(cfg.models)} times: only --backend hf scores several checkpoints in "
-                         "one process; run one command per checkpoint")
-    for flag, used in (("--adapter", cfg.adapters), ("--gpus", cfg.gpus), ("--ray", cfg.ray_address)):
-        if used:
-            raise InputError(f"--model given {len(cfg.models)} times cannot be combined with {flag}; run one "
-                             "command per checkpoint")
-
-
-def checkpoint_labels(models: list[str]) -> list[str]:
-    """Each checkpoint's output label: its folder's name; where two share one, parent-name (run1-best)."""
-    paths = [Path(m) for m in models]
-    labels = [p.name for p in paths]
-    for i, p in enumerate(paths):
-        if labels.count(p.name) > 1:
-            labels[i] = f"{p.parent.name}-{p.name}"
-    twice = sorted({label for label in labels if labels.count(label) > 1})
-    if twice:
-        raise InputError(f"--model: two checkpoints would both write preds.{twice[0]}.jsonl; give folders whose "
-                         "names (or parent and name) differ")
-    return labels
-
-
-def _run_checkpoints(cfg: RunConfig, task, checkpoints: list[RunSources], corpus, out, console) -> None:
-    """Each checkpoint's weights into the same loaded model in turn, each its own Run and output, exactly as
-    one command per checkpoint would write them."""
-    from extractor.backends.checkpoint_swap import check_swappable
-    for later in checkpoints[1:]:  # before anything loads, not after the first checkpoint's whole run
-        check_swappable(Path(checkpoints[0].model), Path(later.model))
-    labels = checkpoint_labels([c.model for c in checkpoints])
-    outs = [output_for_adapter(out, label, len(labels)) for label in labels]
-    for sources in checkpoints:
-        _refuse_overwriting_inputs(cfg, sources, corpus, outs)
-    opts = cfg.run_options(task)
-    check_writable(opts.out)
-    with Claim(outs, _locked(cfg, outs)):
-        _preflight(cfg, task, opts, checkpoints[0], outs)
-        engine = backend_class(cfg.backend)(**cfg.backend_kwargs(checkpoints[0].model, ()))
-        total = _expect(engine, opts)
-        targets, summaries = [], []
-        for i, (sources, target) in enumerate(zip(checkpoints, outs)):
-            if i:
-                engine.use_checkpoint(Path(sources.model))
-            predictor = _predictor(cfg, task, engine, opts)
-            job = Run(predictor, opts, target, console, total=total)
-            targets.append(target)
-            summaries.append(job.execute(job.prepare(_key(task, engine, predictor, opts, sources))))
-            _finish(console, [target], [summaries[-1]], cfg, check_results=False)
-        _check_results(cfg, targets, [summary.statuses for summary in summaries])
-
-
-def _check_stdio(cfg: RunConfig) -> None:
-    """`-` for stdin or stdout: one stream, read or written once, by one process; nothing to resume."""
-    stdin, stdout = is_stdin(cfg.corpus), is_stdout(cfg.out)
-    if not (stdin or stdout):
-        return
-    what = "the corpus from stdin (-)" if stdin else "--out - (stdout)"
-    if cfg.resume:
-        why = ("stdin cannot be read again to check it is the corpus the output was made from" if stdin
-               else "stdout keeps no rows to continue from")
-        raise InputError(f"--resume does not apply to {what}: {why}; save the corpus to a file, or write --out to "
-                         "a file, to be able to resume")
-    for flag, used in (("--gpus", cfg.gpus), ("--ray", cfg.ray_address)):
-        if used:
-            raise InputError(f"{flag} cannot be combined with {what}: its workers each need the file; use files")
-    if stdout:
-        if len(cfg.models) > 1 or len(cfg.adapters) > 1:
-            raise InputError("--out - (stdout) takes one output: give one --model and at most one --adapter, or "
-                             "write --out to a file (one file per adapter or checkpoint)")
-        if cfg.on_bad_record == "skip" and not cfg.rejects:
-            raise InputError("--out - with --on-bad-record skip: name the rejects file with --rejects PATH")
-
-
-def _say_settings(console, cfg: RunConfig, opts: RunOptions, outs: list) -> None:
-    """-v: what the run resolved, before the backend loads."""
-    limit = cfg.max_input_tokens or "the model's context - max new tokens"
-    lines = [f"backend {cfg.backend}, model {cfg.model}" + (f", adapters {', '.join(cfg.adapters)}" if cfg.adapters
-                                                             else ""),
-             f"generation: {opts.params.as_dict()}",
-             f"prompt limit: {limit} tokens, --on-long {opts.on_long}"
-             + (f" (chunks of {opts.chunking.tokens or 'as many'} text tokens"
-                + ("" if opts.chunking.tokens else " as fit") + f", overlap {opts.chunking.overlap})"
-                if opts.chunking else "") + f"; window {cfg.window} records"
-             + (f"; --limit {cfg.limit}" if cfg.limit else ""),
-             f"corpus {opts.corpus} -> " + ", ".join(str(o) for o in outs)]
-    for line in lines:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def _make_predictor(cfg: RunConfig, task, sources: RunSources):
-    """A predictor for --print-prompt and --dry-run: on the tokenizer alone (hf, vllm), else characters."""
-    from extractor.pipeline import preflight
-    if cfg.backend in ("hf", "vllm"):
-        view = preflight.TokenizerView(sources.model, sources.adapters, cfg.trust_remote_code, cfg.backend)
-        name = view.adapters()[0]
-    else:
-        view, name = preflight.NoTokenizer(cfg.backend), None
-        view.tokenizer = backend_class(cfg.backend).tokenizer  # openai: chat messages, as the server gets them
-    opts = cfg.run_options(task)
-    return _adapter_predictor(cfg, task, view, opts, sources, name) if name else _predictor(cfg, task, view, opts)
-
-
-def _preflight(cfg: RunConfig, task, opts: RunOptions, sources: RunSources, outs: list) -> None:
-    """What can fail without the weights fails before they load (pipeline/preflight.py): an output already
-    there; with hf, from the tokenizer alone, a --resume with other settings and the first window's prompts
-    (length, rendering, bad records)."""
-    from extractor.pipeline import preflight
-    preflight.refuse_existing(outs, cfg.resume, cfg.overwrite)
-    if cfg.backend != "hf":
-        return
-    view = preflight.TokenizerView(sources.model, sources.adapters, cfg.trust_remote_code)
-    predictors = [_adapter_predictor(cfg, task, view, opts, sources, name) for name in view.adapters()]
-    if cfg.resume:
-        keys = [preflight.partial_key(task, p, opts) for p in predictors]
-        preflight.check_resume(outs, keys if len(keys) == len(outs) else keys[:1] * len(outs))
-    if not is_stream(opts.corpus):
-        for predictor in predictors:
-            preflight.check_first_window(predictor, opts)
-
-
-def _expect(engine, opts: RunOptions) -> int | None:
-    """Tell the backend how many records the run decodes at most, where cheap to know (--compile auto); the
-    corpus's record count (None: not cheap to know), counted once here for the progress bars too."""
-    from extractor.store.corpus_path import count_records
-    total = count_records(opts.corpus)  # None for streams and remote JSONL
-    at_most = opts.limit if total is None else total if opts.limit is None else min(total, opts.limit)
-    engine.expect(at_most, opts.params)
-    return total
-
-
-def _check_corpus(cfg: RunConfig, corpus) -> None:
-    """The corpus readable as what its name says, before anything else; a FIFO only where it is read once."""
-    check_corpus(corpus)
-    if is_stream(corpus) and (cfg.gpus or cfg.ray_address):
-        how = "--gpus workers each read" if cfg.gpus else "--ray reads"
-        raise InputError(f"{corpus}: is a FIFO, which can be read once only, and {how} the corpus on their own; "
-                         "save the stream to a file first")
-
-
-def _refuse_overwriting_inputs(cfg: RunConfig, sources: RunSources, corpus, outs: list) -> None:
-    """No file the run writes (outputs, manifests, journals, locks, rejects) may be one of its inputs."""
-    inputs = FileSet()
-    if not is_stdin(corpus):
-        inputs.add(f"the corpus ({corpus})", corpus)
-    model = Path(sources.model)
-    if cfg.backend == "echo":
-        inputs.add(f"the echo backend's --model file ({sources.model})", model)
-    elif model.is_dir():
-        inputs.add_folder(f"a file of the --model folder {sources.model}", model)
-    for adapter in sources.adapters:
-        if Path(adapter).is_dir():
-            inputs.add_folder(f"a file of the --adapter folder {adapter}", Path(adapter))
-    writes = [("--out", o, written_beside(o)) for o in outs if not is_stdout(o)]
-    rejects = _rejects(cfg, outs)
-    writes += [("--rejects", r, rejects_written(r)) for r in rejects]
-    refuse_overlaps(writes, inputs)
-
-
-def _rejects(cfg: RunConfig, outs: list) -> list:
-    """The rejects files the run writes: --rejects, or one beside each output (--on-bad-record skip only)."""
-    if cfg.on_bad_record != "skip":
-        return []
-    if cfg.rejects:
-        return [locations.target(cfg.rejects)]
-    return [o.with_name(o.name + ".rejects.jsonl") for o in outs]
-
-
-def _locked(cfg: RunConfig, outs: list) -> list:
-    """The files locked for the run's life: each output, and an explicit --rejects (--gpus workers share
-    their parent's, which the parent holds)."""
-    locked = [(o, "--out") for o in outs]
-    if cfg.rejects and cfg.on_bad_record == "skip" and not cfg.shard:
-        locked.append((locations.target(cfg.rejects), "--rejects"))
-    return locked
-
-
-def _run_sharded(cfg: RunConfig, out, console, labels) -> None:
-    from extractor.runners.shards import outputs, run_sharded
-    ctx = click.get_current_context()
-    targets = [target for target, _ in outputs(out, cfg.gpus, labels)]
-    check_writable(out)
-    with Claim([], _locked(cfg, targets)):
-        if cfg.rejects and cfg.on_bad_record == "skip" and not (cfg.overwrite or cfg.resume) \
-                and locations.exists(locations.target(cfg.rejects)):
-            raise InputError(f"--rejects {cfg.rejects} already exists; pass --overwrite to replace it or choose "
-                             "another --rejects")
-        merged = run_sharded(ctx.command, ctx.params, out, cfg.gpus, cfg.device, console, labels)
-        _check_results(cfg, [target for target, _ in merged], [statuses for _, statuses in merged])
-
-
-def _run_in_one_pass(cfg: RunConfig, task, engine, opts: RunOptions, sources: RunSources, names, console,
-                     total: int | None) -> None:
-    """Every adapter's requests through one stream of a backend that mixes them; one output each."""
-    predictors = [_adapter_predictor(cfg, task, engine, opts, sources, name) for name in names]
-    job = OnePass(predictors, opts, [output_for_adapter(opts.out, p.adapter, len(names)) for p in predictors],
-                  console, total)
-    dones = job.prepare([_key(task, engine, p, opts, sources) for p in predictors])
-    _finish(console, [run.out for run in job.runs], job.execute(dones), cfg)
-
-
-def _adapter_predictor(cfg: RunConfig, task, engine, opts: RunOptions, sources: RunSources, name) -> Predictor:
-    """The predictor whose requests name adapter `name`; its rows carry the adapter's label."""
-    predictor = _predictor(cfg, task, engine, opts, name)
-    predictor.adapter = _adapter_labels(sources).get(name, name)
-    return predictor
-
-
-def _adapter_labels(sources: RunSources) -> dict:
-    """Backend adapter name -> the label its rows and output carry: the folder's name; where two folders share
-    one (runs/a/best, runs/b/best), parent-name (a-best, b-best), not best and best-1."""
-    from extractor.backends.base import name_adapters
-    paths = name_adapters(sources.adapters, lambda path: None)
-    folder_names = [Path(p).name for p in paths.values()]
-    labels = {}
-    for name, path in paths.items():
-        path = Path(path)
-        shared = folder_names.count(path.name) > 1 and name not in sources.adapter_labels
-        labels[name] = f"{path.parent.name}-{path.name}" if shared else sources.adapter_labels.get(name, name)
-    twice = sorted({label for label in labels.values() if list(labels.values()).count(label) > 1})
-    if twice:
-        raise InputError(f"--adapter: two adapters would both be labelled '{twice[0]}' (preds.{twice[0]}.jsonl); give "
-                         "folders whose names (or parent and name) differ")
-    return labels
-
-
-def _output_labels(sources: RunSources) -> list[str | None]:
-    """The label each adapter's output is named by (as the backend names the adapters; [None]: none)."""
-    return list(_adapter_labels(sources).values()) or [None]
-
-
-def _predictor(cfg: RunConfig, task, backend, opts: RunOptions, adapter_key: str | None = None) -> Predictor:
-    return Predictor(task, backend, opts.params, opts.on_long, cfg.max_input_tokens, tuple(cfg.keep_fields),
-                     cfg.few_shot, adapter_key, chunking=opts.chunking)
-
-
-def _key(task, engine, predictor, opts, sources: RunSources) -> dict:
-    """What --resume must match; with hub ids, also the id, revision and snapshot they led to."""
-    key = run_key(task, engine, predictor, opts)
-    if sources.hub:
-        key["hub"] = sources.hub
-    return key
-
-
-def _run_on_ray(cfg: RunConfig, task, opts: RunOptions, sources: RunSources, console) -> None:
-    from extractor.runners.ray_runner import DriverView, RayRun, check_ray_installed
-    check_ray_installed()
-    if len(sources.adapters) > 1:
-        raise InputError("--ray runs one adapter at a time; start one run per adapter")
-    adapter = sources.adapters[0] if sources.adapters else None
-    view = DriverView(cfg.backend, sources.model, adapter, cfg.dtype, cfg.trust_remote_code)
-    predictor = _predictor(cfg, task, view, opts)
-    predictor.adapter = sources.adapter_labels.get(Path(adapter).name, Path(adapter).name) if adapter else None
-    job = RayRun(predictor, opts, console, cfg, sources)
-    _finish(console, [job.out], [job.execute(job.prepare(_key(task, view, predictor, opts, sources)))], cfg)
-
-
-def _finish(console, targets: list, summaries: list, cfg: RunConfig, check_results: bool = True) -> None:
-    """Each output's summary; when Ctrl-C stopped them, one line on resuming and exit code 130; when an output
-    holds no usable result, one line and exit code 1."""
-    for target, summary in zip(targets, summaries):
-        _report(console, target, summary)
-    if any(summary.interrupted for summary in summaries):
-        console.print("stopped early; rerun the same command with --resume to continue")
-        raise SystemExit(130)
-    if check_results:
-        _check_results(cfg, targets, [summary.statuses for summary in summaries])
-
-
-def _check_results(cfg: RunConfig, targets: list, statuses: list) -> None:
-    """A complete run none of whose records came out ok or repaired is a failed job (exit 1), whatever
-    wrote it: the reason and the counts in one line. A --gpus worker leaves this to its parent, which sees
-    the merged output."""
-    if cfg.allow_no_result or cfg.shard:
-        return
-    reasons = []
-    for target, counts in zip(targets, statuses):
-        reason = Summary(statuses=Counter(counts)).no_result()
-        if reason:
-            reasons.append(f"{target}: {reason}")
-    if reasons:
-        raise NoResultError("; ".join(reasons) + "; the output is complete — check the model, the prompt and "
-                            "--max-new-tokens (--allow-no-result to accept it)")
-
-
-def _report(console, target: Path, summary) -> None:
-    d = summary.as_dict()
-    notes = {"input truncated (--on-long truncate)": d["input_truncated"]} if d["input_truncated"] else {}
-    if "chunked" in d:
-        c = d["chunked"]
-        notes[f"split into chunks (--on-long chunk; {c['requests']} requests, {c['failed_chunks']} failed)"] = \
-            c["records"]
-    console.print(status_table(d["statuses"], notes or None))
-    rate = f"{d['records_per_s']:.2f} rec/s, {d['output_tokens_per_s']:.1f} output tok/s" if d["records_per_s"] else "-"
-    console.print(f"{target}: {d['records']} records ({d['new_this_run']} new, {d['already_done']} already done, "
-                  f"{d['rejected_input']} rejected input) in {d['elapsed_s']:.1f}s — {rate}", highlight=False)
+            say_settings(console, cfg, opts, outs)
+        run_adapters(cfg, task, opts, sources, console)

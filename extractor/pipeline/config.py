@@ -8,7 +8,7 @@ from extractor.store import locations
 from extractor.backends.base import GenParams
 from extractor.errors import InputError
 from extractor.pipeline.chunks import DEFAULT_OVERLAP, ChunkSettings
-from extractor.pipeline.run import RunOptions
+from extractor.pipeline.options import RunOptions
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ class RunConfig:
                           rejects=locations.target(self.rejects) if self.rejects else None, resume=self.resume,
                           overwrite=self.overwrite, on_long=self.long_input_policy(task),
                           chunking=self.chunking(task), max_input_tokens=self.max_input_tokens,
-                          window=self.window, quiet=self.quiet, limit=self.limit, shard=parse_shard(self.shard))
+                          few_shot=self.few_shot, window=self.window, quiet=self.quiet, limit=self.limit,
+                          shard=parse_shard(self.shard))
 
     def long_input_policy(self, task) -> str:
         """--on-long, else the task file's on_long, else fail."""

@@ -1,4 +1,4 @@
-"""Several predictors' requests (one lane per output, one adapter each) through one backend stream.
+"""Several outputs' requests (one lane per output, one adapter each) through one backend stream.
 
 Each reading window's records are rendered and tokenized once per prompt limit the lanes have (LoRA adapters
 all share the base's; a prompt-learning adapter's virtual tokens lower its own), and requested once per lane
@@ -9,13 +9,32 @@ a stream that stops early (Ctrl-C, a kill) leaves no row of a record half done, 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
-from extractor.backends.base import Request
+from extractor.backends.base import Backend, GenParams, Request
 from extractor.pipeline.interrupt import stop_requested
+from extractor.pipeline.options import RunOptions
+from extractor.pipeline.renderer import Renderer
+from extractor.pipeline.row_judge import RowJudge
 
-if TYPE_CHECKING:
-    from extractor.pipeline.predictor import Predictor
+
+@dataclass(frozen=True)
+class Lane:
+    """One output's way through a pass: its records rendered by `renderer` (its prompt limit) and requested
+    naming `adapter` (the backend's name for it; None: the base weights); `judge` makes the rows, on the
+    writer thread (the stream itself never calls it)."""
+
+    renderer: Renderer
+    judge: RowJudge
+    adapter: str | None = None
+
+    @classmethod
+    def build(cls, task, backend: Backend, opts: RunOptions, adapter: str | None = None,
+              label: str | None = None) -> "Lane":
+        """The lane whose requests name `adapter` and whose rows carry `label`."""
+        renderer = Renderer(task, backend, opts, adapter)
+        return cls(renderer, RowJudge(task, opts, renderer.limit, label), adapter)
 
 
 class InOrder:
@@ -48,18 +67,18 @@ class InOrder:
         return out
 
 
-def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict], list[list[dict]]]]
-                 ) -> Iterator[tuple[int, list[tuple]]]:
+def stream_lanes(backend: Backend, params: GenParams, schema: dict, lanes: list[Lane],
+                 windows: Iterable[tuple[list[dict], list[list[dict]]]]) -> Iterator[tuple[int, list[tuple]]]:
     """windows: (a reading window's records, each lane's share of them) in; (lane, [(record, generation,
-    skip_reason)]) out, each lane's in its input order, as the backend finishes them. All predictors share
-    one backend, task and generation settings; the backend pulls requests as it is ready for them."""
-    first = predictors[0]
-    orders = [InOrder() for _ in predictors]
+    skip_reason)]) out, each lane's in its input order, as the backend finishes them. Every lane's requests go
+    through one stream of `backend`, with the same generation settings and schema (the first lane's probes
+    tell the backend where the shared prompt prefix ends); the backend pulls requests as it is ready for them."""
+    orders = [InOrder() for _ in lanes]
     sent: dict[int, tuple] = {}  # seq -> (lane, position, record, chunk index or None), until its result is back
     parts: dict[tuple[int, int], list] = {}  # (lane, position) of a chunked record -> its chunks' generations
     groups: dict = {}  # lanes by prompt limit: one rendering serves a group
-    for lane, p in enumerate(predictors):
-        groups.setdefault(p.limit, []).append(lane)
+    for index, lane in enumerate(lanes):
+        groups.setdefault(lane.renderer.limit, []).append(index)
 
     def requests():
         seq = 0
@@ -69,9 +88,9 @@ def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict]
             # A record's requests go together, one per lane that needs it: any stretch of the stream then
             # names every adapter, which is what lets the backend decode them together (one pass is only
             # chosen where it does: Backend.decodes_together).
-            for lanes in groups.values():
-                renderer = predictors[lanes[0]]
-                wants = [(lane, {id(r) for r in shares[lane]}) for lane in lanes]
+            for group_lanes in groups.values():
+                renderer = lanes[group_lanes[0]].renderer
+                wants = [(lane, {id(r) for r in shares[lane]}) for lane in group_lanes]
                 group = [r for r in records if any(id(r) in ids_ for _, ids_ in wants)]
                 if not group:
                     continue
@@ -89,7 +108,7 @@ def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict]
                             parts[lane, position] = [None] * len(rendered.prompts[i])
                         for k, (prompt, ids) in enumerate(zip(rendered.prompts[i], rendered.ids[i])):
                             sent[seq] = (lane, position, rec, k if chunked else None)
-                            yield Request(prompt, rec["id"], ids=ids, seq=seq, adapter=predictors[lane].adapter_key,
+                            yield Request(prompt, rec["id"], ids=ids, seq=seq, adapter=lanes[lane].adapter,
                                           window=window)
                             seq += 1
 
@@ -110,7 +129,7 @@ def stream_lanes(predictors: list[Predictor], windows: Iterable[tuple[list[dict]
             if triples:
                 yield lane, triples
 
-    stream = first.backend.generate_stream(requests(), first.params, first.task.schema, first.probes())
+    stream = backend.generate_stream(requests(), params, schema, lanes[0].renderer.probes())
     try:
         for pairs in stream:
             for request, gen in pairs:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from extractor.backends.base import Backend, GenParams, TokenizerBackend
 from extractor.errors import ManifestError, ModelError
-from extractor.pipeline.predictor import Predictor
-from extractor.pipeline.run import key_differences, output_store, run_key, shard_windows
+from extractor.pipeline.lanes import Lane
+from extractor.pipeline.one_pass import shard_windows
+from extractor.pipeline.renderer import Renderer
+from extractor.pipeline.run import key_differences, output_store, run_key
 from extractor.store.provenance import manifest_path
 
 # peft's prompt-learning types, whose virtual tokens come before every prompt (prompt_learning.KINDS, which
@@ -107,23 +109,23 @@ def check_resume(outs, keys: list[dict]) -> None:
                                 f"(manifest: {manifest_path(out).name})")
 
 
-def partial_key(task, predictor: Predictor, opts) -> dict:
+def partial_key(task, lane: Lane, opts) -> dict:
     """The run key without the backend's identity."""
     class _NoIdentity:
         def identity(self, adapter=None):
             return None
-    return run_key(task, _NoIdentity(), predictor, opts)
+    return run_key(task, _NoIdentity(), lane, opts)
 
 
-def check_first_window(predictor: Predictor, opts) -> None:
+def check_first_window(renderer: Renderer, opts) -> None:
     """Render and length-check the records the run starts with (its first window, within --limit): a
     prompt over the limit with --on-long fail, a record the task cannot render, a bad record with
     --on-bad-record fail, all fail here. Nothing is written (no rejects file)."""
     from extractor.store.corpus import CorpusReader
     n = min(opts.window, opts.limit or opts.window)
-    reader = CorpusReader(opts.corpus, predictor.task.spec.input_fields, opts.id_field, opts.text_field,
+    reader = CorpusReader(opts.corpus, renderer.task.spec.input_fields, opts.id_field, opts.text_field,
                           opts.on_bad, None, batch_size=n)
     for window in shard_windows(reader, opts.shard):
         if window:
-            predictor.render(window[:n])
+            renderer.render(window[:n])
             return

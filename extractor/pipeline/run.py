@@ -1,51 +1,26 @@
-"""One output (file or object): the manifest and its run key, exactly-once resume, the windows still to do,
-Ctrl-C, the summary. Rows are written by `sink.RowSink`; records become rows in `predictor.Predictor`.
-`produce` fills one output, or several of one corpus (one per adapter, `one_pass.py`), from one read."""
+"""One output (file or object): the manifest and its run key, exactly-once resume, the sink its rows are
+written through, the summary. Records become requests in `renderer.Renderer` and rows in `row_judge.RowJudge`;
+what fills an output from the corpus is `one_pass.OnePass` (one output, or several of one corpus)."""
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
-from extractor.backends.base import Backend, GenParams
-from extractor.store.corpus import CorpusReader
-from extractor.store.corpus_path import corpus_identity, count_records
-from extractor.store.records import id_key
-from extractor.store.rejects import RejectsWriter
+from extractor.backends.base import Backend
 from extractor.errors import InputError, ManifestError
-from extractor.pipeline.chunks import ChunkSettings
 from extractor.pipeline.interrupt import CtrlC
-from extractor.pipeline.lanes import stream_lanes
-from extractor.pipeline.predictor import Predictor
-from extractor.pipeline.sink import Progress, RowSink, prefetch
+from extractor.pipeline.lanes import Lane
+from extractor.pipeline.options import RunOptions
+from extractor.pipeline.sink import Progress, RowSink
 from extractor.pipeline.summary import Summary
-from extractor.store.provenance import manifest_path, stamp
+from extractor.store.corpus_path import corpus_identity, count_records
 from extractor.store.locations import Location, exists, is_remote
+from extractor.store.provenance import manifest_path, stamp
+from extractor.store.records import id_key
 from extractor.store.writers import JournalOutput, StdoutOutput, is_stdout
 
 MANIFEST_FORMAT = "extractor.manifest/1"
-
-
-@dataclass
-class RunOptions:
-    corpus: Location
-    out: Location
-    params: GenParams
-    id_field: str = "id"
-    text_field: str | None = None
-    keep_fields: tuple = ()
-    on_bad: str = "fail"
-    rejects: Location | None = None
-    resume: bool = False
-    overwrite: bool = False
-    on_long: str = "fail"
-    chunking: ChunkSettings | None = None  # chunk size and overlap under on_long chunk
-    max_input_tokens: int | None = None
-    window: int = 256
-    quiet: bool = False
-    limit: int | None = None
-    shard: tuple[int, int] | None = None  # (k, n): only records whose index mod n is k
 
 
 def output_for_adapter(out: Location, adapter: str | None, n_adapters: int) -> Location:
@@ -56,14 +31,15 @@ def output_for_adapter(out: Location, adapter: str | None, n_adapters: int) -> L
     return out.with_name(out.name[: -len(suffixes)] + f".{adapter}" + suffixes)
 
 
-def run_key(task, backend: Backend, predictor: Predictor, opts: RunOptions) -> dict:
+def run_key(task, backend: Backend, lane: Lane, opts: RunOptions) -> dict:
     """What must match for --resume to continue an output (the chunk settings only where they apply, so
     outputs written before chunking existed resume as they did)."""
-    chunking = {"chunking": predictor.chunking.as_dict()} if predictor.on_long == "chunk" else {}
-    return {**task.provenance(), "backend": backend.identity(predictor.adapter_key), "params": opts.params.as_dict(),
-            "prompt_format": "chat" if predictor.builder.chat else "raw", "few_shot": predictor.builder.few_shot,
+    renderer = lane.renderer
+    chunking = {"chunking": renderer.chunking.as_dict()} if opts.on_long == "chunk" else {}
+    return {**task.provenance(), "backend": backend.identity(lane.adapter), "params": opts.params.as_dict(),
+            "prompt_format": "chat" if renderer.builder.chat else "raw", "few_shot": renderer.builder.few_shot,
             "id_field": opts.id_field,
-            "text_field": opts.text_field, "on_long": opts.on_long, "max_input_tokens": predictor.limit,
+            "text_field": opts.text_field, "on_long": opts.on_long, "max_input_tokens": renderer.limit,
             "keep_fields": list(opts.keep_fields), "shard": list(opts.shard) if opts.shard else None,
             "corpus": corpus_identity(opts.corpus), **chunking}
 
@@ -79,11 +55,12 @@ def output_store(out):
 
 
 class Run:
-    """One output (file or object): manifest, resume state, windows, progress and summary."""
+    """One output (file or object) of `task` decoded by `backend`: manifest, resume state, the sink its rows
+    go to (made by its lane's judge), progress and summary."""
 
-    def __init__(self, predictor: Predictor, opts: RunOptions, out: Location, console=None,
+    def __init__(self, task, backend: Backend, lane: Lane, opts: RunOptions, out: Location, console=None,
                  ctrl_c: CtrlC | None = None, total: int | None = None):
-        self.p = predictor
+        self.task, self.backend, self.lane = task, backend, lane
         self.opts = opts
         self.out = out
         self.store = output_store(out)
@@ -110,7 +87,7 @@ class Run:
             return self._done_ids()
         self.created = True
         self.manifest = {"format": MANIFEST_FORMAT, "run_key": key, "corpus": str(self.opts.corpus),
-                         "prediction_schema": self.p.task.schema,  # a Parquet output's typed column
+                         "prediction_schema": self.task.schema,  # a Parquet output's typed column
                          "output": str(self.out), "rejects": self._rejects_name(), **stamp(), "summary": None}
         self.store.write_manifest(self.manifest)
         return set()
@@ -181,26 +158,16 @@ class Run:
         self.summary.already_done = len(done)
         return done
 
-    def execute(self, done: set[int]) -> Summary:
-        """Rows go to a writer thread (`RowSink`) that parses, validates and writes them in input order,
-        `window` rows per append (what a kill can lose); Ctrl-C stops taking new records and drains what is in
-        flight. Where the rows come from is `_produce`'s (here: the corpus, read on a thread ahead of the
-        backend, which keeps the GPU busy in between)."""
-        if self.complete:
-            return self.summary
-        with self.ctrl_c, self.writing() as sink:
-            self._produce(done, sink)
-        return self.summary
-
     @contextmanager
     def writing(self) -> Iterator[RowSink]:
-        """The sink this output's rows go to while the run works (with its writer, progress bar and clock). On
-        a clean exit its last rows are written and the manifest gets the summary; after an error it is left
-        unfinished, for --resume."""
+        """The sink this output's rows go to while the run works (with its writer, progress bar and clock): a
+        writer thread that judges and writes them in input order, `window` rows per append (what a kill can
+        lose). On a clean exit its last rows are written and the manifest gets the summary; after an error it
+        is left unfinished, for --resume."""
         start = time.perf_counter()
         writer = self.store.appender(self.manifest)
         progress = self._progress(start)
-        sink = RowSink(writer, self.p.rows, self.opts.window, self.summary, progress)
+        sink = RowSink(writer, self.lane.judge.rows, self.opts.window, self.summary, progress)
         try:
             try:
                 yield sink
@@ -226,10 +193,6 @@ class Run:
         except Exception:  # noqa: BLE001 - the error that stopped the run is the one to report
             pass
 
-    def _produce(self, done: set[int], sink: RowSink) -> None:
-        """Read the corpus (windows on a thread ahead of the backend), generate, hand the rows to the sink."""
-        produce([self], [done], [sink])
-
     @property
     def _stop(self) -> bool:
         return self.ctrl_c.requested
@@ -253,97 +216,11 @@ class Run:
 
     def _finish(self) -> None:
         self.manifest["summary"] = self.summary.as_dict()
-        startup = self.p.backend.startup_record()
+        startup = self.backend.startup_record()
         if startup is not None:
             self.manifest["startup"] = startup
         self.manifest["finished"] = stamp()["created"]
         self.store.finish(self.manifest, complete=not self.summary.interrupted)
-
-
-def produce(runs: list[Run], dones: list[set[int]], sinks: list[RowSink]) -> None:
-    """Fill the outputs of `runs` (the same corpus and options, one adapter each) from one read of the corpus:
-    each record is rendered and tokenized once and requested once per output that has not written it, all
-    through one backend stream (windows read on a thread ahead of the backend); each output's rows reach its
-    sink in input order. Stops at Ctrl-C, or when every output has its --limit."""
-    opts = runs[0].opts
-    rejects = RejectsTee([run.rejects_path() for run in runs]) if opts.on_bad == "skip" else None
-    reader = CorpusReader(opts.corpus, runs[0].p.task.spec.input_fields, opts.id_field, opts.text_field,
-                          opts.on_bad, rejects, batch_size=opts.window)
-    todos = [Todo(done, opts.limit, sink) for done, sink in zip(dones, sinks)]
-
-    def windows():
-        for window in shard_windows(reader, opts.shard):
-            shares = [todo(window) for todo in todos]
-            if any(shares):
-                yield window, shares
-            if runs[0].ctrl_c.requested or all(todo.full for todo in todos):
-                return
-    try:
-        with prefetch(windows()) as stream:
-            for lane, triples in stream_lanes([run.p for run in runs], stream):
-                runs[lane].summary.count_decoders(triples)
-                sinks[lane].put(triples)
-    except BaseException:
-        if rejects is not None:
-            rejects.discard()
-        raise
-    finally:
-        for run in runs:
-            run.summary.rejected = reader.stats.rejected
-    if rejects is not None:
-        rejects.close()
-
-
-class Todo:
-    """One output's share of each reading window: the records it has not written yet, within --limit; without
-    a limit the others go to its progress bar as skipped (its end is then the corpus's size)."""
-
-    def __init__(self, done: set[int], limit: int | None, sink: RowSink):
-        self.done, self.limit, self.sink = done, limit, sink
-        self.sent = 0
-
-    def __call__(self, window: list[dict]) -> list[dict]:
-        todo = [r for r in window if id_key(r["id"]) not in self.done]
-        if self.limit is not None:
-            todo = todo[: max(0, self.limit - self.sent)]
-        self.sent += len(todo)
-        if self.limit is None:  # with --limit the bar counts new records only, up to the limit
-            self.sink.skipped(len(window) - len(todo))
-        return todo
-
-    @property
-    def full(self) -> bool:
-        return self.limit is not None and self.sent >= self.limit
-
-
-def shard_windows(reader, shard: tuple[int, int] | None):
-    """The reader's windows; with --shard k/n only record i mod n == k of them (counting good records)."""
-    index = 0
-    for window in reader:
-        if shard:
-            k, n = shard
-            window, index = [r for i, r in enumerate(window, index) if i % n == k], index + len(window)
-        yield window
-
-
-class RejectsTee:
-    """Rejected input records to every output's rejects file (one file where they share one), each rebuilt
-    from the input on every pass: replaced when the pass ends, left as it was when the pass fails."""
-
-    def __init__(self, paths: list[Location]):
-        self.writers = [RejectsWriter(path) for path in {str(p): p for p in paths}.values()]
-
-    def write(self, bad) -> None:
-        for writer in self.writers:
-            writer.write(bad)
-
-    def close(self) -> None:
-        for writer in self.writers:
-            writer.close()
-
-    def discard(self) -> None:
-        for writer in self.writers:
-            writer.discard()
 
 
 def key_differences(old: dict, new: dict) -> list[str]:

@@ -55,8 +55,8 @@ POLL_S = 0.1  # how often a blocked hand-over looks again whether the other side
 
 class RowSink:
     """Builds and writes released rows on a thread of its own, `window` rows per append, counting them in
-    `summary` and on `progress`. `put` takes what `to_rows` turns into rows (the predictor's triples, parsed and
-    validated here, off the generating thread); `put_rows` takes rows already built (a Ray actor's).
+    `summary` and on `progress`. `put` takes what `to_rows` turns into rows (a lane's triples, judged here by its
+    `RowJudge`, off the generating thread); `put_rows` takes rows already built (a Ray actor's).
 
     A failure stops the thread at once; every later (or blocked) hand-over raises it, so neither the
     producer nor the reader can wait on a writer that is gone."""

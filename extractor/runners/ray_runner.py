@@ -56,11 +56,13 @@ class PredictActor:
         backend = backend_class(backend_name)(**backend_kwargs)
         # The worker's backend was built with the run's one adapter: every request names it (without this
         # the workers decoded with base weights).
-        self.predictor = Predictor(self.task, backend, params, opts_dict["on_long"], opts_dict["max_input_tokens"],
-                                   tuple(opts_dict["keep_fields"]), opts_dict["few_shot"],
-                                   backend.adapters()[0] if opts_dict["adapter"] else None,
+        self.predictor = Predictor(self.task, backend, params,
+                                   adapter_key=backend.adapters()[0] if opts_dict["adapter"] else None,
+                                   label=opts_dict["adapter"], on_long=opts_dict["on_long"],
+                                   max_input_tokens=opts_dict["max_input_tokens"],
+                                   keep_fields=tuple(opts_dict["keep_fields"]), few_shot=opts_dict["few_shot"],
                                    chunking=opts_dict["chunking"])
-        self.predictor.adapter = opts_dict["adapter"]
+        self.label = opts_dict["adapter"]
         self.field_map = opts_dict["field_map"]
         self.id_field = opts_dict["id_field"]
         self.done = ray.get(done_ref) if done_ref is not None else set()
@@ -74,7 +76,7 @@ class PredictActor:
                 rec = check_record(row, self.field_map, self.id_field, ids_required=True)
             except RecordProblem as problem:
                 bad.append(error_row(problem.record_id, self.task.name, f"bad input record: {problem.reason}",
-                                     self.predictor.adapter))
+                                     self.label))
                 continue
             if id_key(rec["id"]) not in self.done:
                 records.append(rec)
@@ -111,8 +113,8 @@ class DriverView(Backend):
 class RayRun(Run):
     """A Run whose records flow through Ray Data; manifest, resume and summary are the single-process ones."""
 
-    def __init__(self, predictor, opts, console, cfg: RunConfig, sources):
-        super().__init__(predictor, opts, opts.out, console)
+    def __init__(self, task, view, lane, opts, console, cfg: RunConfig, sources):
+        super().__init__(task, view, lane, opts, opts.out, console)
         self.address, self.workers = ray_settings(cfg.ray_address), cfg.ray_workers
         self.backend_name = cfg.backend
         # The workers' folder is not this one: paths go to them absolute.
@@ -136,12 +138,15 @@ class RayRun(Run):
     def execute(self, done: set[int]):
         import ray
         try:
-            return super().execute(done)
+            if not self.complete:
+                with self.ctrl_c, self.writing() as sink:
+                    self._fill_from_pool(done, sink)
+            return self.summary
         finally:
             if not self.address:
                 ray.shutdown()
 
-    def _produce(self, done: set[int], sink) -> None:
+    def _fill_from_pool(self, done: set[int], sink) -> None:
         """Rows computed by the actor pool, streamed back in input order, into the run's sink; Ctrl-C stops
         taking batches."""
         import ray
@@ -249,11 +254,11 @@ class RayRun(Run):
                   "csv": lambda: ray.data.read_csv(path, **read_args)}[fmt]()
         except Exception as exc:  # noqa: BLE001 - Ray wraps reader errors in several types
             raise ExtractorError(f"{path}: Ray cannot read it ({str(exc).splitlines()[0][:200]})") from None
-        field_map = input_columns(self.p.task.spec.input_fields, self.opts.text_field)
+        field_map = input_columns(self.task.spec.input_fields, self.opts.text_field)
         opts_dict = {"on_long": self.opts.on_long, "chunking": self.opts.chunking,
                      "max_input_tokens": self.opts.max_input_tokens,
-                     "keep_fields": list(self.opts.keep_fields), "few_shot": self.p.builder.few_shot,
-                     "adapter": self.p.adapter, "field_map": field_map, "id_field": self.opts.id_field}
+                     "keep_fields": list(self.opts.keep_fields), "few_shot": self.lane.renderer.builder.few_shot,
+                     "adapter": self.lane.judge.label, "field_map": field_map, "id_field": self.opts.id_field}
         return self._map(ds, opts_dict, done_ref)
 
     def _map(self, ds, opts_dict: dict, done_ref):
@@ -266,8 +271,8 @@ class RayRun(Run):
             return ds.map_batches(
                 PredictActor, batch_size=self.opts.window, batch_format="pyarrow",
                 compute=ActorPoolStrategy(size=self.workers),
-                fn_constructor_args=(self.p.task.name, tuple(self.tasks_dirs), self.backend_name,
-                                     self.backend_kwargs, self.p.params, opts_dict, done_ref),
+                fn_constructor_args=(self.task.name, tuple(self.tasks_dirs), self.backend_name,
+                                     self.backend_kwargs, self.opts.params, opts_dict, done_ref),
                 num_cpus=demand.cpus, num_gpus=demand.gpus, **memory, max_restarts=2, max_task_retries=2,
                 # Across the nodes, as the capacity check placed them (Ray would otherwise pack a node first).
                 scheduling_strategy="SPREAD")
