@@ -6,6 +6,7 @@ so nothing calls back into a backend while it pulls requests. Knobs are construc
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
@@ -56,6 +57,28 @@ def by_window(requests: Iterable[Request], size: int) -> Iterator[list[Request]]
         batch.append(request)
     if batch:
         yield batch
+
+
+class Lookahead:
+    """An iterator that can be looked ahead of by a bounded window."""
+
+    def __init__(self, items: Iterable):
+        self._items = iter(items)
+        self._ahead: deque = deque()
+
+    def peek(self, n: int) -> list:
+        while len(self._ahead) < n and (item := next(self._items, None)) is not None:
+            self._ahead.append(item)
+        return list(itertools.islice(self._ahead, n))
+
+    def take(self, n: int) -> list:
+        self.peek(n)
+        return [self._ahead.popleft() for _ in range(min(n, len(self._ahead)))]
+
+    def take_while(self, keep) -> Iterator:
+        """Items while `keep(item)`, pulled one at a time; the first one that fails stays ahead."""
+        while self.peek(1) and keep(self._ahead[0]):
+            yield self._ahead.popleft()
 
 
 class TextEncoder:

@@ -1,6 +1,7 @@
 """The weights the `hf` backend decodes with, and the one place they change: the base model alone; one adapter
 (a LoRA merged into the base weights for the fast path, or peft's own layers; a prompt-learning adapter's
-wrapper); or several LoRA adapters loaded at once, their layers mixed (lora_mixed.py).
+wrapper, and its virtual part once computed); or several LoRA adapters loaded at once, their layers mixed
+(lora_mixed.py).
 
 The backend's decoders are built on these weights, so it drops them around `use` and `load_mix`; this module
 knows nothing of decoders."""
@@ -37,10 +38,19 @@ class Weights:
         self._merged = None  # a LoRA adapter this backend loaded, merged into the base for the fast path
         self._unmergeable: str | None = None  # the adapter whose merge failed (its layers run unmerged)
         self._unmixable: set[frozenset] = set()  # adapter sets refused for mixing (said once)
+        self._virtual = None  # the prompt-learning adapter's virtual part, once computed
 
     def hand_over(self, peft_model) -> None:
         """A peft model being trained (training's F1 evaluation): it is its adapter, never merged or swapped."""
         self.model, self.base, self.adapter = peft_model, peft_model.get_base_model(), HANDED
+        self._virtual = None
+
+    def trained(self) -> None:
+        """The tensors were updated in place (a training step): inference mode again, and a prompt-learning
+        adapter's virtual part recomputed at its next use."""
+        self.base.eval()
+        self.model.eval()
+        self._virtual = None
 
     # -- one adapter at a time ---------------------------------------------------------------------
     def use(self, name: str | None) -> None:
@@ -50,6 +60,7 @@ class Weights:
         if self.mix is not None:  # its LoRA layers go with the unload below (the base weights' values unchanged)
             self.mix.lora.close()
             self.mix = None
+        self._virtual = None
         if self._merged is not None:  # its layers are out already: the base weights back, exactly
             self._merged.restore()
             self._merged = None
@@ -79,6 +90,16 @@ class Weights:
             from extractor.backends.prompt_learning import KINDS
             return int(config.get("num_virtual_tokens") or 0) if config.get("peft_type") in KINDS else 0
         return self.model.peft_config["default"].num_virtual_tokens if self.prompt_learning() else 0
+
+    def virtual_prefix(self, dtype):
+        """A prompt-learning adapter's virtual part (None without one), computed once per adapter for both
+        decoding paths: its tokens or K/V go first in the fast path's shared prefix and before each plain record."""
+        if not self.prompt_learning():
+            return None
+        if self._virtual is None:
+            from extractor.backends.prompt_learning import virtual_prefix
+            self._virtual = virtual_prefix(self.model, dtype)
+        return self._virtual
 
     def adapter_config(self, name: str) -> dict:
         return json.loads((self.paths[name] / "adapter_config.json").read_text(encoding="utf-8"))
