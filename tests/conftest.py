@@ -32,6 +32,57 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# `make test` runs the suite on both cores (pytest-xdist, --dist loadgroup). The longest tests start first, so
+# that no worker is left with one of them at the end while the other idles; seconds from a serial run on the
+# 2-core machine. A name missing here (renamed, new) only loses its place at the front.
+SLOW_FIRST = {
+    "test_reliability.py::test_run_survives_20_kills": 145, "test_reliability.py::test_shard_merge_survives_kills": 51,
+    "test_reliability.py::test_train_resume_after_kills_matches_uninterrupted": 40,
+    "test_ray_cluster.py": 55, "test_ray.py": 27, "test_run.py::test_sigkill_then_resume_is_exactly_once": 29,
+    "test_multi_adapter_run.py::test_sigkill_then_resume_every_output_exactly_once": 28,
+    "test_lora_mixed.py::test_mixed_lora_compiled_compiles_once_for_every_layer": 25,
+    "test_attack_models.py::test_50mb_record_is_found_long_in_bounded_time_and_memory": 21,
+    "test_chunking.py::test_sigkill_chunked_run_then_resume_is_exactly_once": 18,
+    "test_startup.py::test_regional_compile_compiles_one_layer_for_all": 18,
+    "test_compare_calibration.py::test_equal_runs_fail_the_gate_at_alpha_over_all_jd_fields": 17,
+    "test_multi_adapter_run.py::test_ctrl_c_stops_every_output_and_resume_finishes_them": 16,
+    "test_shards.py::test_merge_interrupted_before_its_manifest_finishes_on_resume": 16,
+    "test_fuzz_outputs.py::test_any_output_is_written_read_back_and_counted": 12,
+    "test_train.py::test_sigkill_then_resume_continues_at_saved_step": 12,
+}
+# Tests that must not run beside each other: one Ray at a time (a two-node cluster and a local instance would
+# share the cores and, through ray's default address file, possibly each other).
+EXCLUSIVE = {"test_ray_cluster.py": "ray", "test_ray.py": "ray"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Group and order the tests for xdist: the tests of a module that share a module-scoped fixture run on one
+    worker (it is built once), exclusive ones share a group, and the costliest groups start first. Serial runs get
+    the same order; every test still runs, with its fixtures, as written."""
+    def group(item) -> str | None:
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        if module in EXCLUSIVE:
+            return EXCLUSIVE[module]
+        defs = getattr(item, "_fixtureinfo", None)
+        scoped = defs and any(d.scope == "module" for fixdefs in defs.name2fixturedefs.values() for d in fixdefs)
+        return module if scoped else None
+
+    def cost(item) -> float:
+        name = item.nodeid.split("[")[0].rsplit("/", 1)[-1]
+        return max((s for key, s in SLOW_FIRST.items() if name == key or name.startswith(key + "::")), default=0)
+
+    units: dict[str, list] = {}  # unit (group or test) -> its items, in collection order
+    for item in items:
+        name = group(item)
+        if name:
+            item.add_marker(pytest.mark.xdist_group(name))
+        units.setdefault(name or item.nodeid, []).append(item)
+    weight = {unit: max(cost(i) for i in members) for unit, members in units.items()}
+    ordered = sorted(units, key=lambda unit: -weight[unit])  # stable: the rest keep their collection order
+    items[:] = [item for unit in ordered for item in units[unit]]
+
+
 @pytest.fixture
 def run_cli():
     """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
