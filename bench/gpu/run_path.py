@@ -68,7 +68,7 @@ def constrained(res, model, backend, work: Path, args, profiled: bool) -> None:
     from extractor.tasks.task import load_task
     res["run_path_constrained"] = run_path(backend, work, args.n, constrained=True)
     if args.switch_interval is not None:  # the same run with another GIL switch interval (0: Python's)
-        import extractor.backends.hf as hf_module
+        import extractor.backends.hf_fast as hf_module
         default = hf_module.CONSTRAINED_SWITCH_INTERVAL
         hf_module.CONSTRAINED_SWITCH_INTERVAL = args.switch_interval
         res["run_path_constrained_switch"] = run_path(backend, work, args.n, constrained=True)
@@ -183,7 +183,7 @@ def parse_args():
                         help="constrained FastDecoder rows: grammar worker counts (auto: the default)")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="also time the constrained run path with this GIL switch interval while decoding "
-                             "(seconds; 0: Python's own 5 ms; the default is hf.CONSTRAINED_SWITCH_INTERVAL)")
+                             "(seconds; 0: Python's own 5 ms; the default is hf_fast.CONSTRAINED_SWITCH_INTERVAL)")
     parser.add_argument("--legacy", default=None, help="the decoder file of an earlier version: run_legacy's")
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU: checks the script, not speed")
     return parser.parse_args()

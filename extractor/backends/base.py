@@ -194,7 +194,9 @@ class Backend:
 
     def decodes_together(self, adapters: list[str], params: GenParams) -> bool:
         """Whether these adapters' requests, interleaved in one stream, decode together (so one pass over the
-        corpus for all of them pays off); a backend that can only switch between them says False."""
+        corpus for all of them pays off); a backend that can only switch between them says False. The
+        pipeline only tags each request with its adapter: which requests decode together is the backend's
+        decision (hf: HFBackend._runs)."""
         return self.mixes_adapters
 
     def expect(self, records: int | None, params: GenParams) -> None:

@@ -294,6 +294,11 @@ def check_tokenizer(tokenizer, path: Path) -> None:
                          "the tokenizer beside the model (tokenizer.save_pretrained) or fetch the model again")
 
 
+def weights_size(path: Path) -> int:
+    """Bytes of a folder's weight files (WEIGHT_PATTERNS): what loading it reads, about."""
+    return sum(p.stat().st_size for pattern in WEIGHT_PATTERNS for p in path.glob(pattern) if p.is_file())
+
+
 def file_fingerprint(path: Path) -> dict:
     """Cheap identity of a model or adapter folder: config hash plus weight file names and sizes."""
     config = path / ("adapter_config.json" if (path / "adapter_config.json").is_file() else "config.json")

@@ -20,7 +20,6 @@ import queue
 import random
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from http.client import HTTPException

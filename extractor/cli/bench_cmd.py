@@ -42,7 +42,8 @@ def bench(model, task_name, corpus, n, baseline_n, max_new_tokens, constrained, 
     Example:
       extractor bench --model ./model --n 1024 --baseline-n 128 --max-new-tokens 128 --out bench.json
     """
-    from extractor.backends.hf import HFBackend, check_model_dir
+    from extractor.backends.hf import HFBackend
+    from extractor.backends.model_files import check_model_dir
     from extractor.benchmark import FORMAT, compare_paths
     from extractor.datasets.synth import write_corpus
     from extractor.tasks.task import load_task

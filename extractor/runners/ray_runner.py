@@ -29,7 +29,7 @@ from pathlib import Path
 from extractor import jsonutil
 
 from extractor.store import locations
-from extractor.backends.base import Backend
+from extractor.backends.base import Backend, TokenizerBackend
 from extractor.store.corpus_path import corpus_format
 from extractor.store.records import RecordProblem, check_record, id_key, input_columns
 from extractor.errors import ExtractorError
@@ -92,11 +92,13 @@ class DriverView(Backend):
     counts) and the identity that goes into the manifest. The actors hold the real backends."""
 
     def __init__(self, name: str, model: str, adapter: str | None, dtype: str, trust_remote_code: bool):
-        from extractor.backends.hf import check_model_dir, file_fingerprint
+        from extractor.backends.model_files import check_model_dir, file_fingerprint
+        from extractor.plugins import backend_class
+        engine = backend_class(name)  # what it can do is its class's answer, whatever its name
         self.name = name
-        self.supports_constrained = name in ("hf", "vllm", "echo")
+        self.supports_constrained = engine.supports_constrained
         self.ident = {"backend": name, "runner": "ray", "dtype": dtype}
-        if name == "echo":
+        if not issubclass(engine, TokenizerBackend):  # echo: --model is a gold file, there is no tokenizer
             self.ident["gold"] = node_path(model)
             return
         from transformers import AutoTokenizer
@@ -346,19 +348,16 @@ def worker_tasks_dirs(tasks_dirs) -> tuple[str, ...]:
     return tuple(node_path(d) for d in (*tasks_dirs, *env))
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
-
-
 def weights_bytes(backend_kwargs: dict) -> int:
     """The weight files' sizes (model and adapters; echo's gold file): what a CPU worker holds in memory at
     least."""
+    from extractor.backends.model_files import weights_size
     total = 0
     for item in (backend_kwargs.get("model"), *backend_kwargs.get("adapters", ())):
         path = Path(item) if item else None
         if path is None or not path.exists():
             continue
-        files = [path] if path.is_file() else [f for pattern in WEIGHT_FILES for f in path.glob(pattern)]
-        total += sum(f.stat().st_size for f in files)
+        total += path.stat().st_size if path.is_file() else weights_size(path)
     return total
 
 
