@@ -104,8 +104,8 @@ class HFBackend(TokenizerBackend):
                              lambda prompts: self.encoder().encode_batch(prompts), self._say_once)
 
     # The settings both decoding paths read (hf_plain.Knobs), by their constructor names.
-    device, dtype, batch_size, batch_tokens = _knob("device"), _knob("dtype"), _knob("batch_size"), _knob("batch_tokens")
-    fast_mode, compile = _knob("fast_mode"), _knob("compile")
+    device, dtype, batch_size = _knob("device"), _knob("dtype"), _knob("batch_size")
+    batch_tokens, fast_mode, compile = _knob("batch_tokens"), _knob("fast_mode"), _knob("compile")
     # What decodes (hf_weights.Weights owns them): the model, the base model under it, the adapter in it.
     model = property(lambda self: self.weights.model)
     base = property(lambda self: self.weights.base)

@@ -53,7 +53,8 @@ class FastPath:
             if kind(self.weights.model) not in KINDS:
                 return f"peft adapters of type {kind(self.weights.model)} decode with plain generate"
         from extractor.backends.fast.families import refusal
-        return refusal(self.weights.base)  # a LoRA adapter's layers are injected into the base: its own forward runs them
+        # A LoRA adapter's layers are injected into the base: the base's forward runs them.
+        return refusal(self.weights.base)
 
     def takes(self, params: GenParams) -> bool:
         reason = self.refusal(params)
@@ -82,7 +83,8 @@ class FastPath:
         except FastPathError as exc:
             self.go_plain(str(exc))
             return self.plain.generate(encoded, params, schema, self.plain_reason, budgets=budgets)
-        outs = decoder.generate([e[len(prefix):] for e in encoded], budgets, constraint=self._constraint(params, schema))
+        constraint = self._constraint(params, schema)
+        outs = decoder.generate([e[len(prefix):] for e in encoded], budgets, constraint=constraint)
         return [self._generation(len(ids), tokens, finish) for ids, (tokens, finish) in zip(encoded, outs)]
 
     # -- a stream -----------------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ class FastPath:
                     misfits.clear()
         except (FastPathError, RuntimeError, ValueError, IndexError, TypeError) as exc:
             self.decoder = self.mixed = None
-            reason = f"the fast path failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+            first = str(exc).splitlines()[0][:160] if str(exc) else ""
+            reason = f"the fast path failed ({type(exc).__name__}: {first})"
             if done or self.knobs.fast_mode == "on":
                 raise ModelError(f"{reason} after {done} records; the output so far is kept: rerun with --resume "
                                  "--fast off to finish on the plain path") from None
