@@ -159,6 +159,7 @@ def test_several_checkpoints_in_one_process_equal_separate_runs(two_checkpoints,
                                                                            "not pay"}
     phases = json.loads(both.with_name(f"preds.{second.name}.jsonl.manifest.json").read_text())["startup"]["phases_s"]
     assert "switching weights" in phases and "loading weights" in phases
+    assert "recomputing the shared prefix" in phases  # the decoder was kept: only its prefix K/V recomputed
     assert read_jsonl(both.with_name(f"preds.{first.name}.jsonl")) != read_jsonl(both.with_name(
         f"preds.{second.name}.jsonl"))  # the second checkpoint really decoded with its own weights
 

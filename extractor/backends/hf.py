@@ -139,7 +139,7 @@ class HFBackend(TokenizerBackend):
                              "command of its own")
         if self.adapter_paths:
             raise ModelError("several --model with --adapter: score each checkpoint's adapters in a command of its own")
-        self.use_adapter(None)
+        # No adapter can be loaded here, so the decoder stays with the model (use_adapter would drop it).
         size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         with self.startup.phase("switching weights", f"{size_text(size)} from {path}"):
             load_in_place(self.base, path)
