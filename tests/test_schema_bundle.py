@@ -79,3 +79,33 @@ def test_bundled_schema_accepts_what_the_original_accepts(task, value):
 def test_known_values(task, value, ok):
     assert (Validator(task.schema, task.registry).first_error(value) is None) == ok
     assert (Validator(task.constraint_schema).first_error(value) is None) == ok
+
+
+def _level_task(root, level):
+    schema = {"type": "object", "properties": {"v": {"$ref": "common.json#/$defs/level"}},
+              "required": ["v"], "additionalProperties": False}  # write_task scores field v
+    return write_task(root, schema=schema, files={"schemas/common.json": {"$defs": {"level": level}}})
+
+
+def test_constrained_run_enforces_a_referenced_file(tmp_path, tiny_model, run_cli):
+    """A random tiny model under --constrained: every output takes the enum of the other schema file."""
+    from conftest import read_jsonl
+    tasks = _level_task(tmp_path / "tasks", {"enum": ["junior", "senior"]})
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": f"posting {i}"}) + "\n" for i in range(6)))
+    out = tmp_path / "o.jsonl"
+    result = run_cli("run", corpus, "--task", "t", "--tasks-dir", tasks, "--model", tiny_model, "--out", out,
+                     "--constrained", "--max-new-tokens", "24", "--quiet", "--fast", "on", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out)
+    assert [r["status"] for r in rows] == ["ok"] * 6 and {r["prediction"]["v"] for r in rows} <= {"junior", "senior"}
+
+
+def test_constrained_refuses_a_keyword_in_a_referenced_file(tmp_path, tiny_model, run_cli):
+    tasks = _level_task(tmp_path / "tasks", {"type": "array", "uniqueItems": True})
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "1", "text": "x"}) + "\n")
+    result = run_cli("run", corpus, "--task", "t", "--tasks-dir", tasks, "--model", tiny_model,
+                     "--out", tmp_path / "o.jsonl", "--constrained", "--device", "cpu")
+    assert result.exit_code == 2 and "uniqueItems" in result.stderr, result.output
+    assert not (tmp_path / "o.jsonl").exists()

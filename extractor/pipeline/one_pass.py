@@ -70,7 +70,7 @@ class OnePass:
         try:
             with prefetch(windows()) as stream:
                 lanes = [run.lane for run in runs]
-                for lane, triples in stream_lanes(self.backend, opts.params, self.task.schema, lanes, stream):
+                for lane, triples in stream_lanes(self.backend, opts.params, self.task.constraint_schema, lanes, stream):
                     runs[lane].summary.count_decoders(triples)
                     sinks[lane].put(triples)
         except BaseException:

@@ -32,7 +32,7 @@ class Predictor:
 
     def predict(self, records: list[dict]) -> list[dict]:
         """Output rows for one batch of records, in order."""
-        stream = stream_lanes(self.backend, self.params, self.task.schema, [self.lane()], [(records, [records])])
+        stream = stream_lanes(self.backend, self.params, self.task.constraint_schema, [self.lane()], [(records, [records])])
         return [row for _, triples in stream for row in self.judge.rows(triples)]
 
     # The renderer's, for callers that look at the prompts themselves (tests, --on-long benches).

@@ -122,4 +122,4 @@ def check_constrained(task, backend: Backend, opts: RunOptions) -> None:
     if not backend.supports_constrained:
         raise InputError(f"backend '{backend.name}' does not support --constrained")
     from extractor.constrain.grammar import check_expressible
-    check_expressible(task.schema)
+    check_expressible(task.constraint_schema)
