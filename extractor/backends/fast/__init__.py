@@ -28,7 +28,7 @@ What makes it fast:
   processes, constrain/workers.py) runs while the GPU runs step k+1's forward pass.
 
 Greedy outputs equal `generate` (tests/test_fast.py and tests/test_fast_families.py on CPU in fp32;
-bench/gpu_fast.py on the GPU).
+tests/gpu/ on the GPU).
 
 The names below load on first use, so that `families` (read from a model's config alone, before any weights)
 imports without torch.
