@@ -25,19 +25,27 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 
 # -- kills -------------------------------------------------------------------------------------------
-def test_run_survives_20_kills(tmp_path):
-    result = reliability.run_kills(tmp_path, kills=20)
+@pytest.fixture
+def kill_root(tmp_path, tiny_model):
+    """The kill suites' folder, holding the session's tiny model where they look for theirs (the same
+    build_tiny_model defaults), so that each does not build its own."""
+    shutil.copytree(tiny_model, tmp_path / "model")
+    return tmp_path
+
+
+def test_run_survives_20_kills(kill_root):
+    result = reliability.run_kills(kill_root, kills=20)
     assert result["kills_landed"] >= 15
     assert result["lost"] == 0 and result["duplicated"] == 0 and result["identical_to_uninterrupted"]
 
 
-def test_train_resume_after_kills_matches_uninterrupted(tmp_path):
-    result = reliability.train_kill(tmp_path)
+def test_train_resume_after_kills_matches_uninterrupted(kill_root):
+    result = reliability.train_kill(kill_root)
     assert result["kills_landed"] >= 1 and result["within_tolerance"], result
 
 
-def test_shard_merge_survives_kills(tmp_path):
-    result = reliability.run_kills(tmp_path, kills=4, extra=("--gpus", "2", "--device", "cpu"), label="shard")
+def test_shard_merge_survives_kills(kill_root):
+    result = reliability.run_kills(kill_root, kills=4, extra=("--gpus", "2", "--device", "cpu"), label="shard")
     assert result["lost"] == 0 and result["duplicated"] == 0 and result["identical_to_uninterrupted"]
 
 
