@@ -53,6 +53,10 @@ from extractor.tasks.task import load_task
               help="hf fast path: torch.compile its layers (regionally: one layer compiled, reused by all). auto: "
                    "on CUDA only where the run's output tokens repay the compile (about 3M: it costs seconds to "
                    "tens of seconds a process); never on CPU. The choice and why are in the manifest's startup.")
+@click.option("--quantize", type=click.Choice(["none", "fp8"]), default="none", show_default=True,
+              help="hf: fp8 runs the decoder layers' linears in FP8 (e4m3 weights per output channel, activations "
+                   "per token; embeddings and LM head stay in --dtype); needs a GPU of compute capability 8.9 or "
+                   "newer (Ada, Hopper). Quantized checkpoints load without it (docs/quantization.md).")
 @click.option("--constrained", is_flag=True, help="Constrain decoding to the task's JSON Schema (xgrammar).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the task's.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="0 = greedy (the task's default).")

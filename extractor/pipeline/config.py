@@ -27,6 +27,7 @@ class RunConfig:
     trust_remote_code: bool = False
     fast: str = "auto"
     compile: str = "auto"
+    quantize: str = "none"  # hf: fp8 (FP8 W8A8 decoder layers, backends/quant/fp8.py)
     constrained: bool = False
     max_new_tokens: int | None = None
     temperature: float | None = None
@@ -120,10 +121,14 @@ class RunConfig:
 
     def backend_kwargs(self, model: str, adapters: tuple[str, ...]) -> dict:
         """What the backend class is built with (model and adapters as local folders)."""
+        if self.quantize != "none" and self.backend != "hf":
+            raise InputError(f"--quantize {self.quantize} is an hf backend option; --backend {self.backend} takes a "
+                             "quantized checkpoint as it is (vllm: its quantization_config)")
         return dict(model=model, adapters=adapters, dtype=self.dtype, device=self.device,
                     trust_remote_code=self.trust_remote_code, batch_size=self.batch_size,
                     batch_tokens=self.batch_tokens, tensor_parallel=self.tensor_parallel, seed=self.seed,
-                    fast=self.fast, compile=self.compile, quiet=self.quiet, base_url=self.openai_base_url,
+                    fast=self.fast, compile=self.compile, quantize=self.quantize, quiet=self.quiet,
+                    base_url=self.openai_base_url,
                     concurrency=self.openai_concurrency, timeout=self.openai_timeout, retries=self.openai_retries)
 
 
