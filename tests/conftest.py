@@ -8,6 +8,9 @@ from pathlib import Path
 # worker); sleeping threads give them back. Numbers are unchanged. On the 2-core machine with other work on it,
 # 300 forwards of the tiny model took 9 s spinning and 0.5 s passive (two such loops side by side: 55 s and 1.2 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One OpenMP thread per process: the suite runs one process per core already (xdist), and the tiny models' ops
+# are too small to split — test_fast_families took 46 s with two threads, 33 s with one, on an idle machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402

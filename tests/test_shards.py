@@ -78,17 +78,18 @@ def test_dead_worker_is_reported_and_resumable(tmp_path, tiny_model, run_cli):
     ref = tmp_path / "ref.jsonl"
     assert run_cli(*args(corpus, tiny_model, ref)).exit_code == 0
     out = tmp_path / "o.jsonl"
+    unset = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user who set none
     parent = subprocess.Popen(EXTRACTOR + args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=unset)
     shard1 = tmp_path / "o.shard1of2.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (shard1.exists() and shard1.stat().st_size > 0):
         time.sleep(0.05)
     victims = [pid for pid in children(parent.pid) if "1/2" in Path(f"/proc/{pid}/cmdline").read_text()]
     assert victims, "worker 1 not found"
-    if "OMP_NUM_THREADS" not in os.environ:  # CPU workers split the cores instead of each taking all of them
-        environ = Path(f"/proc/{victims[0]}/environ").read_bytes().split(b"\0")
-        assert f"OMP_NUM_THREADS={max(1, len(os.sched_getaffinity(0)) // 2)}".encode() in environ
+    # CPU workers split the cores instead of each taking all of them
+    environ = Path(f"/proc/{victims[0]}/environ").read_bytes().split(b"\0")
+    assert f"OMP_NUM_THREADS={max(1, len(os.sched_getaffinity(0)) // 2)}".encode() in environ
     os.kill(victims[0], signal.SIGKILL)
     _, err = parent.communicate(timeout=300)
     assert parent.returncode == 2 and "worker 1" in err and "--resume" in err
