@@ -58,13 +58,22 @@ class FakeOpenAI:
                 with fake.lock:
                     fake.active += 1
                     fake.max_active = max(fake.max_active, fake.active)
+                self.counted = True
                 try:
                     fake.answer(self, body)
                 finally:
+                    self.uncount()
+
+            def uncount(self):
+                """A request stops counting as active before its answer is written: once the client has the
+                answer it may send the next one, which must not find this one still counted."""
+                if getattr(self, "counted", False):
+                    self.counted = False
                     with fake.lock:
                         fake.active -= 1
 
             def reply(self, status, payload, raw=None):
+                self.uncount()
                 data = raw if raw is not None else json.dumps(payload, ensure_ascii=False).encode()
                 try:
                     self.send_response(status)
