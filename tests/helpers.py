@@ -1,7 +1,8 @@
-"""Test helpers (the GPU harness, bench/gpu_fast.py, and bench/bench_constrained_cpu.py use them too):
-constrained decoding without a model, and the greedy reference a decoder is held to."""
+"""Test helpers (tests/gpu and bench/bench_constrained_cpu.py use them too): constrained decoding without a
+model, and the greedy reference a decoder is held to."""
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
@@ -79,6 +80,25 @@ def generate_reference(model, ids: list[int], max_new: int, eos_ids: list[int]) 
                              do_sample=False, eos_token_id=list(eos_ids), pad_token_id=0)[0, len(ids):].tolist()
     stop = next((i for i, t in enumerate(out) if t in eos_ids), None)
     return out if stop is None else out[: stop + 1]
+
+
+def assert_decoder_equals_generate(model, *, seed: int, prefix_len: int, records: int, suffix_len: tuple[int, int],
+                                   budget: tuple[int, int], slots: int, unique_len: int, refill: int,
+                                   eos_ids: list[int], capture: bool = False, label: str = "") -> None:
+    """Random token ids — a shared prefix, `records` suffixes of `suffix_len` (lo, hi) tokens, a `budget` (lo,
+    hi) of new tokens each — through FastDecoder (slots refilled `refill` at a time; CUDA graphs captured first
+    where asked): every record's tokens equal `generate`'s for its whole prompt."""
+    from extractor.backends.fast import FastDecoder
+    rng = random.Random(seed)
+    prefix = [rng.randrange(5, 1000) for _ in range(prefix_len)]
+    suffixes = [[rng.randrange(5, 1000) for _ in range(rng.randint(*suffix_len))] for _ in range(records)]
+    budgets = [rng.randint(*budget) for _ in suffixes]
+    decoder = FastDecoder(model, prefix, slots=slots, unique_len=unique_len, eos_ids=eos_ids)
+    if capture:
+        decoder.capture()
+    got = decoder.generate(suffixes, budgets, refill=refill)
+    for i, (suffix, n, (tokens, _)) in enumerate(zip(suffixes, budgets, got)):
+        assert tokens == generate_reference(model, prefix + suffix, n, eos_ids), f"{label} record {i} differs"
 
 
 class HtmlTags:

@@ -3,7 +3,6 @@ of the fast path token for token equal to the plain path, through `extractor run
 slot refills) and through FastDecoder directly (shared prefix, refills, per-record budgets). A model type off
 the list, and a failure inside the fast path, go the plain way or stop in one line — never a traceback."""
 import json
-import random
 
 import pytest
 import torch
@@ -59,17 +58,10 @@ def test_decoder_equals_generate(family_dir, model_type):
     model's own `generate`."""
     from transformers import AutoModelForCausalLM
 
-    from extractor.backends.fast import FastDecoder
-    from tests.helpers import generate_reference
+    from tests.helpers import assert_decoder_equals_generate
     model = AutoModelForCausalLM.from_pretrained(family_dir(model_type), dtype=torch.float32).eval()
-    rng = random.Random(1)
-    prefix = [rng.randrange(5, 1000) for _ in range(30)]
-    suffixes = [[rng.randrange(5, 1000) for _ in range(rng.randint(2, 30))] for _ in range(7)]
-    budgets = [rng.randint(1, 20) for _ in suffixes]
-    eos = [model.config.eos_token_id]
-    got = FastDecoder(model, prefix, slots=3, unique_len=64, eos_ids=eos).generate(suffixes, budgets, refill=2)
-    for suffix, n, (tokens, _) in zip(suffixes, budgets, got):
-        assert tokens == generate_reference(model, prefix + suffix, n, eos)
+    assert_decoder_equals_generate(model, seed=1, prefix_len=30, records=7, suffix_len=(2, 30), budget=(1, 20),
+                                   slots=3, unique_len=64, refill=2, eos_ids=[model.config.eos_token_id])
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ quantization's arithmetic; which layers it takes and what stays in the run dtype
 equal to `generate` on the same FP8 model for every family on the fast path's list; LoRA adapters over FP8
 base weights (unmerged beside the FP8 layers, one at a time and mixed) equal on both paths; the run key
 recording it; and `--quantize fp8` refused in one line where the device has no FP8 units."""
-import random
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from extractor.backends.fast.families import FAMILIES
 from extractor.backends.quant.fp8 import E4M3, E4M3_MAX, FP8Linear, quantize_model, quantize_rows
 from tests.conftest import make_adapter, synth_corpus
 from tests.families import build_family_model
-from tests.helpers import generate_reference
+from tests.helpers import assert_decoder_equals_generate
 
 FINITE = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
@@ -89,17 +88,10 @@ def test_fp8_fast_path_equals_generate(family_dir, model_type):
     boundary now and then (seen in fp32: qwen3 at the sixth token); in fp64 they stay below fp32's
     resolution, so the scales and codes the quantizer computes (in fp32) are the same on both paths. The MoE
     family runs fp32: its experts' grouped matmul takes no fp64."""
-    from extractor.backends.fast import FastDecoder
     dtype = torch.float32 if model_type == "qwen3_moe" else torch.float64
     model, _ = _fp8_model(family_dir(model_type), dtype)
-    rng = random.Random(2)
-    prefix = [rng.randrange(5, 1000) for _ in range(16)]
-    suffixes = [[rng.randrange(5, 1000) for _ in range(rng.randint(2, 12))] for _ in range(4)]
-    budgets = [rng.randint(1, 8) for _ in suffixes]
-    eos = [model.config.eos_token_id]
-    got = FastDecoder(model, prefix, slots=2, unique_len=32, eos_ids=eos).generate(suffixes, budgets, refill=1)
-    for suffix, n, (tokens, _) in zip(suffixes, budgets, got):
-        assert tokens == generate_reference(model, prefix + suffix, n, eos)
+    assert_decoder_equals_generate(model, seed=2, prefix_len=16, records=4, suffix_len=(2, 12), budget=(1, 8),
+                                   slots=2, unique_len=32, refill=1, eos_ids=[model.config.eos_token_id])
 
 
 # -- LoRA over FP8 base weights, through the backend ----------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.families import OVERRIDES, family_config
-from tests.helpers import generate_reference
+from tests.helpers import assert_decoder_equals_generate, generate_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -50,19 +50,11 @@ def test_family_fp32_equals_generate_on_the_gpu(model_type):
     and per-record budgets, token for token equal to `generate`."""
     from transformers import AutoModelForCausalLM
 
-    from extractor.backends.fast import FastDecoder
     cfg = family_config(model_type, 1024, eos=2, pad=0)
     torch.manual_seed(0)
     # Softcapped attention loads eager, as the hf backend loads it (sdpa would drop the softcap).
     eager = {"attn_implementation": "eager"} if getattr(cfg, "attn_logit_softcapping", None) else {}
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, **eager).eval()
-    rng = random.Random(0)
-    prefix = [rng.randrange(5, 1000) for _ in range(40)]
-    suffixes = [[rng.randrange(5, 1000) for _ in range(rng.randint(2, 40))] for _ in range(6)]
-    budgets = [rng.randint(4, 24) for _ in suffixes]
-    dec = FastDecoder(model, prefix, slots=3, unique_len=72, eos_ids=[2])
-    dec.capture()
-    got = dec.generate(suffixes, budgets, refill=2)
-    for i, (s, b, (tokens, _)) in enumerate(zip(suffixes, budgets, got)):
-        assert tokens == generate_reference(model, prefix + s, b, [2]), f"{model_type}: record {i} differs"
+    assert_decoder_equals_generate(model, seed=0, prefix_len=40, records=6, suffix_len=(2, 40), budget=(4, 24),
+                                   slots=3, unique_len=72, refill=2, eos_ids=[2], capture=True, label=f"{model_type}:")
