@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from extractor.backends.model_files import WEIGHT_PATTERNS
+from extractor.backends.model_files import weights_size
 from extractor.errors import ModelError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -87,7 +87,7 @@ def _load(path: Path, dtype, device: str, trust_remote_code: bool, startup, sche
 
     from extractor.backends.startup import size_text
     cuda = device.startswith("cuda")
-    size = sum(p.stat().st_size for pattern in WEIGHT_PATTERNS for p in path.glob(pattern))
+    size = weights_size(path)
     try:
         with startup.phase("loading weights", f"{size_text(size)} to {device}"):
             if scheme is not None:
