@@ -18,7 +18,8 @@ COMMON = {"$defs": {"level": {"enum": ["junior", "senior"]},
 SCHEMA = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
           "properties": {"v": {"type": "array", "items": {"$ref": "common.json#/$defs/skill"}},
                          "lead": {"$ref": "#/$defs/person"},
-                         "tree": {"$ref": "tree.json"}},
+                         "tree": {"$ref": "tree.json"},
+                         "enum": {"$ref": "common.json#/$defs/level"}},  # a property named like a keyword
           "$defs": {"person": {"type": "string"}}, "required": ["v"]}
 TREE = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "tree.json"}}},
         "additionalProperties": False}  # a reference cycle through another file
@@ -57,7 +58,8 @@ def test_the_grammar_enforces_the_referenced_file(task):
 
 values = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(["junior", "senior", "x", "abcdefghij"]),
                       lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.sampled_from(["v", "lead", "tree", "kids", "name", "level"]), inner, max_size=3),
+                      | st.dictionaries(st.sampled_from(["v", "lead", "tree", "kids", "name", "level", "enum"]), inner,
+                                        max_size=3),
                       max_leaves=12)
 
 
@@ -75,6 +77,8 @@ def test_bundled_schema_accepts_what_the_original_accepts(task, value):
     ({"v": [{"name": "abcdefghij"}]}, False),  # maxLength in the other file
     ({"v": [], "tree": {"kids": [{"kids": [{"other": 1}]}]}}, False),  # the cycle, two levels down
     ({"v": [], "lead": 3}, False),  # the root's own $defs
+    ({"v": [], "enum": "boss"}, False),  # the reference under a property named "enum"
+    ({"v": [], "enum": "junior"}, True),
 ])
 def test_known_values(task, value, ok):
     assert (Validator(task.schema, task.registry).first_error(value) is None) == ok

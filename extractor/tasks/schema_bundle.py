@@ -12,6 +12,9 @@ from urllib.parse import urldefrag, urljoin
 from extractor.tasks.schema_refs import SchemaRegistry
 
 
+_NAME_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
 def self_contained(schema, registry: SchemaRegistry):
     """`schema` with every reference outside its own document bundled under `$defs`."""
     if not isinstance(schema, dict):
@@ -45,6 +48,8 @@ class _Bundler:
         for key, value in node.items():
             if key == "$ref" and isinstance(value, str):
                 out[key] = self._ref(value, base, in_root)
+            elif key in _NAME_MAPS and isinstance(value, dict):  # names -> subschemas (a property may be "enum")
+                out[key] = {name: self._walk(sub, base, in_root) for name, sub in value.items()}
             elif key in ("enum", "const", "examples", "default"):
                 out[key] = value  # values, not subschemas
             elif key == "$id" and not in_root:
