@@ -14,7 +14,9 @@ Rows, all in one process on one card (common.py describes the workload):
   profile     kernel time of one decode step and one full prefill chunk (profile.txt);
   families    random-weight configs shaped like Gemma-2-2B, GLM-4-9B and Phi-3-mini: tok/s and fraction of
               each one's linear-layer floor (--families picks some; `eager` in --parts: not compiled);
-  7b          the 7B config through FastDecoder, compiled, fixed and EOS variant.
+  7b          the 7B config through FastDecoder, compiled, fixed and EOS variant;
+  fp8         the 7B config in bf16 and with --quantize fp8's layers, compiled, fixed and EOS, alternating,
+              --repeats times each (fp8_eager: the same, not compiled).
 Also the compute floor: 2 * params * all tokens at the bf16 matmul rate measured in the same call.
 Greedy token equality with `generate` on the GPU is a test: `pytest tests/gpu`.
 
@@ -313,6 +315,33 @@ def adapters(res, model, prefix, suffixes) -> None:
                                  if res.get(k)}
 
 
+# -- FP8 (issue 28) ---------------------------------------------------------------------------------------
+def fp8_rows(res, prefix, suffixes, stops, repeats: int, compile: bool) -> None:
+    """The 7B config in bf16 against the same weights with --quantize fp8's layers (FP8Linear: e4m3 weights
+    per channel, activations per token, `torch._scaled_mm`), fixed and EOS variant, alternating, `repeats`
+    times each; medians and the fp8 / bf16 ratios in res["fp8_summary"]."""
+    import statistics
+
+    from extractor.backends.quant.fp8 import quantize_model
+    torch._dynamo.reset()
+    bf16, params = c.build("7b")
+    fp8, _ = c.build("7b")
+    res["fp8_layers"] = quantize_model(fp8, emulate=False)
+    c.empty_cache()
+    speeds: dict = {}
+    for rep in range(repeats):
+        for name, model in (("bf16", bf16), ("fp8", fp8)):
+            for workload, budgets in (("fixed", c.NEW), ("eos", stops)):
+                _, r = c.fast_run(model, prefix, suffixes, budgets, compile=compile)
+                res[f"fast_7b_{name}_{workload}_r{rep}"] = dict(r, params=params)
+                speeds.setdefault((name, workload), []).append(r["tok_s"])
+    summary = {f"{name}_{workload}": statistics.median(v) for (name, workload), v in speeds.items()}
+    for workload in ("fixed", "eos"):
+        summary[f"fp8_over_bf16_{workload}"] = summary[f"fp8_{workload}"] / summary[f"bf16_{workload}"]
+    res["fp8_summary"] = dict(summary, compiled=compile, repeats=repeats)
+    print("fp8_summary", res["fp8_summary"], flush=True)
+
+
 # -- the call -------------------------------------------------------------------------------------------
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,6 +354,7 @@ def parse_args():
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU: checks the script, not speed")
     parser.add_argument("--families", default=None, help="the `families` part: these shapes only (comma-separated)")
     parser.add_argument("--legacy", default=None, help="the decoder file of an earlier version: the `legacy` part")
+    parser.add_argument("--repeats", type=int, default=2, help="the `fp8` part: runs of each variant (medians)")
     return parser.parse_args()
 
 
@@ -381,6 +411,11 @@ def main() -> None:
             _, r = c.fast_run(model, prefix, suffixes, budgets, compile=True)
             r["params"] = params7
             res[key] = r
+        model = None
+        gc.collect()
+        c.empty_cache()
+    if "fp8" in parts or "fp8_eager" in parts:
+        fp8_rows(res, prefix, suffixes, stops, args.repeats, compile="fp8" in parts)
     res.write_table(c.table(res.data))
 
 

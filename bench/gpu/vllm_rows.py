@@ -3,7 +3,8 @@
 Each row runs in a fresh process with a fresh engine (an engine that has served one workload serves the next
 from its prefix cache: GPU.md's pitfall), prefix caching on, random weights (`load_format="dummy"`):
   fixed, eos            the anchor (1.5B config), 128 new tokens EOS ignored / request i stops after L_i;
-  fixed_7b, eos_7b      the same on the 7B config;
+  fixed_7b, eos_7b      the same on the 7B config (with `fp8`: vLLM's quantization="fp8" engine, and the
+                        bf16 one only if `bf16` is listed too);
   sweep                 fixed and EOS with max_num_seqs 1024 and 32k batched tokens (the best tried so far)
                         beside the default engine; the best of each workload is reported;
   structured            the run path's text corpus (common.corpus, its trained tokenizer), constrained to the
@@ -236,7 +237,10 @@ def jobs(parts: set, n: int, work: Path, smoke: bool) -> list[tuple[str, dict]]:
         for workload in ("fixed", "eos"):
             part = workload if size == "1.5b" else f"{workload}_7b"
             if part in parts:
-                for name, engine_kw in (sweep if size == "1.5b" else {"default": {}}).items():
+                engines = sweep if size == "1.5b" else {"default": {}}
+                if size == "7b" and "fp8" in parts:  # vLLM's own W8A8 (issue 28's baseline)
+                    engines = {**({"default": {}} if "bf16" in parts else {}), "fp8": {"quantization": "fp8"}}
+                for name, engine_kw in engines.items():
                     out.append((f"vllm_{part}_{name}", {"kind": "anchor", "size": size, "workload": workload,
                                                          "engine": engine_kw}))
     if "lora" in parts:
@@ -283,10 +287,14 @@ def main() -> None:
         (out / "gpu_vllm.json").write_text(json.dumps(results, indent=1))
     best = {}
     for workload in ("fixed", "eos", "fixed_7b", "eos_7b"):
-        rows = {k: v for k, v in results.items() if k.startswith(f"vllm_{workload}_") and "tok_s" in v}
+        rows = {k: v for k, v in results.items() if k.startswith(f"vllm_{workload}_") and "tok_s" in v
+                and not k.endswith("_fp8")}
         if rows:
             name = max(rows, key=lambda k: rows[k]["tok_s"])
             best[workload] = {"row": name, "tok_s": rows[name]["tok_s"]}
+    for workload in ("fixed_7b", "eos_7b"):
+        if "tok_s" in results.get(f"vllm_{workload}_fp8", {}):
+            best[f"{workload}_fp8"] = {"row": f"vllm_{workload}_fp8", "tok_s": results[f"vllm_{workload}_fp8"]["tok_s"]}
     results["best"] = best
     (out / "gpu_vllm.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(best, indent=1))

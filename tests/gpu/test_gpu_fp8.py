@@ -1,0 +1,65 @@
+"""FP8 on the GPU: `torch._scaled_mm` with row-wise scales against the emulation the CPU suite proves the fast
+path on (quantize, dequantize with the same scales, multiply in fp32). Both sides use the same e4m3 codes and
+scales, so they differ only in the GEMM's accumulation order and the bf16 rounding of its output: the bound
+below is two bf16 steps (2 * 2^-8) of each output row's largest value. A wrong scale, a transposed operand or
+a lost per-token scale is off by far more. Runs where CUDA with compute capability >= 8.9 is."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extractor.backends.quant.fp8 import MIN_CAPABILITY, FP8Linear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or
+                                torch.cuda.get_device_capability() < MIN_CAPABILITY,
+                                reason="needs a CUDA device with FP8 units")
+
+SHAPES = [(16, 3584, 4608), (512, 3584, 18944), (2048, 18944, 3584), (7, 1536, 8960)]  # 7B/1.5B prefill shapes
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_scaled_mm_equals_emulation_within_two_bf16_steps(m, k, n):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 3
+    x[0] *= 100  # one loud token: per-token scales must keep it from crushing the others
+    real = FP8Linear.from_linear(linear, emulate=False)
+    emulated = FP8Linear.from_linear(linear, emulate=True)
+    assert torch.equal(real.weight.view(torch.uint8), emulated.weight.view(torch.uint8))
+    got, want = real(x).float(), emulated(x.float()).float()
+    bound = 2 * 2.0 ** -8 * want.abs().amax(dim=-1, keepdim=True)
+    worst = ((got - want).abs() / bound).max().item()
+    assert worst <= 1.0, f"[{m}x{k}] @ [{k}x{n}]: _scaled_mm off the emulation by {worst:.2f}x the bound"
+    exact = linear(x).float()  # and FP8 stays near bf16 itself (both sides quantized: a few percent)
+    rel = ((got - exact).norm() / exact.norm()).item()
+    assert rel < 0.08, f"FP8 product {rel:.3f} (relative) from the bf16 product"
+
+
+def test_fast_path_with_fp8_agrees_with_its_emulation_on_most_tokens():
+    """The 1.5B shape (fewer layers) with --quantize fp8's layers, FastDecoder with graphs: bf16 FP8 GEMMs against
+    the fp32 emulation of the same codes. Not token-equal (bf16 against fp32: near-ties go either way), so the
+    agreement is bounded loosely — a broken scale or layout agrees on almost nothing."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from extractor.backends.fast import FastDecoder
+    from extractor.backends.quant.fp8 import quantize_model
+    from tests.gpu.test_gpu_decoder import QWEN_1_5B, anchor_ids
+
+    cfg = Qwen2Config(**dict(QWEN_1_5B, num_hidden_layers=4), max_position_embeddings=4096, initializer_range=0.2)
+    prefix, suffixes = anchor_ids(8)
+    outputs = []
+    for emulate, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+        quantize_model(model, emulate=emulate)
+        dec = FastDecoder(model, prefix, slots=4, unique_len=max(map(len, suffixes)) + 24, eos_ids=[])
+        dec.capture()
+        outputs.append([t for t, _ in dec.generate(suffixes, max_new=16, refill=2)])
+        del dec, model
+        torch.cuda.empty_cache()
+    real, emulated = outputs
+    first = sum(r[0] == e[0] for r, e in zip(real, emulated))
+    assert first >= 6, f"only {first} of 8 records start with the emulation's token"
+    same = sum(a == b for r, e in zip(real, emulated) for a, b in zip(r, e))
+    assert same >= 0.5 * sum(map(len, emulated)), f"only {same} tokens agree with the emulation"
