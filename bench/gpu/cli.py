@@ -102,7 +102,10 @@ def checkpoints(work: Path, tok, shape: dict, k: int, corpus: Path, n: int, smok
         if not (path / "config.json").exists():
             torch.manual_seed(i)
             cfg = AutoConfig.from_pretrained(base)
-            AutoModelForCausalLM.from_config(cfg, **({} if smoke else {"dtype": torch.bfloat16})).save_pretrained(path)
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                model = AutoModelForCausalLM.from_config(cfg, **({} if smoke else {"dtype": torch.bfloat16}))
+            model.save_pretrained(path)
+            del model
             tok.save_pretrained(path)
         folders.append(path)
     rows = []

@@ -218,8 +218,12 @@ def saved_model(path: Path, shape: dict, tok, dtype=None, **config) -> Path:
         torch.manual_seed(0)
         cfg = Qwen2Config(**dict(shape, vocab_size=max(len(tok), 4096)), max_position_embeddings=4096,
                           eos_token_id=tok.eos_token_id, **config)
-        AutoModelForCausalLM.from_config(cfg, **({"dtype": dtype} if dtype else {})).save_pretrained(path)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 7B: seconds there
+            model = AutoModelForCausalLM.from_config(cfg, **({"dtype": dtype} if dtype else {}))
+        model.save_pretrained(path)
         tok.save_pretrained(path)
+        del model
+        empty_cache()
     return path
 
 
