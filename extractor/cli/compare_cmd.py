@@ -88,7 +88,7 @@ def compare(runs, gold, corpus, task_name, resamples, seed, alpha, fail_if_drop,
         inputs = {f"run {i + 1}": locations.target(r) for i, r in enumerate(runs)}
         outputs = {"--json": Path(json_path), "--json (its temporary file)": Path(json_path + ".tmp")}
         extra = {name: locations.target(p) for name, p in (("gold", gold), ("corpus", corpus)) if p}
-        refuse_overwriting_inputs(outputs, {**inputs, **extra})
+        refuse_overwriting_inputs(outputs, {**inputs, **extra}, task)
         _check_json_target(json_path)
     source = _TextSource(task, corpus, id_field, text_field)
     console = make_console(stderr=to_stdout)

@@ -65,7 +65,7 @@ def eval_(predictions, gold, corpus, task_name, metrics_path, report_dir, repars
     out = locations.target(metrics_path) if metrics_path else (
         Path(report_dir) / "metrics.json" if report_dir else pred_path.with_name(pred_path.name + ".metrics.json"))
     inputs = {"predictions": pred_path, "gold": gold_path, "corpus": locations.target(corpus) if corpus else None}
-    refuse_overwriting_inputs(_outputs(out, report_dir), {k: v for k, v in inputs.items() if v is not None})
+    refuse_overwriting_inputs(_outputs(out, report_dir), {k: v for k, v in inputs.items() if v is not None}, task)
     reader = _corpus_reader(task, corpus, id_field, text_field)
     joined = CorpusJoin()
     ev = evaluate(task, pred_path, gold_path, reparse=reparse, examples=examples, corpus=reader, corpus_join=joined)

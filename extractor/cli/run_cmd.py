@@ -84,7 +84,9 @@ from extractor.tasks.task import load_task
               help="Use only the first N of the task's few-shot examples (default: all).")
 @click.option("--keep-field", "keep_fields", multiple=True, help="Copy this input field into each output record.")
 @click.option("--resume", is_flag=True, help="Continue an existing output (same settings), skipping ids written.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (and an existing --rejects file).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing output (and an existing --rejects file). The old output is kept, hidden "
+                   "beside it, until the new run completes, and put back if the new run writes no row.")
 @click.option("--allow-no-result", is_flag=True, envvar="EXTRACTOR_ALLOW_NO_RESULT",
               help="Exit 0 even when no record came out ok or repaired (by default such a run exits 1 with the "
                    "status counts; its output is still written whole). Also $EXTRACTOR_ALLOW_NO_RESULT=1.")
@@ -153,7 +155,7 @@ def run(**params):
         return
     labels = output_labels(sources)
     outs = [output_for_adapter(out, label, len(labels)) for label in labels]
-    refuse_overwriting_inputs(cfg, sources, corpus, outs)
+    refuse_overwriting_inputs(cfg, sources, corpus, outs, task)
     if cfg.gpus:
         run_sharded(cfg, out, console, labels)
         return

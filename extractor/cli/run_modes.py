@@ -53,7 +53,7 @@ def run_checkpoints(cfg: RunConfig, task, checkpoints: list[RunSources], corpus,
     labels = checkpoint_labels([c.model for c in checkpoints])
     outs = [output_for_adapter(out, label, len(labels)) for label in labels]
     for sources in checkpoints:
-        refuse_overwriting_inputs(cfg, sources, corpus, outs)
+        refuse_overwriting_inputs(cfg, sources, corpus, outs, task)
     opts = cfg.run_options(task)
     check_writable(opts.out)
     with Claim(outs, locked_files(cfg, outs)):

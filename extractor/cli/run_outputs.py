@@ -10,7 +10,7 @@ from extractor.hub import RunSources
 from extractor.pipeline import Lane, RunOptions, run_key
 from extractor.pipeline.config import RunConfig
 from extractor.store import locations
-from extractor.store.clashes import FileSet, refuse_overlaps, rejects_written, written_beside
+from extractor.store.clashes import FileSet, refuse_overlaps, rejects_written, task_files, written_beside
 from extractor.store.corpus_path import is_stdin
 from extractor.store.writers import is_stdout
 
@@ -66,9 +66,12 @@ def output_key(task, backend, lane: Lane, opts: RunOptions, sources: RunSources)
     return key
 
 
-def refuse_overwriting_inputs(cfg: RunConfig, sources: RunSources, corpus, outs: list) -> None:
-    """No file the run writes (outputs, manifests, journals, locks, rejects) may be one of its inputs."""
+def refuse_overwriting_inputs(cfg: RunConfig, sources: RunSources, corpus, outs: list, task) -> None:
+    """No file the run writes (outputs, manifests, journals, locks, rejects) may be one of its inputs (the
+    corpus, the model's files, the task's files)."""
     inputs = FileSet()
+    for label, path in task_files(task):
+        inputs.add(label, path)
     if not is_stdin(corpus):
         inputs.add(f"the corpus ({corpus})", corpus)
     model = Path(sources.model)

@@ -57,7 +57,7 @@ def validate(predictions, task_name, field, examples, corpus, spans_out, id_fiel
     if spans_out:
         from extractor.store.clashes import refuse_overwriting_inputs
         refuse_overwriting_inputs({"--spans-out": locations.target(spans_out)},
-                                  {"predictions": Path(predictions), "corpus": locations.target(corpus)})
+                                  {"predictions": Path(predictions), "corpus": locations.target(corpus)}, task)
     validator = Validator(task.schema, task.registry)
     counts: Counter = Counter()
     shown: dict[str, list[str]] = {}

@@ -1,7 +1,8 @@
 """A run's hold on the files it writes, for the run's whole life: each local output (and an explicit
 --rejects) locked (`locks.py`), so a second run on it is refused at once; and, when the run fails before its
 first row, what it created (an empty output, its manifest) removed again, so that the corrected rerun is not
-told the output "already exists". A file that was there before the run is never removed."""
+told the output "already exists", and an output it was to replace (--overwrite) put back. A file that was there
+before the run is never removed."""
 from __future__ import annotations
 
 import contextlib
@@ -28,6 +29,8 @@ class Claim:
                 if not locations.is_remote(path) and str(path) not in seen:  # a store has no lock (locks.py)
                     seen.add(str(path))
                     self._stack.enter_context(OutputLock(path, flag))
+            for out in self.outputs:  # locked: finish what a killed run left half done (store/aside.py)
+                _store(out).settle()
             self.fresh = [out for out in self.outputs if not _anything_there(out)]
         except BaseException:
             self._stack.close()
@@ -42,16 +45,20 @@ class Claim:
             self._stack.close()
 
     def _remove_unwritten(self) -> None:
-        """Outputs this run created and wrote no row to: gone again (best effort: the run's own error is the
-        one to report)."""
-        from extractor.pipeline.run import output_store
-        for out in self.fresh:
+        """Outputs this run created and wrote no row to: gone again; outputs it was to replace and wrote no row
+        to: back as they were (best effort: the run's own error is the one to report)."""
+        for out in self.outputs:
             with contextlib.suppress(Exception):
-                store = output_store(out)
-                if store.is_empty():
+                store = _store(out)
+                if out in self.fresh and store.is_empty():
                     store.clear()
+                store.settle()
+
+
+def _store(out: Location):
+    from extractor.pipeline.run import output_store
+    return output_store(out)
 
 
 def _anything_there(out: Location) -> bool:
-    from extractor.pipeline.run import output_store
-    return output_store(out).exists() or locations.exists(manifest_path(out))
+    return _store(out).exists() or locations.exists(manifest_path(out))

@@ -18,6 +18,7 @@ from extractor.store.corpus_path import corpus_identity, count_records
 from extractor.store.locations import Location, exists, is_remote
 from extractor.store.provenance import manifest_path, stamp
 from extractor.store.records import id_key
+from extractor.store.rejects import remove_stale
 from extractor.store.writers import JournalOutput, StdoutOutput, is_stdout
 
 MANIFEST_FORMAT = "extractor.manifest/1"
@@ -73,6 +74,9 @@ class Run:
 
     def prepare(self, key: dict) -> set[int]:
         """Check or write the manifest; return the id keys already written."""
+        self.store.settle()  # what a killed run left half done (an overwrite's old output aside: store/aside.py)
+        if not is_remote(self.rejects_path()):  # and the hidden rejects file of a killed pass
+            remove_stale(self.rejects_path())
         exists = self.store.exists()
         if exists and not (self.opts.resume or self.opts.overwrite):
             raise ManifestError(f"{self.out} already exists; pass --resume to continue it or --overwrite to start over")
@@ -80,7 +84,7 @@ class Run:
             self._check_manifest(key)
         self._check_rejects(self.manifest if exists and self.opts.resume else None)
         if self.opts.overwrite and not self.opts.resume:
-            self.store.clear()
+            self.store.replace()  # the old output kept aside until this run commits
             exists = False
         if exists:
             self.complete = self.store.finished()
@@ -183,13 +187,16 @@ class Run:
             raise
         self.summary.interrupted = self._stop
         self._finish()
+        if self.summary.interrupted:
+            self.store.settle()  # stopped before its first row: an output it was to replace is back
 
     def _discard_if_empty(self) -> None:
         """A run that failed before writing a row leaves nothing behind (not an empty output and a manifest
-        that the corrected command would have to --overwrite)."""
+        that the corrected command would have to --overwrite); an output it was to replace is back."""
         try:
             if self.created and self.summary.new == 0 and self.store.is_empty():
                 self.store.clear()
+                self.store.settle()
         except Exception:  # noqa: BLE001 - the error that stopped the run is the one to report
             pass
 

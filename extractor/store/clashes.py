@@ -1,5 +1,6 @@
 """Refuse, before any work, a file a command would write that is one of its own inputs.
 
+Inputs include the task's own files (task file, schema, referenced schemas), wherever --tasks-dir put them.
 A file is known as the operating system knows it: by its resolved path (symlinks, `./x` and `x`, `..`) and,
 where it exists, by device and inode (a hard link has another path but the same inode). A run writes more than
 its `--out`: the manifest, the Parquet journal, the lock and the temporary files beside each, and the rejects
@@ -47,6 +48,21 @@ class FileSet:
         return self.inodes.get(node) if node is not None else None
 
 
+def task_files(task) -> list[tuple[str, Path]]:
+    """A loaded task's files, each with its label: the task file, its schema, and every schema file the schema
+    references (the registry's file URIs; all inside the task folder). Templates live in the task file."""
+    from urllib.parse import unquote, urlsplit
+    found = [(f"the task file of --task {task.name} ({task.prompt_path})", Path(task.prompt_path)),
+             (f"the schema of --task {task.name} ({task.schema_path})", Path(task.schema_path))]
+    for uri in task.registry.registry:
+        parts = urlsplit(uri)
+        if parts.scheme == "file" and parts.netloc in ("", "localhost"):
+            path = Path(unquote(parts.path))
+            if path.is_file():
+                found.append((f"a schema file of --task {task.name} ({path})", path))
+    return found
+
+
 def written_beside(out: locations.Location) -> list[tuple[str, locations.Location]]:
     """What a run writes for the output `out`, besides `out` itself."""
     from extractor.store.locks import lock_path
@@ -85,11 +101,15 @@ def refuse_overlaps(writes: list[tuple[str, locations.Location, list]], inputs: 
             written.add(f"the {what} of {flag} {path}", location)
 
 
-def refuse_overwriting_inputs(outputs: dict[str, locations.Location], inputs: dict[str, locations.Location]) -> None:
-    """eval, compare, validate: refuse, before anything is written, an output that is one of the inputs."""
+def refuse_overwriting_inputs(outputs: dict[str, locations.Location], inputs: dict[str, locations.Location],
+                              task=None) -> None:
+    """eval, compare, validate: refuse, before anything is written, an output that is one of the inputs (the
+    task's files included)."""
     known = FileSet()
     for name, path in inputs.items():
         known.add(f"the {name} file {path}", path)
+    for label, path in task_files(task) if task is not None else ():
+        known.add(label, path)
     for name, out in outputs.items():
         clash = known.find(out)
         if clash is not None:

@@ -45,6 +45,13 @@ class PartsOutput:
         locations.remove(self.out)
         locations.remove(self.manifest_path)
 
+    def replace(self) -> None:
+        """--overwrite: an object store's output is cleared, not moved aside (a move is a copy of every object)."""
+        self.clear()
+
+    def settle(self) -> None:
+        pass  # nothing is moved aside in a store
+
     def manifest_text(self) -> str:
         return locations.read_text(self.manifest_path)
 

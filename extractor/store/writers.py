@@ -251,6 +251,12 @@ class StdoutOutput:
     def clear(self) -> None:
         pass
 
+    def replace(self) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass
+
     def write_manifest(self, manifest: dict) -> None:
         pass
 
@@ -301,6 +307,18 @@ class JournalOutput:
         for path in (self.out, self.journal, self.manifest_path):
             path.unlink(missing_ok=True)
 
+    def _aside(self):
+        from extractor.store.aside import Aside
+        return Aside([self.out, self.journal, self.manifest_path])
+
+    def replace(self) -> None:
+        """--overwrite: the old output moved aside (`aside.py`), kept until this run commits."""
+        self._aside().take()
+
+    def settle(self) -> None:
+        """Finish what a killed run left half done; an overwrite that wrote no row gives the old output back."""
+        self._aside().settle(self.is_empty)
+
     def manifest_text(self) -> str:
         return self.manifest_path.read_text(encoding="utf-8")
 
@@ -338,8 +356,15 @@ class JournalOutput:
         return JsonlAppender(self.journal)
 
     def finish(self, manifest: dict, complete: bool) -> None:
+        """The run's end: complete, it commits (a Parquet output converted, an output it replaced deleted);
+        either way the manifest gets the summary."""
         if complete and is_parquet(self.out):
             self._convert(manifest.get("prediction_schema"))
+        if complete:
+            try:
+                self._aside().drop()
+            except OSError as exc:
+                raise output_error(self._aside().folder, exc) from None
         self.write_manifest(manifest)
 
     def _convert(self, prediction_schema=None) -> None:
