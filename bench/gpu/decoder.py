@@ -16,7 +16,7 @@ Rows, all in one process on one card (common.py describes the workload):
               each one's linear-layer floor (--families picks some; `eager` in --parts: not compiled);
   7b          the 7B config through FastDecoder, compiled, fixed and EOS variant;
   fp8         the 7B config in bf16 and with --quantize fp8's layers, compiled, fixed and EOS, alternating,
-              --repeats times each (fp8_eager: the same, not compiled).
+              --repeats times each; fp8_eager: the same, not compiled (what --compile auto runs at N = 1,024).
 Also the compute floor: 2 * params * all tokens at the bf16 matmul rate measured in the same call.
 Greedy token equality with `generate` on the GPU is a test: `pytest tests/gpu`.
 
@@ -316,29 +316,33 @@ def adapters(res, model, prefix, suffixes) -> None:
 
 
 # -- FP8 (issue 28) ---------------------------------------------------------------------------------------
-def fp8_rows(res, prefix, suffixes, stops, repeats: int, compile: bool) -> None:
+def fp8_rows(res, prefix, suffixes, stops, repeats: int, modes: list[bool]) -> None:
     """The 7B config in bf16 against the same weights with --quantize fp8's layers (FP8Linear: e4m3 weights
     per channel, activations per token, `torch._scaled_mm`), fixed and EOS variant, alternating, `repeats`
-    times each; medians and the fp8 / bf16 ratios in res["fp8_summary"]."""
+    times each, compiled and/or eager (`modes`); medians and the fp8 / bf16 ratios in res["fp8_summary"]."""
     import statistics
 
     from extractor.backends.quant.fp8 import quantize_model
-    torch._dynamo.reset()
     bf16, params = c.build("7b")
     fp8, _ = c.build("7b")
     res["fp8_layers"] = quantize_model(fp8, emulate=False)
     c.empty_cache()
     speeds: dict = {}
-    for rep in range(repeats):
-        for name, model in (("bf16", bf16), ("fp8", fp8)):
-            for workload, budgets in (("fixed", c.NEW), ("eos", stops)):
-                _, r = c.fast_run(model, prefix, suffixes, budgets, compile=compile)
-                res[f"fast_7b_{name}_{workload}_r{rep}"] = dict(r, params=params)
-                speeds.setdefault((name, workload), []).append(r["tok_s"])
-    summary = {f"{name}_{workload}": statistics.median(v) for (name, workload), v in speeds.items()}
-    for workload in ("fixed", "eos"):
-        summary[f"fp8_over_bf16_{workload}"] = summary[f"fp8_{workload}"] / summary[f"bf16_{workload}"]
-    res["fp8_summary"] = dict(summary, compiled=compile, repeats=repeats)
+    for compile in modes:
+        torch._dynamo.reset()
+        mode = "compiled" if compile else "eager"
+        for rep in range(repeats):
+            for name, model in (("bf16", bf16), ("fp8", fp8)):
+                for workload, budgets in (("fixed", c.NEW), ("eos", stops)):
+                    _, r = c.fast_run(model, prefix, suffixes, budgets, compile=compile)
+                    res[f"fast_7b_{name}_{workload}_{mode}_r{rep}"] = dict(r, params=params)
+                    speeds.setdefault(f"{name}_{workload}_{mode}", []).append(r["tok_s"])
+                    print(name, workload, mode, round(r["tok_s"]), flush=True)
+    summary = {key: statistics.median(v) for key, v in speeds.items()}
+    for key in list(summary):
+        if key.startswith("fp8_"):
+            summary[key.replace("fp8_", "fp8_over_bf16_")] = summary[key] / summary[key.replace("fp8_", "bf16_")]
+    res["fp8_summary"] = dict(summary, repeats=repeats)
     print("fp8_summary", res["fp8_summary"], flush=True)
 
 
@@ -415,7 +419,8 @@ def main() -> None:
         gc.collect()
         c.empty_cache()
     if "fp8" in parts or "fp8_eager" in parts:
-        fp8_rows(res, prefix, suffixes, stops, args.repeats, compile="fp8" in parts)
+        fp8_rows(res, prefix, suffixes, stops, args.repeats,
+                 [mode for mode, part in ((True, "fp8"), (False, "fp8_eager")) if part in parts])
     res.write_table(c.table(res.data))
 
 

@@ -63,3 +63,17 @@ def test_fast_path_with_fp8_agrees_with_its_emulation_on_most_tokens():
     assert first >= 6, f"only {first} of 8 records start with the emulation's token"
     same = sum(a == b for r, e in zip(real, emulated) for a, b in zip(r, e))
     assert same >= 0.5 * sum(map(len, emulated)), f"only {same} tokens agree with the emulation"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_activation_quantization_is_bit_equal_to_the_torch_ops(dtype):
+    from extractor.backends.quant import fp8_kernels
+    from extractor.backends.quant.fp8 import quantize_rows
+    assert fp8_kernels.works_on(torch.device("cuda"), dtype), "the kernel's own check failed on this GPU"
+    torch.manual_seed(0)
+    for rows, cols in ((4096, 18944), (300, 3584), (1, 1536)):
+        x = (torch.randn(rows, cols, device="cuda") * torch.rand(rows, 1, device="cuda") * 50).to(dtype)
+        q, s = fp8_kernels.quantize_rows_triton(x)
+        want_q, want_s = quantize_rows(x)
+        assert torch.equal(s, want_s), (rows, cols)
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), (rows, cols)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from extractor.backends.quant import fp8_kernels
 from extractor.errors import ModelError
 
 E4M3 = torch.float8_e4m3fn
@@ -34,6 +35,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp32 values of e4m3 rows and their scales (the emulation's arithmetic, one rounding: the product)."""
     return q.float() * scale.float()
+
+
+def quantize_activations(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows for the real FP8 GEMM: eager on a GPU, the one-kernel Triton version where it is proven
+    bit-equal there (fp8_kernels); compiled, the torch ops, which Inductor fuses itself."""
+    if (rows.is_cuda and not torch.compiler.is_compiling() and rows.stride(-1) == 1
+            and fp8_kernels.proven(rows.device, rows.dtype)):
+        return fp8_kernels.quantize_rows_triton(rows)
+    return quantize_rows(rows)
 
 
 def fp8_refusal(device: str) -> str | None:
@@ -85,7 +95,7 @@ class FP8Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        xq, x_scale = quantize_rows(rows)
+        xq, x_scale = quantize_rows(rows) if self.emulate else quantize_activations(rows)
         if self.emulate:  # the product in fp32, or in the input's dtype where wider (fp64 tests)
             wide = torch.promote_types(x.dtype, torch.float32)
             y = dequantize_rows(xq, x_scale).to(wide) @ self.weight_emulated.to(wide).t()
@@ -139,4 +149,13 @@ def quantize_model(model, emulate: bool, given: dict | None = None) -> dict:
     if not converted:
         raise ModelError("--quantize fp8: the decoder layers hold no nn.Linear with sides that are multiples of 16")
     return {"method": "fp8", "weights": "e4m3 per output channel", "activations": "e4m3 per token, dynamic",
-            "layers": converted, "kept": sorted(kept), "emulated": emulate}
+            "layers": converted, "kept": sorted(kept), "emulated": emulate,
+            "activation_kernel": _activation_kernel(model, emulate)}
+
+
+def _activation_kernel(model, emulate: bool) -> str:
+    """Which code quantizes activations in eager forwards, proven here at load (never inside a graph capture)."""
+    weight = model.get_input_embeddings().weight
+    if emulate or weight.device.type != "cuda":
+        return "torch"
+    return "triton" if fp8_kernels.works_on(weight.device, weight.dtype) else "torch"
