@@ -341,6 +341,37 @@ def test_lora_target_error_lists_the_models_modules(tmp_path, tiny_model):
     assert "lm_head" not in line.split("linear layers:")[1]
 
 
+@pytest.mark.parametrize("case, says", [
+    ("no gold", "corpus1.jsonl:1: expected {context, target} strings; or pass --gold and --task"),
+    ("dev without its gold", "corpus1.jsonl:1: expected {context, target} strings"),
+    ("gold file missing", "'--gold': File"),
+    ("gold without task", "--gold needs --task"),
+    ("unknown task", "unknown task 'nosuch'"),
+])
+def test_train_input_errors_come_before_the_model_loads(tmp_path, tiny_model, case, says):
+    """What train can check without the model fails in one line, exit 2, before torch is imported (it used to
+    come after the weights loaded; a missing --gold file was a traceback)."""
+    args = _train_args(tmp_path, tiny_model)
+    corpus, gold = args[args.index("--train") + 1], args[args.index("--gold") + 1]
+    if case == "no gold":
+        del args[args.index("--gold"):args.index("--gold") + 2]
+    elif case == "dev without its gold":
+        args += ["--dev", corpus]
+    elif case == "gold file missing":
+        args[args.index("--gold") + 1] = tmp_path / "none.jsonl"
+    elif case == "gold without task":
+        del args[args.index("--task"):args.index("--task") + 2]
+    else:
+        args[args.index("--task") + 1] = "nosuch"
+    code = ("import atexit, sys; atexit.register(lambda: print('TORCH', 'torch' in sys.modules, file=sys.stderr)); "
+            "sys.argv = ['extractor', *sys.argv[1:]]; from extractor.cli.main import main; main()")
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                            cwd=REPO, timeout=60, env={**os.environ, "COLUMNS": ""})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert says in result.stderr and "TORCH False" in result.stderr, result.stderr
+    assert gold.exists() and not (tmp_path / "run").exists()
+
+
 def test_train_without_dev_is_quiet_and_says_no_best(tmp_path, tiny_model):
     result = cli(*_train_args(tmp_path, tiny_model, "--method", "lora", "--max-steps", "2", "--save-steps", "2",
                               "--quiet"), timeout=120)

@@ -14,11 +14,12 @@ from extractor.cli.options import complete_task_names, tasks_dir_option
 @click.option("--model", required=True, type=click.Path(file_okay=False),
               help="Base model folder, or a hub id ORG/NAME[@revision] in the local Hugging Face cache.")
 @click.option("--method", type=click.Choice(["lora", "ptuning", "prefix", "full"]), default="lora", show_default=True)
-@click.option("--train", "train_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="{context, target} JSONL, or a corpus with --gold and --task.")
-@click.option("--gold", type=click.Path(dir_okay=False), default=None, help="Gold labels of --train.")
-@click.option("--dev", type=click.Path(dir_okay=False), default=None, help="Dev set (same kinds as --train).")
-@click.option("--dev-gold", type=click.Path(dir_okay=False), default=None)
+@click.option("--gold", type=click.Path(exists=True, dir_okay=False), default=None, help="Gold labels of --train.")
+@click.option("--dev", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Dev set (same kinds as --train).")
+@click.option("--dev-gold", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--task", "task_name", default=None, help="Task: renders corpus prompts and scores dev F1.",
               shell_complete=complete_task_names)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for checkpoints.")
@@ -71,6 +72,7 @@ def train(model, method, train_path, gold, dev, dev_gold, task_name, out, max_so
       extractor train --model ./base --method full --train corpus.jsonl --gold gold.jsonl \\
           --dev dev.jsonl --dev-gold dev_gold.jsonl --task jd_requirements --out runs/full --processes 2
     """
+    _check_inputs(train_path, gold, dev, dev_gold, task_name, tasks_dirs)
     if processes > 1 and "LOCAL_RANK" not in os.environ:
         _relaunch(processes)
         return
@@ -99,6 +101,22 @@ def train(model, method, train_path, gold, dev, dev_gold, task_name, out, max_so
         kept = f"best: {best.get('checkpoint')} ({best.get('by')} {best.get('score')})"
     click.echo(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s on {summary['processes']} process(es); "
                f"{kept}", err=True)
+
+
+def _check_inputs(train_path, gold, dev, dev_gold, task_name, tasks_dirs) -> None:
+    """What fails without the model fails before it loads: the task, --gold without --task, and a --train or
+    --dev given without its gold that holds no {context, target} lines (a corpus whose --gold was left out)."""
+    from pathlib import Path
+    from extractor.errors import InputError
+    from extractor.training.data import seed_examples
+    if task_name:
+        from extractor.tasks.task import load_task
+        load_task(task_name, tuple(tasks_dirs))
+    elif gold or dev_gold:
+        raise InputError("--gold needs --task: the task's prompt renders the corpus")
+    for path, its_gold in ((train_path, gold), (dev, dev_gold)):
+        if path and not its_gold:
+            seed_examples(Path(path))
 
 
 def _silence_libraries() -> None:
