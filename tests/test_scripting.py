@@ -111,7 +111,9 @@ def test_check_no_string_column_says_which_fields(tmp_path):
 
 
 @pytest.mark.parametrize("words, incomplete", [("extractor tasks", "jd"), ("extractor run c.jsonl --task", "jd"),
-                                               ("extractor train --task", "jd")])
+                                               ("extractor train --task", "jd"), ("extractor eval p.jsonl --task", "jd"),
+                                               ("extractor compare a.jsonl b.jsonl --task", "jd"),
+                                               ("extractor validate p.jsonl --task", "jd")])
 def test_completion_lists_task_names(words, incomplete):
     """click's completion protocol, as `eval "$(_EXTRACTOR_COMPLETE=bash_source extractor)"` drives it."""
     out = subprocess.run([sys.executable, "-c", "from extractor.cli.main import main; main()"],

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from extractor.store import locations
-from extractor.cli.options import READABLE, corpus_options, tasks_dir_option
+from extractor.cli.options import READABLE, complete_task_names, corpus_options, tasks_dir_option
 from extractor.cli.tables import console as make_console
 from extractor.scoring.compare import (DROP, MICRO, POWER, TWO_SIDED, CompareSettings, align, check_coverage,
                                        compare_pair, flipped, rate_column, regressions, significant, too_small)
@@ -36,7 +36,7 @@ WARN_LISTED = 8
                    "rows that keep their text or spans).")
 @click.option("--corpus", default=None, type=READABLE,
               help="The corpus the runs read: each record's text, to ground their values in.")
-@click.option("--task", "task_name", required=True)
+@click.option("--task", "task_name", required=True, shell_complete=complete_task_names)
 @click.option("--resamples", type=click.IntRange(min=1000), default=1000, show_default=True,
               help="Bootstrap resamples and random swaps (each at least 1,000).")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from extractor.store import locations
-from extractor.cli.options import READABLE, corpus_options, tasks_dir_option
+from extractor.cli.options import READABLE, complete_task_names, corpus_options, tasks_dir_option
 from extractor.errors import InputError
 from extractor.cli.tables import console as make_console, metrics_table, status_table
 from extractor.store.provenance import write_json_atomic
@@ -31,7 +31,8 @@ from extractor.tasks.task import load_task
 @click.option("--corpus", default=None, type=READABLE,
               help="The corpus the predictions were made from: each record's text, to ground the values in "
                    "(else the rows' kept `text`, the gold's text, or the rows' `spans`).")
-@click.option("--task", "task_name", required=True, help="Task whose scoring spec to use.")
+@click.option("--task", "task_name", required=True, help="Task whose scoring spec to use.",
+              shell_complete=complete_task_names)
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False), default=None,
               help="Where to write metrics.json (default: DIR/metrics.json with --report, else "
                    "<predictions>.metrics.json).")

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from extractor.store import locations
-from extractor.cli.options import READABLE, corpus_options, tasks_dir_option
+from extractor.cli.options import READABLE, complete_task_names, corpus_options, tasks_dir_option
 from extractor.cli.tables import status_table
 from extractor.errors import InputError
 from extractor.results.judge import INVALID_JSON, OK, SCHEMA_VIOLATION, SCORED_STATUSES, Validator, judge
@@ -27,7 +27,7 @@ TEXT_KEYS = ("raw", "output", "text", "response")
 
 @click.command()
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False))
-@click.option("--task", "task_name", required=True)
+@click.option("--task", "task_name", required=True, shell_complete=complete_task_names)
 @click.option("--field", "field", default=None,
               help="Key holding the output: a JSON value (default 'prediction') or text to parse "
                    f"(tried in order: {', '.join(TEXT_KEYS)}).")
