@@ -162,6 +162,114 @@ def test_eval_counts_like_an_independent_typed_scorer(tmp_path_factory, case):
     assert got["records"]["malformed_gold"] == want["malformed_gold"]
 
 
+# --- the tuples kind, typed alike ------------------------------------------------------------------------------
+
+def typed_value(v, match: str):
+    """One key field's value: a string by normalized text (null and a missing key are empty text), a number by
+    exact value, a boolean by value, a list or object by its typed parts (keys as written, in any order)."""
+    if v is None:
+        return ("str", "")
+    if isinstance(v, bool):
+        return ("bool", v)
+    if isinstance(v, (int, float)):
+        return ("num", Fraction(v))
+    if isinstance(v, str):
+        return ("str", norm_text(v, match))
+    if isinstance(v, list):
+        return ("list", tuple(typed_value(x, match) if x is not None else ("null",) for x in v))
+    return ("obj", frozenset((k, typed_value(x, match) if x is not None else ("null",)) for k, x in v.items()))
+
+
+def typed_tuples(obj, fields: list[str], match: str) -> set:
+    """(class, typed key values) for each item of a list whose class (fields[0]) is a string."""
+    if not isinstance(obj, list):
+        return set()
+    return {(item[fields[0]], tuple(typed_value(item.get(f), match) for f in fields))
+            for item in obj if isinstance(item, dict) and isinstance(item.get(fields[0]), str)}
+
+
+def typed_tuple_score(pairs, fields, match) -> dict:
+    tp = fp = fn = malformed = malformed_gold = 0
+    for pred, gold in pairs:
+        if not isinstance(gold, list):
+            malformed_gold += 1
+            continue
+        malformed += not isinstance(pred, list)
+        p, g = typed_tuples(pred, fields, match), typed_tuples(gold, fields, match)
+        tp, fp, fn = tp + len(p & g), fp + len(p - g), fn + len(g - p)
+    return {"tp": tp, "fp": fp, "fn": fn, "malformed": malformed, "malformed_gold": malformed_gold}
+
+
+SLOT = st.one_of(st.none(), SCALARS["integer"], SCALARS["number"], SCALARS["boolean"], SCALARS["string"],
+                 st.lists(st.one_of(st.none(), ANY_SCALAR), max_size=3),
+                 st.dictionaries(st.sampled_from(["a", "b"]), st.one_of(st.none(), ANY_SCALAR), max_size=2))
+
+
+@st.composite
+def tuple_task_and_pairs(draw):
+    fields = ["p", *[f"k{i}" for i in range(draw(st.integers(1, 3)))]]
+
+    def item():
+        out = {"p": draw(st.sampled_from(["born in", "works at", 7]))}  # a class that is no string: no fact
+        for f in fields[1:]:
+            if draw(st.integers(0, 5)):
+                out[f] = draw(SLOT)
+        return out
+
+    def obj():  # now and then an item that is no object: no fact
+        return [item() if draw(st.integers(0, 9)) else draw(st.sampled_from([3, "x", None]))
+                for _ in range(draw(st.integers(0, 4)))]
+
+    malformed = st.sampled_from([7, "text", {"p": "x"}, None, True])
+    pairs = [(obj() if draw(st.integers(0, 7)) else draw(malformed), obj() if draw(st.integers(0, 9)) else draw(malformed))
+             for _ in range(draw(st.integers(1, 5)))]
+    return fields, draw(st.sampled_from(["exact", "normalized"])), pairs
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(tuple_task_and_pairs())
+def test_tuples_count_like_an_independent_typed_scorer(tmp_path_factory, case):
+    fields, match, pairs = case
+    root = tmp_path_factory.mktemp("task")
+    props = {"p": {"type": ["string", "integer"]}, **{f: {} for f in fields[1:]}}
+    task = load_task_file(write_task(root, "facts", props, fields, match, kind="tuples", schema_type="array"))
+    write_jsonl(root / "gold.jsonl", [{"id": str(i), "gold": g} for i, (_, g) in enumerate(pairs)])
+    write_jsonl(root / "pred.jsonl", [{"id": str(i), "prediction": p, "status": "ok"} for i, (p, _) in enumerate(pairs)])
+    got = evaluate(task, root / "pred.jsonl", root / "gold.jsonl").result()
+    want = typed_tuple_score(pairs, fields, match)
+    assert (got["micro"]["tp"], got["micro"]["fp"], got["micro"]["fn"]) == (want["tp"], want["fp"], want["fn"])
+    assert got["records"]["malformed"] == want["malformed"]
+    assert got["records"]["malformed_gold"] == want["malformed_gold"]
+
+
+def test_typed_tuples_through_the_cli(tmp_path):
+    """`extractor eval --report` on a tuples task with integer, number and boolean key fields: 1 == 1.0, true is
+    not 1, "5" is not 5; the report shows the typed values."""
+    from click.testing import CliRunner
+    from extractor.cli.main import cli as main
+    props = {"p": {"type": "string"}, "s": {"type": "string"}, "n": {"type": "number"}, "b": {"type": "boolean"}}
+    write_task(tmp_path / "tasks", "facts", props, ["p", "s", "n", "b"], kind="tuples", schema_type="array")
+    gold = [[{"p": "age", "s": "Ann", "n": 30, "b": True}, {"p": "age", "s": "Bo", "n": 2.5, "b": False}],
+            [{"p": "size", "s": "x", "n": 5, "b": True}]]
+    pred = [[{"p": "age", "s": "ann ", "n": 30.0, "b": True}, {"p": "age", "s": "Bo", "n": 2.5, "b": 0}],
+            [{"p": "size", "s": "x", "n": "5", "b": True}]]
+    write_jsonl(tmp_path / "gold.jsonl", [{"id": f"r{i}", "gold": g} for i, g in enumerate(gold)])
+    write_jsonl(tmp_path / "pred.jsonl", [{"id": f"r{i}", "prediction": p, "status": "ok"} for i, p in enumerate(pred)])
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "pred.jsonl"), "--gold", str(tmp_path / "gold.jsonl"),
+                                       "--task", "facts", "--tasks-dir", str(tmp_path / "tasks"), "--report",
+                                       str(tmp_path / "rep"), "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "rep" / "metrics.json").read_text(encoding="utf-8"))
+    want = typed_tuple_score(list(zip(pred, gold)), ["p", "s", "n", "b"], "normalized")
+    assert (doc["micro"]["tp"], doc["micro"]["fp"], doc["micro"]["fn"]) == (want["tp"], want["fp"], want["fn"]) == (1, 2, 2)
+    assert "age | bo | 2.5 | false" in (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    from extractor.scoring.facts import FactExtractor, key_text
+    facts = FactExtractor(load_task_file(tmp_path / "tasks" / "prompts" / "facts.yaml"))
+    hits = [{key_text(k) for _, k in facts(p) & facts(g)} for p, g in zip(pred, gold)]
+    assert hits == [{"age | ann | 30 | true"}, set()]  # 30.0 is 30; the text "5" is not the number 5
+
+
 # --- the real CLI ---------------------------------------------------------------------------------------------
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:

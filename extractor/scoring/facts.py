@@ -8,7 +8,10 @@ fields: (field, value) for each value of each scored field, typed:
     structured field scores per subfield; the pairing of values across subfields is not checked (use the
     tuples kind where it matters);
   - null, or a missing key, is no fact.
-tuples: (value of class_field, tuple of normalized key_fields) for each item of a top-level array.
+tuples: (value of class_field, tuple of key_fields' values) for each item of a top-level array whose class is a
+  string; each value typed as fields types it: a string by its normalized text, a number by its value (1 and 1.0
+  are one), a boolean by its value (true is not 1), null or a missing key as empty text; a list or object by its
+  canonical form (the same rules inside, keys in order): `slot_key`.
 labels: (label, label) for each label of a top-level array.
 Duplicates within a record count once (it is a set). An output whose top-level shape the kind cannot read (a
 number where fields expects an object, say) is malformed: `FactExtractor.malformed` says so and the evaluator
@@ -32,11 +35,11 @@ class Scalar:
     """A number or boolean fact key. Equal by value within its type: 1 == 1.0 (Python compares int and float
     exactly, and hashes them alike), while a boolean never equals a number (the type is part of the key)."""
 
-    type: str  # "number" or "boolean"
+    type: str  # "number", "boolean", or "value" (a list or object in a tuple: its canonical text)
     value: object
 
     def __str__(self) -> str:
-        return json.dumps(self.value)
+        return self.value if self.type == "value" else json.dumps(self.value)
 
 
 def scalar(value: bool | int | float) -> Scalar:
@@ -48,6 +51,43 @@ def scalar(value: bool | int | float) -> Scalar:
         if value.is_integer():
             value = int(value)  # one display for 1 and 1.0 (they are one fact either way)
     return Scalar("number", value)
+
+
+MAX_CANONICAL_DEPTH = 64  # a value nested deeper is keyed by its JSON text as written
+
+
+def slot_key(value, norm):
+    """One key field's value in a tuple fact: a string by its normalized text, a number or boolean as a
+    `Scalar`, null (or a missing key) as empty text, a list or object as a `Scalar` of type "value" holding its
+    canonical JSON text (strings normalized, numbers by value, object keys sorted)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return norm(value)
+    if isinstance(value, (bool, int, float)):
+        return scalar(value)
+    try:
+        text = json.dumps(_canonical(value, norm, 0), ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):  # nested past what the encoder reads: equal to nothing
+        text = f"<a value nested too deep to compare ({id(value):x})>"
+    return Scalar("value", text)
+
+
+def _canonical(value, norm, depth: int):
+    if depth > MAX_CANONICAL_DEPTH:
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if isinstance(value, str):
+        return norm(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        key = scalar(value).value  # 1.0 as 1; json writes every float exactly
+        return key if isinstance(key, (int, float)) else value  # NaN and infinities as themselves
+    if isinstance(value, list):
+        return [_canonical(x, norm, depth + 1) for x in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(x, norm, depth + 1) for k, x in value.items()}
+    return repr(value)
 
 
 class FactKind:
@@ -123,7 +163,7 @@ class TupleFacts(FactKind):
         for item in obj:
             if not isinstance(item, dict) or not isinstance(item.get(class_field), str):
                 continue
-            key = tuple(self.norm(str(item.get(k, ""))) for k in key_fields)
+            key = tuple(slot_key(item.get(k), self.norm) for k in key_fields)
             out.add((item[class_field], key))
         return out
 
@@ -184,7 +224,7 @@ class FactExtractor:
 
 def key_text(key) -> str:
     """A fact key as display text."""
-    return " | ".join(key) if isinstance(key, tuple) else str(key)
+    return " | ".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
 
 def is_text(key) -> bool:

@@ -125,7 +125,8 @@ class Grounder:
             parts = [key]
         elif self.kind == "tuples" and isinstance(key, tuple):
             key_fields = self.spec.key_fields or []
-            parts = [key[i] for i, k in enumerate(key_fields) if k in self.fields and i < len(key) and key[i]]
+            parts = [key[i] for i, k in enumerate(key_fields)
+                     if k in self.fields and i < len(key) and isinstance(key[i], str) and key[i]]
         else:
             return []
         found = (self.aligner.locate(t, p) for p in parts)
