@@ -158,6 +158,34 @@ def _writer(fifo: Path, proc):
     return os.fdopen(fd, "w", encoding="utf-8")
 
 
+@pytest.mark.parametrize("cut", ["moving aside", "putting back", "deleting at the commit", "aside, rows written"])
+def test_every_step_cut_short_is_settled(job, cut):
+    """A kill between any two renames of store/aside.py, laid out with real files: the next run's settle
+    finishes or undoes the step, and no state loses the old output or a committed one."""
+    from extractor.store.writers import JournalOutput
+    assert run(job, "c.jsonl", "o.jsonl").exit_code == 0
+    old = snapshot(job)
+    out, manifest = job / "o.jsonl", job / "o.jsonl.manifest.json"
+    if cut == "moving aside":  # the output moved, the manifest not yet
+        (job / ".o.jsonl.replaced.tmp").mkdir()
+        out.rename(job / ".o.jsonl.replaced.tmp" / "o.jsonl")
+        want = old
+    elif cut == "putting back":  # the new files gone, the output back, the manifest not yet
+        (job / ".o.jsonl.replaced.restoring").mkdir()
+        manifest.rename(job / ".o.jsonl.replaced.restoring" / manifest.name)
+        want = old
+    elif cut == "deleting at the commit":  # a committed output; the old one's deletion half done
+        (job / ".o.jsonl.replaced.dropped").mkdir()
+        (job / ".o.jsonl.replaced.dropped" / "o.jsonl").write_text("old\n", encoding="utf-8")
+        want = old
+    else:  # an overwrite that wrote rows and was killed: stays as it is, resumable
+        (job / ".o.jsonl.replaced").mkdir()
+        (job / ".o.jsonl.replaced" / "o.jsonl").write_text("old\n", encoding="utf-8")
+        want = snapshot(job)
+    JournalOutput(out).settle()
+    assert snapshot(job) == want
+
+
 # -- the hidden rejects file of a killed pass -------------------------------------------------------------------
 def test_stale_rejects_staging_is_swept_and_a_live_one_spared(job):
     rejects = job / "r.jsonl"
