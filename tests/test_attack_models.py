@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,14 @@ def _to_pickle(folder: Path, obj) -> None:
 def _raw_pickle(folder: Path, payload: bytes) -> None:
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(payload)
+
+
+def _huge_pickle(folder: Path, opcode: bytes = b"\x8e" + struct.pack("<Q", 8 << 30)) -> None:
+    """An 8 GB (sparse) plain pickle whose first opcode declares an 8 GB argument (BINBYTES8)."""
+    (folder / "model.safetensors").unlink()
+    with (folder / "pytorch_model.bin").open("wb") as f:
+        f.write(b"\x80\x04" + opcode)
+        f.truncate(8 << 30)
 
 
 def _sharded_missing(folder: Path) -> None:
@@ -138,6 +148,7 @@ BROKEN = [
      "pytorch_model.bin", "posix.system"),
     ("pickle of random bytes", lambda d: _raw_pickle(d, os.urandom(4096)), "pytorch_model.bin",
      "not a readable PyTorch weights file"),
+    ("pickle over the size cap (8 GB, sparse)", _huge_pickle, "pytorch_model.bin", "its pickle is over 64 MB"),
 ]
 
 
@@ -234,6 +245,28 @@ def test_safetensors_check_reads_only_the_header(tmp_path):
         f.truncate(8 + len(blob) + big - 2)
     with pytest.raises(ModelError, match="beyond the file"):
         check_safetensors(file)
+
+
+@pytest.mark.parametrize("case", ["an 8 GB argument", "an 8 GB line (GLOBAL)", "a zip's data.pkl of 80 MB"])
+def test_pickle_scan_reads_at_most_its_cap(case, tmp_path):
+    """A pickle past MAX_PICKLE_BYTES is refused after reading at most that much: an opcode's declared length,
+    a text opcode's line without an end, a zip member that inflates past the cap (the file itself is small)."""
+    from extractor.backends.model_files import MAX_PICKLE_BYTES, check_pickle
+    file = tmp_path / "pytorch_model.bin"
+    if case == "a zip's data.pkl of 80 MB":
+        with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("m/data.pkl", "w") as member:
+            member.write(b"\x80\x02c")  # GLOBAL: module name up to a newline that never comes
+            for _ in range(80):
+                member.write(b"a" * (1 << 20))
+        assert file.stat().st_size < 1 << 20
+    else:
+        (tmp_path / "model.safetensors").write_bytes(b"")
+        _huge_pickle(tmp_path, b"\x8e" + struct.pack("<Q", 8 << 30) if case == "an 8 GB argument" else b"c")
+    start = time.monotonic()
+    with pytest.raises(ModelError, match=rf"^{re.escape(str(file))}: its pickle is over {MAX_PICKLE_BYTES >> 20} MB"
+                                         ".*convert it to safetensors"):
+        check_pickle(file)
+    assert time.monotonic() - start < 10  # 64 MB at most, not 8 GB
 
 
 # -- a 50 MB record -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Model and adapter folders are input like any other: checked before anything loads, each fault one line
 naming the file and how to fix it. Everything here reads only what is cheap to read: JSON files, the header of
-each safetensors file (never its tensors), and the pickle opcodes of a PyTorch weights file (never run)."""
+each safetensors file (never its tensors), and the pickle opcodes of a PyTorch weights file (never run, and
+at most MAX_PICKLE_BYTES of them)."""
 from __future__ import annotations
 
 import hashlib
@@ -26,6 +27,9 @@ SMALL_JSON = ("config.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "adapter_config.json")
 MAX_JSON_BYTES = 64 << 20  # config-like files; anything larger is not one
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own reader refuses headers above 100 MB
+# A state dict's pickle holds names, shapes and storage keys, never tensor data (stored apart from it): a few
+# hundred bytes a tensor, about 20 MB for the largest models published. The scan reads at most this much of it.
+MAX_PICKLE_BYTES = 64 << 20
 # safetensors dtypes and their widths in bits (the format's full list, sub-byte floats included).
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
               "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
@@ -209,15 +213,48 @@ def check_pickle(file: Path) -> None:
                 if pkl is None:
                     raise ModelError(f"{file}: a zip without data.pkl, not a PyTorch weights file; {CONVERT}")
                 with archive.open(pkl) as f:
-                    _scan_pickle(f, file)
+                    _scan_pickle(_Capped(f, file), file)
         else:
             with file.open("rb") as f:  # magic number, protocol, sys info, the state dict, its storage keys
+                capped = _Capped(f, file)
                 for _ in range(5):
-                    _scan_pickle(f, file)
+                    _scan_pickle(capped, file)
     except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):
         raise ModelError(f"{file}: not a readable PyTorch weights file (corrupt or truncated); {CONVERT}") from None
     except OSError as exc:
         raise ModelError(f"{file}: cannot read ({exc.strerror or exc}); check the file's permissions") from None
+
+
+class _Capped:
+    """A pickle stream read at most MAX_PICKLE_BYTES far, and never more than that in one read: an opcode that
+    declares a larger argument, or a line longer than what is left, is refused before anything is read."""
+
+    def __init__(self, f, file: Path, limit: int = MAX_PICKLE_BYTES):
+        self.f, self.file, self.left, self.pos = f, file, limit, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self.left:
+            raise self._too_big()
+        return self._took(self.f.read(n))
+
+    def readline(self, n: int = -1) -> bytes:
+        line = self.f.readline(self.left + 1 if n is None or n < 0 else min(n, self.left + 1))
+        if len(line) > self.left:
+            raise self._too_big()
+        return self._took(line)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def _took(self, data: bytes) -> bytes:
+        self.left -= len(data)
+        self.pos += len(data)
+        return data
+
+    def _too_big(self) -> ModelError:
+        return ModelError(f"{self.file}: its pickle is over {MAX_PICKLE_BYTES >> 20} MB, far more than a state "
+                          "dict's (the tensors are stored apart from it); refused without reading further; "
+                          f"{CONVERT}")
 
 
 def _scan_pickle(f, file: Path) -> None:
