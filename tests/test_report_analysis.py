@@ -301,8 +301,9 @@ def test_eval_json_prints_the_metrics_document_alone(jobs, tmp_path):
     assert doc == json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert doc["format"] == "extractor.metrics/1" and "confusion_fields" in doc
     assert "micro F1" in result.stderr and "remote" in result.stderr  # the tables went to stderr
-    quiet = cli("eval", *args, "--quiet")
-    assert quiet.returncode == 0 and json.loads(quiet.stdout)["micro"] == doc["micro"] and quiet.stderr == ""
+    for flag in ("--quiet", "-q"):
+        quiet = cli("eval", *args, flag)
+        assert quiet.returncode == 0 and json.loads(quiet.stdout)["micro"] == doc["micro"] and quiet.stderr == ""
     broken = cli("eval", jobs / "bad.jsonl", "--gold", jobs / "missing.jsonl", "--task", "jobs", "--tasks-dir",
                  jobs / "tasks", "--json")
     assert broken.returncode == 2 and broken.stdout == "" and "Traceback" not in broken.stderr

@@ -41,7 +41,7 @@ from extractor.tasks.task import load_task
 @click.option("--reparse", is_flag=True, help="Recompute statuses from the raw outputs with the current parser.")
 @click.option("--examples", type=click.IntRange(0, 100), default=5, show_default=True,
               help="Most frequent wrong values, false positives and false negatives listed per class.")
-@click.option("--quiet", is_flag=True, help="Print only the micro F1 line.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the micro F1 line.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the metrics document (what metrics.json holds) on stdout and nothing else there; "
                    "tables and notes go to stderr (none with --quiet).")
