@@ -227,6 +227,19 @@ def test_plain_run_in_order_with_usage_counts_and_no_key_in_files(fake, tmp_path
 
 
 @pytest.mark.timeout(60)
+def test_address_and_key_from_the_environment_as_openai_clients_take_them(fake, tmp_path):
+    """No flags: $OPENAI_BASE_URL and $OPENAI_API_KEY, as OpenAI's own clients read them; the manifest names
+    the address, never the key."""
+    fake.key = KEY
+    result = run(base_args(tmp_path, corpus(tmp_path, n=3)), None, {"OPENAI_BASE_URL": fake.url,
+                                                                     "OPENAI_API_KEY": KEY})
+    assert result.returncode == 0, result.stderr
+    assert len(fake.log) == 3 and {r["status"] for r in read_jsonl(tmp_path / "preds.jsonl")} == {"ok"}
+    manifest = (tmp_path / "preds.jsonl.manifest.json").read_text(encoding="utf-8")
+    assert json.loads(manifest)["run_key"]["backend"]["base_url"] == fake.url and KEY not in manifest
+
+
+@pytest.mark.timeout(60)
 def test_retries_429_and_5xx_with_backoff_then_succeed(fake, tmp_path):
     codes = {1: 429, 2: 503}  # each record: 429, then 503, then an answer
     fake.script = lambda n, attempt, body: ("status", codes[attempt]) if attempt in codes else None
