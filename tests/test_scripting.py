@@ -134,11 +134,12 @@ def test_completion_script_is_documented_and_emitted(run_cli):
 
 # -- checks before loading, --limit, truncation ---------------------------------------------------------------
 
-def _backend_loaded_probe(*args):
-    """Run the CLI in a subprocess that says at exit whether the hf backend module was ever imported (it is
-    what loads weights): a check that fails before it did not wait for the model."""
-    code = ("import atexit, sys; atexit.register(lambda: print('BACKEND', 'extractor.backends.hf' in sys.modules,"
-            " file=sys.stderr)); sys.argv = ['extractor', *sys.argv[1:]]; "
+def _backend_loaded_probe(*args, module="extractor.backends.hf", says="BACKEND"):
+    """Run the CLI in a subprocess that says at exit (`says True|False`) whether `module` was ever imported
+    (the hf backend: what loads weights; torch, for train): a check that fails before it did not wait for the
+    model."""
+    code = (f"import atexit, sys; atexit.register(lambda: print({says!r}, {module!r} in sys.modules, "
+            "file=sys.stderr)); sys.argv = ['extractor', *sys.argv[1:]]; "
             "from extractor.cli.main import main; main()")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, timeout=60, env={**os.environ, "COLUMNS": ""})
@@ -365,10 +366,7 @@ def test_train_input_errors_come_before_the_model_loads(tmp_path, tiny_model, ca
         del args[args.index("--task"):args.index("--task") + 2]
     else:
         args[args.index("--task") + 1] = "nosuch"
-    code = ("import atexit, sys; atexit.register(lambda: print('TORCH', 'torch' in sys.modules, file=sys.stderr)); "
-            "sys.argv = ['extractor', *sys.argv[1:]]; from extractor.cli.main import main; main()")
-    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                            cwd=REPO, timeout=60, env={**os.environ, "COLUMNS": ""})
+    result = _backend_loaded_probe(*args, module="torch", says="TORCH")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert says in result.stderr and "TORCH False" in result.stderr, result.stderr
     assert gold.exists() and not (tmp_path / "run").exists()
