@@ -158,6 +158,18 @@ def _writer(fifo: Path, proc):
     return os.fdopen(fd, "w", encoding="utf-8")
 
 
+def test_gpus_overwrite_whose_workers_write_nothing_leaves_the_old_merged_output(job):
+    """--gpus: the merged output is kept aside while the workers run; they fail before any row: it is back."""
+    workers = ["--gpus", "2", "--device", "cpu"]
+    assert run(job, "c.jsonl", "o.jsonl", *workers).exit_code == 0
+    before = {**snapshot(job), "bad.jsonl": (job / bad_at(job, 1, "bad.jsonl")).read_bytes()}
+    failed = run(job, "bad.jsonl", "o.jsonl", *workers, "--overwrite")
+    assert failed.exit_code == 2 and "Traceback" not in failed.stderr and "worker 0" in failed.stderr
+    assert snapshot(job) == before
+    assert run(job, "c.jsonl", "o.jsonl", *workers, "--overwrite", "--limit", "3").exit_code == 0
+    assert len(ids(job / "o.jsonl")) == 6 and not (job / ".o.jsonl.replaced").exists()
+
+
 @pytest.mark.parametrize("cut", ["moving aside", "putting back", "deleting at the commit", "aside, rows written"])
 def test_every_step_cut_short_is_settled(job, cut):
     """A kill between any two renames of store/aside.py, laid out with real files: the next run's settle

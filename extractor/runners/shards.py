@@ -66,6 +66,16 @@ def run_sharded(command: click.Command, params: dict, out: Location, gpus: int, 
     """labels: the adapters' output labels (several adapters: one merged output each). Returns each merged
     output and its records per status."""
     targets = outputs(out, gpus, list(labels))
+    _settle(targets)
+    try:
+        return _run_and_merge(command, params, out, gpus, device, console, targets)
+    except BaseException:
+        _settle(targets)  # an --overwrite whose workers wrote no row: the merged output it replaces is back
+        raise
+
+
+def _run_and_merge(command, params, out, gpus, device, console, targets) -> list[tuple[Location, dict]]:
+    """The workers, then the merge of each output's shards (an output merged before is kept with --resume)."""
     if all([_already_merged(target, shards, params, console) for target, shards in targets]):
         return [(target, _summary(read_manifest(target)).get("statuses") or {}) for target, _ in targets]
     base = argv_from_params(command, params, skip={"gpus", "out", "device"})
@@ -106,6 +116,8 @@ def run_sharded(command: click.Command, params: dict, out: Location, gpus: int, 
             merged.append((target, _summary(read_manifest(target)).get("statuses") or {}))
             continue
         summary = merge(target, shards)
+        if not locations.is_remote(target):
+            _set_aside(target).drop()  # committed: the merged output an --overwrite replaced goes
         console.print(f"merged {summary['records']} records from {gpus} shards into {target}")
         merged.append((target, summary["statuses"]))
     return merged
@@ -121,8 +133,11 @@ def _already_merged(out: Location, shards: list[Location], params: dict, console
     """True when a complete merged output is there to keep (--resume); clears it for --overwrite; refuses to
     replace anything else."""
     if params.get("overwrite") and not params.get("resume"):
-        locations.remove(out)
-        locations.remove(manifest_path(out))
+        if locations.is_remote(out):
+            locations.remove(out)
+            locations.remove(manifest_path(out))
+        else:  # kept aside until the new merge commits (store/aside.py)
+            _set_aside(out).take()
         return False
     if not locations.exists(out):
         return False
@@ -139,6 +154,21 @@ def _already_merged(out: Location, shards: list[Location], params: dict, console
         raise ExtractorError(f"{out} already exists; pass --resume to continue it or --overwrite to start over")
     console.print(f"{out} is already complete ({_summary(manifest).get('records', '?')} records)")
     return True
+
+
+def _set_aside(out: Location):
+    """Where an --overwrite keeps a local merged output and its manifest until the new merge commits."""
+    from extractor.store.aside import Aside
+    return Aside([out, manifest_path(out)])
+
+
+def _settle(targets) -> None:
+    """Local merged outputs: finish what a killed run left half done, and give back one an --overwrite set aside
+    where no merged output and no shard row has been written since."""
+    from extractor.store.writers import JournalOutput
+    for target, shards in targets:
+        if not locations.is_remote(target):
+            _set_aside(target).settle(lambda: not target.exists() and all(JournalOutput(s).is_empty() for s in shards))
 
 
 def _cores() -> int:
