@@ -170,6 +170,16 @@ def test_gpus_overwrite_whose_workers_write_nothing_leaves_the_old_merged_output
     assert len(ids(job / "o.jsonl")) == 6 and not (job / ".o.jsonl.replaced").exists()
 
 
+def test_corpus_kept_aside_by_an_overwrite_is_an_input_too(job):
+    """The copy --overwrite keeps aside is deleted at the commit: a run reading it as its corpus is refused."""
+    (job / ".o.jsonl.replaced").mkdir()
+    (job / "c.jsonl").rename(job / ".o.jsonl.replaced" / "o.jsonl")
+    before = snapshot(job)
+    one_error(run(job, ".o.jsonl.replaced/o.jsonl", "o.jsonl", "--overwrite"), "copy kept aside by --overwrite",
+              "is the corpus")
+    assert snapshot(job) == before
+
+
 @pytest.mark.parametrize("cut", ["moving aside", "putting back", "deleting at the commit", "aside, rows written"])
 def test_every_step_cut_short_is_settled(job, cut):
     """A kill between any two renames of store/aside.py, laid out with real files: the next run's settle

@@ -77,6 +77,9 @@ def written_beside(out: locations.Location) -> list[tuple[str, locations.Locatio
         journal = journal_path(out)
         if journal != out:
             found.append(("journal", journal))
+        from extractor.store.aside import Aside
+        aside = Aside([out, journal, manifest])  # what --overwrite keeps, then deletes at the commit
+        found += [("copy kept aside by --overwrite", aside.folder / path.name) for path in aside.paths]
     return found
 
 
