@@ -247,6 +247,20 @@ def test_safetensors_check_reads_only_the_header(tmp_path):
         check_safetensors(file)
 
 
+def test_zip_directory_past_the_cap_is_refused_unread(tmp_path):
+    """A 3 GB (sparse) zip whose end record declares a 3 GB central directory, which ZipFile would read whole."""
+    from extractor.backends.model_files import check_pickle
+    file, size = tmp_path / "pytorch_model.bin", 3 << 30
+    with file.open("wb") as f:
+        f.truncate(size)
+        f.seek(size)
+        f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, size, 0, 0))
+    start = time.monotonic()
+    with pytest.raises(ModelError, match="its zip directory declares 3,221,225,472 bytes.*refused unread"):
+        check_pickle(file)
+    assert time.monotonic() - start < 1
+
+
 @pytest.mark.parametrize("case", ["an 8 GB argument", "an 8 GB line (GLOBAL)", "a zip's data.pkl of 80 MB"])
 def test_pickle_scan_reads_at_most_its_cap(case, tmp_path):
     """A pickle past MAX_PICKLE_BYTES is refused after reading at most that much: an opcode's declared length,

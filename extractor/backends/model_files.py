@@ -209,6 +209,7 @@ def check_pickle(file: Path) -> None:
     weights_only unpickler anyway; this says so in one line, before anything loads."""
     try:
         if zipfile.is_zipfile(file):
+            _check_zip_directory(file)
             with zipfile.ZipFile(file) as archive:
                 pkl = next((n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
                 if pkl is None:
@@ -224,6 +225,19 @@ def check_pickle(file: Path) -> None:
         raise ModelError(f"{file}: not a readable PyTorch weights file (corrupt or truncated); {CONVERT}") from None
     except OSError as exc:
         raise ModelError(f"{file}: cannot read ({exc.strerror or exc}); check the file's permissions") from None
+
+
+def _check_zip_directory(file: Path) -> None:
+    """A zip's central directory (which ZipFile reads whole, into memory) within MAX_PICKLE_BYTES: a torch.save
+    archive lists one short entry per storage."""
+    find_end = getattr(zipfile, "_EndRecData", None)  # the end record, zip64 included, as ZipFile finds it
+    if find_end is None:  # a Python without it: ZipFile's own checks only
+        return
+    with file.open("rb") as f:
+        end = find_end(f)
+    if end and end[zipfile._ECD_SIZE] > MAX_PICKLE_BYTES:
+        raise ModelError(f"{file}: its zip directory declares {end[zipfile._ECD_SIZE]:,} bytes, far more than a "
+                         f"PyTorch weights file's; refused unread; {CONVERT}")
 
 
 class _Capped:
