@@ -65,18 +65,23 @@ def typed_facts(obj, fields: list[str], match: str, absent: str | None) -> set:
     return facts
 
 
-def typed_score(pairs, fields, match, absent) -> dict:
-    """Micro TP/FP/FN/F1 over (pred, gold) pairs; a non-object gold is left out, a non-object pred is empty."""
+def typed_count(pairs, facts, shape: type) -> dict:
+    """Micro TP/FP/FN/F1 over (pred, gold) pairs; a gold of another shape is left out, a pred of another shape
+    is empty (both counted as malformed)."""
     tp = fp = fn = malformed = malformed_gold = 0
     for pred, gold in pairs:
-        if not isinstance(gold, dict):
+        if not isinstance(gold, shape):
             malformed_gold += 1
             continue
-        malformed += not isinstance(pred, dict)
-        p, g = typed_facts(pred, fields, match, absent), typed_facts(gold, fields, match, absent)
+        malformed += not isinstance(pred, shape)
+        p, g = facts(pred), facts(gold)
         tp, fp, fn = tp + len(p & g), fp + len(p - g), fn + len(g - p)
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
     return {"tp": tp, "fp": fp, "fn": fn, "f1": f1, "malformed": malformed, "malformed_gold": malformed_gold}
+
+
+def typed_score(pairs, fields, match, absent) -> dict:
+    return typed_count(pairs, lambda obj: typed_facts(obj, fields, match, absent), dict)
 
 
 # --- task folders --------------------------------------------------------------------------------------------
@@ -189,15 +194,7 @@ def typed_tuples(obj, fields: list[str], match: str) -> set:
 
 
 def typed_tuple_score(pairs, fields, match) -> dict:
-    tp = fp = fn = malformed = malformed_gold = 0
-    for pred, gold in pairs:
-        if not isinstance(gold, list):
-            malformed_gold += 1
-            continue
-        malformed += not isinstance(pred, list)
-        p, g = typed_tuples(pred, fields, match), typed_tuples(gold, fields, match)
-        tp, fp, fn = tp + len(p & g), fp + len(p - g), fn + len(g - p)
-    return {"tp": tp, "fp": fp, "fn": fn, "malformed": malformed, "malformed_gold": malformed_gold}
+    return typed_count(pairs, lambda obj: typed_tuples(obj, fields, match), list)
 
 
 SLOT = st.one_of(st.none(), SCALARS["integer"], SCALARS["number"], SCALARS["boolean"], SCALARS["string"],
