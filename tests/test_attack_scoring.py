@@ -218,8 +218,8 @@ def tuple_task_and_pairs(draw):
                 for _ in range(draw(st.integers(0, 4)))]
 
     malformed = st.sampled_from([7, "text", {"p": "x"}, None, True])
-    pairs = [(obj() if draw(st.integers(0, 7)) else draw(malformed), obj() if draw(st.integers(0, 9)) else draw(malformed))
-             for _ in range(draw(st.integers(1, 5)))]
+    pairs = [(obj() if draw(st.integers(0, 7)) else draw(malformed),
+              obj() if draw(st.integers(0, 9)) else draw(malformed)) for _ in range(draw(st.integers(1, 5)))]
     return fields, draw(st.sampled_from(["exact", "normalized"])), pairs
 
 
@@ -232,7 +232,8 @@ def test_tuples_count_like_an_independent_typed_scorer(tmp_path_factory, case):
     props = {"p": {"type": ["string", "integer"]}, **{f: {} for f in fields[1:]}}
     task = load_task_file(write_task(root, "facts", props, fields, match, kind="tuples", schema_type="array"))
     write_jsonl(root / "gold.jsonl", [{"id": str(i), "gold": g} for i, (_, g) in enumerate(pairs)])
-    write_jsonl(root / "pred.jsonl", [{"id": str(i), "prediction": p, "status": "ok"} for i, (p, _) in enumerate(pairs)])
+    write_jsonl(root / "pred.jsonl", [{"id": str(i), "prediction": p, "status": "ok"}
+                                      for i, (p, _) in enumerate(pairs)])
     got = evaluate(task, root / "pred.jsonl", root / "gold.jsonl").result()
     want = typed_tuple_score(pairs, fields, match)
     assert (got["micro"]["tp"], got["micro"]["fp"], got["micro"]["fn"]) == (want["tp"], want["fp"], want["fn"])
@@ -259,7 +260,8 @@ def test_typed_tuples_through_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "rep" / "metrics.json").read_text(encoding="utf-8"))
     want = typed_tuple_score(list(zip(pred, gold)), ["p", "s", "n", "b"], "normalized")
-    assert (doc["micro"]["tp"], doc["micro"]["fp"], doc["micro"]["fn"]) == (want["tp"], want["fp"], want["fn"]) == (1, 2, 2)
+    micro = doc["micro"]
+    assert (micro["tp"], micro["fp"], micro["fn"]) == (want["tp"], want["fp"], want["fn"]) == (1, 2, 2)
     assert "age | bo | 2.5 | false" in (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     from extractor.scoring.facts import FactExtractor, key_text
     facts = FactExtractor(load_task_file(tmp_path / "tasks" / "prompts" / "facts.yaml"))
