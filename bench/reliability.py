@@ -12,7 +12,9 @@
 
     python bench/reliability.py --kills 20 --out bench/out/reliability.json
     python bench/reliability.py --store-kills 20   # starts moto's S3 server on loopback for it
-The test suite runs the same functions (tests/test_reliability.py).
+The test suite runs the same functions (tests/test_reliability.py). The run, shard and train suites start their
+`extractor` commands warm (prestart.py: forked from a process that has done the imports, each still a process of
+its own, killed as one); the store suite and other callers of _kill_at_random start fresh ones.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import prestart
 
 EXTRACTOR = [sys.executable, "-m", "extractor"]
 
@@ -44,32 +48,52 @@ def grows(path: Path):
     return lambda: _size(path) > start
 
 
-def _kill_at_random(cmd: list[str], ready, rng: random.Random, max_delay: float, timeout: float = 120) -> bool:
+def _start(cmd: list[str], server: prestart.Server | None, stderr=None):
+    """cmd in a process group of its own: forked by `server` (warm) or a fresh process. stderr: a file path."""
+    if server is not None:
+        return server.popen(cmd, stderr=stderr)
+    err = open(stderr, "w") if stderr else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    finally:
+        if stderr:
+            err.close()
+
+
+def _kill_at_random(cmd: list[str], ready, rng: random.Random, max_delay: float, timeout: float = 120,
+                    server: prestart.Server | None = None) -> bool:
     """Start cmd, wait until ready() (work has begun), SIGKILL the whole process group after a random delay.
     Returns True when the kill landed before the process finished by itself."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = _start(cmd, server)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.01)
     time.sleep(rng.uniform(0, max_delay))
-    killed = proc.poll() is None
-    if killed:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return killed
+    if proc.poll() is None:
+        _kill_group(proc.pid)
+    return proc.wait() == -signal.SIGKILL
 
 
-def _run_to_end(cmd: list[str], timeout: float = 400) -> tuple[int, str]:
-    """Run cmd in a process group of its own; past `timeout` the whole group (workers included) is killed, so
-    a hang fails here instead of leaving processes that slow everything after it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _kill_group(pid: int) -> None:
     try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise RuntimeError(f"{' '.join(cmd[2:5])}... did not finish in {timeout:.0f} s") from None
-    return proc.returncode, err
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended by itself (and was reaped) a moment ago
+        pass
+
+
+def _run_to_end(cmd: list[str], timeout: float = 400, server: prestart.Server | None = None) -> tuple[int, str]:
+    """Run cmd in a process group of its own; past `timeout` the whole group (workers included) is killed, so
+    a hang fails here instead of leaving processes that slow everything after it. Returns (exit code, stderr)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        err = Path(tmp) / "stderr.txt"
+        proc = _start(cmd, server, stderr=err)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.wait()
+            raise RuntimeError(f"{' '.join(cmd[2:5])}... did not finish in {timeout:.0f} s") from None
+        return proc.returncode, err.read_text(encoding="utf-8", errors="replace")
 
 
 def _check_ran(result: tuple[int, str]) -> None:
@@ -79,21 +103,24 @@ def _check_ran(result: tuple[int, str]) -> None:
 
 
 def _check_exactly_once(out: Path, corpus: Path, ref: Path) -> dict:
+    """Every id of the corpus in `out` once, each output as in `ref` (a run over this corpus or one it begins)."""
     got = _rows(out)
     ids = [r["id"] for r in got]
     expected = [json.loads(line)["id"] for line in corpus.read_text(encoding="utf-8").splitlines()]
-    ref_raw = {r["id"]: r["raw"] for r in _rows(ref)}
+    ref_raw = {r["id"]: r["raw"] for r in _rows(ref) if r["id"] in set(expected)}
     return {"records": len(expected), "lost": len(set(expected) - set(ids)), "duplicated": len(ids) - len(set(ids)),
             "identical_to_uninterrupted": {r["id"]: r["raw"] for r in got} == ref_raw}
 
 
-def make_fixture(root: Path, n: int = 1000) -> tuple[Path, Path, Path]:
+def make_fixture(root: Path, n: int = 1000, name: str = "corpus") -> tuple[Path, Path, Path]:
+    """The tiny model (built once under root), and a corpus of n records with its gold. A smaller n gives the
+    first n records of a larger one."""
     from extractor.datasets.synth import write_corpus
     from extractor.datasets.tiny_models import build_tiny_model
     model = root / "model"
     if not model.exists():
         build_tiny_model(model)
-    corpus, gold = root / "corpus.jsonl", root / "gold.jsonl"
+    corpus, gold = root / f"{name}.jsonl", root / f"{name}-gold.jsonl"
     write_corpus(corpus, gold, n, seed=11)
     return model, corpus, gold
 
@@ -104,10 +131,24 @@ def run_args(corpus: Path, model: Path, out: Path, *extra) -> list[str]:
                         "--allow-no-result", *extra]  # a random tiny model: no record comes out ok
 
 
-def run_kills(root: Path, kills: int, seed: int = 0, extra: tuple = (), label: str = "run") -> dict:
-    model, corpus, _ = make_fixture(root)
-    ref = root / f"{label}-ref.jsonl"
-    _check_ran(_run_to_end(run_args(corpus, model, ref, *extra)))
+def reference(root: Path, server: prestart.Server | None = None, n: int = 1000) -> Path:
+    """An uninterrupted single-process run over make_fixture's corpus of n records: the output every killed run
+    (over those records or the first of them), sharded or not, must reproduce."""
+    model, corpus, _ = make_fixture(root, n)
+    ref = root / "run-ref.jsonl"
+    _check_ran(_run_to_end(run_args(corpus, model, ref), server=server))
+    return ref
+
+
+def run_kills(root: Path, kills: int, seed: int = 0, extra: tuple = (), label: str = "run", n: int = 1000,
+              ref: Path | None = None, server: prestart.Server | None = None) -> dict:
+    """`kills` SIGKILLs of a run over the first n records, then a resume; checked against `ref` (reference()'s
+    output, made here when None). server: where the commands start (one of this suite's own when None)."""
+    if server is None:
+        with prestart.Server() as server:
+            return run_kills(root, kills, seed, extra, label, n, ref, server)
+    ref = ref or reference(root, server)
+    model, corpus, _ = make_fixture(root, n, name=f"{label}-corpus")
     out = root / f"{label}-killed.jsonl"
     rng = random.Random(seed)
     landed = attempts = 0
@@ -116,8 +157,8 @@ def run_kills(root: Path, kills: int, seed: int = 0, extra: tuple = (), label: s
         # Once output (or, with --gpus, a shard) starts growing, kill within the next moments of work.
         watched = out if "--gpus" not in extra else out.with_name(out.stem + ".shard0of2.jsonl")
         landed += _kill_at_random(run_args(corpus, model, out, "--resume", *extra), grows(watched), rng,
-                                  max_delay=0.5)
-    _check_ran(_run_to_end(run_args(corpus, model, out, "--resume", *extra)))
+                                  max_delay=0.5, server=server)
+    _check_ran(_run_to_end(run_args(corpus, model, out, "--resume", *extra), server=server))
     return {"suite": label, "kills_attempted": attempts, "kills_landed": landed,
             **_check_exactly_once(out, corpus, ref)}
 
@@ -192,23 +233,30 @@ def _uploaded_since(target, since: float) -> bool:
     return modified is not None and modified.timestamp() >= since - 1
 
 
-def train_kill(root: Path, seed: int = 0) -> dict:
+def train_kill(root: Path, seed: int = 0, server: prestart.Server | None = None) -> dict:
+    """A full training killed twice after a checkpoint, resumed; its final weights against an uninterrupted
+    run's. The dev set (scored at every checkpoint, before the checkpoint is saved) is the first 16 records:
+    it decides no weight."""
+    if server is None:
+        with prestart.Server(prestart.TRAIN) as server:
+            return train_kill(root, seed, server)
     import torch
     from safetensors.torch import load_file
     model, corpus, gold = make_fixture(root)
+    _, dev, dev_gold = make_fixture(root, 16, name="train-dev")
     base = EXTRACTOR + ["train", "--model", str(model), "--method", "full", "--train", str(corpus), "--gold", str(gold),
-                        "--dev", str(corpus), "--dev-gold", str(gold), "--task", "jd_requirements", "--max-steps", "40",
-                        "--save-steps", "10", "--batch-size", "4", "--eval-limit", "2", "--eval-max-new-tokens", "4",
-                        "--max-source-len", "300", "--max-target-len", "64", "--quiet", "--seed", str(seed)]
+                        "--dev", str(dev), "--dev-gold", str(dev_gold), "--task", "jd_requirements", "--max-steps",
+                        "40", "--save-steps", "10", "--batch-size", "4", "--eval-limit", "2", "--eval-max-new-tokens",
+                        "4", "--max-source-len", "300", "--max-target-len", "64", "--quiet", "--seed", str(seed)]
     ref, killed = root / "train-ref", root / "train-killed"
-    _check_ran(_run_to_end(base + ["--out", str(ref)]))
+    _check_ran(_run_to_end(base + ["--out", str(ref)], server=server))
     rng = random.Random(seed)
     kills = 0
     for target in (10, 20):  # kill twice, each time somewhere after a checkpoint was saved
         cmd = base + ["--out", str(killed)] + (["--resume"] if kills else [])
         state = killed / f"checkpoint-{target}" / "trainer_state.pt"
-        kills += _kill_at_random(cmd, state.exists, rng, max_delay=0.4)
-    _check_ran(_run_to_end(base + ["--out", str(killed), "--resume"]))
+        kills += _kill_at_random(cmd, state.exists, rng, max_delay=0.4, server=server)
+    _check_ran(_run_to_end(base + ["--out", str(killed), "--resume"], server=server))
     a = load_file(ref / "checkpoint-40" / "model.safetensors")
     b = load_file(killed / "checkpoint-40" / "model.safetensors")
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -229,8 +277,11 @@ def main() -> None:
         if args.store_kills:
             results = [_store_suite(root, args.store_kills)]
         else:
-            results = [run_kills(root, args.kills), train_kill(root),
-                       run_kills(root, args.shard_kills, extra=("--gpus", "2", "--device", "cpu"), label="shard")]
+            with prestart.Server(prestart.TRAIN) as server:
+                ref = reference(root, server)
+                results = [run_kills(root, args.kills, ref=ref, server=server), train_kill(root, server=server),
+                           run_kills(root, args.shard_kills, extra=("--gpus", "2", "--device", "cpu"), label="shard",
+                                     ref=ref, server=server)]
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

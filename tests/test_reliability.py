@@ -18,6 +18,7 @@ from extractor.tasks.task import load_task
 from tests.conftest import REPO, read_jsonl, synth_corpus, write_jsonl
 
 sys.path.insert(0, str(REPO / "bench"))
+import prestart  # noqa: E402
 import reliability  # noqa: E402
 
 EXTRACTOR = [sys.executable, "-m", "extractor"]
@@ -25,27 +26,42 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 
 # -- kills -------------------------------------------------------------------------------------------
-@pytest.fixture
-def kill_root(tmp_path, tiny_model):
+@pytest.fixture(scope="module")
+def kills(tmp_path_factory, tiny_model):
     """The kill suites' folder, holding the session's tiny model where they look for theirs (the same
-    build_tiny_model defaults), so that each does not build its own."""
-    shutil.copytree(tiny_model, tmp_path / "model")
-    return tmp_path
+    build_tiny_model defaults), a warm-start server for their commands (bench/prestart.py: each command its own
+    process, forked after the imports) and the uninterrupted single-process run both run suites must reproduce,
+    over RECORDS records (20 kills take about 400 of them on the 2-core machine)."""
+    root = tmp_path_factory.mktemp("kills")
+    shutil.copytree(tiny_model, root / "model")
+    with prestart.Server(prestart.TRAIN) as server:
+        yield root, server, reliability.reference(root, server, n=RECORDS)
 
 
-def test_run_survives_20_kills(kill_root):
-    result = reliability.run_kills(kill_root, kills=20)
+RECORDS = 700
+
+
+def test_run_survives_20_kills(kills):
+    root, server, ref = kills
+    result = reliability.run_kills(root, kills=20, n=RECORDS, ref=ref, server=server)
+    assert result["records"] == RECORDS
     assert result["kills_landed"] >= 15
     assert result["lost"] == 0 and result["duplicated"] == 0 and result["identical_to_uninterrupted"]
 
 
-def test_train_resume_after_kills_matches_uninterrupted(kill_root):
-    result = reliability.train_kill(kill_root)
+def test_train_resume_after_kills_matches_uninterrupted(kills):
+    root, server, _ = kills
+    result = reliability.train_kill(root, server=server)
     assert result["kills_landed"] >= 1 and result["within_tolerance"], result
 
 
-def test_shard_merge_survives_kills(kill_root):
-    result = reliability.run_kills(kill_root, kills=4, extra=("--gpus", "2", "--device", "cpu"), label="shard")
+def test_shard_merge_survives_kills(kills):
+    """Killed --gpus runs over the corpus's first 400 records; their merged output equals the single-process
+    run's rows for them."""
+    root, server, ref = kills
+    result = reliability.run_kills(root, kills=4, extra=("--gpus", "2", "--device", "cpu"), label="shard", n=400,
+                                   ref=ref, server=server)
+    assert result["records"] == 400
     assert result["lost"] == 0 and result["duplicated"] == 0 and result["identical_to_uninterrupted"]
 
 

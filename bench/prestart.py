@@ -1,0 +1,137 @@
+"""Warm starts for `extractor` commands: each command is forked from a server process that has already imported
+what a run or a training imports (torch, transformers, the hf backend), so it starts in a fraction of a second
+instead of the ~4 s a fresh `python -m extractor` spends on imports. The kill suites start dozens of commands.
+
+Each command is still a process of its own, in a process group of its own, running `extractor`'s entry point
+with its own argv, stdout to /dev/null and stderr to a file; it ends as `python -m extractor` ends (atexit
+handlers, buffers flushed), and SIGKILLed it dies as any process does, with the processes it started. The
+server only imports, it never computes, so no thread pool has started when it forks. What a fork shares with
+its server and siblings: the import-time state (a fresh process would import the same), and the hash seed.
+
+    with Server() as server:
+        proc = server.popen(["run", "corpus.jsonl", ...], stderr="err.txt")   # proc: poll(), wait(), pid
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+
+# What an hf run of the tiny (Qwen2) model imports; a command imports anything missing itself.
+RUN = ("extractor.cli.main", "extractor.cli.run_cmd", "extractor.cli.config_file", "extractor.backends.hf",
+       "extractor.backends.fast", "extractor.backends.startup", "extractor.pipeline.preflight",
+       "extractor.tasks.schema_bundle", "transformers.models.qwen2.modeling_qwen2",
+       "transformers.models.auto.tokenization_auto", "jsonschema", "fastjsonschema")
+# ... and what `extractor train` adds.
+TRAIN = RUN + ("extractor.cli.train_cmd", "extractor.training.loop", "extractor.training.model_setup",
+               "extractor.training.dev_scoring", "extractor.training.data", "extractor.scoring.report.charts",
+               "accelerate", "peft", "transformers.optimization")
+
+# The server: import, then for each request line fork one command and report its pid, then its exit code.
+_SERVER = r"""
+import importlib, json, os, random, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+requests, replies = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w", buffering=1)
+devnull = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1):
+    os.dup2(devnull, fd)
+for line in requests:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        requests.close()
+        replies.close()
+        err = request["stderr"]
+        os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if err else devnull, 2)
+        os.chdir(request["cwd"])
+        random.seed()
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed()
+        sys.argv = ["extractor", *request["args"]]
+        from extractor.cli.main import main
+        main()
+        sys.exit(0)
+    try:
+        os.setpgid(pid, pid)  # also here: the group exists before the pid is handed out
+    except OSError:
+        pass
+    replies.write(f"{pid}\n")
+    replies.write(f"{os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}\n")
+"""
+
+
+class Server:
+    """One server process; commands run one at a time (start the next after the last has ended)."""
+
+    def __init__(self, preload: tuple[str, ...] = RUN):
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, *preload], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
+        self.running: Forked | None = None
+
+    def popen(self, args: list[str], stderr: str | os.PathLike | None = None) -> "Forked":
+        """Start `extractor ARGS` (args without the program; a full `python -m extractor ...` list is accepted).
+        stderr: a file for its standard error (else /dev/null); its standard output goes to /dev/null."""
+        if self.running is not None and self.running.returncode is None:
+            raise RuntimeError("the warm-start server runs one command at a time; wait for the last one first")
+        args = [str(a) for a in args]
+        if args[1:3] == ["-m", "extractor"]:
+            args = args[3:]
+        request = {"args": args, "cwd": os.getcwd(), "stderr": str(stderr) if stderr else None}
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        self.running = Forked(self, int(self.line()))
+        return self.running
+
+    def line(self, timeout: float | None = None) -> str | None:
+        """The server's next reply; None when none came within `timeout` seconds."""
+        if timeout is not None and not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return None
+        text = self.proc.stdout.readline()  # unbuffered: reads no further than the line
+        if not text:
+            raise RuntimeError(f"the warm-start server ended (exit {self.proc.wait()})")
+        return text.decode()
+
+    def close(self) -> None:
+        """End the server; a command still running (a test that failed half-way) is killed with its group."""
+        if self.running is not None and self.running.poll() is None:
+            try:
+                os.killpg(self.running.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.running.wait()
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Forked:
+    """A started command, as subprocess.Popen shows one: pid (also its process group), poll(), wait()."""
+
+    def __init__(self, server: Server, pid: int):
+        self.server, self.pid, self.returncode = server, pid, None
+
+    def poll(self) -> int | None:
+        return self.wait(timeout=0) if self.returncode is None else self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self.returncode is None:
+            line = self.server.line(timeout)
+            if line is None:
+                if timeout == 0:
+                    return None
+                raise subprocess.TimeoutExpired("extractor", timeout)
+            self.returncode = int(line)
+        return self.returncode
