@@ -9,7 +9,8 @@ server only imports, it never computes, so no thread pool has started when it fo
 its server and siblings: the import-time state (a fresh process would import the same), and the hash seed.
 
     with Server() as server:
-        proc = server.popen(["run", "corpus.jsonl", ...], stderr="err.txt")   # proc: poll(), wait(), pid
+        proc = server.popen(["run", "corpus.jsonl", ...], stderr="err.txt")   # proc: pid, poll(), wait(), kill()
+        code, stderr = server.run(["run", "corpus.jsonl", ...], timeout=300)
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 # What an hf run of the tiny (Qwen2) model imports; a command imports anything missing itself.
 RUN = ("extractor.cli.main", "extractor.cli.run_cmd", "extractor.cli.config_file", "extractor.backends.hf",
@@ -86,6 +89,19 @@ class Server:
         self.running = Forked(self, int(self.line()))
         return self.running
 
+    def run(self, args: list[str], timeout: float | None = None) -> tuple[int, str]:
+        """Run `extractor ARGS` to its end: (exit code, standard error). Past `timeout` seconds its process group
+        is killed and subprocess.TimeoutExpired raised."""
+        with tempfile.TemporaryDirectory() as tmp:
+            err = Path(tmp) / "stderr.txt"
+            proc = self.popen(args, stderr=err)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+            return proc.returncode, err.read_text(encoding="utf-8", errors="replace")
+
     def line(self, timeout: float | None = None) -> str | None:
         """The server's next reply; None when none came within `timeout` seconds."""
         if timeout is not None and not select.select([self.proc.stdout], [], [], timeout)[0]:
@@ -98,11 +114,7 @@ class Server:
     def close(self) -> None:
         """End the server; a command still running (a test that failed half-way) is killed with its group."""
         if self.running is not None and self.running.poll() is None:
-            try:
-                os.killpg(self.running.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.running.wait()
+            self.running.kill()
         self.proc.stdin.close()
         try:
             self.proc.wait(timeout=30)
@@ -122,6 +134,15 @@ class Forked:
 
     def __init__(self, server: Server, pid: int):
         self.server, self.pid, self.returncode = server, pid, None
+
+    def kill(self) -> int:
+        """SIGKILL its process group (it and what it started) unless it has ended; its exit code."""
+        if self.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended (and was reaped) a moment ago
+                pass
+        return self.wait()
 
     def poll(self) -> int | None:
         return self.wait(timeout=0) if self.returncode is None else self.returncode

@@ -48,52 +48,44 @@ def grows(path: Path):
     return lambda: _size(path) > start
 
 
-def _start(cmd: list[str], server: prestart.Server | None, stderr=None):
-    """cmd in a process group of its own: forked by `server` (warm) or a fresh process. stderr: a file path."""
-    if server is not None:
-        return server.popen(cmd, stderr=stderr)
-    err = open(stderr, "w") if stderr else subprocess.DEVNULL
-    try:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-    finally:
-        if stderr:
-            err.close()
-
-
 def _kill_at_random(cmd: list[str], ready, rng: random.Random, max_delay: float, timeout: float = 120,
                     server: prestart.Server | None = None) -> bool:
     """Start cmd, wait until ready() (work has begun), SIGKILL the whole process group after a random delay.
     Returns True when the kill landed before the process finished by itself."""
-    proc = _start(cmd, server)
+    if server is not None:
+        proc = server.popen(cmd)
+    else:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.01)
     time.sleep(rng.uniform(0, max_delay))
-    if proc.poll() is None:
-        _kill_group(proc.pid)
-    return proc.wait() == -signal.SIGKILL
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:  # it ended by itself (and was reaped) a moment ago
-        pass
+    killed = proc.poll() is None
+    if killed and server is not None:
+        return proc.kill() == -signal.SIGKILL  # not when it ended by itself in between
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
 
 
 def _run_to_end(cmd: list[str], timeout: float = 400, server: prestart.Server | None = None) -> tuple[int, str]:
-    """Run cmd in a process group of its own; past `timeout` the whole group (workers included) is killed, so
-    a hang fails here instead of leaving processes that slow everything after it. Returns (exit code, stderr)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        err = Path(tmp) / "stderr.txt"
-        proc = _start(cmd, server, stderr=err)
+    """Run cmd in a process group of its own (forked by `server` where given); past `timeout` the whole group
+    (workers included) is killed, so a hang fails here instead of leaving processes that slow everything after
+    it. Returns (exit code, stderr)."""
+    if server is not None:
         try:
-            proc.wait(timeout=timeout)
+            return server.run(cmd, timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            proc.wait()
             raise RuntimeError(f"{' '.join(cmd[2:5])}... did not finish in {timeout:.0f} s") from None
-        return proc.returncode, err.read_text(encoding="utf-8", errors="replace")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"{' '.join(cmd[2:5])}... did not finish in {timeout:.0f} s") from None
+    return proc.returncode, err
 
 
 def _check_ran(result: tuple[int, str]) -> None:

@@ -45,19 +45,17 @@ def read_jsonl(path: Path) -> list[dict]:
 # that no worker is left with one of them at the end while the other idles; seconds from a serial run on the
 # 2-core machine. A name missing here (renamed, new) only loses its place at the front.
 SLOW_FIRST = {
-    "test_reliability.py::test_run_survives_20_kills": 145, "test_reliability.py::test_shard_merge_survives_kills": 51,
-    "test_reliability.py::test_train_resume_after_kills_matches_uninterrupted": 40,
-    "test_ray_cluster.py": 55, "test_ray.py": 27, "test_run.py::test_sigkill_then_resume_is_exactly_once": 29,
-    "test_multi_adapter_run.py::test_sigkill_then_resume_every_output_exactly_once": 28,
+    "test_ray_cluster.py": 55, "test_ray.py": 27,
+    "test_reliability.py::test_run_survives_20_kills": 46, "test_reliability.py::test_shard_merge_survives_kills": 32,
+    "test_reliability.py::test_train_resume_after_kills_matches_uninterrupted": 11,
+    "test_multi_adapter_run.py::test_sigkill_then_resume_every_output_exactly_once": 10,
+    "test_multi_adapter_run.py::test_ctrl_c_stops_every_output_and_resume_finishes_them": 9,
     "test_lora_mixed.py::test_mixed_lora_compiled_compiles_once_for_every_layer": 25,
     "test_attack_models.py::test_50mb_record_is_found_long_in_bounded_time_and_memory": 21,
-    "test_chunking.py::test_sigkill_chunked_run_then_resume_is_exactly_once": 18,
     "test_startup.py::test_regional_compile_compiles_one_layer_for_all": 18,
     "test_compare_calibration.py::test_equal_runs_fail_the_gate_at_alpha_over_all_jd_fields": 17,
-    "test_multi_adapter_run.py::test_ctrl_c_stops_every_output_and_resume_finishes_them": 16,
     "test_shards.py::test_merge_interrupted_before_its_manifest_finishes_on_resume": 16,
     "test_fuzz_outputs.py::test_any_output_is_written_read_back_and_counted": 12,
-    "test_train.py::test_sigkill_then_resume_continues_at_saved_step": 12,
 }
 # Tests that must not run beside each other: one Ray at a time (a two-node cluster and a local instance would
 # share the cores and, through ray's default address file, possibly each other).
@@ -157,6 +155,17 @@ def synth_corpus(tmp_path, n=24, seed=0, lang="zh"):
     corpus, gold = tmp_path / f"corpus{seed}.jsonl", tmp_path / f"gold{seed}.jsonl"
     write_corpus(corpus, gold, n, seed=seed, lang=lang)
     return corpus, gold
+
+
+@pytest.fixture(scope="session")
+def warm():
+    """A warm-start server (bench/prestart.py) for the tests that start many `extractor` commands, the kill tests:
+    each command is forked after the imports, a process of its own in a group of its own; one at a time."""
+    import sys
+    sys.path.insert(0, str(REPO / "bench"))
+    import prestart
+    with prestart.Server(prestart.TRAIN) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Test helpers (tests/gpu and bench/bench_constrained_cpu.py use them too): constrained decoding without a
-model, and the greedy reference a decoder is held to."""
+model, the greedy reference a decoder is held to, and a kill once a run's output grows."""
 from __future__ import annotations
 
 import random
@@ -119,12 +119,17 @@ class HtmlTags:
         _Parser().feed(text)
 
 
-def kill_when_output_grows(cmd, out, rng, env, settle: float) -> int:
-    """Start `cmd`, SIGKILL it at a random moment (up to `settle` s) once `out` has grown; its return code."""
+def kill_when_output_grows(cmd, out, rng, env, settle: float, warm=None) -> int:
+    """Start `cmd`, SIGKILL it at a random moment (up to `settle` s) once `out` has grown; its return code.
+    warm: a warm-start server (conftest's `warm`) to fork the `extractor` command from, in the server's
+    environment (env unused)."""
     import os
     import signal
     import subprocess
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    if warm is not None:
+        proc = warm.popen(cmd)
+    else:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 60
     start_size = out.stat().st_size if out.exists() else 0
     while time.time() < deadline and proc.poll() is None:
@@ -132,6 +137,8 @@ def kill_when_output_grows(cmd, out, rng, env, settle: float) -> int:
             time.sleep(rng.uniform(0.0, settle))
             break
         time.sleep(0.02)
+    if warm is not None:
+        return proc.kill()
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

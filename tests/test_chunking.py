@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -355,10 +354,10 @@ def test_fast_path_chunks_are_the_chunk_texts_own_prompts(tmp_path, tiny_model, 
 
 
 @pytest.mark.timeout(300)
-def test_sigkill_chunked_run_then_resume_is_exactly_once(tmp_path, tiny_model, run_cli):
+def test_sigkill_chunked_run_then_resume_is_exactly_once(tmp_path, tiny_model, run_cli, warm):
     """Chunks of a record are decoded in different steps (batch size 2, three or more chunks a record), so
     kills land between a record's chunks; every record ends up written once, with the rows an
-    uninterrupted run writes."""
+    uninterrupted run writes. The killed runs are real processes (warm starts: forked after the imports)."""
     records, _ = _long_records(10, (16, 22), seed=3)
     corpus = write_jsonl(tmp_path / "c.jsonl", records)
 
@@ -371,10 +370,10 @@ def test_sigkill_chunked_run_then_resume_is_exactly_once(tmp_path, tiny_model, r
     assert run_cli(*cmd(ref)[len(EXTRACTOR):]).exit_code == 0  # the uninterrupted run, in process
     out = tmp_path / "killed.jsonl"
     rng = random.Random(5)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    kills = sum(kill_when_output_grows(cmd(out, "--resume"), out, rng, env, settle=0.4) == -signal.SIGKILL
+    kills = sum(kill_when_output_grows(cmd(out, "--resume"), out, rng, None, settle=0.4, warm=warm) == -signal.SIGKILL
                 for _ in range(3))
-    subprocess.run(cmd(out, "--resume"), check=True, capture_output=True)
+    code, err = warm.run(cmd(out, "--resume"))
+    assert code == 0, err
     assert kills >= 2
     got = read_jsonl(out)
     ids = [r["id"] for r in got]

@@ -6,9 +6,9 @@ lose nothing; a backend that takes one adapter per stream still runs them one af
 Requests are counted by a plugin backend: the real hf backend, declared through the entry-point seam as a
 package would, that notes the adapter of every request each generate_stream call is handed."""
 import json
+import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -206,19 +206,21 @@ def _fed(paths):
     return lambda: any(test() for test in tests)
 
 
-def test_sigkill_then_resume_every_output_exactly_once(tmp_path, tiny_model, loras):  # noqa: F811
+def test_sigkill_then_resume_every_output_exactly_once(tmp_path, tiny_model, loras, warm):  # noqa: F811
+    """Real processes (warm starts: forked after the imports, each its own process), SIGKILLed mid-output."""
     corpus, _ = synth_corpus(tmp_path, n=90, seed=4)
     ref, out = tmp_path / "ref.jsonl", tmp_path / "killed.jsonl"
-    reliability._check_ran(reliability._run_to_end(_cli(corpus, tiny_model, ref, loras[:2])))
+    reliability._check_ran(reliability._run_to_end(_cli(corpus, tiny_model, ref, loras[:2]), server=warm))
     rng, landed = random.Random(0), 0
     for _ in range(5):
         if landed == 3:
             break
         outputs = [_output(out, a) for a in loras[:2]]
         landed += reliability._kill_at_random(_cli(corpus, tiny_model, out, loras[:2], "--resume"), _fed(outputs),
-                                              rng, max_delay=0.5)
+                                              rng, max_delay=0.5, server=warm)
     assert landed >= 2, "the kills did not land before the runs finished"
-    reliability._check_ran(reliability._run_to_end(_cli(corpus, tiny_model, out, loras[:2], "--resume")))
+    reliability._check_ran(reliability._run_to_end(_cli(corpus, tiny_model, out, loras[:2], "--resume"),
+                                                   server=warm))
     for adapter in loras[:2]:
         got, want = _output(out, adapter), _output(ref, adapter)
         ids = [r["id"] for r in read_jsonl(got)]
@@ -226,22 +228,23 @@ def test_sigkill_then_resume_every_output_exactly_once(tmp_path, tiny_model, lor
         assert got.read_bytes() == want.read_bytes(), adapter.name
 
 
-def test_ctrl_c_stops_every_output_and_resume_finishes_them(tmp_path, tiny_model, loras):  # noqa: F811
+def test_ctrl_c_stops_every_output_and_resume_finishes_them(tmp_path, tiny_model, loras, warm):  # noqa: F811
     corpus, _ = synth_corpus(tmp_path, n=200, seed=5)
     out = tmp_path / "p.jsonl"
     outputs = [_output(out, a) for a in loras[:2]]
     fed = _fed(outputs)
-    proc = subprocess.Popen(_cli(corpus, tiny_model, out, loras[:2], quiet=False), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stderr = tmp_path / "stderr.txt"
+    proc = warm.popen(_cli(corpus, tiny_model, out, loras[:2], quiet=False), stderr=stderr)  # forked, its own process
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and not fed():
             time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
         if proc.poll() is None:
-            proc.kill()
+            os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = stderr.read_text(encoding="utf-8")
     if proc.returncode == 0:
         pytest.skip("the run finished before Ctrl-C reached it")
     assert proc.returncode == 130 and "Traceback" not in err, err
@@ -249,7 +252,8 @@ def test_ctrl_c_stops_every_output_and_resume_finishes_them(tmp_path, tiny_model
     for path in outputs:
         summary = _manifest(path)["summary"]
         assert summary["interrupted"] and summary["records"] < 200
-    reliability._check_ran(reliability._run_to_end(_cli(corpus, tiny_model, out, loras[:2], "--resume")))
+    reliability._check_ran(reliability._run_to_end(_cli(corpus, tiny_model, out, loras[:2], "--resume"),
+                                                   server=warm))
     for path in outputs:
         ids = [r["id"] for r in read_jsonl(path)]
         assert len(ids) == len(set(ids)) == 200 and _manifest(path)["summary"]["complete"]

@@ -18,7 +18,6 @@ from extractor.tasks.task import load_task
 from tests.conftest import REPO, read_jsonl, synth_corpus, write_jsonl
 
 sys.path.insert(0, str(REPO / "bench"))
-import prestart  # noqa: E402
 import reliability  # noqa: E402
 
 EXTRACTOR = [sys.executable, "-m", "extractor"]
@@ -27,15 +26,14 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 # -- kills -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def kills(tmp_path_factory, tiny_model):
+def kills(tmp_path_factory, tiny_model, warm):
     """The kill suites' folder, holding the session's tiny model where they look for theirs (the same
-    build_tiny_model defaults), a warm-start server for their commands (bench/prestart.py: each command its own
+    build_tiny_model defaults), the warm-start server for their commands (conftest's: each command its own
     process, forked after the imports) and the uninterrupted single-process run both run suites must reproduce,
     over RECORDS records (20 kills take about 400 of them on the 2-core machine)."""
     root = tmp_path_factory.mktemp("kills")
     shutil.copytree(tiny_model, root / "model")
-    with prestart.Server(prestart.TRAIN) as server:
-        yield root, server, reliability.reference(root, server, n=RECORDS)
+    return root, warm, reliability.reference(root, warm, n=RECORDS)
 
 
 RECORDS = 700

@@ -1,9 +1,6 @@
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -12,8 +9,6 @@ from extractor.backends.base import GenParams, Request
 from extractor.backends.hf import HFBackend
 from tests.conftest import make_adapter, read_jsonl, synth_corpus, write_jsonl
 from tests.helpers import kill_when_output_grows
-
-EXTRACTOR = [sys.executable, "-m", "extractor"]
 
 
 def run_args(corpus, model, out, *extra):
@@ -186,22 +181,23 @@ def test_bad_model_dirs_fail_before_work(tmp_path, tiny_model, run_cli):
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
-def test_sigkill_then_resume_is_exactly_once(tmp_path, tiny_model):
+def test_sigkill_then_resume_is_exactly_once(tmp_path, tiny_model, warm):
+    """Real processes (warm starts: forked after the imports, each its own process), SIGKILLed mid-output."""
     corpus, _ = synth_corpus(tmp_path, n=60, seed=4)
     ref = tmp_path / "ref.jsonl"
     args = ["--window", "4", "--batch-size", "4"]
-    subprocess.run(EXTRACTOR + run_args(corpus, tiny_model, ref, *args), check=True, capture_output=True)
+    assert warm.run(run_args(corpus, tiny_model, ref, *args))[0] == 0
     out = tmp_path / "killed.jsonl"
     rng = random.Random(7)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     kills = 0
     for _ in range(4):
-        code = kill_when_output_grows(EXTRACTOR + run_args(corpus, tiny_model, out, "--resume", *args), out, rng, env,
-                                      settle=0.6)
+        code = kill_when_output_grows(run_args(corpus, tiny_model, out, "--resume", *args), out, rng, None,
+                                      settle=0.6, warm=warm)
         kills += code == -signal.SIGKILL
         if out.exists() and out.read_bytes() and not out.read_bytes().endswith(b"\n"):
             pass  # a half-written line: the next resume must drop it
-    subprocess.run(EXTRACTOR + run_args(corpus, tiny_model, out, "--resume", *args), check=True, capture_output=True)
+    code, err = warm.run(run_args(corpus, tiny_model, out, "--resume", *args))
+    assert code == 0, err
     assert kills >= 2
     got = read_jsonl(out)
     ids = [r["id"] for r in got]

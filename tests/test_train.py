@@ -1,6 +1,4 @@
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -78,22 +76,22 @@ def test_seed_format_training(tmp_path, tiny_model, run_cli):
     assert "micro_f1" in read_jsonl(out / "metrics.jsonl")[-1]
 
 
-def test_sigkill_then_resume_continues_at_saved_step(tmp_path, tiny_model, data):
+def test_sigkill_then_resume_continues_at_saved_step(tmp_path, tiny_model, data, warm):
+    """A real training process (a warm start: forked after the imports) SIGKILLed after checkpoint 20."""
     out = tmp_path / "full"
-    args = EXTRACTOR + train_args(tiny_model, data, out, "--method", "full", "--max-steps", "60", "--save-steps", "10")
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = train_args(tiny_model, data, out, "--method", "full", "--max-steps", "60", "--save-steps", "10")
+    proc = warm.popen(args)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint-20" / "trainer_state.pt").exists():
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.kill()
     saved = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.pt").exists())
     assert 20 <= saved < 60
-    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from checkpoint-{saved} (step {saved})" in resumed.stderr
+    code, err = warm.run(args + ["--resume"], timeout=300)
+    assert code == 0, err[-2000:]
+    assert f"resumed from checkpoint-{saved} (step {saved})" in err
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]
-    assert steps[-1] == 60 and f"step {saved + 5}/60" in resumed.stderr
+    assert steps[-1] == 60 and f"step {saved + 5}/60" in err
     assert json.loads((out / "summary.json").read_text())["steps"] == 60
 
 
