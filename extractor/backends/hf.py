@@ -50,9 +50,13 @@ class HFBackend(TokenizerBackend):
         self.quantize = quantize  # none, fp8 (fp8-emulated from Python): backends/quant/fp8.py
         from extractor.backends.startup import Startup
         self.startup = Startup(say=not quiet and sys.stderr.isatty())  # in logs the manifest has the times
-        with self.startup.phase("importing torch and transformers"):
+        if "transformers" in sys.modules:  # the command's checks imported it: in began_at_process_s, not a phase
             import torch
             from transformers.utils import logging as hf_logging
+        else:
+            with self.startup.phase("importing torch and transformers"):
+                import torch
+                from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         self.torch = torch
         self.model_path = Path(model)
