@@ -18,7 +18,6 @@ try:  # Triton comes with CUDA builds of torch; absent (or unusable) elsewhere
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
-E4M3_MAX = 448.0
 _PROVEN: dict = {}  # (device, dtype) -> whether the kernel equals the torch ops there
 
 if triton is not None:
