@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from extractor.errors import ModelError
+from extractor.plugins import backend_class
 
 # ORG/NAME as the hub allows them, then an optional @revision (a branch, tag or commit hash).
 HUB_ID = re.compile(r"^(?P<org>[A-Za-z0-9][\w.-]*)/(?P<name>[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
@@ -93,7 +94,7 @@ class RunSources:
 
     @classmethod
     def resolve(cls, model: str, adapters, backend: str) -> "RunSources":
-        if backend in ("echo", "openai"):  # a gold file (echo); served model and adapter names (openai)
+        if backend_class(backend).model_source != "folder":  # a gold file (echo); served names (openai)
             return cls(model, tuple(adapters), {}, None)
         path, source = resolve(model)
         hub: dict = {"model": source.as_dict()} if source else {}

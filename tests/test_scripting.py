@@ -134,10 +134,11 @@ def test_completion_script_is_documented_and_emitted(run_cli):
 
 # -- checks before loading, --limit, truncation ---------------------------------------------------------------
 
-def _backend_loaded_probe(*args, module="extractor.backends.hf", says="BACKEND"):
+def _backend_loaded_probe(*args, module="transformers.modeling_utils", says="BACKEND"):
     """Run the CLI in a subprocess that says at exit (`says True|False`) whether `module` was ever imported
-    (the hf backend: what loads weights; torch, for train): a check that fails before it did not wait for the
-    model."""
+    (transformers' modeling code: what loading weights imports, and reading a tokenizer does not; torch, for
+    train): a check that fails before it did not wait for the model. (Not the hf backend's module: the run's
+    checks ask its class what it can do, which imports no torch.)"""
     code = (f"import atexit, sys; atexit.register(lambda: print({says!r}, {module!r} in sys.modules, "
             "file=sys.stderr)); sys.argv = ['extractor', *sys.argv[1:]]; "
             "from extractor.cli.main import main; main()")

@@ -191,6 +191,11 @@ class Backend:
     tokenizer = None  # a transformers tokenizer when the backend has one (chat template, token counts)
     supports_constrained = False
     mixes_adapters = False  # generate_stream may receive requests naming different adapters
+    # What --model names: "folder" (a local model folder with its tokenizer, read before any weights load),
+    # "gold file" (echo: the outputs themselves) or "server" (openai: a served model's name; nothing to start).
+    model_source = "folder"
+    swaps_checkpoints = False  # --model repeated: full checkpoints loaded into one backend in turn (hf)
+    quantizes = False  # --quantize: converts the model's layers at load (hf)
 
     def decodes_together(self, adapters: list[str], params: GenParams) -> bool:
         """Whether these adapters' requests, interleaved in one stream, decode together (so one pass over the

@@ -20,6 +20,7 @@ class EchoBackend(Backend):
     name = "echo"
     supports_constrained = True  # its outputs are gold, which already match the schema
     mixes_adapters = True  # it ignores adapters (its outputs are gold): any mix in one stream
+    model_source = "gold file"
 
     def __init__(self, model: str, **_):
         from extractor.store.writers import iter_rows

@@ -40,6 +40,8 @@ class HFBackend(TokenizerBackend):
     name = "hf"
     supports_constrained = True
     mixes_adapters = True  # requests naming different adapters (or None: base) may share one call or stream
+    swaps_checkpoints = True  # use_checkpoint: weights loaded in place, decoder and compiled code kept
+    quantizes = True  # --quantize fp8 (backends/quant/fp8.py)
     PEEK = 256  # requests looked at ahead: which adapters come next, the shared prefix and the cache length
 
     def __init__(self, model: str, adapters=(), dtype: str = "auto", device: str = "auto",

@@ -72,6 +72,7 @@ class OpenAIBackend(Backend):
     tokenizer = MessagesTemplate()
     supports_constrained = True  # the server's JSON-schema response_format
     mixes_adapters = True  # each request names its own model (a LoRA adapter is a served model name)
+    model_source = "server"
 
     def __init__(self, model: str, adapters=(), base_url: str | None = None, concurrency: int = 16,
                  timeout: float = 600.0, retries: int = 5, **_):

@@ -54,7 +54,7 @@ def tokenizer_renderer(cfg, task, sources) -> Renderer:
     from extractor.cli.run_outputs import adapter_lane
     from extractor.pipeline import preflight
     from extractor.plugins import backend_class
-    if cfg.backend in ("hf", "vllm"):
+    if backend_class(cfg.backend).model_source == "folder":
         view = preflight.TokenizerView(sources.model, sources.adapters, cfg.trust_remote_code, cfg.backend)
         name = view.adapters()[0]
     else:

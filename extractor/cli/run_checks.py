@@ -9,6 +9,7 @@ from extractor.errors import InputError
 from extractor.hub import RunSources
 from extractor.pipeline import RESERVED, RunOptions
 from extractor.pipeline.config import RunConfig
+from extractor.plugins import backend_class
 from extractor.pipeline.row_judge import INPUT_TRUNCATED
 from extractor.store.corpus_path import check_corpus, is_stdin, is_stream
 from extractor.store.writers import is_stdout
@@ -40,7 +41,7 @@ def check_checkpoints(cfg: RunConfig) -> None:
     """Several --model: full checkpoints swapped into one hf backend, on their own (no adapters, one process)."""
     if len(cfg.models) < 2:
         return
-    if cfg.backend != "hf":
+    if not backend_class(cfg.backend).swaps_checkpoints:
         raise InputError(f"--model given {len(cfg.models)} times: only --backend hf scores several checkpoints in "
                          "one process; run one command per checkpoint")
     for flag, used in (("--adapter", cfg.adapters), ("--gpus", cfg.gpus), ("--ray", cfg.ray_address)):
@@ -51,7 +52,7 @@ def check_checkpoints(cfg: RunConfig) -> None:
 
 def check_ray_backend(cfg: RunConfig) -> None:
     """--ray starts a backend on each worker: one with a model to start."""
-    if cfg.ray_address and cfg.backend == "openai":
+    if cfg.ray_address and backend_class(cfg.backend).model_source == "server":
         raise InputError("--ray starts a model on each Ray worker, and --backend openai has none to start (the server "
                          "decodes); run without --ray and raise --openai-concurrency instead")
 

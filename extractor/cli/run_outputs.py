@@ -9,6 +9,7 @@ from extractor.errors import InputError
 from extractor.hub import RunSources
 from extractor.pipeline import Lane, RunOptions, run_key
 from extractor.pipeline.config import RunConfig
+from extractor.plugins import backend_class
 from extractor.store import locations
 from extractor.store.clashes import FileSet, refuse_overlaps, rejects_written, task_files, written_beside
 from extractor.store.corpus_path import is_stdin
@@ -75,7 +76,7 @@ def refuse_overwriting_inputs(cfg: RunConfig, sources: RunSources, corpus, outs:
     if not is_stdin(corpus):
         inputs.add(f"the corpus ({corpus})", corpus)
     model = Path(sources.model)
-    if cfg.backend == "echo":
+    if backend_class(cfg.backend).model_source == "gold file":
         inputs.add(f"the echo backend's --model file ({sources.model})", model)
     elif model.is_dir():
         inputs.add_folder(f"a file of the --model folder {sources.model}", model)

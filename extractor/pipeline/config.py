@@ -9,6 +9,7 @@ from extractor.backends.base import GenParams
 from extractor.errors import InputError
 from extractor.pipeline.chunks import DEFAULT_OVERLAP, ChunkSettings
 from extractor.pipeline.options import RunOptions
+from extractor.plugins import backend_class
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class RunConfig:
 
     def backend_kwargs(self, model: str, adapters: tuple[str, ...]) -> dict:
         """What the backend class is built with (model and adapters as local folders)."""
-        if self.quantize != "none" and self.backend != "hf":
+        if self.quantize != "none" and not backend_class(self.backend).quantizes:
             raise InputError(f"--quantize {self.quantize} is an hf backend option; --backend {self.backend} takes a "
                              "quantized checkpoint as it is (vllm: its quantization_config)")
         return dict(model=model, adapters=adapters, dtype=self.dtype, device=self.device,
