@@ -69,7 +69,7 @@ def test_fast_path_with_fp8_agrees_with_its_emulation_on_most_tokens():
 def test_triton_activation_quantization_is_bit_equal_to_the_torch_ops(dtype):
     from extractor.backends.quant import fp8_kernels
     from extractor.backends.quant.fp8 import quantize_rows
-    assert fp8_kernels.works_on(torch.device("cuda"), dtype), "the kernel's own check failed on this GPU"
+    assert fp8_kernels.works_on(torch.device("cuda"), dtype, quantize_rows), "the kernel's own check failed here"
     torch.manual_seed(0)
     for rows, cols in ((4096, 18944), (300, 3584), (1, 1536)):
         x = (torch.randn(rows, cols, device="cuda") * torch.rand(rows, 1, device="cuda") * 50).to(dtype)

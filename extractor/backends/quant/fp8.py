@@ -158,4 +158,4 @@ def _activation_kernel(model, emulate: bool) -> str:
     weight = model.get_input_embeddings().weight
     if emulate or weight.device.type != "cuda":
         return "torch"
-    return "triton" if fp8_kernels.works_on(weight.device, weight.dtype) else "torch"
+    return "triton" if fp8_kernels.works_on(weight.device, weight.dtype, quantize_rows) else "torch"
