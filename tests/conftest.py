@@ -54,7 +54,7 @@ SLOW_FIRST = {
     "test_attack_models.py::test_50mb_record_is_found_long_in_bounded_time_and_memory": 21,
     "test_startup.py::test_regional_compile_compiles_one_layer_for_all": 18,
     "test_compare_calibration.py::test_equal_runs_fail_the_gate_at_alpha_over_all_jd_fields": 17,
-    "test_shards.py::test_merge_interrupted_before_its_manifest_finishes_on_resume": 16,
+    "test_shards.py::test_merge_interrupted_before_its_manifest_finishes_on_resume": 12,
     "test_fuzz_outputs.py::test_any_output_is_written_read_back_and_counted": 12,
 }
 # Tests that must not run beside each other: one Ray at a time (a two-node cluster and a local instance would

@@ -102,16 +102,15 @@ def test_dead_worker_is_reported_and_resumable(tmp_path, tiny_model, run_cli):
     assert [r["raw"] for r in got] == [r["raw"] for r in want]
 
 
-def test_merge_interrupted_before_its_manifest_finishes_on_resume(tmp_path, tiny_model):
+def test_merge_interrupted_before_its_manifest_finishes_on_resume(tmp_path, tiny_model, warm):
     """A kill after the merged file replaced the output but before its manifest: the shards are still there,
     so --resume merges again instead of refusing the half-finished output."""
     corpus, _ = synth_corpus(tmp_path, n=9, seed=2)
     out = tmp_path / "m.jsonl"
-    for k in range(2):  # the two workers' own commands
+    for k in range(2):  # the two workers' own commands (warm starts: forked after the imports)
         shard = tmp_path / f"m.shard{k}of2.jsonl"
-        done = subprocess.run(EXTRACTOR + args(corpus, tiny_model, shard, "--shard", f"{k}/2", "--device", "cpu"),
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
+        code, err = warm.run(args(corpus, tiny_model, shard, "--shard", f"{k}/2", "--device", "cpu"), timeout=300)
+        assert code == 0, err[-2000:]
     out.write_text((tmp_path / "m.shard0of2.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[0])
     refused = subprocess.run(EXTRACTOR + args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu"),
                              capture_output=True, text=True, timeout=300)
