@@ -18,34 +18,24 @@ The key is read from $OPENAI_API_KEY (the CLI's --openai-api-key sets it) and is
 """
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import queue
 import random
 import socket
 import threading
-import urllib.error
-import urllib.request
 from http.client import HTTPException
-from urllib.parse import urlsplit
 
 from extractor.backends.base import LENGTH, STOP, Backend, GenParams, Generation, Request
-from extractor.errors import ExtractorError, ModelError
+from extractor.backends.openai_http import (Http, Refused, ServerError, Stopped, Workers, error_message, read_json,
+                                            retry_after)
+from extractor.errors import ModelError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"  # what OpenAI's own clients use when OPENAI_BASE_URL is unset
 # Starts a prompt that holds chat messages as JSON: readable in --print-prompt, and never the start of a raw
 # prompt (those start with "Instruction: ").
 MESSAGES_MARK = "messages for /v1/chat/completions:\n"
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
-# A connection the server closed while it sat idle between two requests fails the next one like this: that
-# request is sent once more on a fresh connection at once (it never reached the server), not counted a retry.
-STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 30.0
-
-
-class ServerError(ExtractorError):
-    """The server cannot be used for this run (unreachable after retries, key or model refused)."""
 
 
 class MessagesTemplate:
@@ -87,7 +77,7 @@ class OpenAIBackend(Backend):
         self.adapter: str | None = None
         self.stats = {"max_in_flight": 0, "retries": 0}
         self._stop = threading.Event()
-        self.http = _Http(self.base_url, timeout)
+        self.http = Http(self.base_url, timeout)
         # The budget's name at /chat/completions: max_tokens, until a model refuses it (see budget_refused).
         self.chat_budget = "max_tokens"
         try:
@@ -122,7 +112,7 @@ class OpenAIBackend(Backend):
         try:  # one retry only: a server that is not up yet is reported now, not after a minute of backoff
             listing = self._call("GET", "/models", None, retries=min(1, self.retries),
                                  then="is the server running at that address? (--openai-base-url)")
-        except _Refused as exc:
+        except Refused as exc:
             if exc.status in (404, 405, 501):
                 return
             raise ServerError(exc.describe(self.base_url)) from None
@@ -160,18 +150,18 @@ class OpenAIBackend(Backend):
         try:
             try:
                 reply = self._call("POST", path, body)
-            except _Refused as exc:
+            except Refused as exc:
                 if not self.budget_refused(exc, body):
                     raise
                 path, body = self.body(request, params, schema)
                 reply = self._call("POST", path, body)
-        except _Refused as exc:
+        except Refused as exc:
             if exc.status in (400, 413, 422):
                 return Generation("", 0, 0, STOP, error=f"the server refused the request: {exc.message}")
             raise ServerError(exc.describe(self.base_url)) from None
         return parse_reply(reply, path, self.base_url)
 
-    def budget_refused(self, exc: "_Refused", body: dict) -> bool:
+    def budget_refused(self, exc: "Refused", body: dict) -> bool:
         """Whether the server refused `max_tokens` and asked for `max_completion_tokens` (OpenAI's reasoning
         models: "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens' instead."); if so, chat
         requests name the budget that way from now on. Sending the newer name first would be unsafe: a server
@@ -185,7 +175,7 @@ class OpenAIBackend(Backend):
     def _call(self, method: str, path: str, body: dict | None, retries: int | None = None,
               then: str = "everything written is kept — check the server and rerun with --resume"):
         """One HTTP exchange, retried with exponential backoff (and the server's Retry-After) on 429, 5xx,
-        timeouts and dropped connections; the parsed JSON answer. Raises _Refused (a status not worth
+        timeouts and dropped connections; the parsed JSON answer. Raises Refused (a status not worth
         retrying) or ServerError (still failing after the retries)."""
         data = json.dumps(body, ensure_ascii=False).encode("utf-8") if body is not None else None
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -194,18 +184,18 @@ class OpenAIBackend(Backend):
         last, retries = "", self.retries if retries is None else retries
         for attempt in range(retries + 1):
             if self._stop.is_set():
-                raise _Stopped()
+                raise Stopped()
             wait = None
             try:
                 status, reason, reply_headers, raw = self.http.exchange(method, path, data, headers)
                 if status < 300:
-                    return _json(raw, self.base_url + path)
-                message = _error_message(raw, reason)
+                    return read_json(raw, self.base_url + path)
+                message = error_message(raw, reason)
                 if 300 <= status < 400:
-                    raise _Refused(status, f"redirected to {reply_headers.get('Location')}", path)
+                    raise Refused(status, f"redirected to {reply_headers.get('Location')}", path)
                 if status not in RETRY_STATUS and status < 500:
-                    raise _Refused(status, message, path)
-                last, wait = f"HTTP {status} ({message})", _retry_after(reply_headers)
+                    raise Refused(status, message, path)
+                last, wait = f"HTTP {status} ({message})", retry_after(reply_headers)
             except (HTTPException, OSError) as exc:  # urllib's URLError is an OSError
                 reason = getattr(exc, "reason", exc)
                 last = "timed out" if isinstance(reason, (socket.timeout, TimeoutError)) else \
@@ -214,7 +204,7 @@ class OpenAIBackend(Backend):
                 self.stats["retries"] += 1
                 delay = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** attempt) * (0.75 + random.random() / 2)
                 if self._stop.wait(max(delay, wait or 0)):
-                    raise _Stopped()
+                    raise Stopped()
         raise ServerError(f"{self.base_url}{path}: {last}, still after {retries} retries; {then}")
 
     # -- the contract ---------------------------------------------------------------------------------
@@ -231,7 +221,7 @@ class OpenAIBackend(Backend):
         answers: those are redone by --resume). A fatal error stops the other threads' retries and is
         raised here."""
         self._stop.clear()
-        workers = _Workers(self.concurrency, lambda r: self.answer(r, params, schema), on_exit=self.http.close)
+        workers = Workers(self.concurrency, lambda r: self.answer(r, params, schema), on_exit=self.http.close)
         requests = iter(requests)
         in_flight, exhausted = 0, False
         try:
@@ -270,169 +260,3 @@ def parse_reply(reply, path: str, base_url: str) -> Generation:
                           "check --openai-base-url (it usually ends in /v1)") from None
     finish = LENGTH if choice.get("finish_reason") == "length" else STOP
     return Generation(text if isinstance(text, str) else "", prompt_tokens, output_tokens, finish)
-
-
-class _Refused(Exception):
-    """An HTTP status that retrying does not change (4xx other than 408, 409, 429)."""
-
-    def __init__(self, status: int, message: str, path: str):
-        super().__init__(message)
-        self.status, self.message, self.path = status, message, path
-
-    def describe(self, base_url: str) -> str:
-        hint = {401: "check OPENAI_API_KEY or --openai-api-key", 403: "check OPENAI_API_KEY or --openai-api-key",
-                404: "check --openai-base-url (usually ending in /v1) and --model"}.get(
-                    self.status, "check --openai-base-url, --model and the server's log")
-        if 300 <= self.status < 400:
-            hint = "give the address it names as --openai-base-url"
-        return f"{base_url}{self.path}: HTTP {self.status} ({self.message}); {hint}"
-
-
-class _Stopped(Exception):
-    """This thread's request was abandoned: the stream ended (an error elsewhere, or the consumer stopped)."""
-
-
-def _json(raw: bytes, where: str):
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise ServerError(f"{where}: the answer is not JSON ({raw[:80]!r}); check --openai-base-url (it usually "
-                          "ends in /v1)") from None
-
-
-def _error_message(raw: bytes, reason: str) -> str:
-    """The server's own words: an OpenAI-style {"error": {"message": ...}}, else the body's first line, else
-    the status line's reason."""
-    text = raw[:4096].decode("utf-8", "replace")
-    try:
-        err = json.loads(text)
-    except ValueError:
-        err = None
-    if isinstance(err, dict):
-        inner = err.get("error", err)
-        text = str(inner.get("message") or inner.get("detail") or "") if isinstance(inner, dict) else str(inner)
-    lines = text.strip().splitlines()
-    return lines[0][:300] if lines else str(reason)
-
-
-def _retry_after(headers) -> float | None:
-    try:
-        return min(60.0, max(0.0, float(headers.get("Retry-After", ""))))
-    except (TypeError, ValueError, AttributeError):
-        return None
-
-
-class _Http:
-    """HTTP exchanges with the server, each thread over its own kept-alive HTTP/1.1 connection (opened on the
-    thread's first request, reopened after any failure). Where $http_proxy/$https_proxy applies to the address
-    (and $no_proxy does not exempt it), urllib sends each request through the proxy as before."""
-
-    def __init__(self, base_url: str, timeout: float):
-        parts = urlsplit(base_url)
-        self.base_url, self.timeout = base_url, timeout
-        self.https, self.host, self.port = parts.scheme == "https", parts.hostname or "", parts.port
-        self.root = parts.path.rstrip("/")
-        self.proxied = bool(urllib.request.getproxies().get(parts.scheme)) and \
-            not urllib.request.proxy_bypass(self.host)
-        self.local = threading.local()
-        self.opened = 0  # connections opened, all threads
-        self._count = threading.Lock()
-
-    def exchange(self, method: str, path: str, data: bytes | None, headers: dict):
-        """(status, reason, headers, body) of one request; raises OSError or HTTPException when no answer came."""
-        if self.proxied:
-            return self._via_urllib(method, path, data, headers)
-        conn = getattr(self.local, "conn", None)
-        if conn is not None:
-            try:
-                return self._send(conn, method, path, data, headers)
-            except STALE:
-                self.close()  # closed by the server while idle: once more, on a fresh connection
-        conn = self.local.conn = self._open()
-        try:
-            return self._send(conn, method, path, data, headers)
-        except BaseException:
-            self.close()
-            raise
-
-    def _open(self) -> http.client.HTTPConnection:
-        with self._count:
-            self.opened += 1
-        kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        return kind(self.host, self.port, timeout=self.timeout)
-
-    def _send(self, conn, method, path, data, headers):
-        try:
-            conn.request(method, self.root + path, body=data, headers=headers)
-            resp = conn.getresponse()
-            body = resp.read()  # all of it, so the connection can carry the next request
-        except BaseException:
-            self.close()
-            raise
-        return resp.status, resp.reason, resp.headers, body
-
-    def _via_urllib(self, method, path, data, headers):
-        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.status, resp.reason, resp.headers, resp.read()
-        except urllib.error.HTTPError as exc:
-            try:
-                raw = exc.read()
-            except (OSError, HTTPException):
-                raw = b""
-            return exc.code, str(exc.reason), exc.headers, raw
-
-    def close(self) -> None:
-        """Closes the calling thread's connection."""
-        conn = getattr(self.local, "conn", None)
-        self.local.conn = None
-        if conn is not None:
-            conn.close()
-
-
-class _Workers:
-    """`n` daemon threads answering submitted requests (daemon: a thread stuck on a dead server never holds
-    up the process's exit after a fatal error or Ctrl-C)."""
-
-    def __init__(self, n: int, fn, on_exit=lambda: None):
-        self.fn, self.n, self.on_exit = fn, n, on_exit
-        self.jobs: queue.Queue = queue.Queue()
-        self.results: queue.Queue = queue.Queue()
-        self.threads: list[threading.Thread] = []
-
-    def submit(self, request: Request) -> None:
-        if len(self.threads) < self.n:
-            thread = threading.Thread(target=self._loop, daemon=True, name=f"openai-{len(self.threads)}")
-            thread.start()
-            self.threads.append(thread)
-        self.jobs.put(request)
-
-    def _loop(self) -> None:
-        try:
-            while (request := self.jobs.get()) is not None:
-                try:
-                    result = self.fn(request)
-                except _Stopped:
-                    continue
-                except BaseException as exc:  # noqa: BLE001 - handed to the stream's thread, which raises it
-                    result = exc
-                self.results.put((request, result))
-        finally:
-            self.on_exit()
-
-    def finished(self, timeout: float) -> list[tuple[Request, object]]:
-        """The finished (request, generation or error) pairs: those there, else the first within `timeout`."""
-        try:
-            done = [self.results.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                done.append(self.results.get_nowait())
-            except queue.Empty:
-                return done
-
-    def close(self) -> None:
-        for _ in self.threads:
-            self.jobs.put(None)
