@@ -31,7 +31,7 @@ RUN = ("extractor.cli.main", "extractor.cli.run_cmd", "extractor.cli.config_file
 # ... and what `extractor train` adds.
 TRAIN = RUN + ("extractor.cli.train_cmd", "extractor.training.loop", "extractor.training.model_setup",
                "extractor.training.dev_scoring", "extractor.training.data", "extractor.scoring.report.charts",
-               "accelerate", "peft", "transformers.optimization")
+               "accelerate", "peft", "transformers.optimization", "matplotlib.figure", "matplotlib.font_manager")
 
 # The server: import, then for each request line fork one command and report its pid, then its exit code.
 _SERVER = r"""
@@ -52,6 +52,7 @@ for line in requests:
         err = request["stderr"]
         os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if err else devnull, 2)
         os.chdir(request["cwd"])
+        sys.path[0] = request["cwd"]  # as `python -m` started there has it
         random.seed()
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()
@@ -69,18 +70,20 @@ for line in requests:
 
 
 class Server:
-    """One server process; commands run one at a time (start the next after the last has ended)."""
+    """One server process; commands run one at a time. env: the commands' environment, fixed when the server
+    starts (this process's by default)."""
 
-    def __init__(self, preload: tuple[str, ...] = RUN):
+    def __init__(self, preload: tuple[str, ...] = RUN, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, *preload], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
+                                     stdout=subprocess.PIPE, bufsize=0, start_new_session=True, env=env)
         self.running: Forked | None = None
 
     def popen(self, args: list[str], stderr: str | os.PathLike | None = None) -> "Forked":
         """Start `extractor ARGS` (args without the program; a full `python -m extractor ...` list is accepted).
-        stderr: a file for its standard error (else /dev/null); its standard output goes to /dev/null."""
-        if self.running is not None and self.running.returncode is None:
-            raise RuntimeError("the warm-start server runs one command at a time; wait for the last one first")
+        stderr: a file for its standard error (else /dev/null); its standard output goes to /dev/null. A command
+        still running from before (a caller that failed half-way) is killed first."""
+        if self.running is not None:
+            self.running.kill()
         args = [str(a) for a in args]
         if args[1:3] == ["-m", "extractor"]:
             args = args[3:]
@@ -113,7 +116,7 @@ class Server:
 
     def close(self) -> None:
         """End the server; a command still running (a test that failed half-way) is killed with its group."""
-        if self.running is not None and self.running.poll() is None:
+        if self.running is not None:
             self.running.kill()
         self.proc.stdin.close()
         try:

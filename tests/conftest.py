@@ -22,6 +22,7 @@ SHARED = REPO.parent / "shared"
 # Tests run random tiny models, whose every record is truncated or invalid: such a run exits 1 unless told to
 # accept it (tests/test_attack_files.py tests that exit without this variable).
 os.environ.setdefault("EXTRACTOR_ALLOW_NO_RESULT", "1")
+SESSION_ENV = dict(os.environ)  # as the session starts: what warm-started commands run in (a test may patch its own)
 
 
 def shared_path(*parts) -> Path:
@@ -189,7 +190,7 @@ def warm():
     import sys
     sys.path.insert(0, str(REPO / "bench"))
     import prestart
-    with prestart.Server(prestart.TRAIN) as server:
+    with prestart.Server(prestart.TRAIN, env=SESSION_ENV) as server:
         yield server
 
 
