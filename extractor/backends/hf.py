@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict, deque
+from contextlib import nullcontext
 from pathlib import Path
 
 from extractor.backends.base import GenParams, Generation, Lookahead, Request, TokenizerBackend, name_adapters
@@ -52,13 +53,11 @@ class HFBackend(TokenizerBackend):
         self.quantize = quantize  # none, fp8 (fp8-emulated from Python): backends/quant/fp8.py
         from extractor.backends.startup import Startup
         self.startup = Startup(say=not quiet and sys.stderr.isatty())  # in logs the manifest has the times
-        if "transformers" in sys.modules:  # the command's checks imported it: in began_at_process_s, not a phase
+        # A phase only where this imports them: the command's checks may have (then began_at_process_s holds it)
+        imported = "transformers" in sys.modules
+        with nullcontext() if imported else self.startup.phase("importing torch and transformers"):
             import torch
             from transformers.utils import logging as hf_logging
-        else:
-            with self.startup.phase("importing torch and transformers"):
-                import torch
-                from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         self.torch = torch
         self.model_path = Path(model)

@@ -98,14 +98,10 @@ class Http:
         if conn is not None:
             try:
                 return self._send(conn, method, path, data, headers)
-            except STALE:
-                self.close()  # closed by the server while idle: once more, on a fresh connection
-        conn = self.local.conn = self._open()
-        try:
-            return self._send(conn, method, path, data, headers)
-        except BaseException:
-            self.close()
-            raise
+            except STALE:  # closed by the server while idle (_send closed ours): once more, on a fresh connection
+                pass
+        self.local.conn = self._open()
+        return self._send(self.local.conn, method, path, data, headers)
 
     def _open(self) -> http.client.HTTPConnection:
         with self._count:

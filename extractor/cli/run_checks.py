@@ -9,8 +9,8 @@ from extractor.errors import InputError
 from extractor.hub import RunSources
 from extractor.pipeline import RESERVED, RunOptions
 from extractor.pipeline.config import RunConfig
-from extractor.plugins import backend_class
 from extractor.pipeline.row_judge import INPUT_TRUNCATED
+from extractor.plugins import backend_class
 from extractor.store.corpus_path import check_corpus, is_stdin, is_stream
 from extractor.store.writers import is_stdout
 

@@ -361,10 +361,11 @@ class JournalOutput:
         if complete and is_parquet(self.out):
             self._convert(manifest.get("prediction_schema"))
         if complete:
+            aside = self._aside()
             try:
-                self._aside().drop()
+                aside.drop()
             except OSError as exc:
-                raise output_error(self._aside().folder, exc) from None
+                raise output_error(aside.folder, exc) from None
         self.write_manifest(manifest)
 
     def _convert(self, prediction_schema=None) -> None:
