@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from extractor.backends.base import GenParams, Request
 from extractor.backends.fast.families import FAMILIES
-from extractor.backends.quant.fp8 import E4M3, E4M3_MAX, FP8Linear, quantize_model, quantize_rows
+from extractor.backends.quant.fp8 import AMAX_FLOOR, E4M3, E4M3_MAX, FP8Linear, quantize_model, quantize_rows
 from tests.conftest import make_adapter, synth_corpus
 from tests.families import build_family_model
 from tests.helpers import assert_decoder_equals_generate
@@ -26,7 +26,7 @@ def test_rows_quantize_to_e4m3_with_absmax_scales(rows):
     q, scale = quantize_rows(x)
     assert q.dtype == E4M3 and scale.dtype == torch.float32 and scale.shape == (len(rows), 1)
     amax = x.abs().amax(-1, keepdim=True)
-    assert torch.equal(scale, torch.where(amax > 0, amax, torch.ones_like(amax)) / E4M3_MAX)
+    assert torch.equal(scale, torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR), torch.ones_like(amax)) / E4M3_MAX)
     back = q.float() * scale
     # e4m3: 3 mantissa bits (relative error at most 2^-4), subnormals below 2^-6 spaced 2^-9 apart
     assert bool(((back - x).abs() <= (x.abs() * 2 ** -4 + scale * 2 ** -10) * (1 + 1e-6)).all())

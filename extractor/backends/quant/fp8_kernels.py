@@ -31,7 +31,8 @@ if triton is not None:
             v = tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)
             peak = tl.maximum(peak, tl.abs(v))
         amax = tl.max(peak, axis=0)
-        scale = tl.math.div_rn(tl.where(amax > 0, amax, 1.0), 448.0)  # a literal: Triton reads no plain globals
+        # literals (448, fp8.AMAX_FLOOR = 448 * 2**-126): Triton reads no plain globals
+        scale = tl.math.div_rn(tl.where(amax > 0, tl.maximum(amax, 5.266214691683848e-36), 1.0), 448.0)
         tl.store(s_ptr + row, scale)
         for start in range(0, cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
