@@ -114,14 +114,16 @@ def _compiled_counts(path, scope: str):
     got = decoder.generate([[5 + i, 6, 7, 8 + i] for i in range(5)], 8)
     eager = FastDecoder(model, [3, 4, 9, 10], slots=3, unique_len=32, eos_ids=[]).generate(
         [[5 + i, 6, 7, 8 + i] for i in range(5)], 8)
-    frames = counters["frames"]["total"]
+    frames, breaks = counters["frames"]["total"], sum(counters["graph_break"].values())
     torch._dynamo.reset()
+    assert breaks == 0, f"compiled layers break their graph {breaks} times: {dict(counters['graph_break'])}"
     return got, eager, frames
 
 
 def test_regional_compile_compiles_one_layer_for_all(tmp_path):
     """Scope "layers": one compiled forward per decoder-layer class, reused by every layer, so a deeper model
-    compiles no more frames; its tokens equal the eager decoder's (fp32)."""
+    compiles no more frames; each is one graph (attention is an op in it, not a graph break: a break split
+    the layer's functions into 28 frames); its tokens equal the eager decoder's (fp32)."""
     from extractor.datasets.tiny_models import build_tiny_model
     shallow, deep = (build_tiny_model(tmp_path / f"l{n}", layers=n) for n in (2, 4))
     got2, eager2, frames2 = _compiled_counts(shallow, "layers")

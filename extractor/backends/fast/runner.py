@@ -1,7 +1,8 @@
 """The model's own forward with our attention: transformers' attention-function interface is pointed at
 `_attention` below for our passes only, and that function, and only it, is ours. It stores each layer's K/V
 in the cache layout (cache.py) and attends with the layer's own scale, softcap and sliding window, as the
-module hands them over (attention.py). Around it: the probe that proves a model runs on this path,
+module hands them over (attention.py); compiled code sees it as one op (`fast_attention`), so a compiled
+decoder layer is one graph. Around it: the probe that proves a model runs on this path,
 torch.compile (regional or whole-model), prefill passes, and decode steps captured as CUDA graphs, one per
 batch bucket.
 """
@@ -22,19 +23,59 @@ ATTENTION = "extractor_fast"  # the name our attention function is registered un
 _active = threading.local()   # the decoder whose forward pass is running on this thread
 
 
-@torch._dynamo.disable  # ours, with Python-side state and a Triton kernel: compiled code calls it as it is
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                softcap=None, **kwargs):
     """transformers' attention-function contract: q [B, H, T, D], k/v [B, KVH, T, D] after the layer's own
-    rotary and norms; returns ([B, T, H, D], None)."""
-    decoder = getattr(_active, "decoder", None)
-    if decoder is None:
-        raise FastPathError("the fast path's attention was called outside FastDecoder")
+    rotary and norms; returns ([B, T, H, D], None). Compiled code traces this function and calls the work as
+    one opaque op (`fast_attention`), so a compiled layer is one graph rather than a graph break per
+    attention call (each break split every enclosing function into frames of their own: 28 frames for one
+    layer class, and each 0/1 or stride guard doubled them)."""
     check_attention_kwargs(module, kwargs)
     if scaling is None:  # what transformers' eager attention does without one
         scaling = module.head_dim ** -0.5
-    out = decoder._attend(module.layer_idx, query, key, value, scaling, softcap, sliding_window)
-    return out.transpose(1, 2), None
+    layer = getattr(module, LAYER_INDEX, None)
+    if layer is None:
+        raise FastPathError(f"{type(module).__name__} has no layer index the fast path registered")
+    if torch.compiler.is_compiling():
+        return fast_attention(query, key, value, layer, float(scaling), softcap, sliding_window), None
+    return _attend_now(query, key, value, layer, float(scaling), softcap, sliding_window), None
+
+
+# Each attention module's layer index as a 0-d CPU tensor: a regionally compiled layer reads it as an input,
+# where a Python int would be a constant guarded per layer (a recompile per layer). A plain attribute, not a
+# buffer: not in the state dict, and a `.to(device)` of the model (loading an adapter) leaves it on the CPU,
+# where reading it needs no sync with the GPU (none is allowed while a CUDA graph captures).
+LAYER_INDEX = "_extractor_layer_index"
+
+
+def _attend_now(query, key, value, layer: torch.Tensor, scaling: float, softcap, window) -> torch.Tensor:
+    decoder = getattr(_active, "decoder", None)
+    if decoder is None:
+        raise FastPathError("the fast path's attention was called outside FastDecoder")
+    out = decoder._attend(int(layer), query, key, value, scaling, softcap, window)
+    return out.transpose(1, 2).contiguous()  # [B, T, H, D], laid out as fast_attention's fake says
+
+
+@torch.library.custom_op("extractor::fast_attention", mutates_args=())
+def fast_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor,
+                   scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
+    """`_attend_now` as one op for compiled code: it stores K/V in the decoder's cache (state compiled code
+    never reads: declared pure) and returns a new contiguous [B, T, H, D] tensor."""
+    return _attend_now(query, key, value, layer, scaling, softcap, window)
+
+
+@fast_attention.register_fake
+def _fast_attention_shape(query, key, value, layer, scaling, softcap, window):
+    b, h, t, _ = query.shape
+    return query.new_empty((b, t, h, value.shape[-1]))
+
+
+def _index_layers(model) -> None:
+    """Give every module that has a `layer_idx` its LAYER_INDEX (once per model)."""
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and not hasattr(module, LAYER_INDEX):
+            setattr(module, LAYER_INDEX, torch.tensor(idx))
 
 
 @torch._dynamo.disable
@@ -104,6 +145,7 @@ class ModelRunner:
         """The model's shape, the attention kernel, the cache, compiled code and static decode inputs; then
         the probe (raises FastPathError where the model's forward does not run on this path)."""
         _register()
+        _index_layers(model)
         self.model = model
         # adapters (lora_mixed.MixedLoRA): rows of several LoRA adapters (and base) decode together, each
         # record's group in its stream item; one prefix K/V per group. None: one set of weights.
