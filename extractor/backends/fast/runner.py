@@ -1,107 +1,21 @@
-"""The model's own forward with our attention: transformers' attention-function interface is pointed at
-`_attention` below for our passes only, and that function, and only it, is ours. It stores each layer's K/V
-in the cache layout (cache.py) and attends with the layer's own scale, softcap and sliding window, as the
-module hands them over (attention.py); compiled code sees it as one op (`fast_attention`), so a compiled
-decoder layer is one graph. Around it: the probe that proves a model runs on this path,
+"""The model's own forward with our attention (hook.py): `_attend` stores each layer's K/V in the cache layout
+(cache.py) and attends with the layer's own scale, softcap and sliding window, as the module hands them over
+(attention.py). Around it: the probe that proves a model runs on this path,
 torch.compile (regional or whole-model), prefill passes, and decode steps captured as CUDA graphs, one per
 batch bucket.
 """
 from __future__ import annotations
 
 import functools
-import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 
 from extractor.backends.fast import attention as kernels
 from extractor.backends.fast.cache import head_dim, kv_heads, text_config
-from extractor.backends.fast.families import FastPathError, check_attention_kwargs
-
-ATTENTION = "extractor_fast"  # the name our attention function is registered under in transformers
-_active = threading.local()   # the decoder whose forward pass is running on this thread
-
-
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-               softcap=None, **kwargs):
-    """transformers' attention-function contract: q [B, H, T, D], k/v [B, KVH, T, D] after the layer's own
-    rotary and norms; returns ([B, T, H, D], None). Compiled code traces this function and calls the work as
-    one opaque op (`fast_attention`), so a compiled layer is one graph rather than a graph break per
-    attention call (each break split every enclosing function into frames of their own: 28 frames for one
-    layer class, and each 0/1 or stride guard doubled them)."""
-    check_attention_kwargs(module, kwargs)
-    if scaling is None:  # what transformers' eager attention does without one
-        scaling = module.head_dim ** -0.5
-    layer = getattr(module, LAYER_INDEX, None)
-    if layer is None:
-        raise FastPathError(f"{type(module).__name__} has no layer index the fast path registered")
-    if torch.compiler.is_compiling():
-        return fast_attention(query, key, value, layer, float(scaling), softcap, sliding_window), None
-    return _attend_now(query, key, value, layer, float(scaling), softcap, sliding_window), None
-
-
-# Each attention module's layer index as a 0-d CPU tensor: a regionally compiled layer reads it as an input,
-# where a Python int would be a constant guarded per layer (a recompile per layer). A plain attribute, not a
-# buffer: not in the state dict, and a `.to(device)` of the model (loading an adapter) leaves it on the CPU,
-# where reading it needs no sync with the GPU (none is allowed while a CUDA graph captures).
-LAYER_INDEX = "_extractor_layer_index"
-
-
-def _attend_now(query, key, value, layer: torch.Tensor, scaling: float, softcap, window) -> torch.Tensor:
-    decoder = getattr(_active, "decoder", None)
-    if decoder is None:
-        raise FastPathError("the fast path's attention was called outside FastDecoder")
-    out = decoder._attend(int(layer), query, key, value, scaling, softcap, window)
-    return out.transpose(1, 2).contiguous()  # [B, T, H, D], laid out as fast_attention's fake says
-
-
-@torch.library.custom_op("extractor::fast_attention", mutates_args=())
-def fast_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor,
-                   scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
-    """`_attend_now` as one op for compiled code: it stores K/V in the decoder's cache (state compiled code
-    never reads: declared pure) and returns a new contiguous [B, T, H, D] tensor."""
-    return _attend_now(query, key, value, layer, scaling, softcap, window)
-
-
-@fast_attention.register_fake
-def _fast_attention_shape(query, key, value, layer, scaling, softcap, window):
-    b, h, t, _ = query.shape
-    return query.new_empty((b, t, h, value.shape[-1]))
-
-
-def _index_layers(model) -> None:
-    """Give every module that has a `layer_idx` its LAYER_INDEX (once per model)."""
-    for module in model.modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and not hasattr(module, LAYER_INDEX):
-            setattr(module, LAYER_INDEX, torch.tensor(idx))
-
-
-@torch._dynamo.disable
-def _last_positions(_head, args):
-    """Forward pre-hook of the head: in a prefill pass, each row's hidden state at its last real position."""
-    decoder = getattr(_active, "decoder", None)
-    last = decoder._mode.get("last") if decoder is not None else None
-    if last is None:
-        return None
-    hidden = args[0]
-    return (hidden[torch.arange(len(last), device=hidden.device), last].unsqueeze(1), *args[1:])
-
-
-def _hook_head(model) -> None:
-    """The head sees each prefill row's last position only. One hook per model, for good (a no-op outside
-    our prefill passes): a hook made per pass would make compiled code recompile at every prefill chunk."""
-    head = model.get_output_embeddings()
-    if not getattr(head, "_extractor_last_positions", False):
-        head.register_forward_pre_hook(_last_positions)
-        head._extractor_last_positions = True
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    AttentionInterface.register(ATTENTION, _attention)
-
+from extractor.backends.fast.families import FastPathError
+from extractor.backends.fast.hook import ATTENTION, active, hook_head, index_layers, register
 
 @contextmanager
 def _gc_paused():
@@ -113,6 +27,15 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def _one_graph_for_all_sizes():
+    """While our compiled passes trace: sizes of 1 (one row, one token) are not specialized, so one graph
+    serves prefill and decode at every batch size; with 0/1 specialization each compiled function traced 4
+    graphs (one row or several, one token or several). The traced code is the same for every size (the
+    tests compare its tokens with eager ones at 1 and more rows and tokens)."""
+    from torch.fx.experimental import _config
+    return _config.patch(backed_size_oblivious=True)
 
 
 def decoder_layers(model, n_layers: int) -> list | None:
@@ -144,8 +67,8 @@ class ModelRunner:
     def _init_runner(self, model, attention: str, compile: bool, compile_scope: str, adapters) -> None:
         """The model's shape, the attention kernel, the cache, compiled code and static decode inputs; then
         the probe (raises FastPathError where the model's forward does not run on this path)."""
-        _register()
-        _index_layers(model)
+        register()
+        index_layers(model)
         self.model = model
         # adapters (lora_mixed.MixedLoRA): rows of several LoRA adapters (and base) decode together, each
         # record's group in its stream item; one prefix K/V per group. None: one set of weights.
@@ -165,7 +88,7 @@ class ModelRunner:
         # found once, switched to our attention for each forward pass.
         self._configs = list({id(m.config): m.config for m in model.modules()
                               if hasattr(getattr(m, "config", None), "_attn_implementation")}.values())
-        _hook_head(model)
+        hook_head(model)
         self._forward = self.model
         self._layer_calls: list = []  # regional compilation: (layer, its compiled forward), set in _native
         self.compile_scope = compile_scope
@@ -199,8 +122,8 @@ class ModelRunner:
         """The model's forward runs with `_attention` in this block; `mode` tells it what the pass is:
         prefix, prefill (rows, width, last) or decode (slot, own)."""
         before = [c._attn_implementation for c in self._configs]
-        previous = getattr(_active, "decoder", None)
-        _active.decoder, self._mode = self, mode
+        previous = getattr(active, "decoder", None)
+        active.decoder, self._mode = self, mode
         for c in self._configs:
             c._attn_implementation = ATTENTION
         for layer, call in self._layer_calls:  # only our passes run compiled: the plain path stays the reference
@@ -212,13 +135,13 @@ class ModelRunner:
                 del layer.forward
             for c, implementation in zip(self._configs, before):
                 c._attn_implementation = implementation
-            _active.decoder, self._mode = previous, {}
+            active.decoder, self._mode = previous, {}
 
     def _logits_of(self, ids, positions, embeds=None, **mode) -> torch.Tensor:
         """The model's logits at each row's last position (`mode["last"]` in prefill, else the last column);
         `embeds` instead of `ids`: input embeddings (a prompt-learning adapter's virtual tokens)."""
         inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
-        with self._native(**mode):
+        with self._native(**mode), _one_graph_for_all_sizes() if self.compiled else nullcontext():
             out = self._forward(**inputs, position_ids=positions, use_cache=False)
         return out.logits[:, -1]
 
