@@ -17,6 +17,7 @@ from extractor.backends.fast.cache import head_dim, kv_heads, text_config
 from extractor.backends.fast.families import FastPathError
 from extractor.backends.fast.hook import ATTENTION, active, hook_head, index_layers, register
 
+
 @contextmanager
 def _gc_paused():
     import gc
