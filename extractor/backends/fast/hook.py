@@ -3,9 +3,7 @@
 sees its work as one op (`fast_attention`), so a compiled decoder layer is one graph. Also the head's hook that
 keeps each prefill row's last position only. The decoder whose pass is running is `active.decoder`.
 """
-from __future__ import annotations
-
-import threading
+import threading  # no `from __future__ import annotations`: torch.library reads fast_attention's hints as types
 
 import torch
 
