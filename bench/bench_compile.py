@@ -3,7 +3,7 @@ first generation (any further compiles), with dynamo's frame, graph and graph-br
 process of its own, first with an empty Inductor cache, then again with the cache that run left (warm).
 
     python bench/bench_compile.py --out bench/results/compile_cpu.json          # CPU, tiny Qwen2, 2 and 4 layers
-    python bench/bench_compile.py --device cuda --dtype bf16 --layers 28        # on a GPU
+    python bench/bench_compile.py --device cuda --dtype bfloat16 --layers 28    # on a GPU (--dtype: a torch dtype's name)
 
 Results (with machine and date) go to docs/benchmarks.md ("Compiling the fast path").
 """

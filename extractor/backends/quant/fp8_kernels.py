@@ -56,8 +56,8 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def works_on(device: torch.device, dtype: torch.dtype, reference) -> bool:
     """Triton runs here and its codes and scales equal `reference`'s (the torch ops, fp8.quantize_rows) bit for
-    bit on awkward rows (zeros, one huge value, values at e4m3 rounding boundaries, a width that is not a power
-    of two); remembered per (device, dtype). On the CPU interpreter it fails: the interpreter's e4m3 cast drops
+    bit on awkward rows (zeros, one huge value, values at e4m3 rounding boundaries, an absmax under the scale's
+    floor, a width that is not a power of two); remembered per (device, dtype). On the CPU interpreter it fails: the interpreter's e4m3 cast drops
     the carry when a value rounds up into the next binade (124.8 -> 64, not 128), so CPUs keep the torch ops."""
     key = (str(device), dtype)
     if key not in _PROVEN:
@@ -77,6 +77,7 @@ def _agrees(device, dtype, quantize_rows) -> bool:
     x[1] = 0.0
     x[2, 17] = 6e4
     x[3] = torch.linspace(-448, 448, 5000)  # steps between codes, at and around rounding boundaries
+    x[4] *= 1e-38  # an absmax under fp8.AMAX_FLOOR: the scale is the floor's (the kernel holds it as a literal)
     x = x.to(device, dtype)
     try:
         q, s = quantize_rows_triton(x)
