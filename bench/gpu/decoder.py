@@ -16,7 +16,8 @@ Rows, all in one process on one card (common.py describes the workload):
               each one's linear-layer floor (--families picks some; `eager` in --parts: not compiled);
   7b          the 7B config through FastDecoder, compiled, fixed and EOS variant;
   fp8         the 7B config in bf16 and with --quantize fp8's layers, compiled, fixed and EOS, alternating,
-              --repeats times each; fp8_eager: the same, not compiled (what --compile auto runs at N = 1,024).
+              --repeats times each; fp8_eager: the same, not compiled (what --compile auto runs at N = 1,024);
+              fp8_profile: then the kernel tables of both (profile_7b_bf16.txt, profile_7b_fp8.txt).
 Also the compute floor: 2 * params * all tokens at the bf16 matmul rate measured in the same call.
 Greedy token equality with `generate` on the GPU is a test: `pytest tests/gpu`.
 
@@ -154,7 +155,7 @@ def tie_margins(model, prefix, suffixes, got, ref, limit: int = 64) -> dict:
 
 
 # -- where the time goes ----------------------------------------------------------------------------------
-def profile(model, prefix, suffixes, out: Path, compile: bool = False) -> dict:
+def profile(model, prefix, suffixes, out: Path, compile: bool = False, name: str = "profile.txt") -> dict:
     """Kernel time of one decode step (1024 rows, eager) and one full prefill chunk (compiled with
     `compile`, as on CUDA by default), top kernels first."""
     from torch.profiler import ProfilerActivity
@@ -188,11 +189,11 @@ def profile(model, prefix, suffixes, out: Path, compile: bool = False) -> dict:
             tables[name] = prof.key_averages().table(sort_by=f"{c.DEVICE}_time_total", row_limit=14,
                                                      max_name_column_width=60)
     text = "\n\n".join(f"== {k}\n{v}" for k, v in tables.items())
-    (out / "profile.txt").write_text(text)
+    (out / name).write_text(text)
     print(text, flush=True)
     del dec
     c.empty_cache()
-    return {"written": "profile.txt"}
+    return {"written": name}
 
 
 # -- other families --------------------------------------------------------------------------------------
@@ -316,10 +317,11 @@ def adapters(res, model, prefix, suffixes) -> None:
 
 
 # -- FP8 (issue 28) ---------------------------------------------------------------------------------------
-def fp8_rows(res, prefix, suffixes, stops, repeats: int, modes: list[bool]) -> None:
+def fp8_rows(res, prefix, suffixes, stops, repeats: int, modes: list[bool], profiled: bool = False) -> None:
     """The 7B config in bf16 against the same weights with --quantize fp8's layers (FP8Linear: e4m3 weights
     per channel, activations per token, `torch._scaled_mm`), fixed and EOS variant, alternating, `repeats`
-    times each, compiled and/or eager (`modes`); medians and the fp8 / bf16 ratios in res["fp8_summary"]."""
+    times each, compiled and/or eager (`modes`); medians and the fp8 / bf16 ratios in res["fp8_summary"].
+    profiled: also the kernel tables of both (profile_7b_bf16.txt, profile_7b_fp8.txt; compiled as the first mode)."""
     import statistics
 
     from extractor.backends.quant.fp8 import quantize_model
@@ -344,6 +346,10 @@ def fp8_rows(res, prefix, suffixes, stops, repeats: int, modes: list[bool]) -> N
             summary[key.replace("fp8_", "fp8_over_bf16_")] = summary[key] / summary[key.replace("fp8_", "bf16_")]
     res["fp8_summary"] = dict(summary, repeats=repeats)
     print("fp8_summary", res["fp8_summary"], flush=True)
+    if profiled:
+        for name, model in (("bf16", bf16), ("fp8", fp8)):
+            res[f"profile_7b_{name}"] = profile(model, prefix, suffixes, res.out, compile=modes[0],
+                                                name=f"profile_7b_{name}.txt")
 
 
 # -- the call -------------------------------------------------------------------------------------------
@@ -420,7 +426,8 @@ def main() -> None:
         c.empty_cache()
     if "fp8" in parts or "fp8_eager" in parts:
         fp8_rows(res, prefix, suffixes, stops, args.repeats,
-                 [mode for mode, part in ((True, "fp8"), (False, "fp8_eager")) if part in parts])
+                 [mode for mode, part in ((True, "fp8"), (False, "fp8_eager")) if part in parts],
+                 profiled="fp8_profile" in parts)
     res.write_table(c.table(res.data))
 
 
