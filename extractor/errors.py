@@ -1,5 +1,9 @@
 """Typed errors. Library code raises these; the CLI prints one line and exits 2."""
 
+# Where a `run --gpus` worker writes its one error line instead of stderr: the parent (runners/shards.py) reports
+# every worker's in its own one line, so a failed sharded run says one line, not one per worker and its own.
+ERROR_FILE_ENV = "EXTRACTOR_ERROR_FILE"
+
 
 class ExtractorError(Exception):
     """An error the user can fix: the message says what is wrong and how to fix it."""

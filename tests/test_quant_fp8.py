@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from extractor.backends.base import GenParams, Request
 from extractor.backends.fast.families import FAMILIES
-from extractor.backends.quant.fp8 import AMAX_FLOOR, E4M3, E4M3_MAX, FP8Linear, quantize_model, quantize_rows
+from extractor.backends.quant.fp8 import (AMAX_FLOOR, E4M3, E4M3_MAX, SMALLEST_NORMAL, FP8Linear, quantize_model,
+                                          quantize_rows)
 from tests.conftest import make_adapter, synth_corpus
 from tests.families import build_family_model
 from tests.helpers import assert_decoder_equals_generate
@@ -22,10 +23,13 @@ FINITE = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(FINITE, min_size=16, max_size=16), min_size=1, max_size=4))
 @example([[0.0] * 15 + [3.2229864679470793e-44]])  # an fp32 subnormal absmax: its scale was 0
+@example([[1e-37] * 8 + [5e-39] * 8])  # an absmax under the floor, and subnormals (they count as 0)
 def test_rows_quantize_to_e4m3_with_absmax_scales(rows):
-    x = torch.tensor(rows, dtype=torch.float32)
-    q, scale = quantize_rows(x)
+    raw = torch.tensor(rows, dtype=torch.float32)
+    q, scale = quantize_rows(raw)
     assert q.dtype == E4M3 and scale.dtype == torch.float32 and scale.shape == (len(rows), 1)
+    x = torch.where(raw.abs() < SMALLEST_NORMAL, 0.0, raw)  # fp32 subnormals count as 0
+    assert bool((q.float()[x == 0] == 0).all())
     amax = x.abs().amax(-1, keepdim=True)
     assert torch.equal(scale, torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR), torch.ones_like(amax)) / E4M3_MAX)
     back = q.float() * scale

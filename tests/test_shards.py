@@ -130,3 +130,21 @@ def test_more_gpus_than_visible_is_one_clear_error(tmp_path, tiny_model):
                                              "cuda"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and f"--gpus {n}" in result.stderr and "--device cpu" in result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.glob("o*"))
+
+
+def test_failed_workers_are_one_error_line(tmp_path):
+    """Both workers refuse a corpus (its first record has no text): the command says so in one line, naming
+    both shards and the workers' own reason, instead of each worker's line and then its own."""
+    from tests.conftest import write_jsonl
+    corpus, gold = synth_corpus(tmp_path, n=6)
+    rows = read_jsonl(corpus)
+    rows[0] = {"id": rows[0]["id"], "body": "no text"}
+    write_jsonl(corpus, rows)
+    result = subprocess.run(EXTRACTOR + ["run", corpus, "--task", "jd_requirements", "--backend", "echo", "--model",
+                                         gold, "--out", tmp_path / "o.jsonl", "--quiet", "--gpus", "2", "--device",
+                                         "cpu"], capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith("error: workers 0 and 1 (shards o.shard0of2.jsonl, o.shard1of2.jsonl): ") and "--resume" in line
+    assert "line 1" in line or rows[0]["id"] in line, line  # the workers' own reason, with where it is

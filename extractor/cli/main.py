@@ -1,12 +1,13 @@
 """The `extractor` command group. Subcommands live one per module; none imports torch at import time."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
 from extractor import __version__
-from extractor.errors import ExtractorError
+from extractor.errors import ERROR_FILE_ENV, ExtractorError
 
 # name -> "module:attribute"; modules are imported only when their command runs or help is shown.
 COMMANDS = {
@@ -43,11 +44,24 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ExtractorError as exc:
-            click.echo(f"error: {exc}", err=True)
+            _report(f"error: {exc}")
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            _report("interrupted")
             sys.exit(130)
+
+
+def _report(line: str) -> None:
+    """The command's last word: to stderr, or where a --gpus parent collects it (ERROR_FILE_ENV)."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(line)
+            return
+        except OSError:  # the parent's folder is gone: say it here after all
+            pass
+    click.echo(line, err=True)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

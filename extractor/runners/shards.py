@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import click
 
 from extractor.store import locations
-from extractor.errors import ExtractorError
+from extractor.errors import ERROR_FILE_ENV, ExtractorError
 from extractor.store.provenance import manifest_path, read_manifest, stamp, write_json_atomic
 from extractor.store.locations import Location
 from extractor.store.writers import drop_partial_tail, iter_jsonl_rows, write_rows
@@ -87,26 +89,24 @@ def _run_and_merge(command, params, out, gpus, device, console, targets) -> list
     if on_gpus and gpus > visible:
         raise ExtractorError(f"--gpus {gpus}: only {visible} CUDA device(s) visible here; pass --gpus {visible} "
                              "or fewer, or --device cpu for CPU workers")
-    procs = []
-    for k in range(gpus):
-        env = dict(os.environ)
-        worker_device = device
-        if on_gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(k)  # one GPU per worker
-            worker_device = "cuda"
-        else:
-            # CPU workers share the cores: each with every core's OpenMP threads spin against the others
-            # (a 1,000-record tiny-model run on 2 cores took 52 s that way, 12 s with one thread each).
-            env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // gpus)))
-        cmd = [sys.executable, "-m", "extractor", "run", *base, "--out", str(shard_path(out, k, gpus)),
-               "--shard", f"{k}/{gpus}", "--device", worker_device]
-        procs.append((k, subprocess.Popen(cmd, env=env)))
-    failed = [(k, p.wait()) for k, p in procs]
-    failed = [(k, code) for k, code in failed if code != 0]
-    if failed:
-        what = ", ".join(f"worker {k} (shard {shard_path(out, k, gpus).name}) exited with {code}" for k, code in failed)
-        raise ExtractorError(f"{what}; the other shards are kept — rerun the same command with --resume to "
-                             "continue the unfinished shards and merge")
+    with tempfile.TemporaryDirectory(prefix="extractor-workers-") as errors:
+        procs = []
+        for k in range(gpus):
+            env = dict(os.environ, **{ERROR_FILE_ENV: str(Path(errors) / f"worker{k}.txt")})
+            worker_device = device
+            if on_gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(k)  # one GPU per worker
+                worker_device = "cuda"
+            else:
+                # CPU workers share the cores: each with every core's OpenMP threads spin against the others
+                # (a 1,000-record tiny-model run on 2 cores took 52 s that way, 12 s with one thread each).
+                env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // gpus)))
+            cmd = [sys.executable, "-m", "extractor", "run", *base, "--out", str(shard_path(out, k, gpus)),
+                   "--shard", f"{k}/{gpus}", "--device", worker_device]
+            procs.append((k, subprocess.Popen(cmd, env=env)))
+        failed = [(k, code) for k, code in _wait(procs) if code != 0]
+        if failed:
+            raise ExtractorError(_failure(failed, Path(errors), out, gpus))
     merged = []
     for target, shards in targets:
         if locations.exists(target) and (read_manifest(target) or {}).get("format") == MERGED_FORMAT:
@@ -121,6 +121,36 @@ def _run_and_merge(command, params, out, gpus, device, console, targets) -> list
         console.print(f"merged {summary['records']} records from {gpus} shards into {target}")
         merged.append((target, summary["statuses"]))
     return merged
+
+
+def _wait(procs: list[tuple[int, subprocess.Popen]]) -> list[tuple[int, int]]:
+    """Each worker's exit code. Interrupted (the terminal's Ctrl-C reaches the workers too), the workers get up
+    to a minute to stop and leave their last words before the parent says its own."""
+    try:
+        return [(k, p.wait()) for k, p in procs]
+    except KeyboardInterrupt:
+        for _, p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+
+
+def _failure(failed: list[tuple[int, int]], errors: Path, out: Location, gpus: int) -> str:
+    """One line for the workers that failed: each one's own error (workers with the same error together)."""
+    why: dict[str, list[int]] = {}
+    for k, code in failed:
+        said = errors / f"worker{k}.txt"
+        text = said.read_text(encoding="utf-8").strip() if said.exists() else ""
+        text = text.removeprefix("error: ") or (f"killed by signal {-code}" if code < 0 else f"exited with {code}")
+        why.setdefault(text, []).append(k)
+    what = "; ".join(
+        f"worker{'s' if len(ks) > 1 else ''} {' and '.join(map(str, ks))} "
+        f"(shard{'s' if len(ks) > 1 else ''} {', '.join(shard_path(out, k, gpus).name for k in ks)}): {text}"
+        for text, ks in why.items())
+    return (f"{what}; what the workers wrote is kept — fix that and rerun the same command with --resume to "
+            "continue the unfinished shards and merge")
 
 
 def _summary(manifest) -> dict:
@@ -157,9 +187,9 @@ def _already_merged(out: Location, shards: list[Location], params: dict, console
 
 
 def _set_aside(out: Location):
-    """Where an --overwrite keeps a local merged output and its manifest until the new merge commits."""
-    from extractor.store.aside import Aside
-    return Aside([out, manifest_path(out)])
+    """Where an --overwrite keeps a local merged output until the new merge commits."""
+    from extractor.store.writers import overwrite_aside
+    return overwrite_aside(out)
 
 
 def _settle(targets) -> None:

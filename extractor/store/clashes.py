@@ -67,7 +67,7 @@ def written_beside(out: locations.Location) -> list[tuple[str, locations.Locatio
     """What a run writes for the output `out`, besides `out` itself."""
     from extractor.store.locks import lock_path
     from extractor.store.provenance import manifest_path
-    from extractor.store.writers import journal_path
+    from extractor.store.writers import journal_path, overwrite_aside
     manifest = manifest_path(out)
     found = [("manifest", manifest), ("manifest's temporary file", manifest.with_name(manifest.name + ".tmp")),
              ("temporary file", out.with_name(out.name + ".tmp")),
@@ -77,8 +77,7 @@ def written_beside(out: locations.Location) -> list[tuple[str, locations.Locatio
         journal = journal_path(out)
         if journal != out:
             found.append(("journal", journal))
-        from extractor.store.aside import Aside
-        aside = Aside([out, journal, manifest])  # what --overwrite keeps, then deletes at the commit
+        aside = overwrite_aside(out)  # what --overwrite keeps, then deletes at the commit
         found += [("copy kept aside by --overwrite", aside.folder / path.name) for path in aside.paths]
     return found
 

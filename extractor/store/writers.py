@@ -30,6 +30,13 @@ def journal_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.jsonl") if is_parquet(out) else out
 
 
+def overwrite_aside(out: Path):
+    """What --overwrite keeps of a local output until the new run commits (store/aside.py): the output, its journal
+    and its manifest."""
+    from extractor.store.aside import Aside
+    return Aside([out, journal_path(out), manifest_path(out)])
+
+
 def is_parquet(path: Path) -> bool:
     return path.suffix.lower() == ".parquet"
 
@@ -308,8 +315,7 @@ class JournalOutput:
             path.unlink(missing_ok=True)
 
     def _aside(self):
-        from extractor.store.aside import Aside
-        return Aside([self.out, self.journal, self.manifest_path])
+        return overwrite_aside(self.out)
 
     def replace(self) -> None:
         """--overwrite: the old output moved aside (`aside.py`), kept until this run commits."""

@@ -5,6 +5,8 @@ below is two bf16 steps (2 * 2^-8) of each output row's largest value. A wrong s
 a lost per-token scale is off by far more. Runs where CUDA with compute capability >= 8.9 is."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -47,16 +49,20 @@ def test_fast_path_with_fp8_agrees_with_its_emulation_on_most_tokens():
 
     cfg = Qwen2Config(**dict(QWEN_1_5B, num_hidden_layers=4), max_position_embeddings=4096, initializer_range=0.2)
     prefix, suffixes = anchor_ids(8)
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # one set of weights: random draws in bf16 and fp32 differ on CUDA
+        emulated_model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
+    real_model = copy.deepcopy(emulated_model).to(torch.bfloat16)
+    quantize_model(emulated_model, emulate=True)
+    codes = {name: (m.weight, m.weight_scale.flatten()) for name, m in emulated_model.named_modules()
+             if isinstance(m, FP8Linear)}  # and one set of e4m3 codes and scales
+    quantize_model(real_model, emulate=False, given=codes)
     outputs = []
-    for emulate, dtype in ((False, torch.bfloat16), (True, torch.float32)):
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
-        quantize_model(model, emulate=emulate)
+    for model in (real_model, emulated_model):
         dec = FastDecoder(model, prefix, slots=4, unique_len=max(map(len, suffixes)) + 24, eos_ids=[])
         dec.capture()
         outputs.append([t for t, _ in dec.generate(suffixes, max_new=16, refill=2)])
-        del dec, model
+        del dec
         torch.cuda.empty_cache()
     real, emulated = outputs
     first = sum(r[0] == e[0] for r, e in zip(real, emulated))

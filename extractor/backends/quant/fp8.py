@@ -23,14 +23,18 @@ KEPT_ALWAYS = ["embed_tokens", "lm_head"]
 
 
 AMAX_FLOOR = 448 * 2.0 ** -126  # the smallest absmax whose scale (absmax / 448) is a normal fp32 number
+SMALLEST_NORMAL = 2.0 ** -126  # fp32's (and bf16's); a smaller magnitude counts as 0
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of a 2-D tensor in e4m3 and its fp32 scale [rows, 1] (absmax / 448; an all-zero row scale
     1/448): row ≈ q.float() * scale. The same function quantizes weights (rows: output channels) and
     activations (rows: tokens). An absmax below AMAX_FLOOR counts as AMAX_FLOOR: its scale would be an fp32
-    subnormal or 0 (found by hypothesis: a row whose largest value was 3e-44 divided by a zero scale)."""
+    subnormal or 0 (found by hypothesis: a row whose largest value was 3e-44 divided by a zero scale). Subnormal
+    values count as 0, on purpose: GPU kernels may flush them (Triton's did, so its bit-equality proof failed on
+    an H200), and a rule every implementation can follow keeps them bit-equal; their codes would be 0 or tiny."""
     xf = x.float()
+    xf = torch.where(xf.abs() < SMALLEST_NORMAL, torch.zeros_like(xf), xf)
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR), torch.ones_like(amax)) / E4M3_MAX
     return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale

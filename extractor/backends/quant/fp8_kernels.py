@@ -4,8 +4,9 @@ kernels and fp32 temporaries the size of the activation, which cost more than th
 matmul measurements: 1,368-1,506 TFLOP/s for the GEMM alone, 556-1,017 with torch's quantization in front).
 Compiled forwards keep the torch ops (Inductor fuses them into one kernel itself); eager forwards use this one.
 
-Exactly `fp8.quantize_rows`: the same absmax, the same scale (absmax / 448, 1/448 for an all-zero row), the
-same IEEE division and round-to-nearest-even cast, so codes and scales are bit-equal. `works_on` proves that on
+Exactly `fp8.quantize_rows`: subnormal values counted as 0, the same absmax, the same scale (absmax / 448,
+1/448 for an all-zero row), the same IEEE division and round-to-nearest-even cast, so codes and scales are
+bit-equal. `works_on` proves that on
 the device before the kernel is used; where it cannot, the torch ops run.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ if triton is not None:
         for start in range(0, cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             v = tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)
+            v = tl.where(tl.abs(v) < 1.1754943508222875e-38, 0.0, v)  # fp8.SMALLEST_NORMAL: subnormals count as 0
             peak = tl.maximum(peak, tl.abs(v))
         amax = tl.max(peak, axis=0)
         # literals (448, fp8.AMAX_FLOOR = 448 * 2**-126): Triton reads no plain globals
@@ -37,6 +39,7 @@ if triton is not None:
         for start in range(0, cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             v = tl.load(x_row + offs, mask=offs < cols, other=0.0).to(tl.float32)
+            v = tl.where(tl.abs(v) < 1.1754943508222875e-38, 0.0, v)
             code = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0)
             tl.store(q_ptr + row * cols + offs, code.to(tl.float8e4nv), mask=offs < cols)
 
@@ -77,7 +80,8 @@ def _agrees(device, dtype, quantize_rows) -> bool:
     x[1] = 0.0
     x[2, 17] = 6e4
     x[3] = torch.linspace(-448, 448, 5000)  # steps between codes, at and around rounding boundaries
-    x[4] *= 1e-38  # an absmax under fp8.AMAX_FLOOR: the scale is the floor's (the kernel holds it as a literal)
+    x[4] *= 1e-37  # an absmax under fp8.AMAX_FLOOR: the scale is the floor's (the kernel holds it as a literal)
+    x[5] *= 1e-38  # subnormals among normal values (in bf16 too): they count as 0 in both
     x = x.to(device, dtype)
     try:
         q, s = quantize_rows_triton(x)
