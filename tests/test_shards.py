@@ -21,23 +21,21 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
-def test_two_workers_equal_single_process(tmp_path, tiny_model, run_cli):
+def test_two_workers_equal_single_process(tmp_path, tiny_model, run_cli, warm):
+    """The parent commands start warm (forked after the imports, each its own process); their workers cold."""
     corpus, _ = synth_corpus(tmp_path, n=21)
     single, sharded = tmp_path / "single.jsonl", tmp_path / "sharded.jsonl"
     assert run_cli(*args(corpus, tiny_model, single)).exit_code == 0
-    result = subprocess.run(EXTRACTOR + args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, err = warm.run(args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu"), timeout=300)
+    assert code == 0, err[-2000:]
     a, b = read_jsonl(single), read_jsonl(sharded)
     assert [r["id"] for r in b] == [r["id"] for r in a]  # input order, each id once
     assert [r["raw"] for r in b] == [r["raw"] for r in a]
     assert not list(tmp_path.glob("sharded.shard*"))  # shards merged and removed
-    again = subprocess.run(EXTRACTOR + args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu", "--resume"),
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and read_jsonl(sharded) == b and not list(tmp_path.glob("sharded.shard*"))
-    replaced = subprocess.run(EXTRACTOR + args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu",
-                                               "--overwrite"), capture_output=True, text=True, timeout=300)
-    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    code, _ = warm.run(args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu", "--resume"), timeout=300)
+    assert code == 0 and read_jsonl(sharded) == b and not list(tmp_path.glob("sharded.shard*"))
+    code, err = warm.run(args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu", "--overwrite"), timeout=300)
+    assert code == 0, err[-2000:]
     assert [r["raw"] for r in read_jsonl(sharded)] == [r["raw"] for r in a]
 
 
@@ -112,12 +110,10 @@ def test_merge_interrupted_before_its_manifest_finishes_on_resume(tmp_path, tiny
         code, err = warm.run(args(corpus, tiny_model, shard, "--shard", f"{k}/2", "--device", "cpu"), timeout=300)
         assert code == 0, err[-2000:]
     out.write_text((tmp_path / "m.shard0of2.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[0])
-    refused = subprocess.run(EXTRACTOR + args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu"),
-                             capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "pass --resume to finish it" in refused.stderr
-    resumed = subprocess.run(EXTRACTOR + args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu", "--resume"),
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    code, err = warm.run(args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu"), timeout=300)
+    assert code == 2 and "pass --resume to finish it" in err
+    code, err = warm.run(args(corpus, tiny_model, out, "--gpus", "2", "--device", "cpu", "--resume"), timeout=300)
+    assert code == 0, err[-2000:]
     assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in read_jsonl(corpus)]
     assert not list(tmp_path.glob("m.shard*"))
 
