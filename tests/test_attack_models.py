@@ -146,8 +146,9 @@ BROKEN = [
      "posix.system"),
     ("pickle running os.system (plain pickle)", lambda d: _raw_pickle(d, pickle.dumps(Evil(d), protocol=4)),
      "pytorch_model.bin", "posix.system"),
+    # random bytes may open with an opcode that declares a huge argument: refused as too big instead (a CI run)
     ("pickle of random bytes", lambda d: _raw_pickle(d, os.urandom(4096)), "pytorch_model.bin",
-     "not a readable PyTorch weights file"),
+     "not a readable PyTorch weights file|its pickle is over 64 MB"),
     ("pickle over the size cap (8 GB, sparse)", _huge_pickle, "pytorch_model.bin", "its pickle is over 64 MB"),
 ]
 
@@ -180,7 +181,7 @@ def test_broken_model_folder_is_one_line(case, breaker, file, words, tiny_model,
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(lines) == 1 and lines[0].startswith(f"error: {folder / file}".rstrip("/")), lines
-    assert words in lines[0] and "cannot load (" not in lines[0]  # the checks' line, not the loader's catch-all
+    assert re.search(words, lines[0]) and "cannot load (" not in lines[0]  # the checks' line, not the loader's catch-all
     assert not (folder / PWNED).exists()
     assert seconds < 30
 
