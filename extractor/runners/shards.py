@@ -22,7 +22,8 @@ from extractor.store import locations
 from extractor.errors import ERROR_FILE_ENV, ExtractorError
 from extractor.store.provenance import manifest_path, read_manifest, stamp, write_json_atomic
 from extractor.store.locations import Location
-from extractor.store.writers import drop_partial_tail, iter_jsonl_rows, write_rows
+from extractor.store.writers import (JournalOutput, drop_partial_tail, iter_jsonl_rows, overwrite_aside,
+                                     write_rows)
 
 MERGED_FORMAT = "extractor.merged/1"
 
@@ -117,7 +118,7 @@ def _run_and_merge(command, params, out, gpus, device, console, targets) -> list
             continue
         summary = merge(target, shards)
         if not locations.is_remote(target):
-            _set_aside(target).drop()  # committed: the merged output an --overwrite replaced goes
+            overwrite_aside(target).drop()  # committed: the merged output an --overwrite replaced goes
         console.print(f"merged {summary['records']} records from {gpus} shards into {target}")
         merged.append((target, summary["statuses"]))
     return merged
@@ -167,7 +168,7 @@ def _already_merged(out: Location, shards: list[Location], params: dict, console
             locations.remove(out)
             locations.remove(manifest_path(out))
         else:  # kept aside until the new merge commits (store/aside.py)
-            _set_aside(out).take()
+            overwrite_aside(out).take()
         return False
     if not locations.exists(out):
         return False
@@ -186,19 +187,13 @@ def _already_merged(out: Location, shards: list[Location], params: dict, console
     return True
 
 
-def _set_aside(out: Location):
-    """Where an --overwrite keeps a local merged output until the new merge commits."""
-    from extractor.store.writers import overwrite_aside
-    return overwrite_aside(out)
-
-
 def _settle(targets) -> None:
     """Local merged outputs: finish what a killed run left half done, and give back one an --overwrite set aside
     where no merged output and no shard row has been written since."""
-    from extractor.store.writers import JournalOutput
     for target, shards in targets:
         if not locations.is_remote(target):
-            _set_aside(target).settle(lambda: not target.exists() and all(JournalOutput(s).is_empty() for s in shards))
+            overwrite_aside(target).settle(
+                lambda: not target.exists() and all(JournalOutput(s).is_empty() for s in shards))
 
 
 def _cores() -> int:

@@ -31,8 +31,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     1/448): row ≈ q.float() * scale. The same function quantizes weights (rows: output channels) and
     activations (rows: tokens). An absmax below AMAX_FLOOR counts as AMAX_FLOOR: its scale would be an fp32
     subnormal or 0 (found by hypothesis: a row whose largest value was 3e-44 divided by a zero scale). Subnormal
-    values count as 0, on purpose: GPU kernels may flush them (Triton's did, so its bit-equality proof failed on
-    an H200), and a rule every implementation can follow keeps them bit-equal; their codes would be 0 or tiny."""
+    values count as 0, on purpose: GPU arithmetic may flush them (the Triton kernel's bit-equality proof failed
+    on an H200 once a row of them was added to it, likely so), and a rule every implementation can follow keeps
+    them bit-equal; their codes would be 0 or tiny."""
     xf = x.float()
     xf = torch.where(xf.abs() < SMALLEST_NORMAL, torch.zeros_like(xf), xf)
     amax = xf.abs().amax(dim=-1, keepdim=True)

@@ -6,8 +6,7 @@ Compiled forwards keep the torch ops (Inductor fuses them into one kernel itself
 
 Exactly `fp8.quantize_rows`: subnormal values counted as 0, the same absmax, the same scale (absmax / 448,
 1/448 for an all-zero row), the same IEEE division and round-to-nearest-even cast, so codes and scales are
-bit-equal. `works_on` proves that on
-the device before the kernel is used; where it cannot, the torch ops run.
+bit-equal. `works_on` proves that on the device before the kernel is used; where it cannot, the torch ops run.
 """
 from __future__ import annotations
 
@@ -60,8 +59,9 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def works_on(device: torch.device, dtype: torch.dtype, reference) -> bool:
     """Triton runs here and its codes and scales equal `reference`'s (the torch ops, fp8.quantize_rows) bit for
     bit on awkward rows (zeros, one huge value, values at e4m3 rounding boundaries, an absmax under the scale's
-    floor, a width that is not a power of two); remembered per (device, dtype). On the CPU interpreter it fails: the interpreter's e4m3 cast drops
-    the carry when a value rounds up into the next binade (124.8 -> 64, not 128), so CPUs keep the torch ops."""
+    floor, subnormals, a width that is not a power of two); remembered per (device, dtype). On the CPU
+    interpreter it fails: the interpreter's e4m3 cast drops the carry when a value rounds up into the next
+    binade (124.8 -> 64, not 128), so CPUs keep the torch ops."""
     key = (str(device), dtype)
     if key not in _PROVEN:
         _PROVEN[key] = triton is not None and _agrees(device, dtype, reference)
