@@ -22,22 +22,25 @@ ALIGN = 16  # _scaled_mm needs both sides of the weight to be multiples of 16
 KEPT_ALWAYS = ["embed_tokens", "lm_head"]
 
 
-AMAX_FLOOR = 448 * 2.0 ** -126  # the smallest absmax whose scale (absmax / 448) is a normal fp32 number
+# The scale is absmax times 1/448 (as an fp32 constant), not absmax / 448: CUDA's torch divides a tensor by a
+# Python number that way (a multiply by its reciprocal), one ulp off IEEE division for some absmaxes, and
+# Triton and the CPU then do the same multiply, bit for bit (the kernel's proof failed on H100 and H200 until so).
+RECIP_E4M3_MAX = 1.0 / E4M3_MAX
+AMAX_FLOOR = 2.0 ** -117  # an absmax under it counts as it: its scale (~2^-125.8) stays a normal fp32 number
 SMALLEST_NORMAL = 2.0 ** -126  # fp32's (and bf16's); a smaller magnitude counts as 0
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of a 2-D tensor in e4m3 and its fp32 scale [rows, 1] (absmax / 448; an all-zero row scale
-    1/448): row ≈ q.float() * scale. The same function quantizes weights (rows: output channels) and
+    """Each row of a 2-D tensor in e4m3 and its fp32 scale [rows, 1] (absmax × fp32(1/448); an all-zero row's
+    scale fp32(1/448)): row ≈ q.float() * scale. The same function quantizes weights (rows: output channels) and
     activations (rows: tokens). An absmax below AMAX_FLOOR counts as AMAX_FLOOR: its scale would be an fp32
     subnormal or 0 (found by hypothesis: a row whose largest value was 3e-44 divided by a zero scale). Subnormal
-    values count as 0, on purpose: GPU arithmetic may flush them (the Triton kernel's bit-equality proof failed
-    on an H200 once a row of them was added to it, likely so), and a rule every implementation can follow keeps
-    them bit-equal; their codes would be 0 or tiny."""
+    values count as 0, a rule any implementation can keep (GPU arithmetic may flush them); their codes would
+    be 0 or tiny."""
     xf = x.float()
     xf = torch.where(xf.abs() < SMALLEST_NORMAL, torch.zeros_like(xf), xf)
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR), torch.ones_like(amax)) / E4M3_MAX
+    scale = torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR), torch.ones_like(amax)) * RECIP_E4M3_MAX
     return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 

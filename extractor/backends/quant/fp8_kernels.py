@@ -4,9 +4,9 @@ kernels and fp32 temporaries the size of the activation, which cost more than th
 matmul measurements: 1,368-1,506 TFLOP/s for the GEMM alone, 556-1,017 with torch's quantization in front).
 Compiled forwards keep the torch ops (Inductor fuses them into one kernel itself); eager forwards use this one.
 
-Exactly `fp8.quantize_rows`: subnormal values counted as 0, the same absmax, the same scale (absmax / 448,
-1/448 for an all-zero row), the same IEEE division and round-to-nearest-even cast, so codes and scales are
-bit-equal. `works_on` proves that on the device before the kernel is used; where it cannot, the torch ops run.
+Exactly `fp8.quantize_rows`: subnormal values counted as 0, the same absmax, the same scale (absmax times
+fp32(1/448), fp32(1/448) for an all-zero row), the values' IEEE division by it and round-to-nearest-even cast,
+so codes and scales are bit-equal (on an H100, 2026-12-05). `works_on` proves that on the device before the kernel is used; where it cannot, the torch ops run.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ if triton is not None:
             v = tl.where(tl.abs(v) < 1.1754943508222875e-38, 0.0, v)  # fp8.SMALLEST_NORMAL: subnormals count as 0
             peak = tl.maximum(peak, tl.abs(v))
         amax = tl.max(peak, axis=0)
-        # literals (448, fp8.AMAX_FLOOR = 448 * 2**-126): Triton reads no plain globals
-        scale = tl.math.div_rn(tl.where(amax > 0, tl.maximum(amax, 5.266214691683848e-36), 1.0), 448.0)
+        # literals (fp8.AMAX_FLOOR = 2**-117, fp8.RECIP_E4M3_MAX = 1/448): Triton reads no plain globals
+        scale = tl.where(amax > 0, tl.maximum(amax, 6.018531076210112e-36), 1.0) * 0.002232142857142857
         tl.store(s_ptr + row, scale)
         for start in range(0, cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
