@@ -37,38 +37,42 @@ def test_scaled_mm_equals_emulation_within_two_bf16_steps(m, k, n):
     assert rel < 0.08, f"FP8 product {rel:.3f} (relative) from the bf16 product"
 
 
-def test_fast_path_with_fp8_agrees_with_its_emulation_on_most_tokens():
-    """The 1.5B shape (fewer layers) with --quantize fp8's layers, FastDecoder with graphs: bf16 FP8 GEMMs against
-    the fp32 emulation of the same codes. Not token-equal (bf16 against fp32: near-ties go either way), so the
-    agreement is bounded loosely — a broken scale or layout agrees on almost nothing."""
+def test_fast_path_with_fp8_picks_the_emulations_top_tokens():
+    """The 1.5B shape (fewer layers) with --quantize fp8's layers, FastDecoder with graphs: bf16 FP8 GEMMs, each
+    token they pick scored by the fp32 emulation of the same codes (its plain forward over the same tokens).
+    Not token-equal — bf16 against fp32, and a near-tie in an activation's absmax moves its e4m3 codes — so each
+    pick must be among the emulation's top 16 and at least half its top 1. Measured on CPU with a bf16 model
+    standing in for the FP8 GEMM (8 records, 8 tokens): 47 of 64 top 1, worst rank 4; every other output
+    channel of down_proj at half scale: 4 of 64, ranks up to 3,838. Random weights at initializer_range 0.2
+    are chaotic (bf16 and fp32 of the unquantized model agreed on 2 of 8 first tokens on an H100), so 0.02."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from extractor.backends.fast import FastDecoder
     from extractor.backends.quant.fp8 import quantize_model
     from tests.gpu.test_gpu_decoder import QWEN_1_5B, anchor_ids
 
-    cfg = Qwen2Config(**dict(QWEN_1_5B, num_hidden_layers=4), max_position_embeddings=4096, initializer_range=0.2)
+    cfg = Qwen2Config(**dict(QWEN_1_5B, num_hidden_layers=4), max_position_embeddings=4096, initializer_range=0.02)
     prefix, suffixes = anchor_ids(8)
     torch.manual_seed(0)
     with torch.device("cuda"):  # one set of weights: random draws in bf16 and fp32 differ on CUDA
-        emulated_model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
-    real_model = copy.deepcopy(emulated_model).to(torch.bfloat16)
-    quantize_model(emulated_model, emulate=True)
-    codes = {name: (m.weight, m.weight_scale.flatten()) for name, m in emulated_model.named_modules()
+        emulated = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
+    real = copy.deepcopy(emulated).to(torch.bfloat16)
+    quantize_model(emulated, emulate=True)
+    codes = {name: (m.weight, m.weight_scale.flatten()) for name, m in emulated.named_modules()
              if isinstance(m, FP8Linear)}  # and one set of e4m3 codes and scales
-    quantize_model(real_model, emulate=False, given=codes)
-    outputs = []
-    for model in (real_model, emulated_model):
-        dec = FastDecoder(model, prefix, slots=4, unique_len=max(map(len, suffixes)) + 24, eos_ids=[])
-        dec.capture()
-        outputs.append([t for t, _ in dec.generate(suffixes, max_new=16, refill=2)])
-        del dec
-        torch.cuda.empty_cache()
-    real, emulated = outputs
-    first = sum(r[0] == e[0] for r, e in zip(real, emulated))
-    assert first >= 6, f"only {first} of 8 records start with the emulation's token"
-    same = sum(a == b for r, e in zip(real, emulated) for a, b in zip(r, e))
-    assert same >= 0.5 * sum(map(len, emulated)), f"only {same} tokens agree with the emulation"
+    quantize_model(real, emulate=False, given=codes)
+    dec = FastDecoder(real, prefix, slots=4, unique_len=max(map(len, suffixes)) + 24, eos_ids=[])
+    dec.capture()
+    picked = [tokens for tokens, _ in dec.generate(suffixes, max_new=16, refill=2)]
+    assert dec._graphs, "no CUDA graph was captured: the GPU path this test is for did not run"
+    ranks = []
+    with torch.inference_mode():
+        for suffix, tokens in zip(suffixes, picked):
+            ids = torch.tensor([prefix + suffix + tokens[:-1]], device="cuda")
+            logits = emulated(ids).logits[0, len(prefix) + len(suffix) - 1:].float()
+            ranks += [int((row > row[t]).sum()) for row, t in zip(logits, tokens)]
+    assert max(ranks) < 16, f"a token the FP8 path picked is rank {max(ranks)} in the emulation: {ranks}"
+    assert sum(r == 0 for r in ranks) >= len(ranks) // 2, f"the emulation's top 1 only {ranks.count(0)} times: {ranks}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
