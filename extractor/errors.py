@@ -1,8 +1,22 @@
 """Typed errors. Library code raises these; the CLI prints one line and exits 2."""
+import os
 
 # Where a `run --gpus` worker writes its one error line instead of stderr: the parent (runners/shards.py) reports
 # every worker's in its own one line, so a failed sharded run says one line, not one per worker and its own.
+# The value is "PARENT_PID:PATH": honoured only by a direct child of that process, so the same name exported in
+# a user's shell (or inherited by a command a worker starts) never swallows an error line.
 ERROR_FILE_ENV = "EXTRACTOR_ERROR_FILE"
+
+
+def error_file_value(path: str) -> str:
+    """ERROR_FILE_ENV's value for this process's workers."""
+    return f"{os.getpid()}:{path}"
+
+
+def error_file_for_me() -> str | None:
+    """Where this process's parent (a --gpus parent) asked for its last line; None: say it on stderr."""
+    parent, _, path = os.environ.get(ERROR_FILE_ENV, "").partition(":")
+    return path if path and parent == str(os.getppid()) else None
 
 
 class ExtractorError(Exception):

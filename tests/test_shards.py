@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+from extractor.errors import ERROR_FILE_ENV, error_file_value
 from tests.conftest import read_jsonl, synth_corpus, write_jsonl
 from tests.test_fast_adapters import loras  # noqa: F401 - the fixture: LoRA adapters that differ
 
@@ -145,3 +146,23 @@ def test_failed_workers_are_one_error_line(tmp_path):
     assert line.startswith("error: workers 0 and 1 (shards o.shard0of2.jsonl, o.shard1of2.jsonl): "), line
     assert f"{corpus.name}:1 (id {rows[0]['id']}): missing field 'text'" in line, line  # the workers' own reason
     assert "--resume" in line
+
+
+def test_error_file_variable_exported_by_a_user_swallows_nothing(tmp_path):
+    """EXTRACTOR_ERROR_FILE is how a --gpus parent collects its workers' last lines; the same name set in a
+    user's environment is not a parent asking: the error still reaches stderr, and no file is written."""
+    corpus, gold = synth_corpus(tmp_path, n=3)
+    rows = read_jsonl(corpus)
+    rows[0] = {"id": rows[0]["id"], "body": "no text"}
+    write_jsonl(corpus, rows)
+    exported = tmp_path / "mine.txt"
+    def run(value):
+        return subprocess.run(EXTRACTOR + ["run", corpus, "--task", "jd_requirements", "--backend", "echo",
+                                           "--model", gold, "--out", tmp_path / "o.jsonl", "--quiet"],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, ERROR_FILE_ENV: value})
+    for value in (str(exported), f"1:{exported}"):  # a bare path; another process's request
+        result = run(value)
+        assert result.returncode == 2 and "missing field 'text'" in result.stderr, (value, result.stderr)
+        assert not exported.exists(), value
+    result = run(error_file_value(str(exported)))  # this process is the command's parent: it asked
+    assert result.returncode == 2 and result.stderr == "" and "missing field 'text'" in exported.read_text()

@@ -1,13 +1,12 @@
 """The `extractor` command group. Subcommands live one per module; none imports torch at import time."""
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
 from extractor import __version__
-from extractor.errors import ERROR_FILE_ENV, ExtractorError
+from extractor.errors import ExtractorError, error_file_for_me
 
 # name -> "module:attribute"; modules are imported only when their command runs or help is shown.
 COMMANDS = {
@@ -52,8 +51,8 @@ class LazyGroup(click.Group):
 
 
 def _report(line: str) -> None:
-    """The command's last word: to stderr, or where a --gpus parent collects it (ERROR_FILE_ENV)."""
-    path = os.environ.get(ERROR_FILE_ENV)
+    """The command's last word: to stderr, or where a --gpus parent collects it (errors.ERROR_FILE_ENV)."""
+    path = error_file_for_me()
     if path:
         try:
             with open(path, "w", encoding="utf-8") as f:

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from extractor.store import locations
-from extractor.errors import ERROR_FILE_ENV, ExtractorError
+from extractor.errors import ERROR_FILE_ENV, ExtractorError, error_file_value
 from extractor.store.provenance import manifest_path, read_manifest, stamp, write_json_atomic
 from extractor.store.locations import Location
 from extractor.store.writers import (JournalOutput, drop_partial_tail, iter_jsonl_rows, overwrite_aside,
@@ -93,7 +93,7 @@ def _run_and_merge(command, params, out, gpus, device, console, targets) -> list
     with tempfile.TemporaryDirectory(prefix="extractor-workers-") as errors:
         procs = []
         for k in range(gpus):
-            env = dict(os.environ, **{ERROR_FILE_ENV: str(Path(errors) / f"worker{k}.txt")})
+            env = dict(os.environ, **{ERROR_FILE_ENV: error_file_value(str(Path(errors) / f"worker{k}.txt"))})
             worker_device = device
             if on_gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(k)  # one GPU per worker
