@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import struct
@@ -146,9 +147,10 @@ BROKEN = [
      "posix.system"),
     ("pickle running os.system (plain pickle)", lambda d: _raw_pickle(d, pickle.dumps(Evil(d), protocol=4)),
      "pytorch_model.bin", "posix.system"),
-    # random bytes may open with an opcode that declares a huge argument: refused as too big instead (a CI run)
-    ("pickle of random bytes", lambda d: _raw_pickle(d, os.urandom(4096)), "pytorch_model.bin",
-     "not a readable PyTorch weights file|its pickle is over 64 MB"),
+    # Seeded: of 300 seeds, 297 give unreadable bytes, 2 a global it hides, 1 an opcode declaring a huge
+    # argument (os.urandom made each CI run a draw, and two runs drew the rare refusals)
+    ("pickle of random bytes", lambda d: _raw_pickle(d, random.Random(0).randbytes(4096)), "pytorch_model.bin",
+     "not a readable PyTorch weights file"),
     ("pickle over the size cap (8 GB, sparse)", _huge_pickle, "pytorch_model.bin", "its pickle is over 64 MB"),
 ]
 
