@@ -170,18 +170,18 @@ def _broken(tiny_model, tmp_path, breaker) -> Path:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case,breaker,file,words", BROKEN, ids=[c[0] for c in BROKEN])
-def test_broken_model_folder_is_one_line(case, breaker, file, words, tiny_model, corpus, tmp_path):
-    """A real `run` on the broken folder: exit 2, one line naming the file, no traceback, no pickle run."""
+def test_broken_model_folder_is_one_line(case, breaker, file, words, tiny_model, corpus, tmp_path, warm):
+    """A real `run` on the broken folder (its own process, started warm): exit 2, one line naming the file, no
+    traceback, no pickle run."""
     folder = _broken(tiny_model, tmp_path, breaker)
     out = tmp_path / "preds.jsonl"
     start = time.monotonic()
-    proc = subprocess.run([*EXTRACTOR, "run", str(corpus), "--task", "jd_requirements", "--model", str(folder),
-                           "--backend", "hf", "--device", "cpu", "--out", str(out), "--max-new-tokens", "4"],
-                          capture_output=True, text=True, timeout=50)
+    code, stderr = warm.run(["run", str(corpus), "--task", "jd_requirements", "--model", str(folder), "--backend",
+                             "hf", "--device", "cpu", "--out", str(out), "--max-new-tokens", "4"], timeout=50)
     seconds = time.monotonic() - start
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
     assert len(lines) == 1 and lines[0].startswith(f"error: {folder / file}".rstrip("/")), lines
     assert re.search(words, lines[0]) and "cannot load (" not in lines[0]  # the checks' line, not the loader's catch-all
     assert not (folder / PWNED).exists()

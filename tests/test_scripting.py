@@ -276,11 +276,11 @@ def test_print_prompt_exact_chat_input_no_weights_nothing_written(tmp_path, tiny
     (["--dry-run", "--max-input-tokens", "50"], 2, "record a: prompt has"),
     (["--print-prompt", "a", "--max-input-tokens", "50"], 0, "the run stops on this record (--on-long fail)"),
 ])
-def test_dry_run_cases(tmp_path, tiny_model, args, code, says):
+def test_dry_run_cases(tmp_path, tiny_model, args, code, says, warm):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "本科，java"}])
-    result = cli("run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out", tmp_path / "o.jsonl",
-                 *args)
-    assert result.returncode == code and says in result.stderr and "Traceback" not in result.stderr
+    exit_code, stderr = warm.run(["run", corpus, "--task", "jd_requirements", "--model", tiny_model, "--out",
+                                  tmp_path / "o.jsonl", *args], timeout=60)
+    assert exit_code == code and says in stderr and "Traceback" not in stderr, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
 
 
@@ -335,10 +335,11 @@ def _train_args(tmp_path, model, *extra):
             *extra]
 
 
-def test_lora_target_error_lists_the_models_modules(tmp_path, tiny_model):
-    result = cli(*_train_args(tmp_path, tiny_model, "--method", "lora", "--lora-target", "foo_proj", "-q"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    line = [x for x in result.stderr.splitlines() if x.startswith("error:")][0]
+def test_lora_target_error_lists_the_models_modules(tmp_path, tiny_model, warm):
+    code, stderr = warm.run(_train_args(tmp_path, tiny_model, "--method", "lora", "--lora-target", "foo_proj", "-q"),
+                            timeout=60)
+    assert code == 2 and "Traceback" not in stderr, stderr
+    line = [x for x in stderr.splitlines() if x.startswith("error:")][0]
     assert "--lora-target takes this model's linear layers:" in line
     for name in ("q_proj", "v_proj", "o_proj", "up_proj"):
         assert name in line
