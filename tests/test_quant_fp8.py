@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from extractor.backends.base import GenParams, Request
 from extractor.backends.fast.families import FAMILIES
-from extractor.backends.quant.fp8 import (AMAX_FLOOR, E4M3, E4M3_MAX, RECIP_E4M3_MAX, SMALLEST_NORMAL, FP8Linear, quantize_model,
-                                          quantize_rows)
+from extractor.backends.quant.fp8 import (AMAX_FLOOR, E4M3, E4M3_MAX, RECIP_E4M3_MAX, SMALLEST_NORMAL, FP8Linear,
+                                          quantize_model, quantize_rows)
 from tests.conftest import make_adapter, synth_corpus
 from tests.families import build_family_model
 from tests.helpers import assert_decoder_equals_generate
@@ -31,7 +31,8 @@ def test_rows_quantize_to_e4m3_with_absmax_scales(rows):
     x = torch.where(raw.abs() < SMALLEST_NORMAL, 0.0, raw)  # fp32 subnormals count as 0
     assert bool((q.float()[x == 0] == 0).all())
     amax = x.abs().amax(-1, keepdim=True)
-    assert torch.equal(scale, torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR), torch.ones_like(amax)) * RECIP_E4M3_MAX)
+    floored = torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR), torch.ones_like(amax))
+    assert torch.equal(scale, floored * RECIP_E4M3_MAX)
     back = q.float() * scale
     # e4m3: 3 mantissa bits (relative error at most 2^-4), subnormals below 2^-6 spaced 2^-9 apart
     assert bool(((back - x).abs() <= (x.abs() * 2 ** -4 + scale * 2 ** -10) * (1 + 1e-6)).all())

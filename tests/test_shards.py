@@ -130,13 +130,19 @@ def test_more_gpus_than_visible_is_one_clear_error(tmp_path, tiny_model):
     assert "Traceback" not in result.stderr and not list(tmp_path.glob("o*"))
 
 
-def test_failed_workers_are_one_error_line(tmp_path):
-    """Both workers refuse a corpus (its first record has no text): the command says so in one line, naming
-    both shards and the workers' own reason, instead of each worker's line and then its own."""
-    corpus, gold = synth_corpus(tmp_path, n=6)
+def _corpus_without_text_first(tmp_path, n: int):
+    """A synthetic corpus whose first record has no text field (every run refuses it): corpus, gold, its id."""
+    corpus, gold = synth_corpus(tmp_path, n=n)
     rows = read_jsonl(corpus)
     rows[0] = {"id": rows[0]["id"], "body": "no text"}
     write_jsonl(corpus, rows)
+    return corpus, gold, rows[0]["id"]
+
+
+def test_failed_workers_are_one_error_line(tmp_path):
+    """Both workers refuse a corpus (its first record has no text): the command says so in one line, naming
+    both shards and the workers' own reason, instead of each worker's line and then its own."""
+    corpus, gold, first_id = _corpus_without_text_first(tmp_path, n=6)
     result = subprocess.run(EXTRACTOR + ["run", corpus, "--task", "jd_requirements", "--backend", "echo", "--model",
                                          gold, "--out", tmp_path / "o.jsonl", "--quiet", "--gpus", "2", "--device",
                                          "cpu"], capture_output=True, text=True, timeout=120)
@@ -144,18 +150,16 @@ def test_failed_workers_are_one_error_line(tmp_path):
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     line = lines[0]
     assert line.startswith("error: workers 0 and 1 (shards o.shard0of2.jsonl, o.shard1of2.jsonl): "), line
-    assert f"{corpus.name}:1 (id {rows[0]['id']}): missing field 'text'" in line, line  # the workers' own reason
+    assert f"{corpus.name}:1 (id {first_id}): missing field 'text'" in line, line  # the workers' own reason
     assert "--resume" in line
 
 
 def test_error_file_variable_exported_by_a_user_swallows_nothing(tmp_path):
     """EXTRACTOR_ERROR_FILE is how a --gpus parent collects its workers' last lines; the same name set in a
     user's environment is not a parent asking: the error still reaches stderr, and no file is written."""
-    corpus, gold = synth_corpus(tmp_path, n=3)
-    rows = read_jsonl(corpus)
-    rows[0] = {"id": rows[0]["id"], "body": "no text"}
-    write_jsonl(corpus, rows)
+    corpus, gold, _ = _corpus_without_text_first(tmp_path, n=3)
     exported = tmp_path / "mine.txt"
+
     def run(value):
         return subprocess.run(EXTRACTOR + ["run", corpus, "--task", "jd_requirements", "--backend", "echo",
                                            "--model", gold, "--out", tmp_path / "o.jsonl", "--quiet"],

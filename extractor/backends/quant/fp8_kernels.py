@@ -6,7 +6,8 @@ Compiled forwards keep the torch ops (Inductor fuses them into one kernel itself
 
 Exactly `fp8.quantize_rows`: subnormal values counted as 0, the same absmax, the same scale (absmax times
 fp32(1/448), fp32(1/448) for an all-zero row), the values' IEEE division by it and round-to-nearest-even cast,
-so codes and scales are bit-equal (on an H100, 2026-12-05). `works_on` proves that on the device before the kernel is used; where it cannot, the torch ops run.
+so codes and scales are bit-equal (on an H100, 2026-12-05). `works_on` proves that on the device before the
+kernel is used; where it cannot, the torch ops run.
 """
 from __future__ import annotations
 
