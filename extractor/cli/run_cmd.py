@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from extractor.backends.readahead import read_ahead
 from extractor.cli.openai_options import openai_options
 from extractor.cli.options import bad_record_options, complete_task_names, corpus_options, tasks_dir_option
 from extractor.cli.run_checks import (check_checkpoints, check_corpus_given, check_keep_fields, check_ray_backend,
@@ -17,6 +18,7 @@ from extractor.hub import RunSources
 from extractor.pipeline import output_for_adapter
 from extractor.pipeline.claim import Claim
 from extractor.pipeline.config import RunConfig
+from extractor.plugins import backend_class
 from extractor.store import locations
 from extractor.store.provenance import check_writable
 from extractor.store.writers import is_stdout
@@ -150,6 +152,8 @@ def run(**params):
                                                  for label in output_labels(sources)])
         dry_run(task, tokenizer_renderer(cfg, task, sources), cfg.print_prompt)
         return
+    if backend_class(cfg.backend).model_source == "folder" and not cfg.ray_address:
+        read_ahead(sources.model)  # into memory while the checks below import torch and transformers
     if len(checkpoints) > 1:
         run_checkpoints(cfg, task, checkpoints, corpus, out, console)
         return

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from extractor.backends.readahead import read_ahead
 from extractor.cli.run_checks import preflight
 from extractor.cli.run_outputs import (adapter_lane, checkpoint_labels, locked_files, output_key,
                                        refuse_overwriting_inputs)
@@ -65,6 +66,8 @@ def run_checkpoints(cfg: RunConfig, task, checkpoints: list[RunSources], corpus,
             if i:
                 engine.use_checkpoint(Path(sources.model))
             lane = Lane.build(task, engine, opts)
+            if i + 1 < len(checkpoints):  # the next checkpoint's weights into memory while this one runs
+                read_ahead(checkpoints[i + 1].model)
             summaries += fill(task, engine, [lane], opts, [target], sources, console, total)
             finish(console, [target], summaries[-1:], cfg, check=False)
         check_results(cfg, outs, [summary.statuses for summary in summaries])
