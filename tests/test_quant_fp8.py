@@ -1,8 +1,9 @@
 """FP8 (W8A8) weights, emulated on CPU in fp32 (quantize, then dequantize with the same scales): the
 quantization's arithmetic; which layers it takes and what stays in the run dtype; the fast path token for token
 equal to `generate` on the same FP8 model for every family on the fast path's list; LoRA adapters over FP8
-base weights (unmerged beside the FP8 layers, one at a time and mixed) equal on both paths; the run key
-recording it; and `--quantize fp8` refused in one line where the device has no FP8 units."""
+base weights (unmerged beside the FP8 layers, one at a time and mixed) and prompt-learning adapters over them
+equal on both paths; the run key recording it; and `--quantize fp8` refused in one line where the device has no
+FP8 units."""
 
 import pytest
 import torch
@@ -165,3 +166,27 @@ def test_quantize_fp8_refused_without_fp8_units(tmp_path, tiny_model, run_cli):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.stderr.strip() == ("error: --quantize fp8 needs a GPU with FP8 units (compute capability 8.9 or "
                                      "newer: Ada, Hopper); this device is cpu; drop --quantize")
+
+
+@pytest.fixture(scope="module")
+def prompt_learners(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8_prompt_learning")
+    return [make_adapter(tiny_model, kind, root / kind, seed=3) for kind in ("ptuning", "prefix", "prompt")]
+
+
+def test_prompt_learning_over_fp8_equals_plain(tmp_path, tiny_model, prompt_learners):
+    """P-tuning, prefix and prompt tuning over FP8 base weights: their virtual tokens (or prefix K/V) go in front
+    of the FP8 layers, which they do not touch; each adapter's outputs with --fast on equal --fast off's."""
+    params = GenParams(max_new_tokens=12)
+    outs = {}
+    for fast in ("off", "on"):
+        backend = _backend(tiny_model, prompt_learners, fast)
+        assert backend.identity()["quantization"]["method"] == "fp8"
+        for adapter in [a.name for a in prompt_learners]:
+            done = backend.generate([Request(r.prompt, adapter=adapter) for r in _requests(tmp_path, [adapter])],
+                                    params)
+            assert {g.decoder for g in done} == {"fast" if fast == "on" else "plain"}, (fast, adapter)
+            outs[fast, adapter] = [(g.text, g.output_tokens) for g in done]
+    for adapter in [a.name for a in prompt_learners]:
+        assert outs["on", adapter] == outs["off", adapter], adapter
+    assert len({tuple(outs["off", a.name]) for a in prompt_learners}) == 3  # each adapter changes what decodes
