@@ -97,8 +97,25 @@ def _sharded_escape(folder: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shard}), encoding="utf-8")
 
 
+def _special(folder: Path, name: str, make) -> None:
+    """`name` replaced by a FIFO (make=os.mkfifo) or a link to a device (a symlink to /dev/zero)."""
+    (folder / name).unlink()
+    make(folder / name)
+
+
+def _to_dev_zero(link: Path) -> None:
+    link.symlink_to("/dev/zero")
+
+
 # (case, how to break the folder, the file the one error line names, words it says)
 BROKEN = [
+    # not files at all: a FIFO's open would wait for a writer forever, /dev/zero never ends
+    ("model.safetensors a FIFO", lambda d: _special(d, "model.safetensors", os.mkfifo), "model.safetensors",
+     "a FIFO, not a saved file"),
+    ("tokenizer.json a FIFO", lambda d: _special(d, "tokenizer.json", os.mkfifo), "tokenizer.json",
+     "a FIFO, not a saved file"),
+    ("tokenizer_config.json a link to /dev/zero", lambda d: _special(d, "tokenizer_config.json", _to_dev_zero),
+     "tokenizer_config.json", "a device, not a saved file"),
     # tokenizer: absent, unreadable, or loading as an empty one that encodes every prompt to nothing
     ("no tokenizer.json", lambda d: (d / "tokenizer.json").unlink(), "", "no tokenizer vocabulary"),
     ("tokenizer.json not JSON", lambda d: (d / "tokenizer.json").write_text("{not json"), "tokenizer.json",
@@ -197,6 +214,16 @@ def test_fault_is_found_before_weights_load(case, breaker, file, words, tiny_mod
         check_model_dir(folder)
         load_tokenizer(folder, trust_remote_code=False)
     assert not (folder / PWNED).exists()
+
+
+@pytest.mark.timeout(30)
+def test_adapter_folder_with_a_fifo_is_one_line(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    os.mkfifo(folder / "adapter_model.safetensors")
+    with pytest.raises(ModelError, match="adapter_model.safetensors: a FIFO, not a saved file"):
+        check_adapter_dir(folder)
 
 
 def test_sound_folders_pass(tiny_model, tmp_path):

@@ -74,3 +74,6 @@ def test_a_folder_the_checks_will_refuse_is_skipped_quietly(tmp_path):
     assert read_ahead(tmp_path) is None  # an index naming a shard outside the folder
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     assert read_ahead(tmp_path) is None
+    (tmp_path / "model.safetensors.index.json").unlink()
+    os.mkfifo(tmp_path / "model-00001.safetensors")  # opening it to read would wait for a writer forever
+    assert read_ahead(tmp_path) is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickletools
+import stat
 import struct
 import zipfile
 from pathlib import Path
@@ -47,6 +48,7 @@ def check_model_dir(path: Path) -> None:
     """Fail before any work when a model folder is unusable: config, weight headers, tokenizer files."""
     if not path.is_dir():
         raise ModelError(f"model directory '{path}' does not exist; pass a local Hugging Face model folder")
+    refuse_special_files(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json; is this a Hugging Face model folder?")
     _check_json_files(path)
@@ -70,12 +72,28 @@ def check_quantization(path: Path) -> None:
 
 
 def check_adapter_dir(path: Path) -> None:
+    if path.is_dir():
+        refuse_special_files(path)
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"adapter '{path}' has no adapter_config.json; pass a folder saved by peft's save_pretrained")
     _check_json_files(path)
     for file in path.glob("adapter_model.*"):
         if file.suffix in (".safetensors", ".bin", ".pt"):
             check_weight_file(file)
+
+
+def refuse_special_files(path: Path) -> None:
+    """A FIFO, socket or device in the folder (itself or behind a link) is refused: opening a FIFO to read it
+    waits for a writer forever, and a device is no saved file. Sub-folders and regular files pass."""
+    for entry in sorted(path.iterdir()):
+        try:
+            mode = entry.stat().st_mode
+        except OSError:  # a dangling link: what reads it later says so
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+            raise ModelError(f"{entry}: a {kind}, not a saved file; put the file itself in the folder (or save "
+                             "the model again)")
 
 
 def read_json(file: Path) -> dict:

@@ -11,6 +11,7 @@ EXTRACTOR_READAHEAD=0.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -42,9 +43,12 @@ def read_ahead(folder: str | Path) -> threading.Thread | None:
     if os.environ.get(OFF) == "0" or not hasattr(os, "posix_fadvise"):
         return None
     try:
-        files = [(f, f.stat().st_size) for f in weight_files(Path(folder))]
+        found = [(f, f.stat()) for f in weight_files(Path(folder))]
     except (OSError, ModelError):
         return None
+    if not all(stat.S_ISREG(st.st_mode) for _, st in found):  # a FIFO would block its open; the checks refuse it
+        return None
+    files = [(f, st.st_size) for f, st in found]
     available = available_memory()
     if not files or available is None or sum(size for _, size in files) > available * SHARE_OF_AVAILABLE:
         return None
